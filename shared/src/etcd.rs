@@ -1,0 +1,247 @@
+//! etcd helpers shared by the services: connecting, classifying errors, bounded transactions,
+//! time-bucketed leases and cheap queue-depth reads.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CommonConfig;
+
+/// etcd's default `--max-txn-ops`: the most compares, or success ops, or failure ops, one
+/// transaction may carry. Every transaction the pipeline builds stays within it.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// The smallest lease TTL etcd honours reliably (it extends shorter ones to its minimum).
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// Time allowed for one request before it counts as failed. A write that times out may still
+/// have been applied: callers re-read before retrying.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from the etcd helpers.
+#[derive(Debug, Error)]
+pub enum EtcdError {
+    /// The client or the server reported an error.
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    /// A transaction was built with more operations than etcd accepts.
+    #[error("transaction has {ops} operations in one branch; the limit is {MAX_TXN_OPS}")]
+    TxnTooLarge {
+        /// The largest branch's size.
+        ops: usize,
+    },
+    /// The operation was interrupted by shutdown.
+    #[error("shutting down")]
+    Cancelled,
+}
+
+/// Connects to the configured endpoints. The connection itself is lazy in tonic; this issues a
+/// status call so that an unreachable etcd is reported here, not at the first write.
+pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    let mut client = Client::connect(&config.etcd_endpoints, Some(options)).await?;
+    client.status().await?;
+    Ok(client)
+}
+
+/// Connects, retrying with capped exponential backoff until etcd answers or `shutdown` fires.
+/// Logs once when etcd is first found unreachable, not at every attempt.
+pub async fn connect_with_retry(config: &CommonConfig, shutdown: &CancellationToken) -> Result<Client, EtcdError> {
+    let mut delay = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match connect(config).await {
+            Ok(client) => {
+                if warned {
+                    tracing::info!(endpoints = ?config.etcd_endpoints, "etcd is reachable again");
+                }
+                return Ok(client);
+            }
+            Err(err) => {
+                if !warned {
+                    tracing::warn!(endpoints = ?config.etcd_endpoints, error = %err, "etcd unreachable; retrying with backoff");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(EtcdError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn grpc_status(err: &etcd_client::Error) -> Option<&tonic::Status> {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        _ => None,
+    }
+}
+
+/// Did the request fail because a lease it named no longer exists (expired or revoked)?
+pub fn is_lease_not_found(err: &etcd_client::Error) -> bool {
+    grpc_status(err).is_some_and(|s| s.message().contains("requested lease not found"))
+}
+
+/// Is the outcome of a failed write unknown (it may have been applied)? True for timeouts,
+/// lost connections and leader changes; false for errors the server returned before applying.
+pub fn is_indeterminate(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Aborted
+                | tonic::Code::Internal
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Is the error one worth retrying (etcd unreachable, overloaded, or between leaders)?
+pub fn is_retryable(err: &etcd_client::Error) -> bool {
+    is_indeterminate(err)
+        || grpc_status(err).is_some_and(|s| {
+            matches!(s.code(), tonic::Code::ResourceExhausted)
+                || s.message().contains("too many requests")
+                || s.message().contains("leader")
+        })
+}
+
+/// A transaction under construction that refuses to grow past [`MAX_TXN_OPS`] in any branch.
+#[derive(Default)]
+pub struct BoundedTxn {
+    compares: Vec<etcd_client::Compare>,
+    success: Vec<etcd_client::TxnOp>,
+    failure: Vec<etcd_client::TxnOp>,
+}
+
+impl BoundedTxn {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Room left in the fullest branch.
+    pub fn remaining(&self) -> usize {
+        MAX_TXN_OPS - self.compares.len().max(self.success.len()).max(self.failure.len())
+    }
+
+    /// Adds a compare.
+    pub fn compare(&mut self, cmp: etcd_client::Compare) -> &mut Self {
+        self.compares.push(cmp);
+        self
+    }
+
+    /// Adds an operation to the success branch.
+    pub fn then(&mut self, op: etcd_client::TxnOp) -> &mut Self {
+        self.success.push(op);
+        self
+    }
+
+    /// Adds an operation to the failure branch.
+    pub fn otherwise(&mut self, op: etcd_client::TxnOp) -> &mut Self {
+        self.failure.push(op);
+        self
+    }
+
+    /// The largest branch's size, as etcd's `--max-txn-ops` counts it.
+    pub fn ops(&self) -> usize {
+        self.compares.len().max(self.success.len()).max(self.failure.len())
+    }
+
+    /// Builds the transaction, or refuses if a branch is over the limit.
+    pub fn build(self) -> Result<Txn, EtcdError> {
+        let ops = self.ops();
+        if ops > MAX_TXN_OPS {
+            return Err(EtcdError::TxnTooLarge { ops });
+        }
+        Ok(Txn::new()
+            .when(self.compares)
+            .and_then(self.success)
+            .or_else(self.failure))
+    }
+}
+
+/// Number of keys under `prefix`, counted by etcd without transferring them. `serializable`
+/// reads the local member without a quorum round trip (fine for depth estimates).
+pub async fn count_prefix(client: &mut Client, prefix: &str, serializable: bool) -> Result<i64, EtcdError> {
+    let mut options = GetOptions::new().with_prefix().with_count_only();
+    if serializable {
+        options = options.with_serializable();
+    }
+    Ok(client.get(prefix, Some(options)).await?.count())
+}
+
+/// Hands out one lease per time bucket instead of one per key.
+///
+/// Keys that should expire after about `ttl` (dedup markers, retained data) are attached to the
+/// lease of the bucket they are written in. The lease is granted with `ttl + bucket` seconds at
+/// the bucket's first use, so each key lives between `ttl` and `ttl + bucket`. With the default
+/// bucket of `ttl / 24` a 24 h TTL costs one lease grant per hour per process.
+pub struct BucketedLease {
+    client: Client,
+    ttl: Duration,
+    bucket: Duration,
+    current: Mutex<Option<(u64, i64)>>,
+}
+
+impl BucketedLease {
+    /// A lease source for keys that should live about `ttl`.
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        let bucket = (ttl / 24).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        BucketedLease {
+            client,
+            ttl: ttl.max(MIN_LEASE_TTL),
+            bucket,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn bucket_index(&self) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        now.as_secs() / self.bucket.as_secs().max(1)
+    }
+
+    /// The lease id for keys written now, granting a new lease when a new bucket begins.
+    pub async fn current(&self) -> Result<i64, EtcdError> {
+        let index = self.bucket_index();
+        if let Ok(guard) = self.current.lock()
+            && let Some((bucket, id)) = *guard
+            && bucket == index
+        {
+            return Ok(id);
+        }
+        let ttl_secs = (self.ttl + self.bucket).as_secs().max(MIN_LEASE_TTL.as_secs());
+        let ttl_secs = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
+        let granted = self.client.clone().lease_grant(ttl_secs, None).await?;
+        tracing::debug!(lease = granted.id(), ttl_secs, "granted bucket lease");
+        if let Ok(mut guard) = self.current.lock() {
+            *guard = Some((index, granted.id()));
+        }
+        Ok(granted.id())
+    }
+
+    /// Forgets `lease` (after etcd said it no longer exists) so the next call grants anew.
+    pub fn invalidate(&self, lease: i64) {
+        if let Ok(mut guard) = self.current.lock()
+            && guard.is_some_and(|(_, id)| id == lease)
+        {
+            *guard = None;
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The one definition of the etcd key layout.
+//!
+//! Every service builds keys through [`Keyspace`] so the layout lives in a single place. All keys
+//! sit below an optional namespace (`ETCD_NAMESPACE`), which lets several pipelines (or several
+//! tests) share one etcd without seeing each other.
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `{ns}/queue/telemetry/{pp}/{ULID}` | message JSON | streamer (enqueue) |
+//! | `{ns}/dedup/enqueued/{idempotency_key}` | message id, leased | streamer, same txn as the queue entry |
+//! | `{ns}/dedup/processed/{idempotency_key}` | message id, leased | collector, same txn as the data |
+//! | `{ns}/streams/{stream_id}/checkpoint` | [`crate::message::Checkpoint`] JSON | streamer, same txn as each batch |
+//! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | v1 message JSON | collector |
+//! | `{ns}/deadletter/{ULID}` | message + reason | collector |
+//!
+//! `{pp}` is the queue partition, two decimal digits: a hash of the GPU identity picks it so
+//! that one GPU's messages stay in one partition (and so in order) and collectors can own whole
+//! partitions instead of claiming single messages.
+
+use std::fmt::Write as _;
+
+/// Number of queue partitions. Producers and consumers must agree on it, so it is a constant of
+/// the key layout; changing it requires draining the queue first.
+pub const QUEUE_PARTITIONS: u32 = 32;
+
+/// Builds every etcd key of the pipeline under one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyspace {
+    ns: String,
+}
+
+impl Keyspace {
+    /// A keyspace below `namespace` (may be empty; a trailing `/` is ignored).
+    pub fn new(namespace: &str) -> Self {
+        Keyspace {
+            ns: namespace.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The namespace prefix (empty or without a trailing slash).
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn key(&self, rest: std::fmt::Arguments<'_>) -> String {
+        let mut out = String::with_capacity(self.ns.len() + 64);
+        out.push_str(&self.ns);
+        // Writing into a String cannot fail.
+        let _ = out.write_fmt(rest);
+        out
+    }
+
+    /// Prefix of every queued message, across all partitions.
+    pub fn queue_prefix(&self) -> String {
+        self.key(format_args!("/queue/telemetry/"))
+    }
+
+    /// Prefix of one queue partition.
+    pub fn queue_partition_prefix(&self, partition: u32) -> String {
+        self.key(format_args!("/queue/telemetry/{partition:02}/"))
+    }
+
+    /// Key of a queued message.
+    pub fn queue_entry(&self, partition: u32, message_id: &str) -> String {
+        self.key(format_args!("/queue/telemetry/{partition:02}/{message_id}"))
+    }
+
+    /// Splits a queue key into (partition, message id), or `None` if it is not one.
+    pub fn parse_queue_entry<'k>(&self, key: &'k str) -> Option<(u32, &'k str)> {
+        let rest = key.strip_prefix(&self.ns)?.strip_prefix("/queue/telemetry/")?;
+        let (partition, id) = rest.split_once('/')?;
+        let partition = partition.parse().ok()?;
+        (partition < QUEUE_PARTITIONS && !id.is_empty() && !id.contains('/')).then_some((partition, id))
+    }
+
+    /// The streamer's dedup marker: present while an idempotency key has been enqueued recently.
+    pub fn enqueued_marker(&self, idempotency_key: &str) -> String {
+        self.key(format_args!("/dedup/enqueued/{idempotency_key}"))
+    }
+
+    /// The collector's processed-set marker for an idempotency key.
+    pub fn processed_marker(&self, idempotency_key: &str) -> String {
+        self.key(format_args!("/dedup/processed/{idempotency_key}"))
+    }
+
+    /// A stream's checkpoint (last committed pass and row).
+    pub fn stream_checkpoint(&self, stream_id: &str) -> String {
+        self.key(format_args!("/streams/{stream_id}/checkpoint"))
+    }
+
+    /// Prefix of all stream checkpoints.
+    pub fn streams_prefix(&self) -> String {
+        self.key(format_args!("/streams/"))
+    }
+
+    /// Prefix of all telemetry data.
+    pub fn data_prefix(&self) -> String {
+        self.key(format_args!("/telemetry/data/"))
+    }
+
+    /// Prefix of one GPU's telemetry.
+    pub fn gpu_data_prefix(&self, hostname: &str, gpu_id: &str) -> String {
+        self.key(format_args!("/telemetry/data/{hostname}/{gpu_id}/"))
+    }
+
+    /// Key of one telemetry record; `timestamp` must be fixed-width so key order is time order.
+    pub fn data_record(&self, hostname: &str, gpu_id: &str, timestamp: &str, message_id: &str) -> String {
+        self.key(format_args!(
+            "/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{message_id}"
+        ))
+    }
+
+    /// Prefix of all dead letters.
+    pub fn deadletter_prefix(&self) -> String {
+        self.key(format_args!("/deadletter/"))
+    }
+
+    /// Key of a dead-lettered message.
+    pub fn deadletter(&self, message_id: &str) -> String {
+        self.key(format_args!("/deadletter/{message_id}"))
+    }
+}
+
+/// Is `segment` safe to use as one path segment of a key (no `/`, no control characters,
+/// non-empty)? Stream ids, hostnames and GPU ids are checked with this before use.
+pub fn is_key_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment.len() <= 256
+        && !segment.contains('/')
+        && !segment.chars().any(char::is_control)
+}
+
+/// The queue partition of a partition key (e.g. `hostname/gpu_id`): FNV-1a, stable across
+/// processes, versions and platforms (unlike `std`'s hasher).
+pub fn partition_of(partition_key: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in partition_key {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % QUEUE_PARTITIONS
+}
+
+/// The smallest key greater than every key starting with `prefix` (etcd's range end for a
+/// prefix).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_with_and_without_namespace() {
+        let ks = Keyspace::new("");
+        assert_eq!(ks.queue_entry(3, "01ABC"), "/queue/telemetry/03/01ABC");
+        assert_eq!(
+            ks.data_record("host-1", "7", "2026-01-01T00:00:00.000000Z", "01ABC"),
+            "/telemetry/data/host-1/7/2026-01-01T00:00:00.000000Z_01ABC"
+        );
+        let ks = Keyspace::new("/test-1/");
+        assert_eq!(ks.queue_prefix(), "/test-1/queue/telemetry/");
+        assert_eq!(ks.stream_checkpoint("s"), "/test-1/streams/s/checkpoint");
+        assert_eq!(ks.enqueued_marker("ab"), "/test-1/dedup/enqueued/ab");
+    }
+
+    #[test]
+    fn queue_keys_round_trip() {
+        let ks = Keyspace::new("/ns");
+        let key = ks.queue_entry(31, "01J0000000000000000000000");
+        assert_eq!(ks.parse_queue_entry(&key), Some((31, "01J0000000000000000000000")));
+        assert_eq!(ks.parse_queue_entry("/ns/queue/telemetry/99/x"), None);
+        assert_eq!(ks.parse_queue_entry("/other/queue/telemetry/01/x"), None);
+    }
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        assert_eq!(partition_of(b"mtv5-dgx1-hgpu-031/0"), partition_of(b"mtv5-dgx1-hgpu-031/0"));
+        for i in 0..1000u32 {
+            assert!(partition_of(&i.to_le_bytes()) < QUEUE_PARTITIONS);
+        }
+        // Pinned so that a change of hash (which would reorder in-flight queues) is noticed.
+        assert_eq!(partition_of(b""), 0x811c_9dc5 % QUEUE_PARTITIONS);
+    }
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(""), vec![0]);
+    }
+}

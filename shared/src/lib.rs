@@ -1,0 +1,21 @@
+//! The common library of the GPU telemetry pipeline.
+//!
+//! One place defines what the three services must agree on:
+//! - [`config`]: environment-variable configuration and its errors;
+//! - [`keys`]: the etcd key layout;
+//! - [`message`]: the message model (current schema version);
+//! - [`schema`]: schema versions, validation and migration;
+//! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
+//! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
+
+pub mod config;
+pub mod etcd;
+pub mod keys;
+pub mod message;
+pub mod observe;
+pub mod schema;
+
+pub use config::{CommonConfig, ConfigError};
+pub use keys::Keyspace;
+pub use message::{Checkpoint, Fields, Message, SourcePosition, Timestamp};
+pub use schema::SchemaVersion;
