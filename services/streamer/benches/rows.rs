@@ -1,1 +1,40 @@
-fn main() {}
+//! Criterion benchmark of the streamer's CPU path: parse the DCGM sample, type each row, build
+//! its message (idempotency key, ULID, timestamp) and encode it as JSON. No etcd involved; the
+//! end-to-end enqueue rate is measured by `scripts/bench`.
+
+use std::path::Path;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use telemetry_streamer::{
+    source::{ColumnTypes, CsvSource, SourceItem},
+    transform::MessageBuilder,
+};
+
+fn rows_to_json(c: &mut Criterion) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv");
+    let types = ColumnTypes::scan(&path).expect("sample readable");
+    let mut group = c.benchmark_group("streamer");
+    group.throughput(Throughput::Elements(types.data_rows()));
+    group.bench_function("dcgm_sample_rows_to_json", |b| {
+        b.iter(|| {
+            let mut source = CsvSource::open(&path).expect("open");
+            let mut builder = MessageBuilder::new(
+                source.headers().to_vec(),
+                types.clone(),
+                &["Hostname".to_string(), "gpu_id".to_string()],
+            );
+            let mut bytes = 0;
+            while let Some(item) = source.next_item().expect("read") {
+                if let SourceItem::Row(row) = item {
+                    let prepared = builder.build("bench", 0, row.row, &row.values);
+                    bytes += serde_json::to_vec(&prepared.message).expect("encode").len();
+                }
+            }
+            bytes
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, rows_to_json);
+criterion_main!(benches);

@@ -1,0 +1,147 @@
+//! Test helpers: a real etcd per test, configs pointing at it, queue inspection.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use etcd_client::{Client, GetOptions};
+use telemetry_harness::{EtcdOptions, EtcdServer};
+use telemetry_shared::{Checkpoint, Keyspace, Message};
+use telemetry_streamer::{Flags, StreamerConfig};
+
+pub const NS: &str = "/t";
+
+pub fn sample_csv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv")
+}
+
+pub async fn etcd() -> (EtcdServer, Client) {
+    // `--max-txn-ops 128` is etcd's default, stated so that a transaction over the limit fails
+    // every test that makes one.
+    let options = EtcdOptions {
+        extra_args: vec!["--max-txn-ops".into(), "128".into()],
+        ..EtcdOptions::fast()
+    };
+    let server = EtcdServer::start_with(options).await.expect("etcd starts");
+    let client = server.client().await.expect("client connects");
+    (server, client)
+}
+
+pub fn config(server: &EtcdServer, csv: &Path, extra: &[(&str, &str)]) -> StreamerConfig {
+    let mut vars: Vec<(String, String)> = vec![
+        ("ETCD_ENDPOINTS".into(), server.endpoint()),
+        ("ETCD_NAMESPACE".into(), NS.into()),
+        ("CSV_PATH".into(), csv.display().to_string()),
+        ("RATE".into(), "0".into()),
+        ("LOOP".into(), "false".into()),
+        ("STREAM_ID".into(), "test".into()),
+    ];
+    for (k, v) in extra {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k.to_string(), v.to_string()));
+    }
+    StreamerConfig::from_vars(vars, &Flags::default()).expect("valid config")
+}
+
+/// Every queued message, by key (paged: a single range could exceed gRPC's message limit).
+pub async fn queue(client: &Client) -> BTreeMap<String, Message> {
+    let keys = Keyspace::new(NS);
+    let prefix = keys.queue_prefix();
+    let end = telemetry_shared::keys::prefix_end(&prefix);
+    let mut from = prefix.into_bytes();
+    let mut out = BTreeMap::new();
+    loop {
+        let resp = client
+            .clone()
+            .get(from.clone(), Some(GetOptions::new().with_range(end.clone()).with_limit(1000)))
+            .await
+            .expect("range");
+        for kv in resp.kvs() {
+            let msg: Message = serde_json::from_slice(kv.value()).expect("queue value is a v1 message");
+            out.insert(kv.key_str().expect("utf8 key").to_string(), msg);
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return out,
+        }
+    }
+}
+
+pub async fn queue_depth(client: &Client) -> i64 {
+    let keys = Keyspace::new(NS);
+    client
+        .clone()
+        .get(keys.queue_prefix(), Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .expect("count")
+        .count()
+}
+
+pub async fn checkpoint(client: &Client, stream: &str) -> Option<Checkpoint> {
+    let keys = Keyspace::new(NS);
+    let resp = client.clone().get(keys.stream_checkpoint(stream), None).await.expect("get");
+    resp.kvs()
+        .first()
+        .map(|kv| serde_json::from_slice(kv.value()).expect("checkpoint JSON"))
+}
+
+/// Asserts the queue holds rows 1..=n of (stream, pass) exactly once each.
+pub fn assert_rows_exactly_once(queue: &BTreeMap<String, Message>, stream: &str, pass: u64, n: u64) {
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for msg in queue.values() {
+        let src = msg.source.as_ref().expect("source position");
+        if src.stream_id == stream && src.pass == pass {
+            *seen.entry(src.row).or_default() += 1;
+        }
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dups.is_empty(), "rows enqueued more than once: {dups:?}");
+    let missing: Vec<u64> = (1..=n).filter(|r| !seen.contains_key(r)).collect();
+    assert!(missing.is_empty(), "rows missing: {} (first {:?})", missing.len(), missing.first());
+    assert_eq!(seen.len() as u64, n);
+}
+
+/// Spawns the real binary with the given environment.
+pub fn spawn_binary(server: &EtcdServer, csv: &Path, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_telemetry-streamer"));
+    cmd.env_clear()
+        .env("ETCD_ENDPOINTS", server.endpoint())
+        .env("ETCD_NAMESPACE", NS)
+        .env("CSV_PATH", csv)
+        .env("RATE", "0")
+        .env("LOOP", "false")
+        .env("STREAM_ID", "test")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("binary starts")
+}
+
+/// Waits until the queue holds at least `n` entries (panics after 30 s).
+pub async fn wait_for_depth(client: &Client, n: i64) -> i64 {
+    for _ in 0..600 {
+        let depth = queue_depth(client).await;
+        if depth >= n {
+            return depth;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("queue never reached {n} entries");
+}
+
+/// Writes a temporary CSV file with the given bytes.
+pub fn temp_csv(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".csv").tempfile().expect("temp file");
+    std::io::Write::write_all(&mut file, bytes).expect("write");
+    file
+}
