@@ -163,7 +163,9 @@ impl Member {
 
     /// Is the process running (started and not exited)?
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILLs the member and waits for it to exit. Its data dir is kept for a restart.
@@ -262,8 +264,10 @@ fn spawn_member(
         cmd.arg("--quota-backend-bytes").arg(bytes.to_string());
     }
     cmd.args(&options.extra_args);
-    cmd.spawn()
-        .map_err(io(format!("starting {} (ETCD_BIN overrides it)", binary.display())))
+    cmd.spawn().map_err(io(format!(
+        "starting {} (ETCD_BIN overrides it)",
+        binary.display()
+    )))
 }
 
 async fn connect_to(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
@@ -363,7 +367,9 @@ impl EtcdCluster {
                 let endpoint = vec![member.endpoint()];
                 let healthy = match connect_to(&endpoint).await {
                     // A member answers status once it has joined; a KV read also needs a leader.
-                    Ok(mut client) => client.status().await.is_ok() && client.get("health", None).await.is_ok(),
+                    Ok(mut client) => {
+                        client.status().await.is_ok() && client.get("health", None).await.is_ok()
+                    }
                     Err(_) => false,
                 };
                 if healthy {
@@ -431,7 +437,14 @@ impl EtcdCluster {
     pub async fn restart(&mut self, i: usize) -> Result<(), HarnessError> {
         self.members[i].kill();
         let spec = self.members[i].spec.clone();
-        let child = spawn_member(&self.binary, &spec, &self.initial_cluster, &self.token, "existing", &self.options)?;
+        let child = spawn_member(
+            &self.binary,
+            &spec,
+            &self.initial_cluster,
+            &self.token,
+            "existing",
+            &self.options,
+        )?;
         self.members[i].child = Some(child);
         self.wait_healthy(&[i]).await
     }
@@ -483,7 +496,9 @@ mod tests {
 
     #[tokio::test]
     async fn single_member_starts_serves_and_cleans_up() {
-        let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd starts");
+        let server = EtcdServer::start_with(EtcdOptions::fast())
+            .await
+            .expect("etcd starts");
         let mut client = server.client().await.expect("connects");
         client.put("k", "v", None).await.expect("put");
         let got = client.get("k", None).await.expect("get");
@@ -496,7 +511,9 @@ mod tests {
 
     #[tokio::test]
     async fn cluster_survives_leader_kill_and_restart() {
-        let mut cluster = EtcdCluster::start(3, EtcdOptions::fast()).await.expect("cluster starts");
+        let mut cluster = EtcdCluster::start(3, EtcdOptions::fast())
+            .await
+            .expect("cluster starts");
         let mut client = cluster.client().await.expect("connects");
         client.put("a", "1", None).await.expect("put");
         let leader = cluster.leader().await.expect("has a leader");
@@ -512,7 +529,9 @@ mod tests {
         }
         assert!(ok, "writes continue after the leader is killed");
         cluster.restart(leader).await.expect("restarts");
-        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()]).await.expect("connects");
+        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()])
+            .await
+            .expect("connects");
         let mut seen = false;
         for _ in 0..100 {
             if let Ok(resp) = member_client.get("b", None).await

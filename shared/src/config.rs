@@ -73,8 +73,9 @@ where
 pub fn duration(var: &str, raw: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(default),
-        Some(text) => humantime::parse_duration(text.trim())
-            .map_err(|e| ConfigError::invalid(var, text, format!("{e} (write durations like 500ms, 30s, 24h)"))),
+        Some(text) => humantime::parse_duration(text.trim()).map_err(|e| {
+            ConfigError::invalid(var, text, format!("{e} (write durations like 500ms, 30s, 24h)"))
+        }),
     }
 }
 
@@ -172,7 +173,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

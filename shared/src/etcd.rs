@@ -56,7 +56,10 @@ pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
 
 /// Connects, retrying with capped exponential backoff until etcd answers or `shutdown` fires.
 /// Logs once when etcd is first found unreachable, not at every attempt.
-pub async fn connect_with_retry(config: &CommonConfig, shutdown: &CancellationToken) -> Result<Client, EtcdError> {
+pub async fn connect_with_retry(
+    config: &CommonConfig,
+    shutdown: &CancellationToken,
+) -> Result<Client, EtcdError> {
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
@@ -138,7 +141,12 @@ impl BoundedTxn {
 
     /// Room left in the fullest branch.
     pub fn remaining(&self) -> usize {
-        MAX_TXN_OPS - self.compares.len().max(self.success.len()).max(self.failure.len())
+        MAX_TXN_OPS
+            - self
+                .compares
+                .len()
+                .max(self.success.len())
+                .max(self.failure.len())
     }
 
     /// Adds a compare.
@@ -161,7 +169,10 @@ impl BoundedTxn {
 
     /// The largest branch's size, as etcd's `--max-txn-ops` counts it.
     pub fn ops(&self) -> usize {
-        self.compares.len().max(self.success.len()).max(self.failure.len())
+        self.compares
+            .len()
+            .max(self.success.len())
+            .max(self.failure.len())
     }
 
     /// Builds the transaction, or refuses if a branch is over the limit.

@@ -176,14 +176,20 @@ mod tests {
     fn queue_keys_round_trip() {
         let ks = Keyspace::new("/ns");
         let key = ks.queue_entry(31, "01J0000000000000000000000");
-        assert_eq!(ks.parse_queue_entry(&key), Some((31, "01J0000000000000000000000")));
+        assert_eq!(
+            ks.parse_queue_entry(&key),
+            Some((31, "01J0000000000000000000000"))
+        );
         assert_eq!(ks.parse_queue_entry("/ns/queue/telemetry/99/x"), None);
         assert_eq!(ks.parse_queue_entry("/other/queue/telemetry/01/x"), None);
     }
 
     #[test]
     fn partitions_are_stable_and_in_range() {
-        assert_eq!(partition_of(b"mtv5-dgx1-hgpu-031/0"), partition_of(b"mtv5-dgx1-hgpu-031/0"));
+        assert_eq!(
+            partition_of(b"mtv5-dgx1-hgpu-031/0"),
+            partition_of(b"mtv5-dgx1-hgpu-031/0")
+        );
         for i in 0..1000u32 {
             assert!(partition_of(&i.to_le_bytes()) < QUEUE_PARTITIONS);
         }

@@ -68,7 +68,8 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Timestamp::parse(&text).map_err(|e| serde::de::Error::custom(format!("invalid RFC 3339 timestamp {text:?}: {e}")))
+        Timestamp::parse(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid RFC 3339 timestamp {text:?}: {e}")))
     }
 }
 
@@ -121,7 +122,10 @@ pub struct Checkpoint {
 
 /// Is `hex` a well-formed idempotency key (64 lower-case hex digits)?
 pub fn is_idempotency_key(hex: &str) -> bool {
-    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -148,7 +152,11 @@ mod tests {
             id: Ulid::from_parts(1, 2),
             timestamp: Timestamp::now(),
             idempotency_key: "a".repeat(64),
-            source: Some(SourcePosition { stream_id: "s".into(), pass: 0, row: 1 }),
+            source: Some(SourcePosition {
+                stream_id: "s".into(),
+                pass: 0,
+                row: 1,
+            }),
             fields,
         };
         let json = serde_json::to_string(&msg).expect("serializes");

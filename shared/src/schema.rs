@@ -149,7 +149,10 @@ fn invalid(version: SchemaVersion, reason: impl Into<String>) -> SchemaError {
 /// Checks what serde's shape check cannot: key format and scalar field values.
 fn check_common(version: SchemaVersion, idempotency_key: &str, fields: &Fields) -> Result<(), SchemaError> {
     if !is_idempotency_key(idempotency_key) {
-        return Err(invalid(version, "idempotency_key must be 64 lower-case hex digits"));
+        return Err(invalid(
+            version,
+            "idempotency_key must be 64 lower-case hex digits",
+        ));
     }
     for (name, value) in fields {
         if name.is_empty() {

@@ -2,6 +2,8 @@
 //! its message (idempotency key, ULID, timestamp) and encode it as JSON. No etcd involved; the
 //! end-to-end enqueue rate is measured by `scripts/bench`.
 
+#![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
+
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -93,12 +93,20 @@ impl DepthGauge {
             if depth < self.max {
                 self.estimate.fetch_add(n, Ordering::Relaxed);
                 if self.waiting_logged.swap(false, Ordering::Relaxed) {
-                    tracing::info!(depth, max = self.max, "queue depth below MAX_QUEUE_DEPTH; resuming");
+                    tracing::info!(
+                        depth,
+                        max = self.max,
+                        "queue depth below MAX_QUEUE_DEPTH; resuming"
+                    );
                 }
                 return Ok(());
             }
             if !self.waiting_logged.swap(true, Ordering::Relaxed) {
-                tracing::info!(depth, max = self.max, "queue depth at MAX_QUEUE_DEPTH; waiting for collectors");
+                tracing::info!(
+                    depth,
+                    max = self.max,
+                    "queue depth at MAX_QUEUE_DEPTH; waiting for collectors"
+                );
             }
             metrics::counter!("streamer_backpressure_waits_total").increment(1);
             tokio::select! {

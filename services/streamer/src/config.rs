@@ -63,8 +63,11 @@ struct RawStreamerConfig {
 
 /// Command-line overrides, in the style of the original seed program.
 #[derive(Debug, Default, Clone, clap::Parser)]
-#[command(name = "telemetry-streamer", about = "Streams CSV rows into the etcd telemetry queue exactly once. \
-Configured by environment variables (see README); these flags override them.")]
+#[command(
+    name = "telemetry-streamer",
+    about = "Streams CSV rows into the etcd telemetry queue exactly once. \
+Configured by environment variables (see README); these flags override them."
+)]
 pub struct Flags {
     /// The CSV file (overrides CSV_PATH).
     #[arg(long)]
@@ -109,10 +112,17 @@ impl StreamerConfig {
 
     fn validate(raw: RawStreamerConfig) -> Result<Self, ConfigError> {
         let common = CommonConfig::try_from(raw.common)?;
-        let csv_path = PathBuf::from(raw.csv_path.ok_or_else(|| ConfigError::Missing("CSV_PATH".into()))?);
+        let csv_path = PathBuf::from(
+            raw.csv_path
+                .ok_or_else(|| ConfigError::Missing("CSV_PATH".into()))?,
+        );
         let workers = raw.workers.unwrap_or(1);
         if !(1..=1024).contains(&workers) {
-            return Err(ConfigError::invalid("WORKERS", workers.to_string(), "must be between 1 and 1024"));
+            return Err(ConfigError::invalid(
+                "WORKERS",
+                workers.to_string(),
+                "must be between 1 and 1024",
+            ));
         }
         let rate = raw.rate.unwrap_or(1.0);
         if !rate.is_finite() || rate < 0.0 {
@@ -124,7 +134,11 @@ impl StreamerConfig {
         }
         // Below one message a day the period would overflow any sane timer.
         if rate > 0.0 && rate < 1.0 / 86_400.0 {
-            return Err(ConfigError::invalid("RATE", rate.to_string(), "must be at least 1/86400 (one a day) or 0"));
+            return Err(ConfigError::invalid(
+                "RATE",
+                rate.to_string(),
+                "must be at least 1/86400 (one a day) or 0",
+            ));
         }
         let batch_size = raw.batch_size.unwrap_or(100);
         if !(1..=100_000).contains(&batch_size) {
@@ -173,7 +187,11 @@ impl StreamerConfig {
             )?,
             partition_columns,
             progress_interval: {
-                let d = duration("PROGRESS_INTERVAL", raw.progress_interval.as_deref(), Duration::from_secs(5))?;
+                let d = duration(
+                    "PROGRESS_INTERVAL",
+                    raw.progress_interval.as_deref(),
+                    Duration::from_secs(5),
+                )?;
                 if d.is_zero() {
                     return Err(ConfigError::invalid("PROGRESS_INTERVAL", "0", "must be positive"));
                 }
@@ -198,7 +216,13 @@ pub fn default_stream_id(path: &std::path::Path) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "csv".into())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     format!("{stem}-{}", &hex::encode(digest)[..12])
@@ -242,7 +266,10 @@ mod tests {
             (&[("CSV_PATH", "a"), ("METRICS_PORT", "70000")], "METRICS_PORT"),
             (&[("CSV_PATH", "a"), ("DEDUP_TTL", "1s")], "DEDUP_TTL"),
             (&[("CSV_PATH", "a"), ("DEDUP_TTL", "soon")], "DEDUP_TTL"),
-            (&[("CSV_PATH", "a"), ("ETCD_ENDPOINTS", "nohost")], "ETCD_ENDPOINTS"),
+            (
+                &[("CSV_PATH", "a"), ("ETCD_ENDPOINTS", "nohost")],
+                "ETCD_ENDPOINTS",
+            ),
         ];
         for (vars, name) in cases {
             let err = load(vars).expect_err(name);
@@ -252,15 +279,22 @@ mod tests {
 
     #[test]
     fn fractional_rate_zero_and_flags() {
-        assert_eq!(load(&[("CSV_PATH", "a"), ("RATE", "0.5")]).expect("valid").rate, Some(0.5));
-        assert_eq!(load(&[("CSV_PATH", "a"), ("RATE", "0")]).expect("valid").rate, None);
+        assert_eq!(
+            load(&[("CSV_PATH", "a"), ("RATE", "0.5")]).expect("valid").rate,
+            Some(0.5)
+        );
+        assert_eq!(
+            load(&[("CSV_PATH", "a"), ("RATE", "0")]).expect("valid").rate,
+            None
+        );
         let flags = Flags {
             csv: Some("b.csv".into()),
             workers: Some(3),
             rate: Some(2.5),
             once: true,
         };
-        let cfg = StreamerConfig::from_vars(vec![("CSV_PATH".to_string(), "a".to_string())], &flags).expect("valid");
+        let cfg = StreamerConfig::from_vars(vec![("CSV_PATH".to_string(), "a".to_string())], &flags)
+            .expect("valid");
         assert_eq!(cfg.csv_path, PathBuf::from("b.csv"));
         assert_eq!(cfg.workers, 3);
         assert_eq!(cfg.rate, Some(2.5));

@@ -49,7 +49,11 @@ pub enum StreamerError {
 /// Streams `config.csv_path` into the queue until done (one-shot) or until `shutdown` is
 /// cancelled, and returns the totals. In-flight transactions are finished, never cut, so the
 /// checkpoint is always consistent with the queue.
-pub async fn run(config: StreamerConfig, client: Client, shutdown: CancellationToken) -> Result<Totals, StreamerError> {
+pub async fn run(
+    config: StreamerConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<Totals, StreamerError> {
     // One scan decides column types, checks the file is readable and counts rows for progress.
     let types = source::ColumnTypes::scan(&config.csv_path)?;
     let keys = Keyspace::new(&config.common.etcd_namespace);

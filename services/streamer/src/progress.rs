@@ -91,19 +91,25 @@ pub fn spawn_reporter(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let bar = bar_total.filter(|_| std::io::stderr().is_terminal()).map(|total| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{wide_bar}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar
-        });
+        let bar = bar_total
+            .filter(|_| std::io::stderr().is_terminal())
+            .map(|total| {
+                let bar = indicatif::ProgressBar::new(total);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{elapsed_precise} [{wide_bar}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            });
         let mut last = stats.totals();
         let mut last_at = Instant::now();
-        let mut ticker = tokio::time::interval(if bar.is_some() { Duration::from_millis(200) } else { interval });
+        let mut ticker = tokio::time::interval(if bar.is_some() {
+            Duration::from_millis(200)
+        } else {
+            interval
+        });
         ticker.tick().await;
         loop {
             tokio::select! {
@@ -113,7 +119,12 @@ pub fn spawn_reporter(
             let now = stats.totals();
             if let Some(bar) = &bar {
                 bar.set_position(now.enqueued + now.duplicates + now.skipped);
-                bar.set_message(format!("dup {} skipped {} depth {}", now.duplicates, now.skipped, gauge.estimate()));
+                bar.set_message(format!(
+                    "dup {} skipped {} depth {}",
+                    now.duplicates,
+                    now.skipped,
+                    gauge.estimate()
+                ));
                 continue;
             }
             let secs = last_at.elapsed().as_secs_f64().max(1e-9);

@@ -20,7 +20,9 @@ use std::{sync::Arc, time::Duration};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpResponse};
 use telemetry_shared::{
     Checkpoint, Keyspace,
-    etcd::{BoundedTxn, BucketedLease, EtcdError, MAX_TXN_OPS, is_indeterminate, is_lease_not_found, is_retryable},
+    etcd::{
+        BoundedTxn, BucketedLease, EtcdError, MAX_TXN_OPS, is_indeterminate, is_lease_not_found, is_retryable,
+    },
 };
 use tokio_util::sync::CancellationToken;
 
@@ -102,7 +104,12 @@ pub struct Sink {
 
 impl Sink {
     /// A sink writing below `keys`, attaching dedup markers to leases from `markers`.
-    pub fn new(client: Client, keys: Keyspace, markers: Arc<BucketedLease>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        client: Client,
+        keys: Keyspace,
+        markers: Arc<BucketedLease>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Sink {
             client,
             keys,
@@ -150,13 +157,18 @@ impl Sink {
                 .map(|p| self.keys.enqueued_marker(&p.prepared.message.idempotency_key))
                 .collect();
             let mut txn = BoundedTxn::new();
-            txn.compare(Compare::mod_revision(checkpoint_key.as_str(), CompareOp::Equal, expected_rev));
+            txn.compare(Compare::mod_revision(
+                checkpoint_key.as_str(),
+                CompareOp::Equal,
+                expected_rev,
+            ));
             txn.otherwise(TxnOp::get(checkpoint_key.as_str(), None));
             for (pending, marker) in live.iter().zip(&markers) {
                 let message = &pending.prepared.message;
                 txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
                 txn.then(TxnOp::put(
-                    self.keys.queue_entry(pending.prepared.partition, &message.id.to_string()),
+                    self.keys
+                        .queue_entry(pending.prepared.partition, &message.id.to_string()),
                     pending.encoded.clone(),
                     None,
                 ));
@@ -165,9 +177,16 @@ impl Sink {
                     message.id.to_string(),
                     Some(PutOptions::new().with_lease(lease)),
                 ));
-                txn.otherwise(TxnOp::get(marker.as_str(), Some(GetOptions::new().with_keys_only())));
+                txn.otherwise(TxnOp::get(
+                    marker.as_str(),
+                    Some(GetOptions::new().with_keys_only()),
+                ));
             }
-            txn.then(TxnOp::put(checkpoint_key.as_str(), checkpoint_value.clone(), None));
+            txn.then(TxnOp::put(
+                checkpoint_key.as_str(),
+                checkpoint_value.clone(),
+                None,
+            ));
             let started = std::time::Instant::now();
             let result = self.client.clone().txn(txn.build()?).await;
             metrics::histogram!("streamer_txn_seconds").record(started.elapsed().as_secs_f64());
@@ -207,7 +226,10 @@ impl Sink {
                         duplicates,
                     });
                 }
-                return Ok(CommitOutcome::Conflict { current, mod_revision });
+                return Ok(CommitOutcome::Conflict {
+                    current,
+                    mod_revision,
+                });
             }
             let before = live.len();
             let mut keep = Vec::with_capacity(live.len());
@@ -243,14 +265,18 @@ impl Sink {
     }
 }
 
-fn decode_checkpoint(stream_id: &str, kv: Option<&etcd_client::KeyValue>) -> Result<(Option<Checkpoint>, i64), SinkError> {
+fn decode_checkpoint(
+    stream_id: &str,
+    kv: Option<&etcd_client::KeyValue>,
+) -> Result<(Option<Checkpoint>, i64), SinkError> {
     match kv {
         None => Ok((None, 0)),
         Some(kv) => {
-            let cp: Checkpoint = serde_json::from_slice(kv.value()).map_err(|e| SinkError::CorruptCheckpoint {
-                stream: stream_id.to_string(),
-                reason: e.to_string(),
-            })?;
+            let cp: Checkpoint =
+                serde_json::from_slice(kv.value()).map_err(|e| SinkError::CorruptCheckpoint {
+                    stream: stream_id.to_string(),
+                    reason: e.to_string(),
+                })?;
             Ok((Some(cp), kv.mod_revision()))
         }
     }
@@ -270,7 +296,11 @@ impl Backoff {
         }
     }
 
-    pub(crate) async fn wait(&mut self, shutdown: &CancellationToken, err: &etcd_client::Error) -> Result<(), SinkError> {
+    pub(crate) async fn wait(
+        &mut self,
+        shutdown: &CancellationToken,
+        err: &etcd_client::Error,
+    ) -> Result<(), SinkError> {
         if !self.warned {
             tracing::warn!(error = %err, "etcd unavailable; retrying with backoff");
             self.warned = true;

@@ -102,7 +102,10 @@ impl CsvSource {
             path: path.display().to_string(),
             reason,
         };
-        let raw = reader.byte_headers().map_err(|e| header_err(e.to_string()))?.clone();
+        let raw = reader
+            .byte_headers()
+            .map_err(|e| header_err(e.to_string()))?
+            .clone();
         if raw.is_empty() || (raw.len() == 1 && raw[0].is_empty()) {
             return Err(header_err("the file is empty".into()));
         }
@@ -177,7 +180,11 @@ impl CsvSource {
             return SourceItem::Malformed(Malformed {
                 row,
                 line,
-                reason: format!("has {} fields, the header has {}", self.record.len(), self.headers.len()),
+                reason: format!(
+                    "has {} fields, the header has {}",
+                    self.record.len(),
+                    self.headers.len()
+                ),
             });
         }
         let mut values = Vec::with_capacity(self.record.len());

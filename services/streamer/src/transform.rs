@@ -5,10 +5,7 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use telemetry_shared::{
-    Fields, Message, SchemaVersion, SourcePosition, Timestamp,
-    keys::partition_of,
-};
+use telemetry_shared::{Fields, Message, SchemaVersion, SourcePosition, Timestamp, keys::partition_of};
 use ulid::Ulid;
 
 use crate::source::{ColumnKind, ColumnTypes};
@@ -43,7 +40,13 @@ fn parse_number(raw: &str) -> Option<f64> {
 /// source position (stream, pass, row) and its content (column names and raw values). The
 /// message id and the processing time are deliberately not part of it, so a retried or re-sent
 /// row gets the same key.
-pub fn idempotency_key(stream_id: &str, pass: u64, row: u64, headers: &[String], values: &[String]) -> String {
+pub fn idempotency_key(
+    stream_id: &str,
+    pass: u64,
+    row: u64,
+    headers: &[String],
+    values: &[String],
+) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"telemetry-row/v1\0");
     let mut field = |bytes: &[u8]| {
@@ -179,13 +182,21 @@ mod tests {
         assert_ne!(k, idempotency_key("s", 0, 2, &h, &v));
         assert_ne!(k, idempotency_key("t", 0, 1, &h, &v));
         let v2 = vec!["1x".to_string(), "".to_string()];
-        assert_ne!(k, idempotency_key("s", 0, 1, &h, &v2), "length prefixes keep fields apart");
+        assert_ne!(
+            k,
+            idempotency_key("s", 0, 1, &h, &v2),
+            "length prefixes keep fields apart"
+        );
     }
 
     #[test]
     fn same_row_twice_gets_same_key_but_new_id() {
         let headers = vec!["Hostname".to_string(), "gpu_id".to_string()];
-        let mut b = MessageBuilder::new(headers, ColumnTypes::all_auto(2), &["Hostname".into(), "gpu_id".into()]);
+        let mut b = MessageBuilder::new(
+            headers,
+            ColumnTypes::all_auto(2),
+            &["Hostname".into(), "gpu_id".into()],
+        );
         assert!(b.partitions_by_columns());
         let values = vec!["h1".to_string(), "0".to_string()];
         let a = b.build("s", 0, 1, &values);

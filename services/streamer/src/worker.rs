@@ -34,7 +34,7 @@ pub(crate) struct Shared {
 
 /// An entry of a batch: a message to enqueue, or a malformed row that only moves the checkpoint.
 enum Entry {
-    Message(Pending),
+    Message(Box<Pending>),
     Skip(u64),
 }
 
@@ -128,6 +128,16 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) -> Result<(), StreamerE
     }
 }
 
+/// Rows to hold before flushing: `BATCH_SIZE`, rounded down to whole transactions when it is
+/// larger than one, so that the default of 100 does not become transactions of 63 and 37.
+fn flush_at(batch_size: usize) -> usize {
+    if batch_size > MAX_ROWS_PER_TXN {
+        batch_size / MAX_ROWS_PER_TXN * MAX_ROWS_PER_TXN
+    } else {
+        batch_size
+    }
+}
+
 fn sink_err(err: SinkError) -> StreamerError {
     StreamerError::Sink(err)
 }
@@ -190,15 +200,15 @@ impl Pass<'_> {
                         self.shared.stats.add_skipped(1);
                         batch.push(Entry::Skip(row.row));
                     } else {
-                        batch.push(Entry::Message(Pending {
+                        batch.push(Entry::Message(Box::new(Pending {
                             row: row.row,
                             prepared,
                             encoded,
-                        }));
+                        })));
                     }
                 }
             }
-            if batch.len() >= config.batch_size
+            if batch.len() >= flush_at(config.batch_size)
                 && let Some(end) = self.flush(&mut batch, None).await?
             {
                 return Ok(end);
@@ -209,7 +219,11 @@ impl Pass<'_> {
     /// Commits `batch` in transactions of at most [`MAX_ROWS_PER_TXN`] messages. With
     /// `complete_at = Some(last_row)` the final transaction also marks the pass complete (even
     /// when the batch is empty). Returns `Some(end)` when the pass must end early.
-    async fn flush(&mut self, batch: &mut Vec<Entry>, complete_at: Option<u64>) -> Result<Option<PassEnd>, StreamerError> {
+    async fn flush(
+        &mut self,
+        batch: &mut Vec<Entry>,
+        complete_at: Option<u64>,
+    ) -> Result<Option<PassEnd>, StreamerError> {
         let mut entries: Vec<Entry> = std::mem::take(batch);
         loop {
             entries.retain(|e| e.row() > self.committed_row);
@@ -249,16 +263,26 @@ impl Pass<'_> {
             let pending: Vec<Pending> = chunk
                 .iter()
                 .filter_map(|e| match e {
-                    Entry::Message(p) => Some(p.clone()),
+                    Entry::Message(p) => Some(Pending::clone(p)),
                     Entry::Skip(_) => None,
                 })
                 .collect();
-            match self.shared.gauge.admit(pending.len(), &self.shared.shutdown).await {
+            match self
+                .shared
+                .gauge
+                .admit(pending.len(), &self.shared.shutdown)
+                .await
+            {
                 Ok(()) => {}
                 Err(EtcdError::Cancelled) => return Ok(Some(PassEnd::Shutdown)),
                 Err(err) => return Err(StreamerError::Sink(SinkError::Etcd(err))),
             }
-            let outcome = match self.shared.sink.commit(self.stream_id, self.expected_rev, target, &pending).await {
+            let outcome = match self
+                .shared
+                .sink
+                .commit(self.stream_id, self.expected_rev, target, &pending)
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(SinkError::Etcd(EtcdError::Cancelled)) => return Ok(Some(PassEnd::Shutdown)),
                 Err(err) => return Err(sink_err(err)),
@@ -278,12 +302,17 @@ impl Pass<'_> {
                     }
                     entries = rest;
                 }
-                CommitOutcome::Conflict { current, mod_revision } => {
+                CommitOutcome::Conflict {
+                    current,
+                    mod_revision,
+                } => {
                     self.shared.stats.add_conflict();
                     tracing::info!(stream = %self.stream_id, ?current, "checkpoint advanced by another streamer with the same stream id; adopting its position");
                     self.expected_rev = mod_revision;
                     match current {
-                        Some(cp) if cp.pass == self.pass && cp.pass_complete => return Ok(Some(PassEnd::Complete)),
+                        Some(cp) if cp.pass == self.pass && cp.pass_complete => {
+                            return Ok(Some(PassEnd::Complete));
+                        }
                         Some(cp) if cp.pass == self.pass => {
                             self.committed_row = self.committed_row.max(cp.row);
                             let mut all = chunk;

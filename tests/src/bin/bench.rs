@@ -1,1 +1,237 @@
-fn main() {}
+//! `telemetry-bench`: measures the pipeline next to etcd's own ceiling, in one run, on one etcd.
+//!
+//! Phases (each on the same durable single-member etcd, compacted and defragmented between
+//! phases so that later phases do not pay for earlier ones' history):
+//! 1. raw etcd: transactions of 128 puts of message-sized values, from 1 client and from
+//!    4 concurrent clients;
+//! 2. streamer, `RATE=0`, one-shot over a generated CSV (the DCGM sample repeated), with 1 and
+//!    with 4 workers.
+//!
+//! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
+//! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. Figures on these machines move by ±25 %
+//! between runs; only ratios within one run are meaningful.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use serde::Serialize;
+use telemetry_harness::{EtcdOptions, EtcdServer};
+use telemetry_streamer::{Flags, StreamerConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks the telemetry pipeline against raw etcd in the same run")]
+struct Args {
+    /// Rows of the generated CSV for the streamer phases (the sample repeated).
+    #[arg(long, default_value_t = 49_400)]
+    rows: usize,
+    /// Seconds per raw etcd phase.
+    #[arg(long, default_value_t = 4.0)]
+    seconds: f64,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench.json")]
+    json: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+async fn raw_txn_rate(
+    client: &Client,
+    clients: usize,
+    value_len: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let value = vec![b'x'; value_len];
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let mut client = client.clone();
+        let value = value.clone();
+        tasks.spawn(async move {
+            let mut keys = 0u64;
+            let mut round = 0u64;
+            while Instant::now() < deadline {
+                let ops: Vec<TxnOp> = (0..128)
+                    .map(|i| {
+                        TxnOp::put(
+                            format!("/bench/raw/{c}/{round}/{i}"),
+                            value.clone(),
+                            None::<PutOptions>,
+                        )
+                    })
+                    .collect();
+                client.txn(Txn::new().and_then(ops)).await?;
+                keys += 128;
+                round += 1;
+            }
+            anyhow::Ok(keys)
+        });
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    while let Some(result) = tasks.join_next().await {
+        total += result??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn reset(client: &mut Client) -> anyhow::Result<()> {
+    client
+        .delete("/", Some(etcd_client::DeleteOptions::new().with_from_key()))
+        .await?;
+    let rev = client.get("/", None).await?.header().map_or(0, |h| h.revision());
+    client.compact(rev, None).await?;
+    client.defragment().await?;
+    Ok(())
+}
+
+fn generated_csv(dir: &Path, rows: usize) -> anyhow::Result<(PathBuf, usize)> {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dcgm_sample.csv");
+    let text = std::fs::read_to_string(&sample).with_context(|| format!("reading {}", sample.display()))?;
+    let (header, body) = text.split_once('\n').context("sample has a header")?;
+    let lines: Vec<&str> = body.lines().collect();
+    let path = dir.join("bench.csv");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    writeln!(out, "{header}")?;
+    for i in 0..rows {
+        writeln!(out, "{}", lines[i % lines.len()])?;
+    }
+    out.flush()?;
+    Ok((path, rows))
+}
+
+async fn streamer_rate(
+    server: &EtcdServer,
+    client: &Client,
+    csv: &Path,
+    workers: u32,
+) -> anyhow::Result<(f64, u64)> {
+    let vars = vec![
+        ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
+        ("CSV_PATH".to_string(), csv.display().to_string()),
+        ("RATE".to_string(), "0".to_string()),
+        ("LOOP".to_string(), "false".to_string()),
+        ("MAX_QUEUE_DEPTH".to_string(), "0".to_string()),
+        ("WORKERS".to_string(), workers.to_string()),
+        ("STREAM_ID".to_string(), format!("bench-{workers}")),
+        ("PROGRESS_INTERVAL".to_string(), "1h".to_string()),
+    ];
+    let config = StreamerConfig::from_vars(vars, &Flags::default())?;
+    let started = Instant::now();
+    let totals = telemetry_streamer::run(config, client.clone(), CancellationToken::new()).await?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok((totals.enqueued as f64 / secs, totals.enqueued))
+}
+
+/// Mean encoded size of a sample message, so raw puts write values of the same size.
+fn message_size() -> anyhow::Result<usize> {
+    use telemetry_streamer::{
+        source::{ColumnTypes, CsvSource, SourceItem},
+        transform::MessageBuilder,
+    };
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dcgm_sample.csv");
+    let types = ColumnTypes::scan(&sample)?;
+    let mut source = CsvSource::open(&sample)?;
+    let mut builder = MessageBuilder::new(source.headers().to_vec(), types, &[]);
+    let (mut bytes, mut n) = (0, 0);
+    while let Some(item) = source.next_item()? {
+        if let SourceItem::Row(row) = item {
+            bytes += serde_json::to_vec(&builder.build("bench-0-w0", 0, row.row, &row.values).message)?.len();
+            n += 1;
+        }
+    }
+    Ok(bytes / n.max(1))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let value_len = message_size()?;
+    eprintln!("starting a durable single-member etcd (fsync on) ...");
+    let server = EtcdServer::start_with(EtcdOptions {
+        quota_backend_bytes: Some(8 * 1024 * 1024 * 1024),
+        ..EtcdOptions::default()
+    })
+    .await?;
+    let mut client = server.client().await?;
+    let dir = tempfile::tempdir()?;
+    let (csv, rows) = generated_csv(dir.path(), args.rows)?;
+
+    let mut table = Vec::new();
+    eprintln!("raw etcd, 1 client, 128-put transactions of {value_len}-byte values ...");
+    let raw1 = raw_txn_rate(&client, 1, value_len, args.seconds).await?;
+    reset(&mut client).await?;
+    eprintln!("raw etcd, 4 clients ...");
+    let raw4 = raw_txn_rate(&client, 4, value_len, args.seconds).await?;
+    reset(&mut client).await?;
+    eprintln!("streamer, 1 worker, RATE=0, {rows} rows ...");
+    let (s1, n1) = streamer_rate(&server, &client, &csv, 1).await?;
+    reset(&mut client).await?;
+    eprintln!("streamer, 4 workers, RATE=0, {rows} rows each ...");
+    let (s4, n4) = streamer_rate(&server, &client, &csv, 4).await?;
+
+    table.push(Row {
+        name: "raw_128op_txn_1_client".into(),
+        value: raw1,
+        unit: "keys/s",
+        note: format!("{value_len}-byte values"),
+    });
+    table.push(Row {
+        name: "raw_128op_txn_4_clients".into(),
+        value: raw4,
+        unit: "keys/s",
+        note: format!("{value_len}-byte values"),
+    });
+    table.push(Row {
+        name: "streamer_1_worker".into(),
+        value: s1,
+        unit: "msgs/s",
+        note: format!("{n1} messages, 2 keys each"),
+    });
+    table.push(Row {
+        name: "streamer_4_workers".into(),
+        value: s4,
+        unit: "msgs/s",
+        note: format!("{n4} messages, 2 keys each"),
+    });
+    table.push(Row {
+        name: "ratio_streamer_1w_keys_vs_raw_1_client".into(),
+        value: s1 * 2.0 / raw1,
+        unit: "ratio",
+        note: "streamer msgs/s * 2 / raw keys/s".into(),
+    });
+    table.push(Row {
+        name: "ratio_streamer_4w_keys_vs_raw_4_clients".into(),
+        value: s4 * 2.0 / raw4,
+        unit: "ratio",
+        note: "streamer msgs/s * 2 / raw keys/s".into(),
+    });
+
+    println!("{:<42} {:>12}  {:<7} note", "measure", "value", "unit");
+    for row in &table {
+        let value = if row.unit == "ratio" {
+            format!("{:.2}", row.value)
+        } else {
+            format!("{:.0}", row.value)
+        };
+        println!("{:<42} {:>12}  {:<7} {}", row.name, value, row.unit, row.note);
+    }
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&table)?)?;
+    eprintln!("wrote {}", args.json.display());
+    Ok(())
+}

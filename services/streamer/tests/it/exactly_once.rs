@@ -37,7 +37,10 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
         .expect("markers");
     assert_eq!(markers.kvs().len(), 2470);
     let leases: std::collections::BTreeSet<i64> = markers.kvs().iter().map(|kv| kv.lease()).collect();
-    assert!(leases.len() <= 2 && !leases.contains(&0), "markers share a bucket lease: {leases:?}");
+    assert!(
+        leases.len() <= 2 && !leases.contains(&0),
+        "markers share a bucket lease: {leases:?}"
+    );
 
     // Every message validates against the shipped JSON Schema and is typed per the rules.
     let schema: serde_json::Value = serde_json::from_str(SchemaVersion::V1.json_schema()).expect("schema");
@@ -47,12 +50,20 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
         assert_eq!(id, msg.id.to_string());
         assert!(partition < telemetry_shared::keys::QUEUE_PARTITIONS);
         let value = serde_json::to_value(msg).expect("encodes");
-        assert!(validator.is_valid(&value), "message {key} does not match schemas/v1.json");
+        assert!(
+            validator.is_valid(&value),
+            "message {key} does not match schemas/v1.json"
+        );
         assert_eq!(msg.fields.len(), 12);
         assert!(msg.fields["gpu_id"].is_f64());
         assert!(msg.fields["value"].is_f64());
         assert_eq!(msg.fields["container"], serde_json::json!(""));
-        assert!(msg.fields["labels_raw"].as_str().expect("string").contains("DCGM_FI_DRIVER_VERSION=\"535.129.03\""));
+        assert!(
+            msg.fields["labels_raw"]
+                .as_str()
+                .expect("string")
+                .contains("DCGM_FI_DRIVER_VERSION=\"535.129.03\"")
+        );
         assert_eq!(msg.timestamp.to_string().len(), 27, "fixed-width timestamp");
     }
 }
@@ -70,12 +81,19 @@ async fn sigkill_mid_file_then_restart_enqueues_each_row_exactly_once() {
     let depth = queue_depth(&client).await;
     assert!(depth > 0 && depth < 2470, "killed mid-file (depth {depth})");
     let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
-    assert_eq!(cp.row as i64, depth, "the checkpoint is exactly what was enqueued");
+    assert_eq!(
+        cp.row as i64, depth,
+        "the checkpoint is exactly what was enqueued"
+    );
     assert!(!cp.pass_complete);
 
     let restarted = spawn_binary(&server, &csv, &[]);
     let out = restarted.wait_with_output().expect("waits");
-    assert!(out.status.success(), "restart exits 0: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "restart exits 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let queue = queue(&client).await;
     assert_eq!(queue.len(), 2470);
     assert_rows_exactly_once(&queue, "test-w0", 0, 2470);
@@ -85,8 +103,16 @@ async fn sigkill_mid_file_then_restart_enqueues_each_row_exactly_once() {
 async fn two_concurrent_streamers_with_the_same_id_enqueue_each_row_once() {
     let (server, client) = etcd().await;
     let cfg = config(&server, &sample_csv(), &[("BATCH_SIZE", "13")]);
-    let a = tokio::spawn(telemetry_streamer::run(cfg.clone(), client.clone(), CancellationToken::new()));
-    let b = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), CancellationToken::new()));
+    let a = tokio::spawn(telemetry_streamer::run(
+        cfg.clone(),
+        client.clone(),
+        CancellationToken::new(),
+    ));
+    let b = tokio::spawn(telemetry_streamer::run(
+        cfg,
+        client.clone(),
+        CancellationToken::new(),
+    ));
     let ta = a.await.expect("joins").expect("a succeeds");
     let tb = b.await.expect("joins").expect("b succeeds");
     assert_eq!(ta.enqueued + tb.enqueued, 2470, "a {ta:?} b {tb:?}");

@@ -56,7 +56,10 @@ pub async fn queue(client: &Client) -> BTreeMap<String, Message> {
     loop {
         let resp = client
             .clone()
-            .get(from.clone(), Some(GetOptions::new().with_range(end.clone()).with_limit(1000)))
+            .get(
+                from.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_limit(1000)),
+            )
             .await
             .expect("range");
         for kv in resp.kvs() {
@@ -77,7 +80,10 @@ pub async fn queue_depth(client: &Client) -> i64 {
     let keys = Keyspace::new(NS);
     client
         .clone()
-        .get(keys.queue_prefix(), Some(GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            keys.queue_prefix(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
         .await
         .expect("count")
         .count()
@@ -85,7 +91,11 @@ pub async fn queue_depth(client: &Client) -> i64 {
 
 pub async fn checkpoint(client: &Client, stream: &str) -> Option<Checkpoint> {
     let keys = Keyspace::new(NS);
-    let resp = client.clone().get(keys.stream_checkpoint(stream), None).await.expect("get");
+    let resp = client
+        .clone()
+        .get(keys.stream_checkpoint(stream), None)
+        .await
+        .expect("get");
     resp.kvs()
         .first()
         .map(|kv| serde_json::from_slice(kv.value()).expect("checkpoint JSON"))
@@ -103,7 +113,12 @@ pub fn assert_rows_exactly_once(queue: &BTreeMap<String, Message>, stream: &str,
     let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(dups.is_empty(), "rows enqueued more than once: {dups:?}");
     let missing: Vec<u64> = (1..=n).filter(|r| !seen.contains_key(r)).collect();
-    assert!(missing.is_empty(), "rows missing: {} (first {:?})", missing.len(), missing.first());
+    assert!(
+        missing.is_empty(),
+        "rows missing: {} (first {:?})",
+        missing.len(),
+        missing.first()
+    );
     assert_eq!(seen.len() as u64, n);
 }
 
@@ -141,7 +156,10 @@ pub async fn wait_for_depth(client: &Client, n: i64) -> i64 {
 
 /// Writes a temporary CSV file with the given bytes.
 pub fn temp_csv(bytes: &[u8]) -> tempfile::NamedTempFile {
-    let mut file = tempfile::Builder::new().suffix(".csv").tempfile().expect("temp file");
+    let mut file = tempfile::Builder::new()
+        .suffix(".csv")
+        .tempfile()
+        .expect("temp file");
     std::io::Write::write_all(&mut file, bytes).expect("write");
     file
 }

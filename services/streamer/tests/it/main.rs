@@ -1,6 +1,6 @@
 //! Integration tests of the streamer against a real etcd (one per test).
 
-mod helpers;
-mod parsing;
 mod exactly_once;
+mod helpers;
 mod operation;
+mod parsing;

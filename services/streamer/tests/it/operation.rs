@@ -44,13 +44,13 @@ async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
     let cfg = config(
         &server,
         &sample_csv(),
-        &[
-            ("MAX_QUEUE_DEPTH", "200"),
-            ("BATCH_SIZE", "10"),
-            ("WORKERS", "2"),
-        ],
+        &[("MAX_QUEUE_DEPTH", "200"), ("BATCH_SIZE", "10"), ("WORKERS", "2")],
     );
-    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), CancellationToken::new()));
+    let run = tokio::spawn(telemetry_streamer::run(
+        cfg,
+        client.clone(),
+        CancellationToken::new(),
+    ));
     let keys = Keyspace::new(NS);
     let mut max_seen = 0;
     let mut drained = 0i64;
@@ -67,7 +67,10 @@ async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
             // Drain up to 150 entries with one range delete.
             let resp = client
                 .clone()
-                .get(keys.queue_prefix(), Some(GetOptions::new().with_prefix().with_keys_only().with_limit(150)))
+                .get(
+                    keys.queue_prefix(),
+                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(150)),
+                )
                 .await
                 .expect("range");
             if let (Some(first), Some(last)) = (resp.kvs().first(), resp.kvs().last()) {
@@ -113,7 +116,9 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero() {
     let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
     assert_eq!(cp.row as i64, depth, "checkpoint consistent with the queue");
     // And a restart completes the pass exactly once.
-    let out = spawn_binary(&server, &csv, &[]).wait_with_output().expect("waits");
+    let out = spawn_binary(&server, &csv, &[])
+        .wait_with_output()
+        .expect("waits");
     assert!(out.status.success());
     assert_rows_exactly_once(&queue(&client).await, "test-w0", 0, 2470);
 }
@@ -135,13 +140,20 @@ async fn fractional_rate_is_kept_per_worker() {
     for w in 0..2 {
         let mut times: Vec<_> = queue
             .values()
-            .filter(|m| m.source.as_ref().is_some_and(|s| s.stream_id == format!("test-w{w}")))
+            .filter(|m| {
+                m.source
+                    .as_ref()
+                    .is_some_and(|s| s.stream_id == format!("test-w{w}"))
+            })
             .map(|m| m.timestamp.as_datetime())
             .collect();
         times.sort();
         assert_eq!(times.len(), 11);
         let span = (times[10] - times[0]).num_milliseconds() as f64 / 1000.0;
-        assert!((span - 4.0).abs() <= 4.0 * 0.02, "worker {w}: 11 messages took {span} s, expected 4 s ± 2 %");
+        assert!(
+            (span - 4.0).abs() <= 4.0 * 0.02,
+            "worker {w}: 11 messages took {span} s, expected 4 s ± 2 %"
+        );
     }
 }
 
@@ -149,11 +161,15 @@ async fn fractional_rate_is_kept_per_worker() {
 async fn configuration_errors_name_the_variable_and_missing_files_name_the_path() {
     let (server, _client) = etcd().await;
     let missing = std::path::Path::new("/nonexistent/telemetry.csv");
-    let out = spawn_binary(&server, missing, &[]).wait_with_output().expect("runs");
+    let out = spawn_binary(&server, missing, &[])
+        .wait_with_output()
+        .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/telemetry.csv"));
 
-    let out = spawn_binary(&server, &sample_csv(), &[("RATE", "fast")]).wait_with_output().expect("runs");
+    let out = spawn_binary(&server, &sample_csv(), &[("RATE", "fast")])
+        .wait_with_output()
+        .expect("runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("RATE"));
 

@@ -21,21 +21,36 @@ async fn malformed_rows_are_skipped_and_counted_and_quoting_crlf_bom_work() {
     bytes.extend_from_slice(b"\"e, with comma\",5,\"say \"\"hi\"\"\nnext line\"\r\n"); // row 5 ok
     bytes.extend_from_slice(b"f,6,last"); // row 6 ok, no final newline
     let csv = temp_csv(&bytes);
-    let totals = telemetry_streamer::run(config(&server, csv.path(), &[]), client.clone(), CancellationToken::new())
-        .await
-        .expect("run");
+    let totals = telemetry_streamer::run(
+        config(&server, csv.path(), &[]),
+        client.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run");
     assert_eq!((totals.enqueued, totals.skipped), (3, 3));
     let queue = queue(&client).await;
     let mut rows: Vec<_> = queue.values().collect();
     rows.sort_by_key(|m| m.source.as_ref().map(|s| s.row));
-    let rows_seen: Vec<u64> = rows.iter().filter_map(|m| m.source.as_ref().map(|s| s.row)).collect();
+    let rows_seen: Vec<u64> = rows
+        .iter()
+        .filter_map(|m| m.source.as_ref().map(|s| s.row))
+        .collect();
     assert_eq!(rows_seen, vec![1, 5, 6]);
-    assert_eq!(rows[0].fields["name"], json!("a"), "BOM stripped from the first header");
+    assert_eq!(
+        rows[0].fields["name"],
+        json!("a"),
+        "BOM stripped from the first header"
+    );
     assert_eq!(rows[1].fields["name"], json!("e, with comma"));
     assert_eq!(rows[1].fields["note"], json!("say \"hi\"\nnext line"));
     assert_eq!(rows[2].fields["note"], json!("last"));
     let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
-    assert_eq!((cp.row, cp.pass_complete), (6, true), "skipped rows are settled too");
+    assert_eq!(
+        (cp.row, cp.pass_complete),
+        (6, true),
+        "skipped rows are settled too"
+    );
 }
 
 #[tokio::test]
@@ -48,19 +63,35 @@ async fn values_are_typed_by_the_documented_rules() {
           2.5,1,hello,-,\n\
           -3e2,FALSE,0,NaN,\n",
     );
-    telemetry_streamer::run(config(&server, csv.path(), &[]), client.clone(), CancellationToken::new())
-        .await
-        .expect("run");
+    telemetry_streamer::run(
+        config(&server, csv.path(), &[]),
+        client.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("run");
     let mut rows: Vec<_> = queue(&client).await.into_values().collect();
     rows.sort_by_key(|m| m.source.as_ref().map(|s| s.row));
     let col = |name: &str| rows.iter().map(|m| m.fields[name].clone()).collect::<Vec<_>>();
     // A column of numbers stays numeric even where a value is 1 or 0.
-    assert_eq!(col("num"), vec![json!(1.0), json!(0.0), json!(2.5), json!(-300.0)]);
+    assert_eq!(
+        col("num"),
+        vec![json!(1.0), json!(0.0), json!(2.5), json!(-300.0)]
+    );
     // true/false/1/0 only, with a literal: a boolean column.
-    assert_eq!(col("flag"), vec![json!(true), json!(false), json!(true), json!(false)]);
+    assert_eq!(
+        col("flag"),
+        vec![json!(true), json!(false), json!(true), json!(false)]
+    );
     // Otherwise typed per cell.
-    assert_eq!(col("mixed"), vec![json!(true), json!(5.0), json!("hello"), json!(0.0)]);
-    assert_eq!(col("text"), vec![json!("GPU-1"), json!("x y"), json!("-"), json!("NaN")]);
+    assert_eq!(
+        col("mixed"),
+        vec![json!(true), json!(5.0), json!("hello"), json!(0.0)]
+    );
+    assert_eq!(
+        col("text"),
+        vec![json!("GPU-1"), json!("x y"), json!("-"), json!("NaN")]
+    );
     assert_eq!(col("blank"), vec![json!(""); 4]);
 }
 
