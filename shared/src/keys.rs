@@ -11,7 +11,12 @@
 //! | `{ns}/dedup/processed/{idempotency_key}` | message id, leased | collector, same txn as the data |
 //! | `{ns}/streams/{stream_id}/checkpoint` | [`crate::message::Checkpoint`] JSON | streamer, same txn as each batch |
 //! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | v1 message JSON | collector |
-//! | `{ns}/deadletter/{ULID}` | message + reason | collector |
+//! | `{ns}/deadletter/{ULID}` | [`crate::model::DeadLetter`] JSON | collector, same txn as the queue removal |
+//! | `{ns}/collectors/members/{collector_id}` | [`crate::model::Member`] JSON, session lease | collector |
+//! | `{ns}/collectors/owners/{pp}` | owning collector id, session lease | collector |
+//! | `{ns}/index/gpus/{uuid}` | [`crate::model::GpuInfo`] JSON | collector, in commit txns |
+//! | `{ns}/index/hosts/{hostname}` | hostname | collector, in commit txns |
+//! | `{ns}/stats/partitions/{pp}` | [`crate::model::PartitionStats`] JSON | partition owner, in commit txns |
 //!
 //! `{pp}` is the queue partition, two decimal digits: a hash of the GPU identity picks it so
 //! that one GPU's messages stay in one partition (and so in order) and collectors can own whole
@@ -118,6 +123,71 @@ impl Keyspace {
     /// Key of a dead-lettered message.
     pub fn deadletter(&self, message_id: &str) -> String {
         self.key(format_args!("/deadletter/{message_id}"))
+    }
+}
+
+impl Keyspace {
+    /// Prefix of collector registrations and partition ownership.
+    pub fn collectors_prefix(&self) -> String {
+        self.key(format_args!("/collectors/"))
+    }
+
+    /// Prefix of collector registrations.
+    pub fn members_prefix(&self) -> String {
+        self.key(format_args!("/collectors/members/"))
+    }
+
+    /// A collector's registration key.
+    pub fn member(&self, collector_id: &str) -> String {
+        self.key(format_args!("/collectors/members/{collector_id}"))
+    }
+
+    /// Prefix of partition ownership keys.
+    pub fn owners_prefix(&self) -> String {
+        self.key(format_args!("/collectors/owners/"))
+    }
+
+    /// The ownership key of a queue partition.
+    pub fn owner(&self, partition: u32) -> String {
+        self.key(format_args!("/collectors/owners/{partition:02}"))
+    }
+
+    /// Prefix of the GPU index.
+    pub fn gpu_index_prefix(&self) -> String {
+        self.key(format_args!("/index/gpus/"))
+    }
+
+    /// A GPU's index entry, by UUID.
+    pub fn gpu_index(&self, uuid: &str) -> String {
+        self.key(format_args!("/index/gpus/{uuid}"))
+    }
+
+    /// Prefix of the host index.
+    pub fn host_index_prefix(&self) -> String {
+        self.key(format_args!("/index/hosts/"))
+    }
+
+    /// A host's index entry.
+    pub fn host_index(&self, hostname: &str) -> String {
+        self.key(format_args!("/index/hosts/{hostname}"))
+    }
+
+    /// Prefix of the per-partition stats counters.
+    pub fn stats_prefix(&self) -> String {
+        self.key(format_args!("/stats/partitions/"))
+    }
+
+    /// The stats counter of a partition.
+    pub fn partition_stats(&self, partition: u32) -> String {
+        self.key(format_args!("/stats/partitions/{partition:02}"))
+    }
+
+    /// Parses a partition number out of an owner or stats key.
+    pub fn parse_partition_suffix(&self, key: &str, prefix: &str) -> Option<u32> {
+        key.strip_prefix(prefix)?
+            .parse()
+            .ok()
+            .filter(|p| *p < QUEUE_PARTITIONS)
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`keys`]: the etcd key layout;
 //! - [`message`]: the message model (current schema version);
 //! - [`schema`]: schema versions, validation and migration;
+//! - [`model`]: the index, stats and dead-letter records beside the telemetry;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod etcd;
 pub mod keys;
 pub mod message;
+pub mod model;
 pub mod observe;
 pub mod schema;
 

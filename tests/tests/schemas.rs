@@ -37,11 +37,17 @@ fn every_emitted_version_validates_against_its_schema() {
     let msg = sample();
     for version in SchemaVersion::ALL {
         let payload = msg.to_version(version);
-        let errors: Vec<String> = validator(version).iter_errors(&payload).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = validator(version)
+            .iter_errors(&payload)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{version}: {errors:?}\n{payload:#}");
         // And no other version's schema accepts it (schema_version is a const).
         for other in SchemaVersion::ALL.into_iter().filter(|v| *v != version) {
-            assert!(!validator(other).is_valid(&payload), "{other} accepted a {version} payload");
+            assert!(
+                !validator(other).is_valid(&payload),
+                "{other} accepted a {version} payload"
+            );
         }
     }
 }
@@ -52,7 +58,10 @@ fn migrated_messages_validate_as_v1() {
         let (migrated, seen) = decode_value(sample().to_version(version)).expect("decodes");
         assert_eq!(seen, version);
         let payload = serde_json::to_value(&migrated).expect("encodes");
-        assert!(validator(SchemaVersion::V1).is_valid(&payload), "{version} migrated: {payload:#}");
+        assert!(
+            validator(SchemaVersion::V1).is_valid(&payload),
+            "{version} migrated: {payload:#}"
+        );
     }
 }
 
