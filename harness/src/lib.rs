@@ -545,3 +545,67 @@ mod tests {
         assert!(seen, "restarted member catches up");
     }
 }
+
+/// Every key/value under `prefix`, read in pages at one revision (a single range over a large
+/// prefix can exceed gRPC's 4 MiB message limit).
+pub async fn range_all(client: &Client, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, HarnessError> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            break;
+        }
+    }
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut options = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(1000);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client.clone().get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            out.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Number of keys under `prefix` (count-only range).
+pub async fn count(client: &Client, prefix: &str) -> Result<i64, HarnessError> {
+    let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
+    Ok(client.clone().get(prefix, Some(options)).await?.count())
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

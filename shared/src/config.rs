@@ -79,7 +79,12 @@ pub fn duration(var: &str, raw: Option<&str>, default: Duration) -> Result<Durat
     }
 }
 
-/// Like [`duration`] but rejects values below `min` (e.g. etcd's minimum lease TTL).
+/// The longest TTL the services accept (etcd's own maximum lease TTL is about 285 years; ten
+/// years keeps every sum of durations far from overflow).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Like [`duration`] but rejects values below `min` (e.g. etcd's minimum lease TTL) or above
+/// [`MAX_TTL`].
 pub fn duration_at_least(
     var: &str,
     raw: Option<&str>,
@@ -92,6 +97,13 @@ pub fn duration_at_least(
             var,
             raw.unwrap_or_default(),
             format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    if value > MAX_TTL {
+        return Err(ConfigError::invalid(
+            var,
+            raw.unwrap_or_default(),
+            "must be at most 3650 days",
         ));
     }
     Ok(value)

@@ -1,7 +1,21 @@
-//! `telemetry-collector`: not built yet (see its issue). It exits with status 2 and says so, so that
-//! nothing mistakes it for a working service.
+//! `telemetry-collector`: reads its configuration, connects to etcd and runs the collector until
+//! SIGINT/SIGTERM.
 
-fn main() {
-    eprintln!("telemetry-collector is not implemented yet; see the project's issues");
-    std::process::exit(2);
+use anyhow::Context as _;
+use telemetry_collector::CollectorConfig;
+use telemetry_shared::{etcd, observe};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    observe::init_tracing();
+    let config = CollectorConfig::load().context("invalid configuration")?;
+    observe::serve_metrics(config.metrics_port)?;
+    let shutdown = observe::shutdown_on_signals();
+    let client = match etcd::connect_with_retry(&config.common, &shutdown).await {
+        Ok(client) => client,
+        Err(etcd::EtcdError::Cancelled) => return Ok(()),
+        Err(err) => return Err(err).context("connecting to etcd"),
+    };
+    telemetry_collector::run(config, client, shutdown).await?;
+    Ok(())
 }

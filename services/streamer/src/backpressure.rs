@@ -33,6 +33,9 @@ pub struct DepthGauge {
     estimate: AtomicI64,
     refreshed: Mutex<Option<Instant>>,
     waiting_logged: AtomicBool,
+    /// Held across refresh, check and add, so a refresh cannot erase another worker's
+    /// admission and two workers cannot both take the last room on one reading.
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl DepthGauge {
@@ -46,6 +49,7 @@ impl DepthGauge {
             estimate: AtomicI64::new(0),
             refreshed: Mutex::new(None),
             waiting_logged: AtomicBool::new(false),
+            admission: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -54,9 +58,10 @@ impl DepthGauge {
         self.estimate.load(Ordering::Relaxed)
     }
 
-    /// Reads the depth from etcd and resets the estimate to it.
-    pub async fn refresh(&self) -> Result<i64, EtcdError> {
-        let depth = count_prefix(&mut self.client.clone(), &self.prefix, true).await?;
+    /// Reads the depth from etcd and resets the estimate to it. `serializable` reads the local
+    /// member (cheap, possibly stale); otherwise the read is linearizable.
+    pub async fn refresh(&self, serializable: bool) -> Result<i64, EtcdError> {
+        let depth = count_prefix(&mut self.client.clone(), &self.prefix, serializable).await?;
         self.estimate.store(depth, Ordering::Relaxed);
         if let Ok(mut at) = self.refreshed.lock() {
             *at = Some(Instant::now());
@@ -81,8 +86,11 @@ impl DepthGauge {
             return Ok(());
         }
         loop {
-            if self.stale() || self.estimate() + n >= self.max {
-                match self.refresh().await {
+            let guard = self.admission.lock().await;
+            let near_limit = self.estimate() + n >= self.max;
+            if self.stale() || near_limit {
+                // Near the limit the count must be current (a lagging member could under-count).
+                match self.refresh(!near_limit).await {
                     Ok(_) => {}
                     // An unreachable etcd will fail the write too; let the sink's retry handle it.
                     Err(EtcdError::Client(err)) if is_retryable(&err) => {}
@@ -101,6 +109,7 @@ impl DepthGauge {
                 }
                 return Ok(());
             }
+            drop(guard);
             if !self.waiting_logged.swap(true, Ordering::Relaxed) {
                 tracing::info!(
                     depth,

@@ -151,7 +151,14 @@ impl Sink {
         let mut uncertain = false;
         let mut backoff = Backoff::new();
         loop {
-            let lease = self.markers.current().await?;
+            let lease = match self.markers.current().await {
+                Ok(lease) => lease,
+                Err(EtcdError::Client(err)) if is_retryable(&err) => {
+                    backoff.wait(&self.shutdown, &err).await?;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
             let markers: Vec<String> = live
                 .iter()
                 .map(|p| self.keys.enqueued_marker(&p.prepared.message.idempotency_key))
@@ -194,6 +201,7 @@ impl Sink {
                 Ok(resp) => resp,
                 Err(err) if is_lease_not_found(&err) => {
                     self.markers.invalidate(lease);
+                    backoff.wait(&self.shutdown, &err).await?;
                     continue;
                 }
                 Err(err) if is_retryable(&err) => {
@@ -244,8 +252,9 @@ impl Sink {
             }
             live = keep;
             if live.len() == before {
-                // A marker existed at compare time but expired before the read: just retry.
-                tracing::debug!("dedup compare failed but no marker found; retrying");
+                // Unreachable while etcd applies compares and reads atomically; do not spin.
+                tracing::warn!("dedup compare failed but no marker found; retrying");
+                backoff.idle(&self.shutdown).await?;
             }
         }
     }
@@ -257,7 +266,14 @@ impl Sink {
         };
         let message = &pending.prepared.message;
         let marker = self.keys.enqueued_marker(&message.idempotency_key);
-        let resp = self.client.clone().get(marker.as_str(), None).await?;
+        let mut backoff = Backoff::new();
+        let resp = loop {
+            match self.client.clone().get(marker.as_str(), None).await {
+                Ok(resp) => break resp,
+                Err(err) if is_retryable(&err) => backoff.wait(&self.shutdown, &err).await?,
+                Err(err) => return Err(err.into()),
+            }
+        };
         Ok(resp
             .kvs()
             .first()
@@ -306,6 +322,16 @@ impl Backoff {
             self.warned = true;
         }
         metrics::counter!("streamer_etcd_retries_total").increment(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(SinkError::Etcd(EtcdError::Cancelled)),
+            _ = tokio::time::sleep(self.delay) => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Waits one backoff step without an error to report.
+    pub(crate) async fn idle(&mut self, shutdown: &CancellationToken) -> Result<(), SinkError> {
         tokio::select! {
             _ = shutdown.cancelled() => return Err(SinkError::Etcd(EtcdError::Cancelled)),
             _ = tokio::time::sleep(self.delay) => {}

@@ -66,6 +66,8 @@ struct Pass<'a> {
     expected_rev: i64,
     /// Last row whose fate is committed.
     committed_row: u64,
+    /// Messages this worker enqueued in this pass.
+    enqueued: u64,
 }
 
 fn rate_limiter(rate: Option<f64>) -> Option<DefaultDirectRateLimiter> {
@@ -80,11 +82,16 @@ fn rate_limiter(rate: Option<f64>) -> Option<DefaultDirectRateLimiter> {
 pub(crate) async fn run(shared: Arc<Shared>, index: u32) -> Result<(), StreamerError> {
     let stream_id = shared.config.worker_stream_id(index);
     let limiter = rate_limiter(shared.config.rate);
+    let mut first_pass = None;
     loop {
         if shared.shutdown.is_cancelled() {
             return Ok(());
         }
-        let (checkpoint, rev) = shared.sink.read_checkpoint(&stream_id).await.map_err(sink_err)?;
+        let (checkpoint, rev) = match shared.sink.read_checkpoint(&stream_id).await {
+            Ok(found) => found,
+            Err(SinkError::Etcd(EtcdError::Cancelled)) => return Ok(()),
+            Err(err) => return Err(sink_err(err)),
+        };
         let (pass, after_row) = match checkpoint {
             None => (0, 0),
             Some(cp) if cp.pass_complete => {
@@ -99,6 +106,16 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) -> Result<(), StreamerE
             }
             Some(cp) => (cp.pass, cp.row),
         };
+        // A one-shot streamer finishes the pass it started with; if a same-id streamer in loop
+        // mode has moved the stream on to a later pass, that pass is not ours to stream.
+        match first_pass {
+            Some(first) if !shared.config.loop_mode && pass > first => {
+                tracing::info!(stream = %stream_id, pass = first, "pass completed by another streamer with the same id");
+                return Ok(());
+            }
+            None => first_pass = Some(pass),
+            _ => {}
+        }
         tracing::info!(stream = %stream_id, pass, resume_after_row = after_row, "starting pass");
         let mut state = Pass {
             shared: &shared,
@@ -106,6 +123,7 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) -> Result<(), StreamerE
             pass,
             expected_rev: rev,
             committed_row: after_row,
+            enqueued: 0,
         };
         match state.stream(limiter.as_ref()).await? {
             PassEnd::Shutdown => return Ok(()),
@@ -116,8 +134,9 @@ pub(crate) async fn run(shared: Arc<Shared>, index: u32) -> Result<(), StreamerE
                 if !shared.config.loop_mode {
                     return Ok(());
                 }
-                if state.committed_row == 0 {
-                    // An empty file: do not spin.
+                if state.enqueued == 0 {
+                    // A pass that enqueued nothing (empty file, or every row malformed): do not
+                    // spin through the file as fast as it can be read.
                     tokio::select! {
                         _ = shared.shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -176,7 +195,6 @@ impl Pass<'_> {
             match item {
                 SourceItem::Malformed(bad) => {
                     tracing::warn!(stream = %self.stream_id, row = bad.row, line = bad.line, reason = %bad.reason, "skipping malformed row");
-                    self.shared.stats.add_skipped(1);
                     batch.push(Entry::Skip(bad.row));
                 }
                 SourceItem::Row(row) => {
@@ -197,7 +215,6 @@ impl Pass<'_> {
                     let encoded = serde_json::to_vec(&prepared.message).map_err(StreamerError::Encode)?;
                     if encoded.len() > MAX_MESSAGE_BYTES {
                         tracing::warn!(stream = %self.stream_id, row = row.row, line = row.line, bytes = encoded.len(), "skipping row too large for etcd");
-                        self.shared.stats.add_skipped(1);
                         batch.push(Entry::Skip(row.row));
                     } else {
                         batch.push(Entry::Message(Box::new(Pending {
@@ -236,7 +253,11 @@ impl Pass<'_> {
             let mut take = 0;
             for entry in &entries {
                 if let Entry::Message(p) = entry {
-                    if messages == MAX_ROWS_PER_TXN || bytes + p.encoded.len() > MAX_TXN_BYTES {
+                    // At least one message per chunk, whatever its size (it is under
+                    // MAX_MESSAGE_BYTES), so that the loop always makes progress.
+                    if messages > 0
+                        && (messages == MAX_ROWS_PER_TXN || bytes + p.encoded.len() > MAX_TXN_BYTES)
+                    {
                         break;
                     }
                     messages += 1;
@@ -267,15 +288,19 @@ impl Pass<'_> {
                     Entry::Skip(_) => None,
                 })
                 .collect();
-            match self
-                .shared
-                .gauge
-                .admit(pending.len(), &self.shared.shutdown)
-                .await
-            {
-                Ok(()) => {}
-                Err(EtcdError::Cancelled) => return Ok(Some(PassEnd::Shutdown)),
-                Err(err) => return Err(StreamerError::Sink(SinkError::Etcd(err))),
+            // Only chunks that add messages wait for queue room: a checkpoint-only commit (skipped
+            // rows, end of pass) never makes the queue deeper.
+            if !pending.is_empty() {
+                match self
+                    .shared
+                    .gauge
+                    .admit(pending.len(), &self.shared.shutdown)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(EtcdError::Cancelled) => return Ok(Some(PassEnd::Shutdown)),
+                    Err(err) => return Err(StreamerError::Sink(SinkError::Etcd(err))),
+                }
             }
             let outcome = match self
                 .shared
@@ -297,6 +322,9 @@ impl Pass<'_> {
                     self.committed_row = target.row;
                     self.shared.stats.add_enqueued(enqueued as u64);
                     self.shared.stats.add_duplicates(duplicates.len() as u64);
+                    let skipped = chunk.iter().filter(|e| matches!(e, Entry::Skip(_))).count();
+                    self.shared.stats.add_skipped(skipped as u64);
+                    self.enqueued += enqueued as u64;
                     if target.pass_complete {
                         return Ok(None);
                     }

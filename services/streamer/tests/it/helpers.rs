@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use telemetry_harness::{EtcdOptions, EtcdServer};
 use telemetry_shared::{Checkpoint, Keyspace, Message};
 use telemetry_streamer::{Flags, StreamerConfig};
@@ -46,47 +46,26 @@ pub fn config(server: &EtcdServer, csv: &Path, extra: &[(&str, &str)]) -> Stream
     StreamerConfig::from_vars(vars, &Flags::default()).expect("valid config")
 }
 
-/// Every queued message, by key (paged: a single range could exceed gRPC's message limit).
+/// Every queued message, by key.
 pub async fn queue(client: &Client) -> BTreeMap<String, Message> {
     let keys = Keyspace::new(NS);
-    let prefix = keys.queue_prefix();
-    let end = telemetry_shared::keys::prefix_end(&prefix);
-    let mut from = prefix.into_bytes();
-    let mut out = BTreeMap::new();
-    loop {
-        let resp = client
-            .clone()
-            .get(
-                from.clone(),
-                Some(GetOptions::new().with_range(end.clone()).with_limit(1000)),
+    telemetry_harness::range_all(client, &keys.queue_prefix())
+        .await
+        .expect("range")
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                serde_json::from_slice(&v).expect("queue value is a v1 message"),
             )
-            .await
-            .expect("range");
-        for kv in resp.kvs() {
-            let msg: Message = serde_json::from_slice(kv.value()).expect("queue value is a v1 message");
-            out.insert(kv.key_str().expect("utf8 key").to_string(), msg);
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return out,
-        }
-    }
+        })
+        .collect()
 }
 
 pub async fn queue_depth(client: &Client) -> i64 {
-    let keys = Keyspace::new(NS);
-    client
-        .clone()
-        .get(
-            keys.queue_prefix(),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
+    telemetry_harness::count(client, &Keyspace::new(NS).queue_prefix())
         .await
         .expect("count")
-        .count()
 }
 
 pub async fn checkpoint(client: &Client, stream: &str) -> Option<Checkpoint> {

@@ -1,0 +1,381 @@
+//! The consumer group: which collector owns which queue partition.
+//!
+//! Collectors register under `/collectors/members/` with their session lease. Every collector
+//! computes the same assignment from the sorted member list (partition `p` goes to member
+//! `p mod n`), so the split is fair (sizes differ by at most one) and converges without any
+//! coordinator. A collector acquires a partition assigned to it once its owner key is free
+//! (`create_revision == 0`, put with its lease) and releases a partition assigned elsewhere
+//! after finishing the in-flight batch. A crashed collector's keys vanish with its lease, so
+//! its partitions move after about one lease TTL; a collector that shuts down revokes its lease,
+//! so they move at once.
+//!
+//! One watch on `/collectors/` follows membership and ownership; one watch on the queue feeds
+//! the partition tasks. Both are re-created from the last seen revision when they break; a
+//! queue watch that fell behind a compaction makes every partition range again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use telemetry_shared::{Keyspace, etcd::EtcdError, keys::QUEUE_PARTITIONS};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    partition::{self, Exit, PartitionContext, QueueEvent},
+    session::Session,
+};
+
+/// Why the coordinator returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Shutdown was requested; partitions were released.
+    Shutdown,
+    /// The session was lost; start a new one.
+    SessionLost,
+}
+
+/// The partitions `me` should own among `members`.
+pub fn assignment(members: &BTreeSet<String>, me: &str) -> BTreeSet<u32> {
+    let sorted: Vec<&String> = members.iter().collect();
+    if sorted.is_empty() {
+        return BTreeSet::new();
+    }
+    (0..QUEUE_PARTITIONS)
+        .filter(|p| sorted[*p as usize % sorted.len()] == me)
+        .collect()
+}
+
+struct Owned {
+    stop: CancellationToken,
+    events: mpsc::UnboundedSender<QueueEvent>,
+    task: JoinHandle<Exit>,
+}
+
+struct Group<'a> {
+    client: Client,
+    keys: Keyspace,
+    me: String,
+    session: &'a Session,
+    ctx: Arc<PartitionContext>,
+    members: BTreeSet<String>,
+    /// Partition → lease of its owner key.
+    owners: HashMap<u32, i64>,
+    owned: BTreeMap<u32, Owned>,
+}
+
+/// Runs the group protocol for one session until shutdown or session loss.
+pub async fn coordinate(
+    client: &Client,
+    keys: &Keyspace,
+    me: &str,
+    session: &Session,
+    ctx: Arc<PartitionContext>,
+    shutdown: &CancellationToken,
+) -> Result<End, EtcdError> {
+    let mut group = Group {
+        client: client.clone(),
+        keys: keys.clone(),
+        me: me.to_string(),
+        session,
+        ctx,
+        members: BTreeSet::new(),
+        owners: HashMap::new(),
+        owned: BTreeMap::new(),
+    };
+    let mut group_rev = group.load_membership().await?;
+    // The queue watch starts where the membership snapshot was taken; partition tasks range
+    // after that and keep only newer events, so nothing falls in between.
+    let mut queue_rev = group_rev;
+    let mut group_watch = watch(client, &keys.collectors_prefix(), group_rev + 1).await?;
+    let mut queue_watch = watch(client, &keys.queue_prefix(), queue_rev + 1).await?;
+    let lost = session.lost();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = loop {
+        group.rebalance().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break End::Shutdown,
+            _ = lost.cancelled() => break End::SessionLost,
+            _ = tick.tick() => {}
+            msg = group_watch.message() => match msg {
+                Ok(Some(resp)) if resp.canceled() => {
+                    tracing::warn!(reason = resp.cancel_reason(), "membership watch cancelled; reloading");
+                    group_rev = group.load_membership().await?;
+                    group_watch = watch(client, &keys.collectors_prefix(), group_rev + 1).await?;
+                }
+                Ok(Some(resp)) => {
+                    for event in resp.events() {
+                        if let Some(kv) = event.kv() {
+                            group_rev = group_rev.max(kv.mod_revision());
+                            group.on_group_event(event.event_type(), kv);
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!("membership watch broke; re-creating it");
+                    group_watch = rewatch(client, &keys.collectors_prefix(), &mut group_rev, shutdown).await?;
+                    group_rev = group.load_membership().await?;
+                }
+            },
+            msg = queue_watch.message() => match msg {
+                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                    tracing::warn!(reason = resp.cancel_reason(), "queue watch cancelled (compaction?); partitions resync");
+                    queue_rev = current_revision(client).await?;
+                    queue_watch = watch(client, &keys.queue_prefix(), queue_rev + 1).await?;
+                    group.broadcast_resync();
+                }
+                Ok(Some(resp)) => {
+                    for event in resp.events() {
+                        if let Some(kv) = event.kv() {
+                            queue_rev = queue_rev.max(kv.mod_revision());
+                            group.dispatch(event.event_type(), kv);
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!("queue watch broke; re-creating it from the last seen revision");
+                    queue_watch = rewatch(client, &keys.queue_prefix(), &mut queue_rev, shutdown).await?;
+                }
+            },
+        }
+    };
+    group.release_all(end == End::Shutdown).await;
+    Ok(end)
+}
+
+async fn watch(client: &Client, prefix: &str, from: i64) -> Result<etcd_client::WatchStream, EtcdError> {
+    let options = WatchOptions::new().with_prefix().with_start_revision(from.max(1));
+    Ok(client.clone().watch(prefix, Some(options)).await?)
+}
+
+/// Re-creates a broken watch from the revision after the last one seen, retrying with backoff.
+async fn rewatch(
+    client: &Client,
+    prefix: &str,
+    last: &mut i64,
+    shutdown: &CancellationToken,
+) -> Result<etcd_client::WatchStream, EtcdError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match watch(client, prefix, *last + 1).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => tracing::debug!(error = %err, "re-creating watch failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(EtcdError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
+    let resp = client
+        .clone()
+        .get("\0", Some(GetOptions::new().with_count_only()))
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
+impl Group<'_> {
+    /// Reads members and owners; returns the revision of the snapshot.
+    async fn load_membership(&mut self) -> Result<i64, EtcdError> {
+        let resp = self
+            .client
+            .clone()
+            .get(
+                self.keys.collectors_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        self.members.clear();
+        self.owners.clear();
+        for kv in resp.kvs() {
+            self.on_group_event(EventType::Put, kv);
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    fn on_group_event(&mut self, kind: EventType, kv: &etcd_client::KeyValue) {
+        let key = String::from_utf8_lossy(kv.key());
+        let members = self.keys.members_prefix();
+        let owners = self.keys.owners_prefix();
+        if let Some(id) = key.strip_prefix(&members) {
+            match kind {
+                EventType::Put => self.members.insert(id.to_string()),
+                EventType::Delete => self.members.remove(id),
+            };
+        } else if let Some(p) = self.keys.parse_partition_suffix(&key, &owners) {
+            match kind {
+                EventType::Put => self.owners.insert(p, kv.lease()),
+                EventType::Delete => self.owners.remove(&p),
+            };
+        }
+    }
+
+    fn dispatch(&mut self, kind: EventType, kv: &etcd_client::KeyValue) {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let Some((p, _)) = self.keys.parse_queue_entry(&key) else {
+            return;
+        };
+        if let Some(owned) = self.owned.get(&p) {
+            let event = match kind {
+                EventType::Put => QueueEvent::Put {
+                    value: kv.value().to_vec(),
+                    revision: kv.mod_revision(),
+                    key,
+                },
+                EventType::Delete => QueueEvent::Delete { key },
+            };
+            let _ = owned.events.send(event);
+        }
+    }
+
+    fn broadcast_resync(&self) {
+        for owned in self.owned.values() {
+            let _ = owned.events.send(QueueEvent::Resync);
+        }
+    }
+
+    /// Brings ownership toward the assignment: reaps ended tasks, releases partitions that
+    /// belong elsewhere, acquires free partitions that belong here.
+    async fn rebalance(&mut self) {
+        let finished: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in finished {
+            if let Some(owned) = self.owned.remove(&p) {
+                let exit = owned.task.await.unwrap_or(Exit::Released);
+                tracing::info!(partition = p, ?exit, "partition task ended");
+            }
+        }
+        if !self.session.is_alive() {
+            return;
+        }
+        let desired = assignment(&self.members, &self.me);
+        let to_release: Vec<u32> = self
+            .owned
+            .keys()
+            .filter(|p| !desired.contains(p))
+            .copied()
+            .collect();
+        for p in to_release {
+            self.release(p).await;
+        }
+        for p in desired {
+            if self.owned.contains_key(&p) || self.owners.contains_key(&p) {
+                continue;
+            }
+            self.acquire(p).await;
+        }
+        metrics::gauge!("collector_partitions_owned").set(self.owned.len() as f64);
+    }
+
+    async fn acquire(&mut self, p: u32) {
+        let key = self.keys.owner(p);
+        let lease = self.session.lease;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                self.me.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        match self.client.clone().txn(txn).await {
+            Ok(resp) if resp.succeeded() => {
+                self.owners.insert(p, lease);
+                let (tx, rx) = mpsc::unbounded_channel();
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(partition::run(
+                    self.ctx.clone(),
+                    p,
+                    lease,
+                    self.session.liveness(),
+                    rx,
+                    stop.clone(),
+                ));
+                self.owned.insert(
+                    p,
+                    Owned {
+                        stop,
+                        events: tx,
+                        task,
+                    },
+                );
+                metrics::counter!("collector_partition_acquisitions_total").increment(1);
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(partition = p, error = %err, "acquire failed; will retry"),
+        }
+    }
+
+    /// Stops the partition's task (it finishes its in-flight batch) and frees the owner key.
+    async fn release(&mut self, p: u32) {
+        let Some(owned) = self.owned.remove(&p) else {
+            return;
+        };
+        owned.stop.cancel();
+        let _ = owned.task.await;
+        let key = self.keys.owner(p);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                key.as_str(),
+                CompareOp::Equal,
+                self.session.lease,
+            )])
+            .and_then(vec![TxnOp::delete(key.as_str(), None)]);
+        if let Err(err) = self.client.clone().txn(txn).await {
+            tracing::warn!(partition = p, error = %err, "could not free owner key; it expires with the lease");
+        }
+        tracing::info!(partition = p, "partition released");
+    }
+
+    async fn release_all(&mut self, graceful: bool) {
+        for owned in self.owned.values() {
+            owned.stop.cancel();
+        }
+        let partitions: Vec<u32> = self.owned.keys().copied().collect();
+        for p in partitions {
+            if let Some(owned) = self.owned.remove(&p) {
+                let _ = owned.task.await;
+            }
+        }
+        if graceful {
+            tracing::info!("all partitions stopped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_is_fair_total_and_disjoint() {
+        for n in 1..=10 {
+            let members: BTreeSet<String> = (0..n).map(|i| format!("c{i}")).collect();
+            let mut all = BTreeSet::new();
+            let sizes: Vec<usize> = members
+                .iter()
+                .map(|m| {
+                    let mine = assignment(&members, m);
+                    for p in &mine {
+                        assert!(all.insert(*p), "partition {p} assigned twice");
+                    }
+                    mine.len()
+                })
+                .collect();
+            assert_eq!(all.len() as u32, QUEUE_PARTITIONS);
+            let (min, max) = (sizes.iter().min(), sizes.iter().max());
+            assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{sizes:?}");
+        }
+        assert!(assignment(&BTreeSet::new(), "x").is_empty());
+    }
+}

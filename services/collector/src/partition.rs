@@ -1,0 +1,366 @@
+//! One owned queue partition: the source of the collector.
+//!
+//! On acquisition the task reads the partition's stats counter and ranges over the partition
+//! once (paged, at one revision); after that it learns of new entries only from the
+//! collector's queue watch, forwarded here, keeping the events newer than its range. It never
+//! polls the queue with ranges, which would re-scan deleted keys (tombstones) until etcd
+//! compacts. Entries are committed in key (ULID) order, so one GPU's records are written in
+//! order.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, GetOptions};
+use telemetry_shared::{
+    Keyspace, Timestamp,
+    etcd::{EtcdError, MAX_TXN_OPS, is_retryable},
+    keys::prefix_end,
+    model::{DeadLetter, GpuInfo, PartitionStats},
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Counters,
+    commit::{Committer, IndexUpdates, Item, Outcome},
+    config::Columns,
+    session::Liveness,
+    validate::validate,
+};
+
+/// A change to the queue, forwarded from the collector's watch.
+#[derive(Debug)]
+pub enum QueueEvent {
+    /// A queue entry was written at `revision`.
+    Put {
+        /// Its key.
+        key: String,
+        /// Its payload.
+        value: Vec<u8>,
+        /// The revision of the write.
+        revision: i64,
+    },
+    /// A queue entry was removed.
+    Delete {
+        /// Its key.
+        key: String,
+    },
+    /// The watch was interrupted past a compaction: range the partition again.
+    Resync,
+}
+
+/// Why a partition task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop (rebalance or shutdown); the in-flight batch was finished.
+    Released,
+    /// The fence refused a commit: someone else owns the partition now.
+    FenceLost,
+    /// The session was lost.
+    SessionLost,
+}
+
+/// What a partition task needs from its collector.
+pub struct PartitionContext {
+    /// etcd client.
+    pub client: Client,
+    /// Key layout.
+    pub keys: Keyspace,
+    /// The committer.
+    pub committer: Arc<Committer>,
+    /// Which fields identify GPUs.
+    pub columns: Columns,
+    /// Messages per transaction.
+    pub batch_size: usize,
+    /// This collector's id (recorded in dead letters).
+    pub collector_id: String,
+    /// Shared counters.
+    pub counters: Arc<Counters>,
+    /// Per partition: Unix ms of its oldest pending message (0 = none), for the lag gauge.
+    pub oldest: Arc<[AtomicI64]>,
+}
+
+/// How often a GPU's `last_seen` is rewritten at most.
+const INDEX_REFRESH: Duration = Duration::from_secs(1);
+
+struct State {
+    pending: BTreeMap<String, Vec<u8>>,
+    range_rev: i64,
+    stats: PartitionStats,
+    gpus: HashMap<String, (GpuInfo, Instant)>,
+    hosts: HashSet<String>,
+}
+
+/// Runs the partition until released, fenced out, or the session is lost.
+pub async fn run(
+    ctx: Arc<PartitionContext>,
+    partition: u32,
+    lease: i64,
+    liveness: Liveness,
+    mut events: UnboundedReceiver<QueueEvent>,
+    stop: CancellationToken,
+) -> Exit {
+    let mut state = State {
+        pending: BTreeMap::new(),
+        range_rev: 0,
+        stats: PartitionStats::default(),
+        gpus: HashMap::new(),
+        hosts: HashSet::new(),
+    };
+    let mut backoff = Duration::from_millis(50);
+    // Initial load, retried while etcd is unavailable.
+    loop {
+        match load(&ctx, partition, &mut state).await {
+            Ok(()) => break,
+            Err(err) => {
+                tracing::warn!(partition, error = %err, "loading partition failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Exit::Released,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(partition, pending = state.pending.len(), "partition acquired");
+    loop {
+        while let Ok(event) = events.try_recv() {
+            apply(&ctx, partition, &mut state, event).await;
+        }
+        update_oldest(&ctx, partition, &state);
+        if stop.is_cancelled() {
+            return Exit::Released;
+        }
+        if !liveness.is_alive() {
+            return Exit::SessionLost;
+        }
+        if state.pending.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return Exit::Released,
+                event = events.recv() => match event {
+                    Some(event) => apply(&ctx, partition, &mut state, event).await,
+                    None => return Exit::Released,
+                },
+            }
+            continue;
+        }
+        let (mut items, index) = next_batch(&ctx, &state);
+        let started = Instant::now();
+        match ctx
+            .committer
+            .commit(partition, lease, &state.stats, &mut items, &index)
+            .await
+        {
+            Ok(Outcome::Committed {
+                stats,
+                records,
+                duplicates,
+                dead,
+            }) => {
+                metrics::histogram!("collector_commit_seconds").record(started.elapsed().as_secs_f64());
+                state.stats = stats;
+                for item in &items {
+                    state.pending.remove(item.queue_key());
+                }
+                let now = Instant::now();
+                for gpu in index.gpus {
+                    state.gpus.insert(gpu.uuid.clone(), (gpu, now));
+                }
+                state.hosts.extend(index.hosts);
+                ctx.counters.add(records as u64, duplicates as u64, dead as u64);
+                backoff = Duration::from_millis(50);
+            }
+            Ok(Outcome::FenceLost) => {
+                tracing::warn!(
+                    partition,
+                    "commit refused by the fence: partition is no longer ours"
+                );
+                ctx.counters.fence_refusals.fetch_add(1, Ordering::Relaxed);
+                return Exit::FenceLost;
+            }
+            Err(err) => {
+                if let EtcdError::Client(e) = &err
+                    && !is_retryable(e)
+                {
+                    tracing::error!(partition, error = %err, "commit failed; retrying");
+                } else {
+                    tracing::warn!(partition, error = %err, "commit outcome unknown or etcd unavailable; retrying");
+                }
+                metrics::counter!("collector_commit_errors_total").increment(1);
+                tokio::select! {
+                    _ = stop.cancelled() => return Exit::Released,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn load(ctx: &PartitionContext, partition: u32, state: &mut State) -> Result<(), EtcdError> {
+    let mut client = ctx.client.clone();
+    let stats = client.get(ctx.keys.partition_stats(partition), None).await?;
+    state.stats = stats
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+        .unwrap_or_default();
+    range_all(ctx, partition, state).await
+}
+
+/// Ranges over the partition at one revision, in pages small enough for gRPC's message limit.
+async fn range_all(ctx: &PartitionContext, partition: u32, state: &mut State) -> Result<(), EtcdError> {
+    let prefix = ctx.keys.queue_partition_prefix(partition);
+    let end = prefix_end(&prefix);
+    let mut from = prefix.into_bytes();
+    let mut revision = 0;
+    state.pending.clear();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(500);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = ctx.client.clone().get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            state.pending.insert(
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            );
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    state.range_rev = revision;
+    Ok(())
+}
+
+async fn apply(ctx: &PartitionContext, partition: u32, state: &mut State, event: QueueEvent) {
+    match event {
+        // Entries written at or before our range are already known (or already committed).
+        QueueEvent::Put { key, value, revision } if revision > state.range_rev => {
+            state.pending.insert(key, value);
+        }
+        QueueEvent::Put { .. } => {}
+        QueueEvent::Delete { key } => {
+            state.pending.remove(&key);
+        }
+        QueueEvent::Resync => {
+            if let Err(err) = range_all(ctx, partition, state).await {
+                tracing::warn!(partition, error = %err, "resync failed; will retry on the next event");
+            }
+        }
+    }
+}
+
+fn update_oldest(ctx: &PartitionContext, partition: u32, state: &State) {
+    let oldest = state
+        .pending
+        .keys()
+        .next()
+        .and_then(|k| k.rsplit('/').next())
+        .and_then(|id| id.parse::<ulid::Ulid>().ok())
+        .map_or(0, |u| i64::try_from(u.timestamp_ms()).unwrap_or(0));
+    if let Some(slot) = ctx.oldest.get(partition as usize) {
+        slot.store(oldest, Ordering::Relaxed);
+    }
+}
+
+/// Takes the next batch from the head of the partition, within the operation budget.
+fn next_batch(ctx: &PartitionContext, state: &State) -> (Vec<Item>, IndexUpdates) {
+    // One operation is reserved for the stats counter.
+    let budget = MAX_TXN_OPS - 1;
+    let mut used = 0;
+    let mut items = Vec::new();
+    let mut index = IndexUpdates::default();
+    let now = Instant::now();
+    for (queue_key, payload) in &state.pending {
+        if items.len() == ctx.batch_size {
+            break;
+        }
+        let queue_id = queue_key.rsplit('/').next().unwrap_or_default();
+        let item = match validate(payload, queue_id, &ctx.keys, &ctx.columns) {
+            Ok(record) => Item::Record {
+                queue_key: queue_key.clone(),
+                record: Box::new(record),
+            },
+            Err(reason) => {
+                tracing::warn!(queue_key = %queue_key, %reason, "invalid message; dead-lettering");
+                let id = if queue_id.is_empty() { "unknown" } else { queue_id };
+                Item::Dead {
+                    queue_key: queue_key.clone(),
+                    dead_key: ctx.keys.deadletter(id),
+                    letter: Box::new(DeadLetter {
+                        queue_key: queue_key.clone(),
+                        reason,
+                        payload: String::from_utf8_lossy(payload).into_owned(),
+                        failed_at: Timestamp::now(),
+                        collector: ctx.collector_id.clone(),
+                    }),
+                }
+            }
+        };
+        // Index entries this record needs (new GPU or host, changed description, or stale).
+        let mut extra_gpu = None;
+        let mut extra_host = None;
+        if let Item::Record { record, .. } = &item {
+            let info = GpuInfo {
+                uuid: record.uuid.clone(),
+                hostname: record.hostname.clone(),
+                gpu_id: record.gpu_id.clone(),
+                device: record.device.clone(),
+                model: record.model.clone(),
+                last_seen: record.message.timestamp,
+            };
+            let in_batch = index.gpus.iter().position(|g| g.uuid == info.uuid);
+            match in_batch {
+                Some(i) => {
+                    if index.gpus[i].last_seen < info.last_seen {
+                        index.gpus[i].last_seen = info.last_seen;
+                    }
+                }
+                None => {
+                    let stale = match state.gpus.get(&info.uuid) {
+                        None => true,
+                        Some((known, at)) => {
+                            known.hostname != info.hostname
+                                || known.gpu_id != info.gpu_id
+                                || known.device != info.device
+                                || known.model != info.model
+                                || (now.duration_since(*at) >= INDEX_REFRESH
+                                    && known.last_seen < info.last_seen)
+                        }
+                    };
+                    if stale {
+                        extra_gpu = Some(info);
+                    }
+                }
+            }
+            if !state.hosts.contains(&record.hostname) && !index.hosts.contains(&record.hostname) {
+                extra_host = Some(record.hostname.clone());
+            }
+        }
+        let cost = item.ops() + usize::from(extra_gpu.is_some()) + usize::from(extra_host.is_some());
+        if used + cost > budget {
+            break;
+        }
+        used += cost;
+        index.gpus.extend(extra_gpu);
+        index.hosts.extend(extra_host);
+        items.push(item);
+    }
+    (items, index)
+}

@@ -1,0 +1,136 @@
+//! Message-level behaviour: duplicates under two ids, dead letters, schema migration.
+
+use std::time::Duration;
+
+use serde_json::json;
+use telemetry_harness::range_all;
+use telemetry_shared::{Fields, Message, SchemaVersion, Timestamp, keys::partition_of, model::DeadLetter};
+use ulid::Ulid;
+
+use crate::helpers::*;
+
+fn message(id: Ulid, key: &str, host: Option<&str>) -> Message {
+    let mut fields = Fields::new();
+    if let Some(host) = host {
+        fields.insert("Hostname".into(), json!(host));
+    }
+    fields.insert("gpu_id".into(), json!(1.0));
+    fields.insert("uuid".into(), json!("GPU-test-1"));
+    fields.insert("metric_name".into(), json!("DCGM_FI_DEV_GPU_TEMP"));
+    fields.insert("value".into(), json!(41.0));
+    Message {
+        schema_version: SchemaVersion::V1,
+        id,
+        timestamp: Timestamp::now(),
+        idempotency_key: key.repeat(64 / key.len()),
+        source: None,
+        fields,
+    }
+}
+
+async fn enqueue(client: &etcd_client::Client, id: Ulid, payload: Vec<u8>) {
+    let partition = partition_of(b"host-a/1");
+    client
+        .clone()
+        .put(keys().queue_entry(partition, &id.to_string()), payload, None)
+        .await
+        .expect("put");
+}
+
+#[tokio::test]
+async fn the_same_message_enqueued_twice_under_two_ids_has_one_effect() {
+    let (server, client) = etcd().await;
+    let (id1, id2) = (
+        Ulid::from_parts(1_800_000_000_000, 1),
+        Ulid::from_parts(1_800_000_000_000, 2),
+    );
+    for id in [id1, id2] {
+        enqueue(
+            &client,
+            id,
+            serde_json::to_vec(&message(id, "ab", Some("host-a"))).expect("json"),
+        )
+        .await;
+    }
+    // A third copy arrives after the first two are processed.
+    let collector = spawn_collector(&server, &client, "c", &[]);
+    wait_drained(&client, 1, Duration::from_secs(30)).await;
+    let id3 = Ulid::from_parts(1_800_000_000_000, 3);
+    enqueue(
+        &client,
+        id3,
+        serde_json::to_vec(&message(id3, "ab", Some("host-a"))).expect("json"),
+    )
+    .await;
+    wait_drained(&client, 1, Duration::from_secs(30)).await;
+    let totals = collector.shutdown().await;
+    assert_eq!(data_count(&client).await, 1);
+    assert_eq!((totals.processed, totals.duplicates), (1, 2));
+    let s = stats(&client).await;
+    assert_eq!((s.records, s.duplicates), (1, 2));
+}
+
+#[tokio::test]
+async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_migrated() {
+    let (server, client) = etcd().await;
+    let ids: Vec<Ulid> = (0..5).map(|i| Ulid::from_parts(1_800_000_000_000, i)).collect();
+    // 0: not JSON. 1: no Hostname. 2: valid v1beta1. 3: valid v1beta2. 4: id mismatch.
+    enqueue(&client, ids[0], b"\xff not json".to_vec()).await;
+    enqueue(
+        &client,
+        ids[1],
+        serde_json::to_vec(&message(ids[1], "01", None)).expect("json"),
+    )
+    .await;
+    let v1beta1 = message(ids[2], "02", Some("host-a")).to_version(SchemaVersion::V1beta1);
+    enqueue(&client, ids[2], serde_json::to_vec(&v1beta1).expect("json")).await;
+    let v1beta2 = message(ids[3], "03", Some("host-a")).to_version(SchemaVersion::V1beta2);
+    enqueue(&client, ids[3], serde_json::to_vec(&v1beta2).expect("json")).await;
+    enqueue(
+        &client,
+        ids[4],
+        serde_json::to_vec(&message(ids[0], "04", Some("host-a"))).expect("json"),
+    )
+    .await;
+
+    let collector = spawn_collector(&server, &client, "c", &[]);
+    wait_drained(&client, 2, Duration::from_secs(30)).await;
+    let totals = collector.shutdown().await;
+    assert_eq!((totals.processed, totals.dead_lettered), (2, 3));
+
+    let letters: Vec<(String, DeadLetter)> = range_all(&client, &keys().deadletter_prefix())
+        .await
+        .expect("range")
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_slice(&v).expect("dead letter JSON")))
+        .collect();
+    assert_eq!(letters.len(), 3);
+    let reason = |i: usize| {
+        letters
+            .iter()
+            .find(|(k, _)| k.ends_with(&ids[i].to_string()))
+            .map(|(_, l)| l.reason.clone())
+            .expect("dead letter present")
+    };
+    assert!(reason(0).contains("not JSON"), "{}", reason(0));
+    assert!(reason(1).contains("missing field \"Hostname\""), "{}", reason(1));
+    assert!(
+        reason(4).contains("does not match its queue key"),
+        "{}",
+        reason(4)
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|(_, l)| l.collector == "c" && !l.payload.is_empty())
+    );
+
+    for msg in records(&client).await.values() {
+        assert_eq!(
+            msg.schema_version,
+            SchemaVersion::V1,
+            "stored as v1 after migration"
+        );
+    }
+    assert_eq!(stats(&client).await.dead_letters, 3);
+}

@@ -1,0 +1,93 @@
+//! The sample through 1 and 3 collectors: exact counts, indexes and counters.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use telemetry_harness::{count, range_all};
+use telemetry_shared::model::GpuInfo;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn sample_through_one_collector_lands_exactly_once_with_indexes_and_counters() {
+    let (server, client) = etcd().await;
+    stream_sample(&server, &client).await;
+    let collector = spawn_collector(&server, &client, "c1", &[]);
+    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    let totals = collector.shutdown().await;
+    assert_eq!(totals.processed, 2470);
+    assert_sample_exactly_once(&client).await;
+
+    // Data keys follow the layout and sort by time within a GPU.
+    let records = records(&client).await;
+    for (key, msg) in &records {
+        let host = msg.fields["Hostname"].as_str().expect("host");
+        let gpu = msg.fields["gpu_id"].as_f64().expect("gpu id") as i64;
+        assert_eq!(
+            key,
+            &keys().data_record(
+                host,
+                &gpu.to_string(),
+                &msg.timestamp.to_string(),
+                &msg.id.to_string()
+            )
+        );
+    }
+
+    // Indexes and counters answer the gateway's questions without a scan.
+    let gpus: Vec<GpuInfo> = range_all(&client, &keys().gpu_index_prefix())
+        .await
+        .expect("range")
+        .into_iter()
+        .map(|(_, v)| serde_json::from_slice(&v).expect("gpu info"))
+        .collect();
+    assert_eq!(gpus.len(), 247, "247 GPUs (gpu_id is unique only per host)");
+    let pairs: BTreeSet<(String, String)> = gpus
+        .iter()
+        .map(|g| (g.hostname.clone(), g.gpu_id.clone()))
+        .collect();
+    assert_eq!(pairs.len(), 247);
+    assert!(
+        gpus.iter()
+            .all(|g| g.model.as_deref() == Some("NVIDIA H100 80GB HBM3"))
+    );
+    assert_eq!(
+        count(&client, &keys().host_index_prefix()).await.expect("count"),
+        31
+    );
+    let s = stats(&client).await;
+    assert_eq!((s.records, s.duplicates, s.dead_letters), (2470, 0, 0));
+    // Graceful shutdown revoked the lease: no registration or ownership left behind.
+    assert_eq!(
+        count(&client, &keys().collectors_prefix()).await.expect("count"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn sample_through_three_collectors_shares_the_load_exactly_once() {
+    let (server, client) = etcd().await;
+    let collectors: Vec<_> = (0..3)
+        .map(|i| spawn_collector(&server, &client, &format!("c{i}"), &[]))
+        .collect();
+    // Let the group settle so that every collector owns its share before data flows.
+    let settled = telemetry_harness::eventually(Duration::from_secs(20), || async {
+        let owners = range_all(&client, &keys().owners_prefix()).await.expect("range");
+        let holders: BTreeSet<Vec<u8>> = owners.iter().map(|(_, v)| v.clone()).collect();
+        owners.len() == 32 && holders.len() == 3
+    })
+    .await;
+    assert!(settled, "32 partitions split over 3 collectors");
+    stream_sample(&server, &client).await;
+    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    let mut processed = Vec::new();
+    for c in collectors {
+        processed.push(c.shutdown().await.processed);
+    }
+    assert_eq!(processed.iter().sum::<u64>(), 2470, "{processed:?}");
+    assert!(
+        processed.iter().all(|p| *p > 0),
+        "every collector did some work: {processed:?}"
+    );
+    assert_sample_exactly_once(&client).await;
+    assert_eq!(stats(&client).await.records, 2470);
+}
