@@ -490,62 +490,6 @@ impl EtcdServer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn single_member_starts_serves_and_cleans_up() {
-        let server = EtcdServer::start_with(EtcdOptions::fast())
-            .await
-            .expect("etcd starts");
-        let mut client = server.client().await.expect("connects");
-        client.put("k", "v", None).await.expect("put");
-        let got = client.get("k", None).await.expect("get");
-        assert_eq!(got.kvs()[0].value(), b"v");
-        let dir = server.cluster._dir.path().to_path_buf();
-        drop(client);
-        drop(server);
-        assert!(!dir.exists(), "data dir removed on drop");
-    }
-
-    #[tokio::test]
-    async fn cluster_survives_leader_kill_and_restart() {
-        let mut cluster = EtcdCluster::start(3, EtcdOptions::fast())
-            .await
-            .expect("cluster starts");
-        let mut client = cluster.client().await.expect("connects");
-        client.put("a", "1", None).await.expect("put");
-        let leader = cluster.leader().await.expect("has a leader");
-        cluster.kill(leader);
-        // The remaining two elect a new leader and keep serving writes.
-        let mut ok = false;
-        for _ in 0..100 {
-            if client.put("b", "2", None).await.is_ok() {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(ok, "writes continue after the leader is killed");
-        cluster.restart(leader).await.expect("restarts");
-        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()])
-            .await
-            .expect("connects");
-        let mut seen = false;
-        for _ in 0..100 {
-            if let Ok(resp) = member_client.get("b", None).await
-                && !resp.kvs().is_empty()
-            {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(seen, "restarted member catches up");
-    }
-}
-
 /// Every key/value under `prefix`, read in pages at one revision (a single range over a large
 /// prefix can exceed gRPC's 4 MiB message limit).
 pub async fn range_all(client: &Client, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, HarnessError> {
@@ -607,5 +551,61 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn single_member_starts_serves_and_cleans_up() {
+        let server = EtcdServer::start_with(EtcdOptions::fast())
+            .await
+            .expect("etcd starts");
+        let mut client = server.client().await.expect("connects");
+        client.put("k", "v", None).await.expect("put");
+        let got = client.get("k", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"v");
+        let dir = server.cluster._dir.path().to_path_buf();
+        drop(client);
+        drop(server);
+        assert!(!dir.exists(), "data dir removed on drop");
+    }
+
+    #[tokio::test]
+    async fn cluster_survives_leader_kill_and_restart() {
+        let mut cluster = EtcdCluster::start(3, EtcdOptions::fast())
+            .await
+            .expect("cluster starts");
+        let mut client = cluster.client().await.expect("connects");
+        client.put("a", "1", None).await.expect("put");
+        let leader = cluster.leader().await.expect("has a leader");
+        cluster.kill(leader);
+        // The remaining two elect a new leader and keep serving writes.
+        let mut ok = false;
+        for _ in 0..100 {
+            if client.put("b", "2", None).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "writes continue after the leader is killed");
+        cluster.restart(leader).await.expect("restarts");
+        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()])
+            .await
+            .expect("connects");
+        let mut seen = false;
+        for _ in 0..100 {
+            if let Ok(resp) = member_client.get("b", None).await
+                && !resp.kvs().is_empty()
+            {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(seen, "restarted member catches up");
     }
 }

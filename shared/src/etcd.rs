@@ -256,3 +256,24 @@ impl BucketedLease {
         }
     }
 }
+
+/// Largest gRPC message a watch stream accepts. etcd can batch many events (a catching-up
+/// watcher gets whole revisions of 128-op transactions at once); with the client's default of
+/// 4 MiB such a response fails to decode, the watch is re-created from the same revision, and
+/// the loop never ends. Fragmenting ([`watch_prefix`]) plus this limit avoid that.
+pub const WATCH_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Watches every key under `prefix` from revision `from` (inclusive), with fragmented
+/// responses and a decode limit that fits etcd's largest batches.
+pub async fn watch_prefix(
+    client: &Client,
+    prefix: &str,
+    from: i64,
+) -> Result<etcd_client::WatchStream, EtcdError> {
+    let options = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_fragment()
+        .with_start_revision(from.max(1));
+    let mut watch = client.watch_client().max_decoding_message_size(WATCH_MAX_MESSAGE);
+    Ok(watch.watch(prefix, Some(options)).await?)
+}

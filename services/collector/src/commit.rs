@@ -40,6 +40,14 @@ pub enum Item {
         /// Its queue key.
         queue_key: String,
     },
+    /// A record whose effect an earlier attempt already landed (its processed marker carries
+    /// this message's id): nothing left to write, but it counts as stored.
+    Landed {
+        /// Its queue key.
+        queue_key: String,
+        /// The record.
+        record: Box<Record>,
+    },
     /// Invalid: move it to the dead-letter prefix with the reason.
     Dead {
         /// Its queue key.
@@ -55,9 +63,10 @@ impl Item {
     /// The queue key the item removes.
     pub fn queue_key(&self) -> &str {
         match self {
-            Item::Record { queue_key, .. } | Item::Duplicate { queue_key } | Item::Dead { queue_key, .. } => {
-                queue_key
-            }
+            Item::Record { queue_key, .. }
+            | Item::Landed { queue_key, .. }
+            | Item::Duplicate { queue_key }
+            | Item::Dead { queue_key, .. } => queue_key,
         }
     }
 
@@ -67,6 +76,7 @@ impl Item {
             Item::Record { .. } => 3,
             Item::Dead { .. } => 2,
             Item::Duplicate { .. } => 1,
+            Item::Landed { .. } => 0,
         }
     }
 }
@@ -117,7 +127,7 @@ fn stats_after(base: &PartitionStats, items: &[Item]) -> PartitionStats {
     let mut stats = *base;
     for item in items {
         match item {
-            Item::Record { record, .. } => {
+            Item::Record { record, .. } | Item::Landed { record, .. } => {
                 stats.records += 1;
                 let ts: Timestamp = record.message.timestamp;
                 stats.earliest = Some(stats.earliest.map_or(ts, |e| e.min(ts)));
@@ -128,6 +138,78 @@ fn stats_after(base: &PartitionStats, items: &[Item]) -> PartitionStats {
         }
     }
     stats
+}
+
+/// One partition's share of a transaction.
+#[derive(Debug, Clone)]
+pub struct SubBatch {
+    /// The partition.
+    pub partition: u32,
+    /// The lease its owner key must carry (the fence).
+    pub lease: i64,
+    /// The partition's stats counter before this batch.
+    pub base: PartitionStats,
+    /// What to do with each queue entry (records found to be duplicates are rewritten).
+    pub items: Vec<Item>,
+    /// Index entries to write.
+    pub index: IndexUpdates,
+}
+
+impl SubBatch {
+    /// Compares this sub-batch adds (fence + one per record).
+    pub fn compares(&self) -> usize {
+        1 + self.records()
+    }
+
+    /// Success-branch operations (items, index, stats counter).
+    pub fn success_ops(&self) -> usize {
+        self.items.iter().map(Item::ops).sum::<usize>() + self.index.ops() + 1
+    }
+
+    fn records(&self) -> usize {
+        self.items
+            .iter()
+            .filter(|i| matches!(i, Item::Record { .. }))
+            .count()
+    }
+
+    fn stored(&self) -> usize {
+        self.items
+            .iter()
+            .filter(|i| matches!(i, Item::Record { .. } | Item::Landed { .. }))
+            .count()
+    }
+
+    fn committed(&self) -> Outcome {
+        Outcome::Committed {
+            stats: stats_after(&self.base, &self.items),
+            records: self.stored(),
+            duplicates: self
+                .items
+                .iter()
+                .filter(|i| matches!(i, Item::Duplicate { .. }))
+                .count(),
+            dead: self
+                .items
+                .iter()
+                .filter(|i| matches!(i, Item::Dead { .. }))
+                .count(),
+        }
+    }
+
+    /// Within one sub-batch, a second record with an idempotency key already in it is a
+    /// duplicate (etcd also refuses a transaction that writes one key twice).
+    fn mark_inner_duplicates(&mut self, seen: &mut HashSet<String>) {
+        for item in self.items.iter_mut() {
+            if let Item::Record { queue_key, record } = item
+                && !seen.insert(record.message.idempotency_key.clone())
+            {
+                *item = Item::Duplicate {
+                    queue_key: queue_key.clone(),
+                };
+            }
+        }
+    }
 }
 
 impl Committer {
@@ -146,95 +228,99 @@ impl Committer {
         }
     }
 
-    /// Commits `items` for `partition`, fenced by `lease`, on top of the partition's counter
-    /// `base`. Records whose key turns out to be processed already become duplicates and the
-    /// batch is retried; `items` is updated to what was finally committed.
-    pub async fn commit(
-        &self,
-        partition: u32,
-        lease: i64,
-        base: &PartitionStats,
-        items: &mut Vec<Item>,
-        index: &IndexUpdates,
-    ) -> Result<Outcome, EtcdError> {
-        let owner_key = self.keys.owner(partition);
-        let stats_key = self.keys.partition_stats(partition);
-        // Two records with one idempotency key in a batch: the later one is a duplicate (etcd
-        // also refuses a transaction that writes one key twice).
+    /// Commits several partitions' sub-batches in one transaction (group commit), each fenced
+    /// by its own owner key. Returns one outcome per sub-batch, in order. A sub-batch whose
+    /// fence fails is dropped from the transaction and reported as [`Outcome::FenceLost`];
+    /// records found already processed become duplicates; the rest is retried until it lands.
+    pub async fn commit_many(&self, subs: &mut [SubBatch]) -> Result<Vec<Outcome>, EtcdError> {
         let mut seen = HashSet::new();
-        for item in items.iter_mut() {
-            if let Item::Record { queue_key, record } = item
-                && !seen.insert(record.message.idempotency_key.clone())
-            {
-                *item = Item::Duplicate {
-                    queue_key: queue_key.clone(),
-                };
-            }
+        for sub in subs.iter_mut() {
+            sub.mark_inner_duplicates(&mut seen);
         }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; subs.len()];
         loop {
+            let live: Vec<usize> = (0..subs.len()).filter(|i| outcomes[*i].is_none()).collect();
+            if live.is_empty() {
+                return Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or(Outcome::FenceLost))
+                    .collect());
+            }
             let dedup_lease = self.dedup.current().await?;
             let retention_lease = self.retention.current().await?;
-            let stats = stats_after(base, items);
             let mut txn = BoundedTxn::new();
-            txn.compare(Compare::lease(owner_key.as_str(), CompareOp::Equal, lease));
-            txn.otherwise(TxnOp::get(owner_key.as_str(), None));
-            let mut markers = Vec::new();
-            for item in items.iter() {
-                match item {
-                    Item::Record { queue_key, record } => {
-                        let marker = self.keys.processed_marker(&record.message.idempotency_key);
-                        txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
-                        txn.otherwise(TxnOp::get(marker.as_str(), None));
-                        txn.then(TxnOp::put(
-                            record.data_key.as_str(),
-                            record.encoded.clone(),
-                            Some(PutOptions::new().with_lease(retention_lease)),
-                        ));
-                        txn.then(TxnOp::put(
-                            marker.as_str(),
-                            record.message.id.to_string(),
-                            Some(PutOptions::new().with_lease(dedup_lease)),
-                        ));
-                        txn.then(TxnOp::delete(queue_key.as_str(), None));
-                        markers.push(record.message.id.to_string());
-                    }
-                    Item::Duplicate { queue_key } => {
-                        txn.then(TxnOp::delete(queue_key.as_str(), None));
-                    }
-                    Item::Dead {
-                        queue_key,
-                        dead_key,
-                        letter,
-                    } => {
-                        txn.then(TxnOp::put(
-                            dead_key.as_str(),
-                            serde_json::to_vec(letter).unwrap_or_default(),
-                            None,
-                        ));
-                        txn.then(TxnOp::delete(queue_key.as_str(), None));
+            // Failure-branch reads, per live sub-batch: owner key, then each record's marker.
+            let mut expect: Vec<(usize, Vec<(String, String)>)> = Vec::new();
+            let mut index_keys = HashSet::new();
+            for &i in &live {
+                let sub = &subs[i];
+                let owner_key = self.keys.owner(sub.partition);
+                txn.compare(Compare::lease(owner_key.as_str(), CompareOp::Equal, sub.lease));
+                txn.otherwise(TxnOp::get(owner_key.as_str(), None));
+                let mut markers = Vec::new();
+                for item in &sub.items {
+                    match item {
+                        Item::Record { queue_key, record } => {
+                            let marker = self.keys.processed_marker(&record.message.idempotency_key);
+                            txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
+                            txn.otherwise(TxnOp::get(marker.as_str(), None));
+                            txn.then(TxnOp::put(
+                                record.data_key.as_str(),
+                                record.encoded.clone(),
+                                Some(PutOptions::new().with_lease(retention_lease)),
+                            ));
+                            txn.then(TxnOp::put(
+                                marker.as_str(),
+                                record.message.id.to_string(),
+                                Some(PutOptions::new().with_lease(dedup_lease)),
+                            ));
+                            txn.then(TxnOp::delete(queue_key.as_str(), None));
+                            markers.push((queue_key.clone(), record.message.id.to_string()));
+                        }
+                        Item::Duplicate { queue_key } => {
+                            txn.then(TxnOp::delete(queue_key.as_str(), None));
+                        }
+                        Item::Landed { .. } => {}
+                        Item::Dead {
+                            queue_key,
+                            dead_key,
+                            letter,
+                        } => {
+                            txn.then(TxnOp::put(
+                                dead_key.as_str(),
+                                serde_json::to_vec(letter).unwrap_or_default(),
+                                None,
+                            ));
+                            txn.then(TxnOp::delete(queue_key.as_str(), None));
+                        }
                     }
                 }
-            }
-            for gpu in &index.gpus {
+                // Index keys can be shared between partitions (one host's GPUs hash to several):
+                // write each once per transaction, which etcd requires.
+                for gpu in &sub.index.gpus {
+                    let key = self.keys.gpu_index(&gpu.uuid);
+                    if index_keys.insert(key.clone()) {
+                        txn.then(TxnOp::put(key, serde_json::to_vec(gpu).unwrap_or_default(), None));
+                    }
+                }
+                for host in &sub.index.hosts {
+                    let key = self.keys.host_index(host);
+                    if index_keys.insert(key.clone()) {
+                        txn.then(TxnOp::put(key, host.as_str(), None));
+                    }
+                }
                 txn.then(TxnOp::put(
-                    self.keys.gpu_index(&gpu.uuid),
-                    serde_json::to_vec(gpu).unwrap_or_default(),
+                    self.keys.partition_stats(sub.partition),
+                    serde_json::to_vec(&stats_after(&sub.base, &sub.items)).unwrap_or_default(),
                     None,
                 ));
+                expect.push((i, markers));
             }
-            for host in &index.hosts {
-                txn.then(TxnOp::put(self.keys.host_index(host), host.as_str(), None));
-            }
-            txn.then(TxnOp::put(
-                stats_key.as_str(),
-                serde_json::to_vec(&stats).unwrap_or_default(),
-                None,
-            ));
             debug_assert!(txn.ops() <= MAX_TXN_OPS);
             let resp = match self.client.clone().txn(txn.build()?).await {
                 Ok(resp) => resp,
                 Err(err) if is_lease_not_found(&err) => {
-                    // One of the bucket leases expired or was revoked: grant new ones.
+                    // A bucket lease expired or was revoked: grant new ones and retry.
                     self.dedup.invalidate(dedup_lease);
                     self.retention.invalidate(retention_lease);
                     continue;
@@ -242,74 +328,154 @@ impl Committer {
                 Err(err) => return Err(err.into()),
             };
             if resp.succeeded() {
-                return Ok(Outcome::Committed {
-                    stats,
-                    records: items.iter().filter(|i| matches!(i, Item::Record { .. })).count(),
-                    duplicates: items
-                        .iter()
-                        .filter(|i| matches!(i, Item::Duplicate { .. }))
-                        .count(),
-                    dead: items.iter().filter(|i| matches!(i, Item::Dead { .. })).count(),
-                });
+                for &i in &live {
+                    outcomes[i] = Some(subs[i].committed());
+                }
+                continue;
             }
-            let mut responses = resp.op_responses().into_iter();
-            let owner_lease = match responses.next() {
-                Some(TxnOpResponse::Get(get)) => get.kvs().first().map_or(0, |kv| kv.lease()),
-                _ => 0,
-            };
-            if owner_lease != lease {
-                metrics::counter!("collector_fence_refusals_total").increment(1);
-                return Ok(Outcome::FenceLost);
-            }
-            // The fence held, so some markers exist. Ours (same message id) means our earlier
-            // attempt landed and its reply was lost: the whole batch is done. Others' are
-            // duplicates to absorb.
-            let mut own = 0;
-            let mut dup_queue_keys = HashSet::new();
-            let record_keys: Vec<String> = items
-                .iter()
-                .filter_map(|i| match i {
-                    Item::Record { queue_key, .. } => Some(queue_key.clone()),
-                    _ => None,
-                })
-                .collect();
-            for ((resp, our_id), queue_key) in responses.zip(&markers).zip(&record_keys) {
-                if let TxnOpResponse::Get(get) = resp
-                    && let Some(kv) = get.kvs().first()
-                {
-                    if kv.value() == our_id.as_bytes() {
-                        own += 1;
-                    } else {
-                        dup_queue_keys.insert(queue_key.clone());
+            // Which compares failed? Walk the failure reads in the order they were added. A
+            // marker carrying our own message id means an earlier attempt (whose reply was lost)
+            // landed that record: it becomes `Landed`, never applied twice. A marker with another
+            // id is a duplicate to absorb. An owner key without our lease is a lost fence.
+            let responses = resp.op_responses();
+            let mut responses = responses.iter();
+            for (i, markers) in &expect {
+                let owner_lease = match responses.next() {
+                    Some(TxnOpResponse::Get(get)) => get.kvs().first().map_or(0, |kv| kv.lease()),
+                    _ => 0,
+                };
+                let mut own = HashSet::new();
+                let mut dups = HashSet::new();
+                for (queue_key, our_id) in markers {
+                    if let Some(TxnOpResponse::Get(get)) = responses.next()
+                        && let Some(kv) = get.kvs().first()
+                    {
+                        if kv.value() == our_id.as_bytes() {
+                            own.insert(queue_key.clone());
+                        } else {
+                            dups.insert(queue_key.clone());
+                        }
+                    }
+                }
+                if owner_lease != subs[*i].lease {
+                    metrics::counter!("collector_fence_refusals_total").increment(1);
+                    outcomes[*i] = Some(Outcome::FenceLost);
+                    continue;
+                }
+                if !own.is_empty() {
+                    tracing::info!(
+                        partition = subs[*i].partition,
+                        records = own.len(),
+                        "an earlier attempt landed these records; not applying them again"
+                    );
+                }
+                for item in subs[*i].items.iter_mut() {
+                    let key = item.queue_key().to_string();
+                    if dups.contains(&key) {
+                        tracing::debug!(queue_key = %key, "duplicate idempotency key; absorbing");
+                        *item = Item::Duplicate { queue_key: key };
+                    } else if own.contains(&key)
+                        && let Item::Record { record, .. } = item
+                    {
+                        *item = Item::Landed {
+                            queue_key: key,
+                            record: record.clone(),
+                        };
                     }
                 }
             }
-            if own > 0 && dup_queue_keys.is_empty() {
-                tracing::info!(
-                    partition,
-                    "an earlier attempt of this batch landed; not applying it again"
-                );
-                return Ok(Outcome::Committed {
-                    stats,
-                    records: items.iter().filter(|i| matches!(i, Item::Record { .. })).count(),
-                    duplicates: items
-                        .iter()
-                        .filter(|i| matches!(i, Item::Duplicate { .. }))
-                        .count(),
-                    dead: items.iter().filter(|i| matches!(i, Item::Dead { .. })).count(),
-                });
+        }
+    }
+}
+
+/// A batch submitted to the [`Combiner`], with where to send its outcome.
+struct Submission {
+    sub: SubBatch,
+    reply: tokio::sync::oneshot::Sender<Result<(Outcome, Vec<Item>), EtcdError>>,
+}
+
+/// Group commit: partition tasks submit their batches here, and whatever has queued up while
+/// earlier transactions were in flight is merged into one transaction (within etcd's 128
+/// operations). Each partition still has at most one batch in flight, so its order holds; the
+/// merge turns many small per-partition commits into few full ones.
+#[derive(Clone)]
+pub struct Combiner {
+    tx: tokio::sync::mpsc::UnboundedSender<Submission>,
+}
+
+/// Transactions the combiner keeps in flight at once.
+pub const COMMITS_IN_FLIGHT: usize = 8;
+
+impl Combiner {
+    /// Starts the combiner over `committer`; it stops when every handle is dropped.
+    pub fn start(committer: Arc<Committer>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(combine(committer, rx));
+        Combiner { tx }
+    }
+
+    /// Commits `sub` (possibly together with other partitions' batches) and returns its outcome
+    /// and its items as finally committed (records may have become duplicates).
+    pub async fn commit(&self, sub: SubBatch) -> Result<(Outcome, Vec<Item>), EtcdError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Submission { sub, reply })
+            .map_err(|_| EtcdError::Cancelled)?;
+        rx.await.map_err(|_| EtcdError::Cancelled)?
+    }
+}
+
+async fn combine(committer: Arc<Committer>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Submission>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(COMMITS_IN_FLIGHT));
+    let mut held: Option<Submission> = None;
+    loop {
+        // Wait for room for another transaction, then for work.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match held.take() {
+            Some(s) => s,
+            None => match rx.recv().await {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        let mut compares = first.sub.compares();
+        let mut ops = first.sub.success_ops();
+        let mut group = vec![first];
+        while let Ok(next) = rx.try_recv() {
+            if compares + next.sub.compares() > MAX_TXN_OPS || ops + next.sub.success_ops() > MAX_TXN_OPS {
+                held = Some(next);
+                break;
             }
-            for item in items.iter_mut() {
-                if dup_queue_keys.contains(item.queue_key()) {
-                    tracing::debug!(
-                        queue_key = item.queue_key(),
-                        "duplicate idempotency key; absorbing"
-                    );
-                    *item = Item::Duplicate {
-                        queue_key: item.queue_key().to_string(),
-                    };
+            compares += next.sub.compares();
+            ops += next.sub.success_ops();
+            group.push(next);
+        }
+        let committer = committer.clone();
+        tokio::spawn(async move {
+            let (mut subs, replies): (Vec<SubBatch>, Vec<_>) =
+                group.into_iter().map(|s| (s.sub, s.reply)).unzip();
+            metrics::histogram!("collector_partitions_per_commit").record(subs.len() as f64);
+            let result = committer.commit_many(&mut subs).await;
+            drop(permit);
+            match result {
+                Ok(outcomes) => {
+                    for ((reply, outcome), sub) in replies.into_iter().zip(outcomes).zip(subs) {
+                        let _ = reply.send(Ok((outcome, sub.items)));
+                    }
+                }
+                Err(err) => {
+                    let text = err.to_string();
+                    let mut first = Some(err);
+                    for reply in replies {
+                        let e = first.take().unwrap_or_else(|| {
+                            EtcdError::Client(etcd_client::Error::InvalidArgs(text.clone()))
+                        });
+                        let _ = reply.send(Err(e));
+                    }
                 }
             }
-        }
+        });
     }
 }

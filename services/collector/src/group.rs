@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
 use telemetry_shared::{Keyspace, etcd::EtcdError, keys::QUEUE_PARTITIONS};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -137,7 +137,8 @@ pub async fn coordinate(
                     }
                 }
                 Ok(None) | Err(_) => {
-                    tracing::warn!("queue watch broke; re-creating it from the last seen revision");
+                    tracing::warn!(last_revision = queue_rev, "queue watch broke; re-creating it from the last seen revision");
+                    metrics::counter!("collector_watch_restarts_total").increment(1);
                     queue_watch = rewatch(client, &keys.queue_prefix(), &mut queue_rev, shutdown).await?;
                 }
             },
@@ -148,8 +149,7 @@ pub async fn coordinate(
 }
 
 async fn watch(client: &Client, prefix: &str, from: i64) -> Result<etcd_client::WatchStream, EtcdError> {
-    let options = WatchOptions::new().with_prefix().with_start_revision(from.max(1));
-    Ok(client.clone().watch(prefix, Some(options)).await?)
+    telemetry_shared::etcd::watch_prefix(client, prefix, from).await
 }
 
 /// Re-creates a broken watch from the revision after the last one seen, retrying with backoff.

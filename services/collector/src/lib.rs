@@ -46,6 +46,8 @@ pub struct Counters {
     pub dead_lettered: AtomicU64,
     /// Commits the fence refused.
     pub fence_refusals: AtomicU64,
+    /// Commit transactions that landed.
+    pub commits: AtomicU64,
 }
 
 impl Counters {
@@ -53,6 +55,8 @@ impl Counters {
         self.processed.fetch_add(processed, Ordering::Relaxed);
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("collector_commits_total").increment(1);
         metrics::counter!("collector_processed_total").increment(processed);
         metrics::counter!("collector_duplicates_total").increment(duplicates);
         metrics::counter!("collector_dead_lettered_total").increment(dead);
@@ -65,6 +69,7 @@ impl Counters {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             fence_refusals: self.fence_refusals.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct Totals {
     pub dead_lettered: u64,
     /// Commits the fence refused.
     pub fence_refusals: u64,
+    /// Commit transactions that landed.
+    pub commits: u64,
 }
 
 /// Errors that end a collector.
@@ -104,12 +111,12 @@ pub async fn run(
     let ctx = Arc::new(partition::PartitionContext {
         client: client.clone(),
         keys: keys.clone(),
-        committer: Arc::new(commit::Committer::new(
+        combiner: commit::Combiner::start(Arc::new(commit::Committer::new(
             client.clone(),
             keys.clone(),
             Arc::new(BucketedLease::new(client.clone(), config.dedup_ttl)),
             Arc::new(BucketedLease::new(client.clone(), config.retention)),
-        )),
+        ))),
         columns: config.columns.clone(),
         batch_size: config.batch_size,
         collector_id: config.collector_id.clone(),
@@ -183,6 +190,7 @@ pub async fn run(
         duplicates = totals.duplicates,
         dead_lettered = totals.dead_lettered,
         fence_refusals = totals.fence_refusals,
+        commits = totals.commits,
         "collector stopped"
     );
     Ok(totals)

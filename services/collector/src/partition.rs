@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Counters,
-    commit::{Committer, IndexUpdates, Item, Outcome},
+    commit::{Combiner, IndexUpdates, Item, Outcome, SubBatch},
     config::Columns,
     session::Liveness,
     validate::validate,
@@ -72,8 +72,8 @@ pub struct PartitionContext {
     pub client: Client,
     /// Key layout.
     pub keys: Keyspace,
-    /// The committer.
-    pub committer: Arc<Committer>,
+    /// The group committer.
+    pub combiner: Combiner,
     /// Which fields identify GPUs.
     pub columns: Columns,
     /// Messages per transaction.
@@ -150,19 +150,25 @@ pub async fn run(
             }
             continue;
         }
-        let (mut items, index) = next_batch(&ctx, &state);
+        let (items, index) = next_batch(&ctx, &state);
         let started = Instant::now();
-        match ctx
-            .committer
-            .commit(partition, lease, &state.stats, &mut items, &index)
-            .await
-        {
-            Ok(Outcome::Committed {
-                stats,
-                records,
-                duplicates,
-                dead,
-            }) => {
+        let sub = SubBatch {
+            partition,
+            lease,
+            base: state.stats,
+            items,
+            index: index.clone(),
+        };
+        match ctx.combiner.commit(sub).await {
+            Ok((
+                Outcome::Committed {
+                    stats,
+                    records,
+                    duplicates,
+                    dead,
+                },
+                items,
+            )) => {
                 metrics::histogram!("collector_commit_seconds").record(started.elapsed().as_secs_f64());
                 state.stats = stats;
                 for item in &items {
@@ -176,7 +182,7 @@ pub async fn run(
                 ctx.counters.add(records as u64, duplicates as u64, dead as u64);
                 backoff = Duration::from_millis(50);
             }
-            Ok(Outcome::FenceLost) => {
+            Ok((Outcome::FenceLost, _)) => {
                 tracing::warn!(
                     partition,
                     "commit refused by the fence: partition is no longer ours"

@@ -5,10 +5,15 @@
 //! 1. raw etcd: transactions of 128 puts of message-sized values, from 1 client and from
 //!    4 concurrent clients;
 //! 2. streamer, `RATE=0`, one-shot over a generated CSV (the DCGM sample repeated), with 1 and
-//!    with 4 workers.
+//!    with 4 workers;
+//! 3. end to end: streamer (`RATE=0`, 16 workers) while 1, 2 and 4 collectors drain the queue,
+//!    timed until every message is committed and the queue is empty.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
-//! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. Figures on these machines move by ±25 %
+//! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
+//! (queue put, dedup marker, telemetry put, queue delete; the collector also writes a processed
+//! marker), so the pipeline's is `e2e_msgs_per_s * 4 / raw_128op_keys_per_s`, against the best
+//! raw rate measured. Figures on these machines move by ±25 %
 //! between runs; only ratios within one run are meaningful.
 
 use std::{
@@ -21,7 +26,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use serde::Serialize;
-use telemetry_harness::{EtcdOptions, EtcdServer};
+use telemetry_harness::{EtcdOptions, EtcdServer, count};
+use telemetry_shared::Keyspace;
 use telemetry_streamer::{Flags, StreamerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -98,11 +104,15 @@ async fn reset(client: &mut Client) -> anyhow::Result<()> {
 }
 
 fn generated_csv(dir: &Path, rows: usize) -> anyhow::Result<(PathBuf, usize)> {
+    generated_csv_named(dir, "bench.csv", rows)
+}
+
+fn generated_csv_named(dir: &Path, name: &str, rows: usize) -> anyhow::Result<(PathBuf, usize)> {
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dcgm_sample.csv");
     let text = std::fs::read_to_string(&sample).with_context(|| format!("reading {}", sample.display()))?;
     let (header, body) = text.split_once('\n').context("sample has a header")?;
     let lines: Vec<&str> = body.lines().collect();
-    let path = dir.join("bench.csv");
+    let path = dir.join(name);
     let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
     writeln!(out, "{header}")?;
     for i in 0..rows {
@@ -135,6 +145,82 @@ async fn streamer_rate(
     Ok((totals.enqueued as f64 / secs, totals.enqueued))
 }
 
+/// Streamer workers in the end-to-end phase: etcd's throughput comes from many transactions in
+/// flight, so the producer side runs as many as a real deployment would (e.g. 2 streamers x 8).
+const E2E_WORKERS: usize = 16;
+
+/// End to end: `collectors` collectors drain while a 4-worker streamer enqueues; returns
+/// messages per second from the streamer's start until the queue is empty and all are stored.
+async fn e2e_rate(
+    server: &EtcdServer,
+    client: &Client,
+    csv: &Path,
+    collectors: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let ns = format!("/e2e{collectors}");
+    let keys = Keyspace::new(&ns);
+    let mut running = Vec::new();
+    for i in 0..collectors {
+        let vars = vec![
+            ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
+            ("ETCD_NAMESPACE".to_string(), ns.clone()),
+            ("COLLECTOR_ID".to_string(), format!("bench-{i}")),
+            ("LEASE_TTL".to_string(), "10s".to_string()),
+        ];
+        let config = telemetry_collector::CollectorConfig::from_vars(vars)?;
+        let stop = CancellationToken::new();
+        running.push((
+            stop.clone(),
+            tokio::spawn(telemetry_collector::run(config, client.clone(), stop)),
+        ));
+    }
+    // Wait until the group owns all 32 partitions before timing.
+    for _ in 0..400 {
+        if count(client, &keys.owners_prefix()).await? == 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vars = vec![
+        ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
+        ("ETCD_NAMESPACE".to_string(), ns.clone()),
+        ("CSV_PATH".to_string(), csv.display().to_string()),
+        ("RATE".to_string(), "0".to_string()),
+        ("LOOP".to_string(), "false".to_string()),
+        ("MAX_QUEUE_DEPTH".to_string(), "0".to_string()),
+        ("WORKERS".to_string(), E2E_WORKERS.to_string()),
+        ("STREAM_ID".to_string(), "e2e".to_string()),
+        ("PROGRESS_INTERVAL".to_string(), "1h".to_string()),
+    ];
+    let config = StreamerConfig::from_vars(vars, &Flags::default())?;
+    let started = Instant::now();
+    let totals = telemetry_streamer::run(config, client.clone(), CancellationToken::new()).await?;
+    let expected = i64::try_from(totals.enqueued)?;
+    // Poll only the (small) queue while draining; a count over the growing data prefix would
+    // itself load etcd and skew the figure. Once the queue is empty, check the data count.
+    loop {
+        if count(client, &keys.queue_prefix()).await? == 0
+            && count(client, &keys.data_prefix()).await? >= expected
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (mut processed, mut commits) = (0, 0);
+    for (stop, task) in running {
+        stop.cancel();
+        let totals = task.await??;
+        processed += totals.processed;
+        commits += totals.commits;
+    }
+    eprintln!(
+        "  {collectors} collector(s): {processed} records in {commits} commits ({:.1} per commit)",
+        processed as f64 / commits.max(1) as f64
+    );
+    Ok((totals.enqueued as f64 / secs, totals.enqueued))
+}
+
 /// Mean encoded size of a sample message, so raw puts write values of the same size.
 fn message_size() -> anyhow::Result<usize> {
     use telemetry_streamer::{
@@ -158,6 +244,8 @@ fn message_size() -> anyhow::Result<usize> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
+    telemetry_shared::observe::init_tracing();
     let value_len = message_size()?;
     eprintln!("starting a durable single-member etcd (fsync on) ...");
     let server = EtcdServer::start_with(EtcdOptions {
@@ -176,11 +264,28 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("raw etcd, 4 clients ...");
     let raw4 = raw_txn_rate(&client, 4, value_len, args.seconds).await?;
     reset(&mut client).await?;
+    eprintln!("raw etcd, 16 clients ...");
+    let raw16 = raw_txn_rate(&client, 16, value_len, args.seconds).await?;
+    reset(&mut client).await?;
     eprintln!("streamer, 1 worker, RATE=0, {rows} rows ...");
     let (s1, n1) = streamer_rate(&server, &client, &csv, 1).await?;
     reset(&mut client).await?;
     eprintln!("streamer, 4 workers, RATE=0, {rows} rows each ...");
     let (s4, n4) = streamer_rate(&server, &client, &csv, 4).await?;
+    let e2e_rows = (rows / E2E_WORKERS).max(1);
+    let (e2e_csv, _) = generated_csv_named(dir.path(), "e2e.csv", e2e_rows)?;
+    let mut e2e = Vec::new();
+    for collectors in [1, 2, 4] {
+        reset(&mut client).await?;
+        eprintln!(
+            "end to end, {E2E_WORKERS} streamer workers x {e2e_rows} rows, {collectors} collector(s) ..."
+        );
+        e2e.push((
+            collectors,
+            e2e_rate(&server, &client, &e2e_csv, collectors).await?,
+        ));
+    }
+    let raw_best = raw1.max(raw4).max(raw16);
 
     table.push(Row {
         name: "raw_128op_txn_1_client".into(),
@@ -191,6 +296,12 @@ async fn main() -> anyhow::Result<()> {
     table.push(Row {
         name: "raw_128op_txn_4_clients".into(),
         value: raw4,
+        unit: "keys/s",
+        note: format!("{value_len}-byte values"),
+    });
+    table.push(Row {
+        name: "raw_128op_txn_16_clients".into(),
+        value: raw16,
         unit: "keys/s",
         note: format!("{value_len}-byte values"),
     });
@@ -219,6 +330,25 @@ async fn main() -> anyhow::Result<()> {
         note: "streamer msgs/s * 2 / raw keys/s".into(),
     });
 
+    for (collectors, (rate, n)) in &e2e {
+        table.push(Row {
+            name: format!(
+                "e2e_{collectors}_collector{}",
+                if *collectors == 1 { "" } else { "s" }
+            ),
+            value: *rate,
+            unit: "msgs/s",
+            note: format!("{n} messages, streamer {E2E_WORKERS} workers"),
+        });
+    }
+    for (collectors, (rate, _)) in &e2e {
+        table.push(Row {
+            name: format!("ratio_e2e_{collectors}c_x4_vs_raw_best"),
+            value: rate * 4.0 / raw_best,
+            unit: "ratio",
+            note: format!("e2e msgs/s * 4 / {raw_best:.0} raw 128-op keys/s (best of 1/4/16 clients)"),
+        });
+    }
     println!("{:<42} {:>12}  {:<7} note", "measure", "value", "unit");
     for row in &table {
         let value = if row.unit == "ratio" {
