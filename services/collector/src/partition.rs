@@ -129,6 +129,7 @@ pub async fn run(
         }
     }
     tracing::info!(partition, pending = state.pending.len(), "partition acquired");
+    let mut failing = false;
     loop {
         while let Ok(event) = events.try_recv() {
             apply(&ctx, partition, &mut state, event).await;
@@ -181,6 +182,10 @@ pub async fn run(
                 state.hosts.extend(index.hosts);
                 ctx.counters.add(records as u64, duplicates as u64, dead as u64);
                 backoff = Duration::from_millis(50);
+                if failing {
+                    tracing::info!(partition, "commits succeed again");
+                    failing = false;
+                }
             }
             Ok((Outcome::FenceLost, _)) => {
                 tracing::warn!(
@@ -191,12 +196,17 @@ pub async fn run(
                 return Exit::FenceLost;
             }
             Err(err) => {
-                if let EtcdError::Client(e) = &err
-                    && !is_retryable(e)
-                {
-                    tracing::error!(partition, error = %err, "commit failed; retrying");
+                // Log once per outage (and when it ends), not at every retry.
+                let retryable = !matches!(&err, EtcdError::Client(e) if !is_retryable(e));
+                if !failing {
+                    if retryable {
+                        tracing::warn!(partition, error = %err, "commit outcome unknown or etcd unavailable; retrying with backoff");
+                    } else {
+                        tracing::error!(partition, error = %err, "commit failed; retrying with backoff");
+                    }
+                    failing = true;
                 } else {
-                    tracing::warn!(partition, error = %err, "commit outcome unknown or etcd unavailable; retrying");
+                    tracing::debug!(partition, error = %err, "commit retry failed");
                 }
                 metrics::counter!("collector_commit_errors_total").increment(1);
                 tokio::select! {

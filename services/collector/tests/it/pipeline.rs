@@ -91,3 +91,56 @@ async fn sample_through_three_collectors_shares_the_load_exactly_once() {
     assert_sample_exactly_once(&client).await;
     assert_eq!(stats(&client).await.records, 2470);
 }
+
+async fn ownership(client: &etcd_client::Client) -> std::collections::BTreeMap<String, usize> {
+    let mut held = std::collections::BTreeMap::new();
+    for (_, v) in range_all(client, &keys().owners_prefix()).await.expect("range") {
+        *held.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
+    }
+    held
+}
+
+#[tokio::test]
+async fn partitions_rebalance_fairly_as_collectors_join_and_move_at_once_when_one_leaves() {
+    let (server, client) = etcd().await;
+    // A long TTL: if partitions moved only by lease expiry, this test would time out.
+    let ttl = [("LEASE_TTL", "30s")];
+    let c1 = spawn_collector(&server, &client, "c1", &ttl);
+    assert!(
+        telemetry_harness::eventually(Duration::from_secs(20), || async {
+            ownership(&client).await.get("c1") == Some(&32)
+        })
+        .await
+    );
+    let c2 = spawn_collector(&server, &client, "c2", &ttl);
+    let c3 = spawn_collector(&server, &client, "c3", &ttl);
+    let fair = telemetry_harness::eventually(Duration::from_secs(20), || async {
+        let held = ownership(&client).await;
+        let mut sizes: Vec<usize> = held.values().copied().collect();
+        sizes.sort_unstable();
+        held.len() == 3 && sizes == vec![10, 11, 11]
+    })
+    .await;
+    assert!(fair, "3 collectors hold 10/11/11: {:?}", ownership(&client).await);
+
+    // c2 leaves gracefully: it revokes its lease, so its partitions move at once.
+    let left = std::time::Instant::now();
+    c2.shutdown().await;
+    let moved = telemetry_harness::eventually(Duration::from_secs(10), || async {
+        let held = ownership(&client).await;
+        held.get("c1") == Some(&16) && held.get("c3") == Some(&16)
+    })
+    .await;
+    assert!(moved, "c1 and c3 hold 16 each: {:?}", ownership(&client).await);
+    assert!(
+        left.elapsed() < Duration::from_secs(10),
+        "moved long before the 30 s TTL"
+    );
+
+    // Data still flows exactly once after the rebalance.
+    stream_sample(&server, &client).await;
+    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    c1.shutdown().await;
+    c3.shutdown().await;
+    assert_sample_exactly_once(&client).await;
+}
