@@ -104,6 +104,8 @@ pub enum Outcome {
     Committed {
         /// The partition's stats after this batch.
         stats: PartitionStats,
+        /// The stats key's `mod_revision` after this batch (the next batch's fence on it).
+        stats_rev: i64,
         /// Records stored.
         records: usize,
         /// Duplicates absorbed.
@@ -127,7 +129,9 @@ fn stats_after(base: &PartitionStats, items: &[Item]) -> PartitionStats {
     let mut stats = *base;
     for item in items {
         match item {
-            Item::Record { record, .. } | Item::Landed { record, .. } => {
+            // A `Landed` record is already in the counter value read back from etcd.
+            Item::Landed { .. } => {}
+            Item::Record { record, .. } => {
                 stats.records += 1;
                 let ts: Timestamp = record.message.timestamp;
                 stats.earliest = Some(stats.earliest.map_or(ts, |e| e.min(ts)));
@@ -149,6 +153,10 @@ pub struct SubBatch {
     pub lease: i64,
     /// The partition's stats counter before this batch.
     pub base: PartitionStats,
+    /// The stats key's `mod_revision` as last seen (0 if absent). Compared in the commit, so a
+    /// counter value is never computed from a stale base: after an attempt whose outcome was
+    /// unknown (and which may have landed) the failure branch returns the current value.
+    pub stats_rev: i64,
     /// What to do with each queue entry (records found to be duplicates are rewritten).
     pub items: Vec<Item>,
     /// Index entries to write.
@@ -156,9 +164,23 @@ pub struct SubBatch {
 }
 
 impl SubBatch {
-    /// Compares this sub-batch adds (fence + one per record).
+    /// Compares this sub-batch adds (owner fence, stats revision, one per record). The
+    /// failure branch reads one key per compare, so this also bounds it.
     pub fn compares(&self) -> usize {
-        1 + self.records()
+        2 + self.records()
+    }
+
+    /// Value bytes the sub-batch writes (records and dead letters), for the request-size budget.
+    pub fn bytes(&self) -> usize {
+        self.items
+            .iter()
+            .map(|i| match i {
+                Item::Record { record, .. } => record.encoded.len() + 128,
+                Item::Dead { letter, .. } => letter.payload.len() + letter.reason.len() + 256,
+                _ => 64,
+            })
+            .sum::<usize>()
+            + 512 * (self.index.ops() + 1)
     }
 
     /// Success-branch operations (items, index, stats counter).
@@ -180,8 +202,9 @@ impl SubBatch {
             .count()
     }
 
-    fn committed(&self) -> Outcome {
+    fn committed(&self, stats_rev: i64) -> Outcome {
         Outcome::Committed {
+            stats_rev,
             stats: stats_after(&self.base, &self.items),
             records: self.stored(),
             duplicates: self
@@ -255,8 +278,15 @@ impl Committer {
             for &i in &live {
                 let sub = &subs[i];
                 let owner_key = self.keys.owner(sub.partition);
+                let stats_key = self.keys.partition_stats(sub.partition);
                 txn.compare(Compare::lease(owner_key.as_str(), CompareOp::Equal, sub.lease));
                 txn.otherwise(TxnOp::get(owner_key.as_str(), None));
+                txn.compare(Compare::mod_revision(
+                    stats_key.as_str(),
+                    CompareOp::Equal,
+                    sub.stats_rev,
+                ));
+                txn.otherwise(TxnOp::get(stats_key.as_str(), None));
                 let mut markers = Vec::new();
                 for item in &sub.items {
                     match item {
@@ -328,8 +358,10 @@ impl Committer {
                 Err(err) => return Err(err.into()),
             };
             if resp.succeeded() {
+                // Every stats key in the transaction now has its revision.
+                let revision = resp.header().map_or(0, |h| h.revision());
                 for &i in &live {
-                    outcomes[i] = Some(subs[i].committed());
+                    outcomes[i] = Some(subs[i].committed(revision));
                 }
                 continue;
             }
@@ -344,6 +376,18 @@ impl Committer {
                     Some(TxnOpResponse::Get(get)) => get.kvs().first().map_or(0, |kv| kv.lease()),
                     _ => 0,
                 };
+                // The counter as it is now: the base for the retry (it includes whatever an
+                // earlier attempt of ours landed).
+                if let Some(TxnOpResponse::Get(get)) = responses.next() {
+                    let (current, rev) = get.kvs().first().map_or((PartitionStats::default(), 0), |kv| {
+                        (
+                            serde_json::from_slice(kv.value()).unwrap_or_default(),
+                            kv.mod_revision(),
+                        )
+                    });
+                    subs[*i].base = current;
+                    subs[*i].stats_rev = rev;
+                }
                 let mut own = HashSet::new();
                 let mut dups = HashSet::new();
                 for (queue_key, our_id) in markers {
@@ -403,6 +447,9 @@ pub struct Combiner {
     tx: tokio::sync::mpsc::UnboundedSender<Submission>,
 }
 
+/// Most value bytes in one commit transaction, well under etcd's 1.5 MiB request limit.
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
 /// Transactions the combiner keeps in flight at once.
 pub const COMMITS_IN_FLIGHT: usize = 8;
 
@@ -442,14 +489,24 @@ async fn combine(committer: Arc<Committer>, mut rx: tokio::sync::mpsc::Unbounded
         };
         let mut compares = first.sub.compares();
         let mut ops = first.sub.success_ops();
+        let mut bytes = first.sub.bytes();
+        let mut partitions = HashSet::from([first.sub.partition]);
         let mut group = vec![first];
         while let Ok(next) = rx.try_recv() {
-            if compares + next.sub.compares() > MAX_TXN_OPS || ops + next.sub.success_ops() > MAX_TXN_OPS {
+            // Within etcd's operation and request-size limits, and never two batches of one
+            // partition (they would write its stats key twice).
+            if compares + next.sub.compares() > MAX_TXN_OPS
+                || ops + next.sub.success_ops() > MAX_TXN_OPS
+                || bytes + next.sub.bytes() > MAX_TXN_BYTES
+                || partitions.contains(&next.sub.partition)
+            {
                 held = Some(next);
                 break;
             }
             compares += next.sub.compares();
             ops += next.sub.success_ops();
+            bytes += next.sub.bytes();
+            partitions.insert(next.sub.partition);
             group.push(next);
         }
         let committer = committer.clone();

@@ -49,6 +49,9 @@ pub fn assignment(members: &BTreeSet<String>, me: &str) -> BTreeSet<u32> {
         .collect()
 }
 
+/// Bound on the coordinator's own RPCs (acquire, release, re-register).
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
 struct Owned {
     stop: CancellationToken,
     events: mpsc::UnboundedSender<QueueEvent>,
@@ -95,6 +98,7 @@ pub async fn coordinate(
     let lost = session.lost();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result: Result<End, EtcdError> = async {
     let end = loop {
         group.rebalance().await;
         tokio::select! {
@@ -144,8 +148,13 @@ pub async fn coordinate(
             },
         }
     };
-    group.release_all(end == End::Shutdown).await;
     Ok(end)
+    }
+    .await;
+    // Always stop the partition tasks (finishing their in-flight commits), even when the loop
+    // ended on an error: a task left running would keep committing under a dead session.
+    group.release_all(matches!(result, Ok(End::Shutdown))).await;
+    result
 }
 
 async fn watch(client: &Client, prefix: &str, from: i64) -> Result<etcd_client::WatchStream, EtcdError> {
@@ -269,11 +278,35 @@ impl Group<'_> {
         for p in to_release {
             self.release(p).await;
         }
-        for p in desired {
-            if self.owned.contains_key(&p) || self.owners.contains_key(&p) {
+        // Re-register if our registration vanished while the session lives (deleted by hand,
+        // or by another process that used the same COLLECTOR_ID).
+        if !self.members.contains(&self.me) {
+            self.reregister().await;
+        }
+        for p in desired.iter().copied() {
+            if self.owned.contains_key(&p) {
                 continue;
             }
-            self.acquire(p).await;
+            match self.owners.get(&p) {
+                // Ours but no task runs (an acquire whose reply was lost, or a task that ended):
+                // adopt it.
+                Some(lease) if *lease == self.session.lease => self.start_task(p),
+                Some(_) => {}
+                None => self.acquire(p).await,
+            }
+        }
+        // Owner keys with our lease for partitions assigned elsewhere and not running here (a
+        // release whose delete failed): free them, or the new assignee waits for ever.
+        let stranded: Vec<u32> = self
+            .owners
+            .iter()
+            .filter(|(p, lease)| {
+                **lease == self.session.lease && !desired.contains(p) && !self.owned.contains_key(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stranded {
+            self.free_owner_key(p).await;
         }
         metrics::gauge!("collector_partitions_owned").set(self.owned.len() as f64);
     }
@@ -288,31 +321,77 @@ impl Group<'_> {
                 self.me.as_str(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        match self.client.clone().txn(txn).await {
-            Ok(resp) if resp.succeeded() => {
+        // Bounded, so an etcd outage cannot hold the loop (and shutdown) for long; a lost reply
+        // is repaired by the adoption in `rebalance` once the watch shows the key is ours.
+        match tokio::time::timeout(RPC_TIMEOUT, self.client.clone().txn(txn)).await {
+            Ok(Ok(resp)) if resp.succeeded() => {
                 self.owners.insert(p, lease);
-                let (tx, rx) = mpsc::unbounded_channel();
-                let stop = CancellationToken::new();
-                let task = tokio::spawn(partition::run(
-                    self.ctx.clone(),
-                    p,
-                    lease,
-                    self.session.liveness(),
-                    rx,
-                    stop.clone(),
-                ));
-                self.owned.insert(
-                    p,
-                    Owned {
-                        stop,
-                        events: tx,
-                        task,
-                    },
-                );
+                self.start_task(p);
                 metrics::counter!("collector_partition_acquisitions_total").increment(1);
             }
-            Ok(_) => {}
-            Err(err) => tracing::debug!(partition = p, error = %err, "acquire failed; will retry"),
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::debug!(partition = p, error = %err, "acquire failed; will retry"),
+            Err(_) => tracing::debug!(partition = p, "acquire timed out; will retry"),
+        }
+    }
+
+    fn start_task(&mut self, p: u32) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(partition::run(
+            self.ctx.clone(),
+            p,
+            self.session.lease,
+            self.session.liveness(),
+            rx,
+            stop.clone(),
+        ));
+        self.owned.insert(
+            p,
+            Owned {
+                stop,
+                events: tx,
+                task,
+            },
+        );
+    }
+
+    async fn reregister(&mut self) {
+        let member = telemetry_shared::model::Member {
+            id: self.me.clone(),
+            lease: self.session.lease,
+            started_at: telemetry_shared::Timestamp::now(),
+        };
+        let mut client = self.client.clone();
+        let put = client.put(
+            self.keys.member(&self.me),
+            serde_json::to_vec(&member).unwrap_or_default(),
+            Some(PutOptions::new().with_lease(self.session.lease)),
+        );
+        match tokio::time::timeout(RPC_TIMEOUT, put).await {
+            Ok(Ok(_)) => {
+                tracing::warn!("our registration had vanished; registered again");
+                self.members.insert(self.me.clone());
+            }
+            _ => tracing::debug!("re-registration failed; will retry"),
+        }
+    }
+
+    /// Deletes a partition's owner key if it still carries our lease.
+    async fn free_owner_key(&mut self, p: u32) {
+        let key = self.keys.owner(p);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                key.as_str(),
+                CompareOp::Equal,
+                self.session.lease,
+            )])
+            .and_then(vec![TxnOp::delete(key.as_str(), None)]);
+        match tokio::time::timeout(RPC_TIMEOUT, self.client.clone().txn(txn)).await {
+            Ok(Ok(_)) => {
+                self.owners.remove(&p);
+            }
+            _ => tracing::warn!(partition = p, "could not free owner key; will retry"),
         }
     }
 
@@ -323,17 +402,7 @@ impl Group<'_> {
         };
         owned.stop.cancel();
         let _ = owned.task.await;
-        let key = self.keys.owner(p);
-        let txn = Txn::new()
-            .when(vec![Compare::lease(
-                key.as_str(),
-                CompareOp::Equal,
-                self.session.lease,
-            )])
-            .and_then(vec![TxnOp::delete(key.as_str(), None)]);
-        if let Err(err) = self.client.clone().txn(txn).await {
-            tracing::warn!(partition = p, error = %err, "could not free owner key; it expires with the lease");
-        }
+        self.free_owner_key(p).await;
         tracing::info!(partition = p, "partition released");
     }
 

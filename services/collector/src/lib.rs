@@ -155,7 +155,6 @@ pub async fn run(
             tracing::info!("etcd reachable again");
             warned = false;
         }
-        delay = Duration::from_millis(100);
         match group::coordinate(
             &client,
             &keys,
@@ -172,6 +171,9 @@ pub async fn run(
             }
             Ok(group::End::SessionLost) => {
                 tracing::warn!("session lost; partitions dropped; starting a new session");
+                // Best effort: if etcd still knows the lease, free our keys at once.
+                session.revoke(&client).await;
+                delay = Duration::from_millis(100);
             }
             Err(err) => {
                 tracing::warn!(error = %err, "group coordination failed; restarting the session");
@@ -180,6 +182,8 @@ pub async fn run(
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
+                // Back off for real while coordination keeps failing.
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

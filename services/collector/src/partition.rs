@@ -86,13 +86,48 @@ pub struct PartitionContext {
     pub oldest: Arc<[AtomicI64]>,
 }
 
+/// Most value bytes in one partition batch (the combiner merges batches up to 1 MiB).
+const MAX_BATCH_BYTES: usize = 768 * 1024;
+
+/// Most payload bytes kept in a dead letter; the rest is cut (and said so).
+const MAX_DEAD_PAYLOAD: usize = 64 * 1024;
+
+/// The id a dead letter is stored under: the queue key's message id when it is a ULID (the
+/// layout's `/deadletter/{ULID}`), otherwise a digest of the whole queue key, so two malformed
+/// keys can never share (and overwrite) one dead letter.
+fn dead_letter_id(keys: &Keyspace, queue_key: &str) -> String {
+    if let Some((_, id)) = keys.parse_queue_entry(queue_key)
+        && id.parse::<ulid::Ulid>().is_ok()
+    {
+        return id.to_string();
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in queue_key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("key-{hash:016x}")
+}
+
+/// The payload as text for a dead letter, cut to [`MAX_DEAD_PAYLOAD`] bytes.
+fn capped_payload(payload: &[u8]) -> String {
+    let cut = payload.len() > MAX_DEAD_PAYLOAD;
+    let mut text = String::from_utf8_lossy(&payload[..payload.len().min(MAX_DEAD_PAYLOAD)]).into_owned();
+    if cut {
+        text.push_str(&format!("... [cut: {} bytes in all]", payload.len()));
+    }
+    text
+}
+
 /// How often a GPU's `last_seen` is rewritten at most.
 const INDEX_REFRESH: Duration = Duration::from_secs(1);
 
 struct State {
     pending: BTreeMap<String, Vec<u8>>,
     range_rev: i64,
+    needs_resync: bool,
     stats: PartitionStats,
+    stats_rev: i64,
     gpus: HashMap<String, (GpuInfo, Instant)>,
     hosts: HashSet<String>,
 }
@@ -103,13 +138,31 @@ pub async fn run(
     partition: u32,
     lease: i64,
     liveness: Liveness,
+    events: UnboundedReceiver<QueueEvent>,
+    stop: CancellationToken,
+) -> Exit {
+    let exit = run_inner(ctx.clone(), partition, lease, liveness, events, stop).await;
+    // No longer ours: its backlog is no longer this collector's lag.
+    if let Some(slot) = ctx.oldest.get(partition as usize) {
+        slot.store(0, Ordering::Relaxed);
+    }
+    exit
+}
+
+async fn run_inner(
+    ctx: Arc<PartitionContext>,
+    partition: u32,
+    lease: i64,
+    liveness: Liveness,
     mut events: UnboundedReceiver<QueueEvent>,
     stop: CancellationToken,
 ) -> Exit {
     let mut state = State {
         pending: BTreeMap::new(),
         range_rev: 0,
+        needs_resync: false,
         stats: PartitionStats::default(),
+        stats_rev: 0,
         gpus: HashMap::new(),
         hosts: HashSet::new(),
     };
@@ -134,6 +187,19 @@ pub async fn run(
         while let Ok(event) = events.try_recv() {
             apply(&ctx, partition, &mut state, event).await;
         }
+        if state.needs_resync {
+            // A resync that failed (etcd unavailable) is retried with backoff until it succeeds.
+            if let Err(err) = range_all(&ctx, partition, &mut state).await {
+                tracing::debug!(partition, error = %err, "resync failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Exit::Released,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            state.needs_resync = false;
+        }
         update_oldest(&ctx, partition, &state);
         if stop.is_cancelled() {
             return Exit::Released;
@@ -157,6 +223,7 @@ pub async fn run(
             partition,
             lease,
             base: state.stats,
+            stats_rev: state.stats_rev,
             items,
             index: index.clone(),
         };
@@ -164,6 +231,7 @@ pub async fn run(
             Ok((
                 Outcome::Committed {
                     stats,
+                    stats_rev,
                     records,
                     duplicates,
                     dead,
@@ -172,6 +240,7 @@ pub async fn run(
             )) => {
                 metrics::histogram!("collector_commit_seconds").record(started.elapsed().as_secs_f64());
                 state.stats = stats;
+                state.stats_rev = stats_rev;
                 for item in &items {
                     state.pending.remove(item.queue_key());
                 }
@@ -227,6 +296,7 @@ async fn load(ctx: &PartitionContext, partition: u32, state: &mut State) -> Resu
         .first()
         .and_then(|kv| serde_json::from_slice(kv.value()).ok())
         .unwrap_or_default();
+    state.stats_rev = stats.kvs().first().map_or(0, |kv| kv.mod_revision());
     range_all(ctx, partition, state).await
 }
 
@@ -236,7 +306,8 @@ async fn range_all(ctx: &PartitionContext, partition: u32, state: &mut State) ->
     let end = prefix_end(&prefix);
     let mut from = prefix.into_bytes();
     let mut revision = 0;
-    state.pending.clear();
+    // Filled aside and swapped in only when complete, so a failed range loses nothing.
+    let mut fresh = BTreeMap::new();
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(500);
         if revision > 0 {
@@ -247,7 +318,7 @@ async fn range_all(ctx: &PartitionContext, partition: u32, state: &mut State) ->
             revision = resp.header().map_or(0, |h| h.revision());
         }
         for kv in resp.kvs() {
-            state.pending.insert(
+            fresh.insert(
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.value().to_vec(),
             );
@@ -260,6 +331,7 @@ async fn range_all(ctx: &PartitionContext, partition: u32, state: &mut State) ->
             _ => break,
         }
     }
+    state.pending = fresh;
     state.range_rev = revision;
     Ok(())
 }
@@ -276,7 +348,8 @@ async fn apply(ctx: &PartitionContext, partition: u32, state: &mut State, event:
         }
         QueueEvent::Resync => {
             if let Err(err) = range_all(ctx, partition, state).await {
-                tracing::warn!(partition, error = %err, "resync failed; will retry on the next event");
+                tracing::warn!(partition, error = %err, "resync failed; retrying with backoff");
+                state.needs_resync = true;
             }
         }
     }
@@ -300,6 +373,7 @@ fn next_batch(ctx: &PartitionContext, state: &State) -> (Vec<Item>, IndexUpdates
     // One operation is reserved for the stats counter.
     let budget = MAX_TXN_OPS - 1;
     let mut used = 0;
+    let mut bytes = 0;
     let mut items = Vec::new();
     let mut index = IndexUpdates::default();
     let now = Instant::now();
@@ -315,14 +389,13 @@ fn next_batch(ctx: &PartitionContext, state: &State) -> (Vec<Item>, IndexUpdates
             },
             Err(reason) => {
                 tracing::warn!(queue_key = %queue_key, %reason, "invalid message; dead-lettering");
-                let id = if queue_id.is_empty() { "unknown" } else { queue_id };
                 Item::Dead {
                     queue_key: queue_key.clone(),
-                    dead_key: ctx.keys.deadletter(id),
+                    dead_key: ctx.keys.deadletter(&dead_letter_id(&ctx.keys, queue_key)),
                     letter: Box::new(DeadLetter {
                         queue_key: queue_key.clone(),
                         reason,
-                        payload: String::from_utf8_lossy(payload).into_owned(),
+                        payload: capped_payload(payload),
                         failed_at: Timestamp::now(),
                         collector: ctx.collector_id.clone(),
                     }),
@@ -370,10 +443,17 @@ fn next_batch(ctx: &PartitionContext, state: &State) -> (Vec<Item>, IndexUpdates
             }
         }
         let cost = item.ops() + usize::from(extra_gpu.is_some()) + usize::from(extra_host.is_some());
-        if used + cost > budget {
+        let size = match &item {
+            Item::Record { record, .. } => record.encoded.len(),
+            Item::Dead { letter, .. } => letter.payload.len() + letter.reason.len(),
+            _ => 0,
+        };
+        // Within the operation budget and, after the first item, the request-size budget.
+        if used + cost > budget || (!items.is_empty() && bytes + size > MAX_BATCH_BYTES) {
             break;
         }
         used += cost;
+        bytes += size;
         index.gpus.extend(extra_gpu);
         index.hosts.extend(extra_host);
         items.push(item);

@@ -94,6 +94,8 @@ impl Session {
     /// disappear at once instead of after a TTL.
     pub async fn revoke(self, client: &Client) {
         self.keeper.abort();
+        self.lost.store(true, Ordering::Release);
+        self.lost_token.cancel();
         match client.clone().lease_revoke(self.lease).await {
             Ok(_) => tracing::info!(lease = self.lease, "lease revoked; partitions released"),
             Err(err) => {
@@ -105,6 +107,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Whatever still holds a liveness handle must stop committing under this session.
+        self.lost.store(true, Ordering::Release);
+        self.lost_token.cancel();
         self.keeper.abort();
     }
 }

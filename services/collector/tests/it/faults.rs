@@ -210,6 +210,7 @@ async fn a_commit_fenced_by_a_lost_lease_is_refused_and_writes_nothing() {
         partition,
         lease: stale,
         base: Default::default(),
+        stats_rev: 0,
         items: vec![Item::Record {
             queue_key: queue_key.clone(),
             record: Box::new(record),
@@ -307,6 +308,7 @@ async fn sub_batches_sharing_a_host_commit_together_in_one_transaction() {
             partition,
             lease,
             base: Default::default(),
+            stats_rev: 0,
             items: vec![item],
             index: IndexUpdates {
                 gpus: vec![],
@@ -362,4 +364,85 @@ async fn etcd_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
     assert!(totals.processed <= 2470, "{totals:?}");
     assert_sample_exactly_once(&client).await;
     assert_eq!(stats(&client).await.records, 2470);
+}
+
+/// The stats counter is fenced on its revision: a commit computed from a stale base (as after
+/// an attempt whose outcome was unknown but which landed) adopts the stored value instead of
+/// overwriting it.
+#[tokio::test]
+async fn a_commit_from_a_stale_stats_base_adopts_the_stored_counter() {
+    use std::sync::Arc;
+
+    use telemetry_collector::{
+        commit::{Committer, IndexUpdates, Item, Outcome, SubBatch},
+        config::Columns,
+        validate::validate,
+    };
+    use telemetry_shared::{etcd::BucketedLease, model::PartitionStats};
+
+    let (server, client) = etcd().await;
+    stream_sample(&server, &client).await;
+    let (queue_key, payload) = range_all(&client, &keys().queue_prefix())
+        .await
+        .expect("range")
+        .remove(0);
+    let (partition, id) = keys().parse_queue_entry(&queue_key).expect("queue key");
+    let record = validate(&payload, id, &keys(), &Columns::default()).expect("valid");
+    let lease = client.clone().lease_grant(30, None).await.expect("grant").id();
+    client
+        .clone()
+        .put(
+            keys().owner(partition),
+            "me",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("own");
+    // The counter as an earlier (landed) attempt left it.
+    let stored = PartitionStats {
+        records: 5,
+        duplicates: 1,
+        ..Default::default()
+    };
+    client
+        .clone()
+        .put(
+            keys().partition_stats(partition),
+            serde_json::to_vec(&stored).expect("json"),
+            None,
+        )
+        .await
+        .expect("put stats");
+    let committer = Committer::new(
+        client.clone(),
+        keys(),
+        Arc::new(BucketedLease::new(client.clone(), Duration::from_secs(60))),
+        Arc::new(BucketedLease::new(client.clone(), Duration::from_secs(60))),
+    );
+    let mut subs = vec![SubBatch {
+        partition,
+        lease,
+        base: PartitionStats::default(),
+        stats_rev: 0,
+        items: vec![Item::Record {
+            queue_key,
+            record: Box::new(record),
+        }],
+        index: IndexUpdates::default(),
+    }];
+    let outcomes = committer.commit_many(&mut subs).await.expect("commit answers");
+    let Outcome::Committed { stats, .. } = outcomes[0] else {
+        panic!("committed: {outcomes:?}");
+    };
+    assert_eq!(
+        (stats.records, stats.duplicates),
+        (6, 1),
+        "built on the stored counter"
+    );
+    let (_, raw) = range_all(&client, &keys().partition_stats(partition))
+        .await
+        .expect("range")
+        .remove(0);
+    let now: PartitionStats = serde_json::from_slice(&raw).expect("json");
+    assert_eq!(now.records, 6);
 }

@@ -144,3 +144,49 @@ async fn partitions_rebalance_fairly_as_collectors_join_and_move_at_once_when_on
     c3.shutdown().await;
     assert_sample_exactly_once(&client).await;
 }
+
+/// Scrapes `/metrics` with a bare HTTP/1.0 request (no client library needed for a test).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port answers");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body
+}
+
+#[tokio::test]
+async fn the_collector_binary_serves_prometheus_metrics() {
+    let (server, client) = etcd().await;
+    stream_sample(&server, &client).await;
+    let port = telemetry_harness::free_port().expect("free port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = spawn_collector_process(
+        &server,
+        "m",
+        &dir.path().join("m.log"),
+        &[("METRICS_PORT", &port.to_string())],
+    );
+    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    // The queue depth and lag gauges are refreshed every 5 s.
+    let ok = telemetry_harness::eventually(Duration::from_secs(15), || async {
+        let body = scrape(port);
+        body.contains("collector_processed_total 2470") && body.contains("collector_queue_depth")
+    })
+    .await;
+    let body = scrape(port);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "metrics:\n{body}");
+    for name in [
+        "collector_duplicates_total",
+        "collector_dead_lettered_total",
+        "collector_lag_seconds",
+        "collector_partitions_owned",
+        "collector_commit_seconds",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+}
