@@ -2,14 +2,16 @@
 //! does.
 //!
 //! - **compare** the partition's owner key still carries this collector's lease (the fence: a
-//!   collector that lost its lease, or whose partition moved, cannot land anything), and each
-//!   record's processed marker does not exist yet;
+//!   collector that lost its lease, or whose partition moved, cannot land anything), the
+//!   partition's stats counter is at the revision last seen (so it is never computed from a
+//!   stale base), and each record's processed marker does not exist yet;
 //! - **then** per record: put the telemetry key (retention lease), put the processed marker
 //!   (dedup lease), delete the queue entry; per dead letter: put it, delete the queue entry;
 //!   per duplicate: delete the queue entry; plus the partition's stats counter (an absolute
-//!   value, so a retried commit writes the same value) and GPU/host index entries;
-//! - **else** read the owner key and the markers, to tell a lost fence from duplicates from our
-//!   own earlier attempt that landed although its reply was lost.
+//!   value) and GPU/host index entries;
+//! - **else** read the owner key, the stats counter and the markers, to tell a lost fence from
+//!   duplicates from our own earlier attempt that landed although its reply was lost (whose
+//!   records become `Landed` and whose counter becomes the new base).
 //!
 //! The queue entry is only ever removed in the transaction that writes its effect, so nothing
 //! is acknowledged before it is durable, and a crash at any point loses nothing.
