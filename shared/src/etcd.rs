@@ -277,3 +277,12 @@ pub async fn watch_prefix(
     let mut watch = client.watch_client().max_decoding_message_size(WATCH_MAX_MESSAGE);
     Ok(watch.watch(prefix, Some(options)).await?)
 }
+
+/// The store's current revision (from the header of a count-only read of one key).
+pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
+    let resp = client
+        .clone()
+        .get("\0", Some(GetOptions::new().with_count_only()))
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}

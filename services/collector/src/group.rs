@@ -21,11 +21,11 @@ use std::{
 
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
 use telemetry_shared::{Keyspace, etcd::EtcdError, keys::QUEUE_PARTITIONS};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    partition::{self, Exit, PartitionContext, QueueEvent},
+    partition::{self, Exit, PartitionContext},
     session::Session,
 };
 
@@ -54,7 +54,6 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Owned {
     stop: CancellationToken,
-    events: mpsc::UnboundedSender<QueueEvent>,
     task: JoinHandle<Exit>,
 }
 
@@ -90,11 +89,7 @@ pub async fn coordinate(
         owned: BTreeMap::new(),
     };
     let mut group_rev = group.load_membership().await?;
-    // The queue watch starts where the membership snapshot was taken; partition tasks range
-    // after that and keep only newer events, so nothing falls in between.
-    let mut queue_rev = group_rev;
     let mut group_watch = watch(client, &keys.collectors_prefix(), group_rev + 1).await?;
-    let mut queue_watch = watch(client, &keys.queue_prefix(), queue_rev + 1).await?;
     let lost = session.lost();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,27 +118,6 @@ pub async fn coordinate(
                     tracing::warn!("membership watch broke; re-creating it");
                     group_watch = rewatch(client, &keys.collectors_prefix(), &mut group_rev, shutdown).await?;
                     group_rev = group.load_membership().await?;
-                }
-            },
-            msg = queue_watch.message() => match msg {
-                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
-                    tracing::warn!(reason = resp.cancel_reason(), "queue watch cancelled (compaction?); partitions resync");
-                    queue_rev = current_revision(client).await?;
-                    queue_watch = watch(client, &keys.queue_prefix(), queue_rev + 1).await?;
-                    group.broadcast_resync();
-                }
-                Ok(Some(resp)) => {
-                    for event in resp.events() {
-                        if let Some(kv) = event.kv() {
-                            queue_rev = queue_rev.max(kv.mod_revision());
-                            group.dispatch(event.event_type(), kv);
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    tracing::warn!(last_revision = queue_rev, "queue watch broke; re-creating it from the last seen revision");
-                    metrics::counter!("collector_watch_restarts_total").increment(1);
-                    queue_watch = rewatch(client, &keys.queue_prefix(), &mut queue_rev, shutdown).await?;
                 }
             },
         }
@@ -182,14 +156,6 @@ async fn rewatch(
     }
 }
 
-async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
-    let resp = client
-        .clone()
-        .get("\0", Some(GetOptions::new().with_count_only()))
-        .await?;
-    Ok(resp.header().map_or(0, |h| h.revision()))
-}
-
 impl Group<'_> {
     /// Reads members and owners; returns the revision of the snapshot.
     async fn load_membership(&mut self) -> Result<i64, EtcdError> {
@@ -223,30 +189,6 @@ impl Group<'_> {
                 EventType::Put => self.owners.insert(p, kv.lease()),
                 EventType::Delete => self.owners.remove(&p),
             };
-        }
-    }
-
-    fn dispatch(&mut self, kind: EventType, kv: &etcd_client::KeyValue) {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let Some((p, _)) = self.keys.parse_queue_entry(&key) else {
-            return;
-        };
-        if let Some(owned) = self.owned.get(&p) {
-            let event = match kind {
-                EventType::Put => QueueEvent::Put {
-                    value: kv.value().to_vec(),
-                    revision: kv.mod_revision(),
-                    key,
-                },
-                EventType::Delete => QueueEvent::Delete { key },
-            };
-            let _ = owned.events.send(event);
-        }
-    }
-
-    fn broadcast_resync(&self) {
-        for owned in self.owned.values() {
-            let _ = owned.events.send(QueueEvent::Resync);
         }
     }
 
@@ -336,24 +278,15 @@ impl Group<'_> {
     }
 
     fn start_task(&mut self, p: u32) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let task = tokio::spawn(partition::run(
             self.ctx.clone(),
             p,
             self.session.lease,
             self.session.liveness(),
-            rx,
             stop.clone(),
         ));
-        self.owned.insert(
-            p,
-            Owned {
-                stop,
-                events: tx,
-                task,
-            },
-        );
+        self.owned.insert(p, Owned { stop, task });
     }
 
     async fn reregister(&mut self) {

@@ -2,7 +2,8 @@
 //!
 //! On acquisition the task reads the partition's stats counter and ranges over the partition
 //! once (paged, at one revision); after that it learns of new entries only from the
-//! collector's queue watch, forwarded here, keeping the events newer than its range. It never
+//! partition's own watch (started just after the range), keeping the events newer than its
+//! range. It never
 //! polls the queue with ranges, which would re-scan deleted keys (tombstones) until etcd
 //! compacts. Entries are committed in key (ULID) order, so one GPU's records are written in
 //! order.
@@ -23,7 +24,7 @@ use telemetry_shared::{
     keys::prefix_end,
     model::{DeadLetter, GpuInfo, PartitionStats},
 };
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -34,7 +35,87 @@ use crate::{
     validate::validate,
 };
 
-/// A change to the queue, forwarded from the collector's watch.
+/// Aborts a task when dropped (the feeder ends with its partition task).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows one partition of the queue from revision `from`: forwards puts and deletes,
+/// re-creates the watch from the last seen revision when it breaks, and asks for a resync when
+/// the watch fell behind a compaction (then follows from the current revision).
+async fn feed(
+    client: Client,
+    prefix: String,
+    from: i64,
+    tx: UnboundedSender<QueueEvent>,
+    stop: CancellationToken,
+) {
+    let mut next = from;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut stream = match telemetry_shared::etcd::watch_prefix(&client, &prefix, next).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::debug!(%prefix, error = %err, "creating partition watch failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                msg = stream.message() => msg,
+            };
+            match msg {
+                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                    tracing::warn!(%prefix, reason = resp.cancel_reason(), "partition watch fell behind a compaction; resyncing");
+                    // Follow from now on; the partition task ranges again and keeps only events
+                    // newer than that range.
+                    let now = telemetry_shared::etcd::current_revision(&client).await.ok();
+                    next = now.map_or(next, |rev| rev + 1);
+                    if tx.send(QueueEvent::Resync).is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Ok(Some(resp)) => {
+                    delay = Duration::from_millis(100);
+                    for event in resp.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        next = next.max(kv.mod_revision() + 1);
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let event = match event.event_type() {
+                            etcd_client::EventType::Put => QueueEvent::Put {
+                                value: kv.value().to_vec(),
+                                revision: kv.mod_revision(),
+                                key,
+                            },
+                            etcd_client::EventType::Delete => QueueEvent::Delete { key },
+                        };
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!(%prefix, next, "partition watch broke; re-creating it from the last seen revision");
+                    metrics::counter!("collector_watch_restarts_total").increment(1);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A change to the queue, from the partition's watch.
 #[derive(Debug)]
 pub enum QueueEvent {
     /// A queue entry was written at `revision`.
@@ -138,10 +219,9 @@ pub async fn run(
     partition: u32,
     lease: i64,
     liveness: Liveness,
-    events: UnboundedReceiver<QueueEvent>,
     stop: CancellationToken,
 ) -> Exit {
-    let exit = run_inner(ctx.clone(), partition, lease, liveness, events, stop).await;
+    let exit = run_inner(ctx.clone(), partition, lease, liveness, stop).await;
     // No longer ours: its backlog is no longer this collector's lag.
     if let Some(slot) = ctx.oldest.get(partition as usize) {
         slot.store(0, Ordering::Relaxed);
@@ -154,7 +234,6 @@ async fn run_inner(
     partition: u32,
     lease: i64,
     liveness: Liveness,
-    mut events: UnboundedReceiver<QueueEvent>,
     stop: CancellationToken,
 ) -> Exit {
     let mut state = State {
@@ -182,6 +261,17 @@ async fn run_inner(
         }
     }
     tracing::info!(partition, pending = state.pending.len(), "partition acquired");
+    // This partition's own watch, from just after the range: each queue event reaches only the
+    // collector that owns its partition.
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let feeder = tokio::spawn(feed(
+        ctx.client.clone(),
+        ctx.keys.queue_partition_prefix(partition),
+        state.range_rev + 1,
+        tx,
+        stop.clone(),
+    ));
+    let _feeder = AbortOnDrop(feeder);
     let mut failing = false;
     loop {
         while let Ok(event) = events.try_recv() {
