@@ -253,7 +253,10 @@ async fn main() -> anyhow::Result<()> {
         ..EtcdOptions::default()
     })
     .await?;
-    let mut client = server.client().await?;
+    // Resetting between phases (delete all, compact, defragment a store of hundreds of MB) takes
+    // longer than a service's request timeout: the bench's own client waits up to 5 minutes.
+    let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(300));
+    let mut client = Client::connect([server.endpoint()], Some(options)).await?;
     let dir = tempfile::tempdir()?;
     let (csv, rows) = generated_csv(dir.path(), args.rows)?;
 
