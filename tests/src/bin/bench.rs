@@ -94,9 +94,31 @@ async fn raw_txn_rate(
 }
 
 async fn reset(client: &mut Client) -> anyhow::Result<()> {
-    client
-        .delete("/", Some(etcd_client::DeleteOptions::new().with_from_key()))
-        .await?;
+    // In chunks: one delete of hundreds of MB exceeds etcd's own request timeout.
+    loop {
+        let keys = client
+            .get(
+                "/",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_from_key()
+                        .with_keys_only()
+                        .with_limit(5000),
+                ),
+            )
+            .await?;
+        let (Some(first), Some(last)) = (keys.kvs().first(), keys.kvs().last()) else {
+            break;
+        };
+        let mut end = last.key().to_vec();
+        end.push(0);
+        client
+            .delete(
+                first.key(),
+                Some(etcd_client::DeleteOptions::new().with_range(end)),
+            )
+            .await?;
+    }
     let rev = client.get("/", None).await?.header().map_or(0, |h| h.revision());
     client.compact(rev, None).await?;
     client.defragment().await?;
