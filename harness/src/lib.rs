@@ -493,40 +493,13 @@ impl EtcdServer {
 /// Every key/value under `prefix`, read in pages at one revision (a single range over a large
 /// prefix can exceed gRPC's 4 MiB message limit).
 pub async fn range_all(client: &Client, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, HarnessError> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            break;
-        }
-    }
-    let mut from = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut out = Vec::new();
-    loop {
-        let mut options = etcd_client::GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(1000);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let resp = client.clone().get(from.clone(), Some(options)).await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        for kv in resp.kvs() {
-            out.push((
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            ));
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok(out),
-        }
+    match telemetry_shared::etcd::range_prefix(client, prefix, 1000).await {
+        Ok((entries, _)) => Ok(entries),
+        Err(telemetry_shared::etcd::EtcdError::Client(err)) => Err(HarnessError::Client(err)),
+        Err(other) => Err(HarnessError::Io {
+            context: format!("ranging over {prefix}"),
+            source: std::io::Error::other(other.to_string()),
+        }),
     }
 }
 

@@ -286,3 +286,40 @@ pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
         .await?;
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
+
+/// Every key/value under `prefix`, read in pages of `page` keys at one revision (a single
+/// range over a large prefix can exceed gRPC's 4 MiB message limit). Returns the pairs in key
+/// order and the revision they were read at.
+pub async fn range_prefix(
+    client: &Client,
+    prefix: &str,
+    page: i64,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
+    let end = crate::keys::prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client.clone().get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            out.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((out, revision)),
+        }
+    }
+}

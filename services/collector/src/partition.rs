@@ -17,11 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use telemetry_shared::{
     Keyspace, Timestamp,
     etcd::{EtcdError, MAX_TXN_OPS, is_retryable},
-    keys::prefix_end,
     model::{DeadLetter, GpuInfo, PartitionStats},
 };
 use tokio::sync::mpsc::UnboundedSender;
@@ -391,37 +390,11 @@ async fn load(ctx: &PartitionContext, partition: u32, state: &mut State) -> Resu
 }
 
 /// Ranges over the partition at one revision, in pages small enough for gRPC's message limit.
+/// The result replaces `pending` only when complete, so a failed range loses nothing.
 async fn range_all(ctx: &PartitionContext, partition: u32, state: &mut State) -> Result<(), EtcdError> {
     let prefix = ctx.keys.queue_partition_prefix(partition);
-    let end = prefix_end(&prefix);
-    let mut from = prefix.into_bytes();
-    let mut revision = 0;
-    // Filled aside and swapped in only when complete, so a failed range loses nothing.
-    let mut fresh = BTreeMap::new();
-    loop {
-        let mut options = GetOptions::new().with_range(end.clone()).with_limit(500);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let resp = ctx.client.clone().get(from.clone(), Some(options)).await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        for kv in resp.kvs() {
-            fresh.insert(
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            );
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => break,
-        }
-    }
-    state.pending = fresh;
+    let (entries, revision) = telemetry_shared::etcd::range_prefix(&ctx.client, &prefix, 500).await?;
+    state.pending = entries.into_iter().collect();
     state.range_rev = revision;
     Ok(())
 }
