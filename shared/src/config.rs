@@ -180,6 +180,83 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>, ConfigError> {
     Ok(out)
 }
 
+/// Which message fields identify a GPU and describe it. The collector keys records by them and
+/// the gateway filters by them, so both read them from the same variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    /// `HOSTNAME_COLUMN` (default `Hostname`).
+    pub hostname: String,
+    /// `GPU_ID_COLUMN` (default `gpu_id`).
+    pub gpu_id: String,
+    /// `UUID_COLUMN` (default `uuid`).
+    pub uuid: String,
+    /// `DEVICE_COLUMN` (default `device`; optional in messages).
+    pub device: String,
+    /// `MODEL_COLUMN` (default `modelName`; optional in messages).
+    pub model: String,
+    /// `METRIC_COLUMN` (default `metric_name`): the metric a record measures (gateway filters).
+    pub metric: String,
+    /// `VALUE_COLUMN` (default `value`): the measured value (the dashboard plots it).
+    pub value: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            hostname: "Hostname".into(),
+            gpu_id: "gpu_id".into(),
+            uuid: "uuid".into(),
+            device: "device".into(),
+            model: "modelName".into(),
+            metric: "metric_name".into(),
+            value: "value".into(),
+        }
+    }
+}
+
+/// The raw form of [`Columns`]; services flatten it into their raw config.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawColumns {
+    /// `HOSTNAME_COLUMN`.
+    pub hostname_column: Option<String>,
+    /// `GPU_ID_COLUMN`.
+    pub gpu_id_column: Option<String>,
+    /// `UUID_COLUMN`.
+    pub uuid_column: Option<String>,
+    /// `DEVICE_COLUMN`.
+    pub device_column: Option<String>,
+    /// `MODEL_COLUMN`.
+    pub model_column: Option<String>,
+    /// `METRIC_COLUMN`.
+    pub metric_column: Option<String>,
+    /// `VALUE_COLUMN`.
+    pub value_column: Option<String>,
+}
+
+impl TryFrom<RawColumns> for Columns {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawColumns) -> Result<Self, ConfigError> {
+        let column = |var: &str, value: Option<String>, default: String| -> Result<String, ConfigError> {
+            match value {
+                Some(v) if v.trim().is_empty() => Err(ConfigError::invalid(var, v, "must not be blank")),
+                Some(v) => Ok(v.trim().to_string()),
+                None => Ok(default),
+            }
+        };
+        let d = Columns::default();
+        Ok(Columns {
+            hostname: column("HOSTNAME_COLUMN", raw.hostname_column, d.hostname)?,
+            gpu_id: column("GPU_ID_COLUMN", raw.gpu_id_column, d.gpu_id)?,
+            uuid: column("UUID_COLUMN", raw.uuid_column, d.uuid)?,
+            device: column("DEVICE_COLUMN", raw.device_column, d.device)?,
+            model: column("MODEL_COLUMN", raw.model_column, d.model)?,
+            metric: column("METRIC_COLUMN", raw.metric_column, d.metric)?,
+            value: column("VALUE_COLUMN", raw.value_column, d.value)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -278,6 +278,13 @@ pub async fn watch_prefix(
     Ok(watch.watch(prefix, Some(options)).await?)
 }
 
+/// Is this watch response one fragment of a larger revision, with more to come? (etcd splits a
+/// response over the gRPC limit when the watch asked for fragments; only the last fragment has
+/// the flag clear.)
+pub fn is_fragment(resp: &etcd_client::WatchResponse) -> bool {
+    resp.0.fragment
+}
+
 /// The store's current revision (from the header of a count-only read of one key).
 pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
     let resp = client

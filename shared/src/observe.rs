@@ -2,7 +2,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +45,27 @@ pub fn serve_metrics(port: u16) -> Result<(), MetricsError> {
         })?;
     tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
+}
+
+/// Latency buckets (seconds) for every `*_seconds` histogram: 100 µs to 10 s.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide Prometheus recorder for a service that serves `/metrics` on its own HTTP
+/// port (the gateway), installed at the first call. `None` if another recorder was installed
+/// first (then metrics go there).
+pub fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
 }
 
 /// A token cancelled at the first SIGINT or SIGTERM: services finish in-flight work and exit.

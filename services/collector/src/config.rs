@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use serde::Deserialize;
+/// Re-exported: the column names live in `shared/` because the gateway reads them too.
+pub use telemetry_shared::config::Columns;
 use telemetry_shared::{
     CommonConfig, ConfigError,
-    config::{RawCommonConfig, duration_at_least},
+    config::{RawColumns, RawCommonConfig, duration_at_least},
     etcd::MIN_LEASE_TTL,
     keys::is_key_segment,
 };
@@ -13,33 +15,6 @@ use telemetry_shared::{
 /// Most messages one commit transaction can carry: three operations each (data put, processed
 /// marker put, queue delete) within etcd's 128, leaving room for the stats counter.
 pub const MAX_BATCH: usize = 42;
-
-/// Which message fields identify a GPU and describe it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Columns {
-    /// `HOSTNAME_COLUMN` (default `Hostname`).
-    pub hostname: String,
-    /// `GPU_ID_COLUMN` (default `gpu_id`).
-    pub gpu_id: String,
-    /// `UUID_COLUMN` (default `uuid`).
-    pub uuid: String,
-    /// `DEVICE_COLUMN` (default `device`; optional in messages).
-    pub device: String,
-    /// `MODEL_COLUMN` (default `modelName`; optional in messages).
-    pub model: String,
-}
-
-impl Default for Columns {
-    fn default() -> Self {
-        Columns {
-            hostname: "Hostname".into(),
-            gpu_id: "gpu_id".into(),
-            uuid: "uuid".into(),
-            device: "device".into(),
-            model: "modelName".into(),
-        }
-    }
-}
 
 /// The collector's settings, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,11 +48,8 @@ struct Raw {
     dedup_ttl: Option<String>,
     retention: Option<String>,
     metrics_port: Option<u16>,
-    hostname_column: Option<String>,
-    gpu_id_column: Option<String>,
-    uuid_column: Option<String>,
-    device_column: Option<String>,
-    model_column: Option<String>,
+    #[serde(flatten)]
+    columns: RawColumns,
 }
 
 impl CollectorConfig {
@@ -110,14 +82,6 @@ impl CollectorConfig {
             ));
         }
         let day = Duration::from_secs(24 * 3600);
-        let column = |var: &str, value: Option<String>, default: String| -> Result<String, ConfigError> {
-            match value {
-                Some(v) if v.trim().is_empty() => Err(ConfigError::invalid(var, v, "must not be blank")),
-                Some(v) => Ok(v.trim().to_string()),
-                None => Ok(default),
-            }
-        };
-        let d = Columns::default();
         Ok(CollectorConfig {
             common,
             collector_id,
@@ -131,13 +95,7 @@ impl CollectorConfig {
             dedup_ttl: duration_at_least("DEDUP_TTL", raw.dedup_ttl.as_deref(), day, MIN_LEASE_TTL)?,
             retention: duration_at_least("RETENTION", raw.retention.as_deref(), day, MIN_LEASE_TTL)?,
             metrics_port: raw.metrics_port.unwrap_or(0),
-            columns: Columns {
-                hostname: column("HOSTNAME_COLUMN", raw.hostname_column, d.hostname)?,
-                gpu_id: column("GPU_ID_COLUMN", raw.gpu_id_column, d.gpu_id)?,
-                uuid: column("UUID_COLUMN", raw.uuid_column, d.uuid)?,
-                device: column("DEVICE_COLUMN", raw.device_column, d.device)?,
-                model: column("MODEL_COLUMN", raw.model_column, d.model)?,
-            },
+            columns: Columns::try_from(raw.columns)?,
         })
     }
 }

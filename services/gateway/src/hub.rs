@@ -1,0 +1,428 @@
+//! The live feed: one etcd watch on the telemetry prefix per gateway process, fanned out to
+//! every WebSocket subscriber.
+//!
+//! The watch delivers whole revisions (fragments are reassembled), and each revision becomes
+//! one [`Batch`], sent to every subscriber whose filter matches one of its records. Each
+//! subscriber has a bounded channel; one that is full is dropped at once (never waited for), so
+//! a slow client cannot stall the others, and its socket task closes it with the last revision
+//! it was sent. Registration happens under the same lock as broadcasting, so a new subscriber
+//! learns the exact revision its live feed starts after ([`Subscription::start_revision`]).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use etcd_client::{Client, EventType, KeyValue};
+use telemetry_shared::{
+    Keyspace, Message, SchemaVersion,
+    config::Columns,
+    etcd::{EtcdError, current_revision, is_fragment, watch_prefix},
+};
+use tokio_util::sync::CancellationToken;
+
+/// One stored record as the live feed carries it.
+#[derive(Debug)]
+pub struct Event {
+    /// The etcd revision of the write.
+    pub revision: i64,
+    /// Host, from the record's key.
+    pub hostname: String,
+    /// GPU id within the host, from the record's key.
+    pub gpu_id: String,
+    /// GPU UUID, from the record's fields.
+    pub uuid: Option<String>,
+    /// Metric name, from the record's fields.
+    pub metric: Option<String>,
+    /// The record (`v1`).
+    pub message: Message,
+    encoded: [OnceLock<String>; 3],
+}
+
+impl Event {
+    /// Reads a record written under the data prefix; `None` (logged and counted) if the key or
+    /// value is not one.
+    pub fn decode(keys: &Keyspace, columns: &Columns, kv: &KeyValue) -> Option<Event> {
+        let key = String::from_utf8_lossy(kv.key());
+        let rest = key.strip_prefix(&keys.data_prefix())?;
+        let mut parts = rest.splitn(3, '/');
+        let (Some(hostname), Some(gpu_id), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            return None;
+        };
+        let message: Message = match serde_json::from_slice(kv.value()) {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(%key, error = %err, "skipping unreadable telemetry record");
+                metrics::counter!("gateway_unreadable_records_total").increment(1);
+                return None;
+            }
+        };
+        let text = |column: &str| match message.fields.get(column) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some(Event {
+            revision: kv.mod_revision(),
+            hostname: hostname.to_string(),
+            gpu_id: gpu_id.to_string(),
+            uuid: text(&columns.uuid),
+            metric: text(&columns.metric),
+            encoded: Default::default(),
+            message,
+        })
+    }
+
+    /// The record as JSON in `version`, encoded once per version however many subscribers
+    /// want it.
+    pub fn payload(&self, version: SchemaVersion) -> &str {
+        let slot = match version {
+            SchemaVersion::V1 => 0,
+            SchemaVersion::V1beta2 => 1,
+            SchemaVersion::V1beta1 => 2,
+        };
+        self.encoded[slot].get_or_init(|| self.message.to_version(version).to_string())
+    }
+}
+
+/// All the records of one etcd revision.
+#[derive(Debug)]
+pub struct Batch {
+    /// The revision.
+    pub revision: i64,
+    /// Its records, in key order.
+    pub events: Vec<Arc<Event>>,
+}
+
+/// What a subscriber wants to see; every set field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Filter {
+    /// Only this host.
+    pub hostname: Option<String>,
+    /// Only this gpu_id (on any host unless `hostname` is set too).
+    pub gpu_id: Option<String>,
+    /// Only this GPU UUID.
+    pub uuid: Option<String>,
+    /// Only this metric.
+    pub metric: Option<String>,
+}
+
+impl Filter {
+    /// Does `event` pass?
+    pub fn matches(&self, event: &Event) -> bool {
+        fn ok(want: &Option<String>, have: Option<&str>) -> bool {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        }
+        ok(&self.hostname, Some(&event.hostname))
+            && ok(&self.gpu_id, Some(&event.gpu_id))
+            && ok(&self.uuid, event.uuid.as_deref())
+            && ok(&self.metric, event.metric.as_deref())
+    }
+
+    /// Does any record of `batch` pass?
+    pub fn matches_any(&self, batch: &Batch) -> bool {
+        batch.events.iter().any(|e| self.matches(e))
+    }
+}
+
+/// Why the hub stopped feeding a subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Its buffer was full: it reads slower than telemetry arrives.
+    Slow,
+    /// The hub's watch lost history (compaction while it was disconnected): the feed has a gap
+    /// before revision `resumed_at`.
+    Gap {
+        /// The revision the hub resumed watching from.
+        resumed_at: i64,
+    },
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+struct Subscriber {
+    filter: Filter,
+    tx: tokio::sync::mpsc::Sender<Arc<Batch>>,
+    ended: Arc<Mutex<Option<Ended>>>,
+}
+
+struct Inner {
+    subscribers: Mutex<HashMap<u64, Subscriber>>,
+    next_id: AtomicU64,
+    /// The last revision broadcast (every record up to it has been offered to subscribers).
+    delivered: AtomicI64,
+    keys: Keyspace,
+    columns: Columns,
+}
+
+/// The fan-out hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("delivered", &self.delivered())
+            .field("subscribers", &self.subscribers())
+            .finish()
+    }
+}
+
+/// A subscriber's end of the feed. Dropping it unsubscribes.
+pub struct Subscription {
+    /// Batches after [`Subscription::start_revision`] that match the filter.
+    pub rx: tokio::sync::mpsc::Receiver<Arc<Batch>>,
+    /// Every record up to this revision was broadcast before the subscription existed; every
+    /// later one will be offered to it.
+    pub start_revision: i64,
+    ended: Arc<Mutex<Option<Ended>>>,
+    id: u64,
+    hub: Arc<Inner>,
+}
+
+impl Subscription {
+    /// Why the feed ended, once `rx` has returned `None`.
+    pub fn ended(&self) -> Ended {
+        self.ended
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or(None)
+            .unwrap_or(Ended::Shutdown)
+    }
+
+    /// Has the hub already given up on this subscriber (even if batches are still buffered)?
+    pub fn is_slow(&self) -> bool {
+        matches!(self.ended.lock().map(|e| e.clone()), Ok(Some(Ended::Slow)))
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut subs) = self.hub.subscribers.lock() {
+            subs.remove(&self.id);
+        }
+        metrics::gauge!("gateway_ws_subscribers").decrement(1.0);
+    }
+}
+
+impl Hub {
+    /// Reads the current revision and starts the watch task from just after it.
+    pub async fn start(
+        client: Client,
+        keys: Keyspace,
+        columns: Columns,
+        shutdown: CancellationToken,
+    ) -> Result<Hub, EtcdError> {
+        let revision = current_revision(&client).await?;
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                subscribers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                delivered: AtomicI64::new(revision),
+                keys,
+                columns,
+            }),
+        };
+        tokio::spawn(hub.clone().watch(client, shutdown));
+        Ok(hub)
+    }
+
+    /// The last revision broadcast.
+    pub fn delivered(&self) -> i64 {
+        self.inner.delivered.load(Ordering::Acquire)
+    }
+
+    /// How many subscribers are attached.
+    pub fn subscribers(&self) -> usize {
+        self.inner.subscribers.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// The key layout and columns the hub decodes with (replays use the same).
+    pub fn decoder(&self) -> (&Keyspace, &Columns) {
+        (&self.inner.keys, &self.inner.columns)
+    }
+
+    /// Attaches a subscriber with a buffer of `buffer` batches.
+    pub fn subscribe(&self, filter: Filter, buffer: usize) -> Subscription {
+        let (tx, rx) = tokio::sync::mpsc::channel(buffer.max(1));
+        let ended = Arc::new(Mutex::new(None));
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let start_revision = {
+            let mut subs = self
+                .inner
+                .subscribers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            subs.insert(
+                id,
+                Subscriber {
+                    filter,
+                    tx,
+                    ended: ended.clone(),
+                },
+            );
+            self.delivered()
+        };
+        metrics::gauge!("gateway_ws_subscribers").increment(1.0);
+        Subscription {
+            rx,
+            start_revision,
+            ended,
+            id,
+            hub: self.inner.clone(),
+        }
+    }
+
+    fn broadcast(&self, batches: Vec<Batch>, through: i64) {
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for batch in batches {
+            let batch = Arc::new(batch);
+            subs.retain(|_, sub| {
+                if !sub.filter.matches_any(&batch) {
+                    return true;
+                }
+                match sub.tx.try_send(batch.clone()) {
+                    Ok(()) => true,
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("gateway_ws_slow_closed_total").increment(1);
+                        end(sub, Ended::Slow);
+                        false
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+                }
+            });
+            metrics::counter!("gateway_live_records_total").increment(batch.events.len() as u64);
+            self.inner.delivered.store(batch.revision, Ordering::Release);
+        }
+        if through > self.delivered() {
+            self.inner.delivered.store(through, Ordering::Release);
+        }
+    }
+
+    fn end_all(&self, why: Ended) {
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (_, sub) in subs.drain() {
+            end(&sub, why.clone());
+        }
+    }
+
+    async fn watch(self, client: Client, shutdown: CancellationToken) {
+        let prefix = self.inner.keys.data_prefix();
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let from = self.delivered() + 1;
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                s = watch_prefix(&client, &prefix, from) => s,
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(error = %err, "live feed: cannot watch; retrying");
+                    sleep_or_cancel(&shutdown, backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let mut pending: Vec<Arc<Event>> = Vec::new();
+            let mut pending_top = 0i64;
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = stream.message() => m,
+                };
+                let resp = match message {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "live feed: watch failed; re-watching");
+                        break;
+                    }
+                };
+                backoff = Duration::from_millis(100);
+                if resp.canceled() {
+                    if resp.compact_revision() > 0 {
+                        self.recover_from_compaction(&client, resp.compact_revision()).await;
+                    } else {
+                        tracing::warn!(reason = resp.cancel_reason(), "live feed: watch cancelled; re-watching");
+                    }
+                    break;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    pending_top = pending_top.max(kv.mod_revision());
+                    if ev.event_type() != EventType::Put {
+                        continue;
+                    }
+                    let (keys, columns) = self.decoder();
+                    if let Some(event) = Event::decode(keys, columns, kv) {
+                        pending.push(Arc::new(event));
+                    }
+                }
+                if !is_fragment(&resp) && pending_top > 0 {
+                    self.broadcast(group(std::mem::take(&mut pending)), pending_top);
+                    pending_top = 0;
+                }
+            }
+            sleep_or_cancel(&shutdown, Duration::from_millis(50)).await;
+        }
+        self.end_all(Ended::Shutdown);
+    }
+
+    /// The history after our last revision is gone: subscribers get a gap notice (they can
+    /// fall back to REST), and the feed resumes from the current revision.
+    async fn recover_from_compaction(&self, client: &Client, compacted: i64) {
+        let resumed_at = current_revision(client).await.unwrap_or(compacted).max(compacted);
+        tracing::error!(
+            lost_after = self.delivered(),
+            compacted,
+            resumed_at,
+            "live feed: history was compacted while the watch was behind; subscribers are closed"
+        );
+        metrics::counter!("gateway_live_gaps_total").increment(1);
+        self.end_all(Ended::Gap { resumed_at });
+        self.inner.delivered.store(resumed_at, Ordering::Release);
+    }
+}
+
+fn end(sub: &Subscriber, why: Ended) {
+    if let Ok(mut ended) = sub.ended.lock() {
+        ended.get_or_insert(why);
+    }
+}
+
+/// Splits events (in revision order) into one batch per revision.
+pub fn group(events: Vec<Arc<Event>>) -> Vec<Batch> {
+    let mut batches: Vec<Batch> = Vec::new();
+    for event in events {
+        match batches.last_mut() {
+            Some(batch) if batch.revision == event.revision => batch.events.push(event),
+            _ => batches.push(Batch {
+                revision: event.revision,
+                events: vec![event],
+            }),
+        }
+    }
+    batches
+}
+
+async fn sleep_or_cancel(shutdown: &CancellationToken, duration: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(duration) => {}
+    }
+}

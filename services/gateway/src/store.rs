@@ -1,0 +1,478 @@
+//! Read access to what the collector stored: health, the GPU index, pages of one GPU's
+//! records, and the stats counters. Every read here is bounded: a page costs O(limit) keys
+//! whichever end it starts from, and stats read 32 counters and index counts, never the data.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use serde::Serialize;
+use telemetry_shared::{
+    Keyspace, Timestamp,
+    etcd::{EtcdError, range_prefix},
+    model::{GpuInfo, PartitionStats},
+};
+use tokio::sync::RwLock;
+use utoipa::ToSchema;
+
+use crate::{error::ApiError, query::Order};
+
+/// How long a cached copy of the GPU index is used before it is re-read.
+const DIRECTORY_MAX_AGE: Duration = Duration::from_secs(5);
+/// A lookup miss re-reads the index, but not more often than this.
+const DIRECTORY_MISS_REFRESH: Duration = Duration::from_millis(250);
+/// The first window a newest-first page probes, back from its upper bound.
+const FIRST_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// Probes before a newest-first page falls back to a keys-only scan.
+const MAX_PROBES: usize = 16;
+/// Pages of the keys-only fallback scan.
+const SCAN_PAGE: i64 = 5000;
+/// Timeout of the health probe.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// etcd as seen by `/health`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EtcdHealth {
+    /// The member that answered.
+    pub member_id: u64,
+    /// The store's current revision.
+    pub revision: i64,
+    /// The cluster leader's member id.
+    pub leader: u64,
+    /// etcd's version.
+    pub version: String,
+    /// Size of the member's backend database in bytes.
+    pub db_size_bytes: i64,
+}
+
+/// Totals for `/api/v1/stats`, read from the per-partition counters and index counts in one
+/// transaction (one consistent revision).
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+pub struct Stats {
+    /// Telemetry records written.
+    pub total_records: u64,
+    /// GPUs in the index.
+    pub unique_gpus: u64,
+    /// Hosts in the index.
+    pub unique_hosts: u64,
+    /// Oldest record timestamp written.
+    pub earliest_timestamp: Option<String>,
+    /// Newest record timestamp written.
+    pub latest_timestamp: Option<String>,
+    /// Messages waiting in the queue.
+    pub queue_depth: u64,
+    /// Messages dead-lettered (counter).
+    pub dead_letters: u64,
+    /// Dead letters currently stored (not yet replayed or purged).
+    pub dead_letters_stored: u64,
+    /// Duplicate messages the collectors absorbed.
+    pub duplicates_absorbed: u64,
+    /// The etcd revision these numbers were read at.
+    pub revision: i64,
+}
+
+/// One page of raw records, in the order asked for.
+#[derive(Debug, Default)]
+pub struct RawPage {
+    /// Records (key, value), in page order.
+    pub records: Vec<KeyValue>,
+    /// True if the range holds records beyond the ones returned.
+    pub more: bool,
+}
+
+/// Reads from etcd through one client.
+pub struct Store {
+    client: Client,
+    keys: Keyspace,
+    directory: RwLock<Option<(Instant, Arc<Vec<GpuInfo>>)>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("keys", &self.keys).finish_non_exhaustive()
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+impl Store {
+    /// A store over `client`, reading keys below `keys`.
+    pub fn new(client: Client, keys: Keyspace) -> Self {
+        Store {
+            client,
+            keys,
+            directory: RwLock::new(None),
+        }
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// The etcd client (the live hub watches through it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Asks the member we are connected to for its status, with a short timeout.
+    pub async fn health(&self) -> Result<EtcdHealth, String> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(HEALTH_TIMEOUT, client.status()).await {
+            Err(_) => Err(format!("etcd did not answer within {HEALTH_TIMEOUT:?}")),
+            Ok(Err(err)) => Err(format!("etcd: {err}")),
+            Ok(Ok(status)) => Ok(EtcdHealth {
+                member_id: status.header().map_or(0, |h| h.member_id()),
+                revision: header_revision(status.header()),
+                leader: status.leader(),
+                version: status.version().to_string(),
+                db_size_bytes: status.db_size(),
+            }),
+        }
+    }
+
+    /// Every GPU in the index, read now.
+    pub async fn gpus(&self) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
+        let (pairs, _) = range_prefix(&self.client, &self.keys.gpu_index_prefix(), 1000).await?;
+        let mut gpus: Vec<GpuInfo> = pairs
+            .iter()
+            .filter_map(|(key, value)| match serde_json::from_slice::<GpuInfo>(value) {
+                Ok(info) => Some(info),
+                Err(err) => {
+                    tracing::warn!(%key, error = %err, "skipping unreadable GPU index entry");
+                    metrics::counter!("gateway_unreadable_records_total").increment(1);
+                    None
+                }
+            })
+            .collect();
+        gpus.sort_by(|a, b| {
+            (a.hostname.as_str(), gpu_order(&a.gpu_id)).cmp(&(b.hostname.as_str(), gpu_order(&b.gpu_id)))
+        });
+        let gpus = Arc::new(gpus);
+        *self.directory.write().await = Some((Instant::now(), gpus.clone()));
+        Ok(gpus)
+    }
+
+    /// The cached GPU index (re-read when older than a few seconds, or on a miss when `miss`).
+    async fn directory(&self, miss: bool) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
+        if let Some((at, gpus)) = &*self.directory.read().await {
+            let age = at.elapsed();
+            if age < DIRECTORY_MAX_AGE && !(miss && age > DIRECTORY_MISS_REFRESH) {
+                return Ok(gpus.clone());
+            }
+        }
+        self.gpus().await
+    }
+
+    /// Finds the GPU a telemetry request names: `{id}` is a UUID, or a gpu_id together with
+    /// `hostname`. A bare gpu_id is accepted only if exactly one host has it.
+    pub async fn resolve_gpu(&self, id: &str, hostname: Option<&str>) -> Result<GpuInfo, ApiError> {
+        let lookup = |gpus: &[GpuInfo]| -> Vec<GpuInfo> {
+            if let Some(found) = gpus.iter().find(|g| g.uuid == id) {
+                return vec![found.clone()];
+            }
+            gpus.iter()
+                .filter(|g| g.gpu_id == id && hostname.is_none_or(|h| g.hostname == h))
+                .cloned()
+                .collect()
+        };
+        let mut found = lookup(&self.directory(false).await?);
+        if found.is_empty() {
+            found = lookup(&self.directory(true).await?);
+        }
+        match found.len() {
+            0 => Err(ApiError::not_found(match hostname {
+                Some(h) => format!("no GPU {id:?} on host {h:?} (and no GPU has UUID {id:?})"),
+                None => format!("no GPU has UUID or gpu_id {id:?}"),
+            })),
+            1 => {
+                let gpu = found.remove(0);
+                if let Some(h) = hostname
+                    && gpu.hostname != h
+                {
+                    return Err(ApiError::not_found(format!(
+                        "GPU {id:?} is on host {:?}, not {h:?}",
+                        gpu.hostname
+                    )));
+                }
+                Ok(gpu)
+            }
+            n => Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "ambiguous_gpu_id",
+                format!(
+                    "gpu_id {id:?} exists on {n} hosts; add ?hostname= or use the GPU's UUID \
+                     (see /api/v1/gpus)"
+                ),
+            )),
+        }
+    }
+
+    async fn range(&self, lo: &[u8], hi: &[u8], options: GetOptions) -> Result<etcd_client::GetResponse, EtcdError> {
+        Ok(self
+            .client
+            .clone()
+            .get(lo.to_vec(), Some(options.with_range(hi.to_vec())))
+            .await?)
+    }
+
+    /// Up to `n` records of `[lo, hi)` under `prefix` in `order`, all read at one revision
+    /// (`revision`, or the current one if 0, which is then stored there). `newest_hint` is the
+    /// newest record time known for the range (the GPU's `last_seen`); newest-first pages probe
+    /// back from it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn page(
+        &self,
+        prefix: &str,
+        lo: &[u8],
+        hi: &[u8],
+        order: Order,
+        n: usize,
+        newest_hint: Option<Timestamp>,
+        revision: &mut i64,
+    ) -> Result<RawPage, EtcdError> {
+        if lo >= hi || n == 0 {
+            return Ok(RawPage::default());
+        }
+        match order {
+            Order::Asc => {
+                let resp = self
+                    .range(lo, hi, at(GetOptions::new().with_limit(n as i64), *revision))
+                    .await?;
+                pin(revision, &resp);
+                let more = resp.more();
+                let mut resp = resp;
+                Ok(RawPage {
+                    records: resp.take_kvs(),
+                    more,
+                })
+            }
+            Order::Desc => self.newest(prefix, lo, hi, n, newest_hint, revision).await,
+        }
+    }
+
+    /// The newest `n` records of `[lo, hi)`, newest first, in O(n) reads.
+    ///
+    /// etcd can only return the *first* keys of a range cheaply (a descending sort reads the
+    /// whole range). Keys start with a fixed-width timestamp, so this probes time windows back
+    /// from the top of the range with count-only requests (which touch only etcd's in-memory
+    /// index) until a window holds between n and about 4n records, then reads just that
+    /// window. Bursty data that defeats the probes falls back to a keys-only scan.
+    async fn newest(
+        &self,
+        prefix: &str,
+        lo: &[u8],
+        hi: &[u8],
+        n: usize,
+        newest_hint: Option<Timestamp>,
+        revision: &mut i64,
+    ) -> Result<RawPage, EtcdError> {
+        let ceiling = 4 * n + 64;
+        let top = top_time(prefix, hi, newest_hint);
+        let mut window = FIRST_WINDOW;
+        let mut start = lo.to_vec();
+        for _ in 0..MAX_PROBES {
+            start = window_start(prefix, lo, top, window);
+            let whole = start.as_slice() <= lo;
+            let resp = self
+                .range(&start, hi, at(GetOptions::new().with_count_only(), *revision))
+                .await?;
+            pin(revision, &resp);
+            let count = resp.count().max(0) as usize;
+            if count <= ceiling && (count >= n || whole) {
+                let mut resp = self.range(&start, hi, at(GetOptions::new(), *revision)).await?;
+                let mut records = resp.take_kvs();
+                records.reverse();
+                let fetched = records.len();
+                records.truncate(n);
+                let more = if fetched > n {
+                    true
+                } else if whole {
+                    false
+                } else {
+                    self.any_below(lo, &start, *revision).await?
+                };
+                return Ok(RawPage { records, more });
+            }
+            if count < n {
+                let factor = (2 * n).checked_div(count).map_or(16, |f| f.clamp(2, 16));
+                window = window.checked_mul(factor as i32).unwrap_or(chrono::TimeDelta::MAX);
+            } else {
+                let micros = (window.num_microseconds().unwrap_or(i64::MAX) as f64 * (2 * n) as f64
+                    / count as f64)
+                    .max(1.0);
+                window = chrono::TimeDelta::microseconds(micros as i64);
+            }
+        }
+        self.newest_by_scan(&start, hi, n, revision).await
+    }
+
+    /// Is there a record in `[lo, below)`?
+    async fn any_below(&self, lo: &[u8], below: &[u8], revision: i64) -> Result<bool, EtcdError> {
+        if lo >= below {
+            return Ok(false);
+        }
+        let resp = self
+            .range(lo, below, at(GetOptions::new().with_count_only(), revision))
+            .await?;
+        Ok(resp.count() > 0)
+    }
+
+    /// Fallback of [`Store::newest`]: walk the keys of `[start, hi)` (keys only), keep the last
+    /// `n`, then read their values. The records below `start` are reported through `more`.
+    async fn newest_by_scan(&self, start: &[u8], hi: &[u8], n: usize, revision: &mut i64) -> Result<RawPage, EtcdError> {
+        metrics::counter!("gateway_newest_fallback_scans_total").increment(1);
+        let mut last: VecDeque<Vec<u8>> = VecDeque::with_capacity(n + 1);
+        let mut from = start.to_vec();
+        let mut seen = 0usize;
+        loop {
+            let mut resp = self
+                .range(
+                    &from,
+                    hi,
+                    at(GetOptions::new().with_keys_only().with_limit(SCAN_PAGE), *revision),
+                )
+                .await?;
+            pin(revision, &resp);
+            let more = resp.more();
+            for kv in resp.take_kvs() {
+                seen += 1;
+                last.push_back(kv.key().to_vec());
+                if last.len() > n {
+                    last.pop_front();
+                }
+            }
+            match last.back() {
+                Some(key) if more => {
+                    from = key.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let Some(first) = last.front() else {
+            return Ok(RawPage::default());
+        };
+        let mut resp = self.range(first, hi, at(GetOptions::new(), *revision)).await?;
+        let mut records = resp.take_kvs();
+        records.reverse();
+        Ok(RawPage {
+            more: seen > records.len(),
+            records,
+        })
+    }
+
+    /// Sums the partition counters and counts the index, queue and dead letters, in one
+    /// transaction.
+    pub async fn stats(&self) -> Result<Stats, EtcdError> {
+        let keys = &self.keys;
+        let prefix = |p: String| {
+            let end = telemetry_shared::keys::prefix_end(&p);
+            (p, end)
+        };
+        let (stats_lo, stats_hi) = prefix(keys.stats_prefix());
+        let counts = [
+            keys.gpu_index_prefix(),
+            keys.host_index_prefix(),
+            keys.queue_prefix(),
+            keys.deadletter_prefix(),
+        ];
+        let mut ops = vec![TxnOp::get(stats_lo, Some(GetOptions::new().with_range(stats_hi)))];
+        for p in counts {
+            let (lo, hi) = prefix(p);
+            ops.push(TxnOp::get(lo, Some(GetOptions::new().with_range(hi).with_count_only())));
+        }
+        let resp = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        let revision = header_revision(resp.header());
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let mut total = PartitionStats::default();
+        if let Some(counters) = gets.next() {
+            for kv in counters.kvs() {
+                match serde_json::from_slice::<PartitionStats>(kv.value()) {
+                    Ok(s) => {
+                        total.records += s.records;
+                        total.duplicates += s.duplicates;
+                        total.dead_letters += s.dead_letters;
+                        total.earliest = min_some(total.earliest, s.earliest);
+                        total.latest = total.latest.max(s.latest);
+                    }
+                    Err(err) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %err, "unreadable stats counter");
+                    }
+                }
+            }
+        }
+        let mut count = || gets.next().map_or(0, |g| g.count().max(0) as u64);
+        Ok(Stats {
+            total_records: total.records,
+            unique_gpus: count(),
+            unique_hosts: count(),
+            queue_depth: count(),
+            dead_letters_stored: count(),
+            dead_letters: total.dead_letters,
+            duplicates_absorbed: total.duplicates,
+            earliest_timestamp: total.earliest.map(|t| t.to_string()),
+            latest_timestamp: total.latest.map(|t| t.to_string()),
+            revision,
+        })
+    }
+}
+
+fn min_some(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Sort key of a gpu_id: numeric ids in numeric order, then others.
+fn gpu_order(id: &str) -> (u64, &str) {
+    (id.parse().unwrap_or(u64::MAX), id)
+}
+
+fn at(options: GetOptions, revision: i64) -> GetOptions {
+    if revision > 0 { options.with_revision(revision) } else { options }
+}
+
+fn pin(revision: &mut i64, resp: &etcd_client::GetResponse) {
+    if *revision == 0 {
+        *revision = header_revision(resp.header());
+    }
+}
+
+/// The time to probe back from: the timestamp that opens `hi` (a cursor or `end_time` bound)
+/// if it has one, otherwise the later of now and the newest record known (plus a margin, as
+/// `last_seen` is updated about once a second).
+fn top_time(prefix: &str, hi: &[u8], newest_hint: Option<Timestamp>) -> Timestamp {
+    std::str::from_utf8(hi)
+        .ok()
+        .and_then(|k| k.strip_prefix(prefix))
+        .and_then(|rest| rest.get(..27))
+        .and_then(|ts| Timestamp::parse(ts).ok())
+        .unwrap_or_else(|| {
+            let now = Timestamp::now();
+            let hint = newest_hint
+                .and_then(|t| t.as_datetime().checked_add_signed(chrono::TimeDelta::seconds(5)))
+                .map(Timestamp::from_datetime);
+            hint.map_or(now, |h| h.max(now))
+        })
+}
+
+/// The first key of the window `[top - window, …)`, never below `lo`.
+fn window_start(prefix: &str, lo: &[u8], top: Timestamp, window: chrono::TimeDelta) -> Vec<u8> {
+    match top.as_datetime().checked_sub_signed(window) {
+        Some(t) if t.timestamp() > 0 => {
+            let key = format!("{prefix}{}", Timestamp::from_datetime(t)).into_bytes();
+            key.max(lo.to_vec())
+        }
+        _ => lo.to_vec(),
+    }
+}
