@@ -175,7 +175,9 @@ mod tests {
             CorsOrigins::List(vec!["https://a.example".into(), "http://b:3000".into()])
         );
         assert_eq!(
-            load(&[("GATEWAY_CORS_ORIGINS", "*")]).expect("valid").cors_origins,
+            load(&[("GATEWAY_CORS_ORIGINS", "*")])
+                .expect("valid")
+                .cors_origins,
             CorsOrigins::Any
         );
     }

@@ -356,9 +356,13 @@ impl Hub {
                 backoff = Duration::from_millis(100);
                 if resp.canceled() {
                     if resp.compact_revision() > 0 {
-                        self.recover_from_compaction(&client, resp.compact_revision()).await;
+                        self.recover_from_compaction(&client, resp.compact_revision())
+                            .await;
                     } else {
-                        tracing::warn!(reason = resp.cancel_reason(), "live feed: watch cancelled; re-watching");
+                        tracing::warn!(
+                            reason = resp.cancel_reason(),
+                            "live feed: watch cancelled; re-watching"
+                        );
                     }
                     break;
                 }

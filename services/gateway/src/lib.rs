@@ -122,9 +122,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), timeout));
     let cors = match &state.config.cors_origins {
         CorsOrigins::Any => CorsLayer::new().allow_origin(AllowOrigin::any()),
-        CorsOrigins::List(list) => CorsLayer::new().allow_origin(AllowOrigin::list(
-            list.iter().filter_map(|o| o.parse().ok()),
-        )),
+        CorsOrigins::List(list) => {
+            CorsLayer::new().allow_origin(AllowOrigin::list(list.iter().filter_map(|o| o.parse().ok())))
+        }
         CorsOrigins::None => CorsLayer::new(),
     }
     .allow_methods([Method::GET, Method::OPTIONS])
@@ -157,7 +157,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let keys = Keyspace::new(&config.common.etcd_namespace);
-    let hub = hub::Hub::start(client.clone(), keys.clone(), config.columns.clone(), shutdown.clone()).await?;
+    let hub = hub::Hub::start(
+        client.clone(),
+        keys.clone(),
+        config.columns.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let state = Arc::new(AppState {
         store: store::Store::new(client, keys),
         hub,
@@ -210,7 +216,11 @@ async fn metrics_text(State(app): State<Arc<AppState>>) -> Response {
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 async fn method_not_allowed(request: Request) -> ApiError {

@@ -74,7 +74,11 @@ mod tests {
         );
         let err = negotiate(Some("v2"), None).expect_err("unknown");
         assert_eq!(err.status.as_u16(), 406);
-        assert!(err.body.detail.contains("v1, v1beta2, v1beta1"), "{}", err.body.detail);
+        assert!(
+            err.body.detail.contains("v1, v1beta2, v1beta1"),
+            "{}",
+            err.body.detail
+        );
     }
 
     #[test]

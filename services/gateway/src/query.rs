@@ -103,7 +103,12 @@ impl Cursor {
 
     /// Reads a cursor back; anything we did not issue is rejected.
     pub fn decode(text: &str) -> Result<Self, ApiError> {
-        let bad = || ApiError::invalid("cursor", "not a cursor this gateway issued (use next_cursor as given)");
+        let bad = || {
+            ApiError::invalid(
+                "cursor",
+                "not a cursor this gateway issued (use next_cursor as given)",
+            )
+        };
         if text.len() > 512 {
             return Err(bad());
         }
@@ -168,7 +173,12 @@ impl TelemetryQuery {
         let order = match raw.order.as_deref().map(str::trim) {
             None | Some("desc") => Order::Desc,
             Some("asc") => Order::Asc,
-            Some(other) => return Err(ApiError::invalid("order", format!("{other:?} is not asc or desc"))),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "order",
+                    format!("{other:?} is not asc or desc"),
+                ));
+            }
         };
         let cursor = raw.cursor.as_deref().map(Cursor::decode).transpose()?;
         if let Some(c) = &cursor
@@ -176,7 +186,11 @@ impl TelemetryQuery {
         {
             return Err(ApiError::invalid(
                 "cursor",
-                format!("was issued for order={}, not order={}", c.order.as_str(), order.as_str()),
+                format!(
+                    "was issued for order={}, not order={}",
+                    c.order.as_str(),
+                    order.as_str()
+                ),
             ));
         }
         let metric = match raw.metric.as_deref().map(str::trim) {
@@ -294,7 +308,8 @@ mod tests {
             suffix: "2026-01-01T00:00:00.000000Z_01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
         };
         assert_eq!(Cursor::decode(&cursor.encode()), Ok(cursor.clone()));
-        let q = TelemetryQuery::parse(&raw(&[("order", "asc"), ("cursor", &cursor.encode())])).expect("valid");
+        let q =
+            TelemetryQuery::parse(&raw(&[("order", "asc"), ("cursor", &cursor.encode())])).expect("valid");
         let (lo, _) = q.key_range("/d/h/0/");
         assert!(lo > first);
         let err = TelemetryQuery::parse(&raw(&[("cursor", &cursor.encode())])).expect_err("order mismatch");

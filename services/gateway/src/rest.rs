@@ -26,7 +26,8 @@ use crate::{
 pub const MAX_SCAN: usize = 20_000;
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(t)| t).map_err(|e| ApiError::invalid("query", e.body_text()))
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
 }
 
 /// The live feed as `/health` reports it.
@@ -60,9 +61,11 @@ pub struct Health {
     tag = "health"
 )]
 pub async fn health(State(app): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
-    let etcd = app.store.health().await.map_err(|reason| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "etcd_unavailable", reason)
-    })?;
+    let etcd = app
+        .store
+        .health()
+        .await
+        .map_err(|reason| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "etcd_unavailable", reason))?;
     Ok(Json(Health {
         status: "ok".into(),
         etcd,
@@ -213,9 +216,9 @@ pub async fn gpu_telemetry(
     let (mut lo, mut hi) = q.key_range(&prefix);
     let metric_column = &app.config.columns.metric;
     let matches = |m: &Message| {
-        q.metric.as_deref().is_none_or(|want| {
-            matches!(m.fields.get(metric_column), Some(serde_json::Value::String(s)) if s == want)
-        })
+        q.metric.as_deref().is_none_or(
+            |want| matches!(m.fields.get(metric_column), Some(serde_json::Value::String(s)) if s == want),
+        )
     };
 
     // Collect offset + limit matches, plus one to learn whether there are more.
@@ -227,10 +230,22 @@ pub async fn gpu_telemetry(
     let mut more = false;
     loop {
         let want = need + 1 - matched.len();
-        let batch = if q.metric.is_some() { (want * 2).clamp(256, 2000) } else { want };
+        let batch = if q.metric.is_some() {
+            (want * 2).clamp(256, 2000)
+        } else {
+            want
+        };
         let page = app
             .store
-            .page(&prefix, &lo, &hi, q.order, batch, Some(gpu.last_seen), &mut revision)
+            .page(
+                &prefix,
+                &lo,
+                &hi,
+                q.order,
+                batch,
+                Some(gpu.last_seen),
+                &mut revision,
+            )
             .await?;
         let fetched = page.records.len();
         for kv in &page.records {

@@ -92,7 +92,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("keys", &self.keys).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,7 +215,12 @@ impl Store {
         }
     }
 
-    async fn range(&self, lo: &[u8], hi: &[u8], options: GetOptions) -> Result<etcd_client::GetResponse, EtcdError> {
+    async fn range(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, EtcdError> {
         Ok(self
             .client
             .clone()
@@ -301,7 +308,9 @@ impl Store {
             }
             if count < n {
                 let factor = (2 * n).checked_div(count).map_or(16, |f| f.clamp(2, 16));
-                window = window.checked_mul(factor as i32).unwrap_or(chrono::TimeDelta::MAX);
+                window = window
+                    .checked_mul(factor as i32)
+                    .unwrap_or(chrono::TimeDelta::MAX);
             } else {
                 let micros = (window.num_microseconds().unwrap_or(i64::MAX) as f64 * (2 * n) as f64
                     / count as f64)
@@ -325,7 +334,13 @@ impl Store {
 
     /// Fallback of [`Store::newest`]: walk the keys of `[start, hi)` (keys only), keep the last
     /// `n`, then read their values. The records below `start` are reported through `more`.
-    async fn newest_by_scan(&self, start: &[u8], hi: &[u8], n: usize, revision: &mut i64) -> Result<RawPage, EtcdError> {
+    async fn newest_by_scan(
+        &self,
+        start: &[u8],
+        hi: &[u8],
+        n: usize,
+        revision: &mut i64,
+    ) -> Result<RawPage, EtcdError> {
         metrics::counter!("gateway_newest_fallback_scans_total").increment(1);
         let mut last: VecDeque<Vec<u8>> = VecDeque::with_capacity(n + 1);
         let mut from = start.to_vec();
@@ -335,7 +350,10 @@ impl Store {
                 .range(
                     &from,
                     hi,
-                    at(GetOptions::new().with_keys_only().with_limit(SCAN_PAGE), *revision),
+                    at(
+                        GetOptions::new().with_keys_only().with_limit(SCAN_PAGE),
+                        *revision,
+                    ),
                 )
                 .await?;
             pin(revision, &resp);
@@ -385,7 +403,10 @@ impl Store {
         let mut ops = vec![TxnOp::get(stats_lo, Some(GetOptions::new().with_range(stats_hi)))];
         for p in counts {
             let (lo, hi) = prefix(p);
-            ops.push(TxnOp::get(lo, Some(GetOptions::new().with_range(hi).with_count_only())));
+            ops.push(TxnOp::get(
+                lo,
+                Some(GetOptions::new().with_range(hi).with_count_only()),
+            ));
         }
         let resp = self.client.clone().txn(Txn::new().and_then(ops)).await?;
         let revision = header_revision(resp.header());
@@ -439,7 +460,11 @@ fn gpu_order(id: &str) -> (u64, &str) {
 }
 
 fn at(options: GetOptions, revision: i64) -> GetOptions {
-    if revision > 0 { options.with_revision(revision) } else { options }
+    if revision > 0 {
+        options.with_revision(revision)
+    } else {
+        options
+    }
 }
 
 fn pin(revision: &mut i64, resp: &etcd_client::GetResponse) {

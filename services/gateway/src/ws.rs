@@ -20,7 +20,10 @@ use std::{sync::Arc, time::Instant};
 use axum::{
     extract::{
         Query, State,
-        ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+        ws::{
+            CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade,
+            rejection::WebSocketUpgradeRejection,
+        },
     },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
@@ -178,7 +181,10 @@ enum Step {
 
 impl Session {
     async fn run(mut self, since: Option<i64>) {
-        let mut sub = self.app.hub.subscribe(self.filter.clone(), self.app.config.ws_buffer);
+        let mut sub = self
+            .app
+            .hub
+            .subscribe(self.filter.clone(), self.app.config.ws_buffer);
         let live_from = sub.start_revision;
         self.last_sent = since.unwrap_or(live_from);
         let hello = serde_json::json!({

@@ -1,0 +1,158 @@
+//! Helpers: a real etcd per test, the sample streamed and collected into it, and the gateway
+//! served in process on a free port.
+
+use std::{path::PathBuf, time::Duration};
+
+use etcd_client::Client;
+use telemetry_collector::CollectorConfig;
+use telemetry_gateway::GatewayConfig;
+use telemetry_harness::{EtcdOptions, EtcdServer, count};
+use telemetry_shared::Keyspace;
+use telemetry_streamer::{Flags, StreamerConfig};
+use tokio_util::sync::CancellationToken;
+
+pub const NS: &str = "/g";
+
+pub fn keys() -> Keyspace {
+    Keyspace::new(NS)
+}
+
+pub fn sample_csv() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv")
+}
+
+pub async fn etcd() -> (EtcdServer, Client) {
+    let options = EtcdOptions {
+        extra_args: vec!["--max-txn-ops".into(), "128".into()],
+        ..EtcdOptions::fast()
+    };
+    let server = EtcdServer::start_with(options).await.expect("etcd starts");
+    let client = server.client().await.expect("client connects");
+    (server, client)
+}
+
+fn vars(server: &EtcdServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = vec![
+        ("ETCD_ENDPOINTS".into(), server.endpoint()),
+        ("ETCD_NAMESPACE".into(), NS.into()),
+    ];
+    for (k, v) in extra {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k.to_string(), v.to_string()));
+    }
+    vars
+}
+
+/// The streamer, one-shot over the sample as fast as it can.
+pub async fn stream_sample(server: &EtcdServer, client: &Client, stream_id: &str) {
+    let csv = sample_csv().display().to_string();
+    let pairs = [
+        ("CSV_PATH", csv.as_str()),
+        ("RATE", "0"),
+        ("LOOP", "false"),
+        ("STREAM_ID", stream_id),
+        ("MAX_QUEUE_DEPTH", "0"),
+    ];
+    let config = StreamerConfig::from_vars(vars(server, &pairs), &Flags::default()).expect("streamer config");
+    let totals = telemetry_streamer::run(config, client.clone(), CancellationToken::new())
+        .await
+        .expect("streamer runs");
+    assert_eq!(totals.enqueued, 2470);
+}
+
+/// A collector running in process until the token is cancelled.
+pub fn spawn_collector(server: &EtcdServer, client: &Client) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let config = CollectorConfig::from_vars(vars(server, &[("COLLECTOR_ID", "c1"), ("LEASE_TTL", "3s")]))
+        .expect("collector config");
+    tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
+    stop
+}
+
+/// Waits until `n` records are stored and the queue is empty.
+pub async fn wait_stored(client: &Client, n: i64) {
+    let ok = telemetry_harness::eventually(Duration::from_secs(60), || async {
+        count(client, &keys().data_prefix()).await.unwrap_or(0) >= n
+            && count(client, &keys().queue_prefix()).await.unwrap_or(1) == 0
+    })
+    .await;
+    assert!(ok, "the sample was not collected in time");
+}
+
+/// Streams and collects the whole sample, then stops the collector.
+pub async fn load_sample(server: &EtcdServer, client: &Client) {
+    let stop = spawn_collector(server, client);
+    stream_sample(server, client, "dcgm").await;
+    wait_stored(client, 2470).await;
+    stop.cancel();
+}
+
+/// A gateway served in process.
+pub struct Gateway {
+    /// `http://127.0.0.1:{port}`.
+    pub base: String,
+    /// `ws://127.0.0.1:{port}`.
+    pub ws: String,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), telemetry_gateway::GatewayError>>,
+}
+
+pub async fn spawn_gateway(server: &EtcdServer, client: &Client, extra: &[(&str, &str)]) -> Gateway {
+    let config = GatewayConfig::from_vars(vars(server, extra)).expect("gateway config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(telemetry_gateway::run(
+        config,
+        listener,
+        client.clone(),
+        stop.clone(),
+    ));
+    Gateway {
+        base: format!("http://127.0.0.1:{port}"),
+        ws: format!("ws://127.0.0.1:{port}"),
+        stop,
+        task,
+    }
+}
+
+impl Gateway {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("gateway stops within 10 s")
+            .expect("joins")
+            .expect("gateway ran cleanly");
+    }
+}
+
+/// GET → (status, JSON body).
+pub async fn get(http: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    get_with(http, url, None).await
+}
+
+pub async fn get_with(http: &reqwest::Client, url: &str, accept: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = http.get(url);
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: body is not JSON ({e}): {text}"));
+    (status, body)
+}
+
+/// Compiles the JSON Schema the gateway serves for `version`.
+pub async fn validator(http: &reqwest::Client, base: &str, version: &str) -> jsonschema::Validator {
+    let (status, schema) = get(http, &format!("{base}/schemas/{version}.json")).await;
+    assert_eq!(status, 200);
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+pub fn assert_valid(validator: &jsonschema::Validator, item: &serde_json::Value) {
+    let errors: Vec<String> = validator.iter_errors(item).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{item} does not validate: {errors:?}");
+}

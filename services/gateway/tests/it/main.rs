@@ -1,0 +1,6 @@
+//! Integration tests of the gateway against a real etcd holding data the real streamer and
+//! collector wrote.
+
+mod helpers;
+mod rest;
+mod ws;
