@@ -430,3 +430,86 @@ async fn sleep_or_cancel(shutdown: &CancellationToken, duration: Duration) {
         _ = tokio::time::sleep(duration) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemetry_shared::{Fields, Timestamp};
+
+    fn detached() -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                subscribers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                delivered: AtomicI64::new(10),
+                keys: Keyspace::new("/t"),
+                columns: Columns::default(),
+            }),
+        }
+    }
+
+    fn event(revision: i64, host: &str) -> Arc<Event> {
+        let mut fields = Fields::new();
+        fields.insert("metric_name".into(), "M".into());
+        Arc::new(Event {
+            revision,
+            hostname: host.into(),
+            gpu_id: "0".into(),
+            uuid: Some("GPU-1".into()),
+            metric: Some("M".into()),
+            message: Message {
+                schema_version: SchemaVersion::V1,
+                id: ulid::Ulid::from_parts(1, revision as u128),
+                timestamp: Timestamp::now(),
+                idempotency_key: "ab".repeat(32),
+                source: None,
+                fields,
+            },
+            encoded: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_full_subscriber_is_dropped_without_stalling_others() {
+        let hub = detached();
+        let mut fast = hub.subscribe(Filter::default(), 8);
+        let slow = hub.subscribe(Filter::default(), 2);
+        let other_host = hub.subscribe(
+            Filter {
+                hostname: Some("b".into()),
+                ..Filter::default()
+            },
+            1,
+        );
+        assert_eq!(fast.start_revision, 10);
+        for rev in 11..=14 {
+            hub.broadcast(group(vec![event(rev, "a")]), rev);
+        }
+        // The slow one overflowed at the third batch and was dropped; the filtered one never
+        // matched and is still attached; the fast one got all four.
+        assert!(slow.is_slow());
+        assert!(!other_host.is_slow());
+        assert_eq!(hub.subscribers(), 2);
+        let mut revisions = Vec::new();
+        while let Ok(batch) = fast.rx.try_recv() {
+            revisions.push(batch.revision);
+        }
+        assert_eq!(revisions, vec![11, 12, 13, 14]);
+        // A late subscriber starts after what was already broadcast.
+        assert_eq!(hub.subscribe(Filter::default(), 1).start_revision, 14);
+        // Gap and shutdown reach everyone attached.
+        hub.end_all(Ended::Gap { resumed_at: 99 });
+        assert_eq!(other_host.ended(), Ended::Gap { resumed_at: 99 });
+        assert_eq!(hub.subscribers(), 0);
+    }
+
+    #[test]
+    fn payloads_are_encoded_once_per_version() {
+        let e = event(5, "a");
+        let v1 = e.payload(SchemaVersion::V1).as_ptr();
+        assert_eq!(e.payload(SchemaVersion::V1).as_ptr(), v1);
+        assert!(e.payload(SchemaVersion::V1beta1).contains("\"timestamp_ms\""));
+        assert!(Filter { metric: Some("M".into()), ..Filter::default() }.matches(&e));
+        assert!(!Filter { uuid: Some("GPU-2".into()), ..Filter::default() }.matches(&e));
+    }
+}

@@ -7,7 +7,10 @@
 //! 2. streamer, `RATE=0`, one-shot over a generated CSV (the DCGM sample repeated), with 1 and
 //!    with 4 workers;
 //! 3. end to end: streamer (`RATE=0`, 16 workers) while 1, 2 and 4 collectors drain the queue,
-//!    timed until every message is committed and the queue is empty.
+//!    timed until every message is committed and the queue is empty;
+//! 4. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
+//!    stored over 250 GPUs, p50/p99 from 1 and from 8 concurrent clients; then WebSocket
+//!    write-to-delivery p50/p99 with `--subscribers` (100) subscribers.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
@@ -40,6 +43,15 @@ struct Args {
     /// Seconds per raw etcd phase.
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
+    /// Telemetry points stored for the gateway query phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    points: usize,
+    /// WebSocket subscribers in the live-latency phase.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Run only the gateway phases (quicker).
+    #[arg(long)]
+    gateway_only: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -263,6 +275,41 @@ fn message_size() -> anyhow::Result<usize> {
     Ok(bytes / n.max(1))
 }
 
+async fn gateway_phases(server: &EtcdServer, client: &Client, args: &Args, table: &mut Vec<Row>) -> anyhow::Result<()> {
+    use telemetry_tests::gateway_bench as gw;
+    let keys = Keyspace::new("/bench/gw");
+    eprintln!("gateway: storing {} points over {} GPUs ...", args.points, gw::GPUS);
+    let secs = gw::load_points(client, &keys, args.points).await?;
+    eprintln!("  stored in {secs:.1} s");
+    let gateway = gw::Gateway::start(server, client, "/bench/gw", &[("WS_MAX_CONNECTIONS", "2000")]).await?;
+    // Warm up connections and caches.
+    gw::last_100_latency(&gateway.addr, 100, 1).await?;
+    for clients in [1usize, 8] {
+        eprintln!("gateway: last 100 points of one GPU, {clients} client(s) ...");
+        let p = gw::last_100_latency(&gateway.addr, 2000, clients).await?;
+        for (q, v) in [("p50", p.p50), ("p99", p.p99)] {
+            table.push(Row {
+                name: format!("gateway_last100_{clients}c_{q}"),
+                value: v,
+                unit: "ms",
+                note: format!("{} requests, {} points stored", p.n, args.points),
+            });
+        }
+    }
+    eprintln!("gateway: WebSocket write-to-delivery, {} subscribers ...", args.subscribers);
+    let p = gw::ws_latency(&gateway.addr, client, &keys, args.subscribers, 1000, 200.0).await?;
+    for (q, v) in [("p50", p.p50), ("p99", p.p99)] {
+        table.push(Row {
+            name: format!("gateway_ws_delivery_{q}"),
+            value: v,
+            unit: "ms",
+            note: format!("{} subscribers x 1000 writes at 200/s", args.subscribers),
+        });
+    }
+    gateway.stop().await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -283,100 +330,104 @@ async fn main() -> anyhow::Result<()> {
     let (csv, rows) = generated_csv(dir.path(), args.rows)?;
 
     let mut table = Vec::new();
-    eprintln!("raw etcd, 1 client, 128-put transactions of {value_len}-byte values ...");
-    let raw1 = raw_txn_rate(&client, 1, value_len, args.seconds).await?;
-    reset(&mut client).await?;
-    eprintln!("raw etcd, 4 clients ...");
-    let raw4 = raw_txn_rate(&client, 4, value_len, args.seconds).await?;
-    reset(&mut client).await?;
-    eprintln!("raw etcd, 16 clients ...");
-    let raw16 = raw_txn_rate(&client, 16, value_len, args.seconds).await?;
-    reset(&mut client).await?;
-    eprintln!("streamer, 1 worker, RATE=0, {rows} rows ...");
-    let (s1, n1) = streamer_rate(&server, &client, &csv, 1).await?;
-    reset(&mut client).await?;
-    eprintln!("streamer, 4 workers, RATE=0, {rows} rows each ...");
-    let (s4, n4) = streamer_rate(&server, &client, &csv, 4).await?;
-    let e2e_rows = (rows / E2E_WORKERS).max(1);
-    let (e2e_csv, _) = generated_csv_named(dir.path(), "e2e.csv", e2e_rows)?;
-    let mut e2e = Vec::new();
-    for collectors in [1, 2, 4] {
+    if !args.gateway_only {
+        eprintln!("raw etcd, 1 client, 128-put transactions of {value_len}-byte values ...");
+        let raw1 = raw_txn_rate(&client, 1, value_len, args.seconds).await?;
         reset(&mut client).await?;
-        eprintln!(
-            "end to end, {E2E_WORKERS} streamer workers x {e2e_rows} rows, {collectors} collector(s) ..."
-        );
-        e2e.push((
-            collectors,
-            e2e_rate(&server, &client, &e2e_csv, collectors).await?,
-        ));
-    }
-    let raw_best = raw1.max(raw4).max(raw16);
+        eprintln!("raw etcd, 4 clients ...");
+        let raw4 = raw_txn_rate(&client, 4, value_len, args.seconds).await?;
+        reset(&mut client).await?;
+        eprintln!("raw etcd, 16 clients ...");
+        let raw16 = raw_txn_rate(&client, 16, value_len, args.seconds).await?;
+        reset(&mut client).await?;
+        eprintln!("streamer, 1 worker, RATE=0, {rows} rows ...");
+        let (s1, n1) = streamer_rate(&server, &client, &csv, 1).await?;
+        reset(&mut client).await?;
+        eprintln!("streamer, 4 workers, RATE=0, {rows} rows each ...");
+        let (s4, n4) = streamer_rate(&server, &client, &csv, 4).await?;
+        let e2e_rows = (rows / E2E_WORKERS).max(1);
+        let (e2e_csv, _) = generated_csv_named(dir.path(), "e2e.csv", e2e_rows)?;
+        let mut e2e = Vec::new();
+        for collectors in [1, 2, 4] {
+            reset(&mut client).await?;
+            eprintln!(
+                "end to end, {E2E_WORKERS} streamer workers x {e2e_rows} rows, {collectors} collector(s) ..."
+            );
+            e2e.push((
+                collectors,
+                e2e_rate(&server, &client, &e2e_csv, collectors).await?,
+            ));
+        }
+        let raw_best = raw1.max(raw4).max(raw16);
 
-    table.push(Row {
-        name: "raw_128op_txn_1_client".into(),
-        value: raw1,
-        unit: "keys/s",
-        note: format!("{value_len}-byte values"),
-    });
-    table.push(Row {
-        name: "raw_128op_txn_4_clients".into(),
-        value: raw4,
-        unit: "keys/s",
-        note: format!("{value_len}-byte values"),
-    });
-    table.push(Row {
-        name: "raw_128op_txn_16_clients".into(),
-        value: raw16,
-        unit: "keys/s",
-        note: format!("{value_len}-byte values"),
-    });
-    table.push(Row {
-        name: "streamer_1_worker".into(),
-        value: s1,
-        unit: "msgs/s",
-        note: format!("{n1} messages, 2 keys each"),
-    });
-    table.push(Row {
-        name: "streamer_4_workers".into(),
-        value: s4,
-        unit: "msgs/s",
-        note: format!("{n4} messages, 2 keys each"),
-    });
-    table.push(Row {
-        name: "ratio_streamer_1w_keys_vs_raw_1_client".into(),
-        value: s1 * 2.0 / raw1,
-        unit: "ratio",
-        note: "streamer msgs/s * 2 / raw keys/s".into(),
-    });
-    table.push(Row {
-        name: "ratio_streamer_4w_keys_vs_raw_4_clients".into(),
-        value: s4 * 2.0 / raw4,
-        unit: "ratio",
-        note: "streamer msgs/s * 2 / raw keys/s".into(),
-    });
-
-    for (collectors, (rate, n)) in &e2e {
         table.push(Row {
-            name: format!(
-                "e2e_{collectors}_collector{}",
-                if *collectors == 1 { "" } else { "s" }
-            ),
-            value: *rate,
+            name: "raw_128op_txn_1_client".into(),
+            value: raw1,
+            unit: "keys/s",
+            note: format!("{value_len}-byte values"),
+        });
+        table.push(Row {
+            name: "raw_128op_txn_4_clients".into(),
+            value: raw4,
+            unit: "keys/s",
+            note: format!("{value_len}-byte values"),
+        });
+        table.push(Row {
+            name: "raw_128op_txn_16_clients".into(),
+            value: raw16,
+            unit: "keys/s",
+            note: format!("{value_len}-byte values"),
+        });
+        table.push(Row {
+            name: "streamer_1_worker".into(),
+            value: s1,
             unit: "msgs/s",
-            note: format!("{n} messages, streamer {E2E_WORKERS} workers"),
+            note: format!("{n1} messages, 2 keys each"),
         });
-    }
-    for (collectors, (rate, _)) in &e2e {
         table.push(Row {
-            name: format!("ratio_e2e_{collectors}c_x4_vs_raw_best"),
-            value: rate * 4.0 / raw_best,
-            unit: "ratio",
-            note: format!("e2e msgs/s * 4 / {raw_best:.0} raw 128-op keys/s (best of 1/4/16 clients)"),
+            name: "streamer_4_workers".into(),
+            value: s4,
+            unit: "msgs/s",
+            note: format!("{n4} messages, 2 keys each"),
         });
+        table.push(Row {
+            name: "ratio_streamer_1w_keys_vs_raw_1_client".into(),
+            value: s1 * 2.0 / raw1,
+            unit: "ratio",
+            note: "streamer msgs/s * 2 / raw keys/s".into(),
+        });
+        table.push(Row {
+            name: "ratio_streamer_4w_keys_vs_raw_4_clients".into(),
+            value: s4 * 2.0 / raw4,
+            unit: "ratio",
+            note: "streamer msgs/s * 2 / raw keys/s".into(),
+        });
+
+        for (collectors, (rate, n)) in &e2e {
+            table.push(Row {
+                name: format!(
+                    "e2e_{collectors}_collector{}",
+                    if *collectors == 1 { "" } else { "s" }
+                ),
+                value: *rate,
+                unit: "msgs/s",
+                note: format!("{n} messages, streamer {E2E_WORKERS} workers"),
+            });
+        }
+        for (collectors, (rate, _)) in &e2e {
+            table.push(Row {
+                name: format!("ratio_e2e_{collectors}c_x4_vs_raw_best"),
+                value: rate * 4.0 / raw_best,
+                unit: "ratio",
+                note: format!("e2e msgs/s * 4 / {raw_best:.0} raw 128-op keys/s (best of 1/4/16 clients)"),
+            });
+        }
     }
+    reset(&mut client).await?;
+    gateway_phases(&server, &client, &args, &mut table).await?;
     println!("{:<42} {:>12}  {:<7} note", "measure", "value", "unit");
     for row in &table {
-        let value = if row.unit == "ratio" {
+        let value = if row.unit == "ratio" || row.unit == "ms" {
             format!("{:.2}", row.value)
         } else {
             format!("{:.0}", row.value)
