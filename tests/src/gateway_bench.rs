@@ -58,7 +58,10 @@ fn record(i: usize, at: Timestamp, seq: u128, metric: &str, value: f64) -> (Stri
     let mut fields = Fields::new();
     fields.insert("timestamp".into(), at.to_string().into());
     fields.insert("metric_name".into(), metric.into());
-    fields.insert("gpu_id".into(), serde_json::json!(gpu_id.parse::<f64>().unwrap_or(0.0)));
+    fields.insert(
+        "gpu_id".into(),
+        serde_json::json!(gpu_id.parse::<f64>().unwrap_or(0.0)),
+    );
     fields.insert("device".into(), format!("nvidia{gpu_id}").into());
     fields.insert("uuid".into(), uuid.into());
     fields.insert("modelName".into(), "NVIDIA H100 80GB HBM3".into());
@@ -121,8 +124,12 @@ pub async fn load_points(client: &Client, keys: &Keyspace, points: usize) -> any
             model: Some("NVIDIA H100 80GB HBM3".into()),
             last_seen: Timestamp::from_datetime(now),
         };
-        client.put(keys.gpu_index(&uuid), serde_json::to_vec(&info)?, None).await?;
-        client.put(keys.host_index(&hostname), hostname.clone(), None).await?;
+        client
+            .put(keys.gpu_index(&uuid), serde_json::to_vec(&info)?, None)
+            .await?;
+        client
+            .put(keys.host_index(&hostname), hostname.clone(), None)
+            .await?;
     }
     Ok(started.elapsed().as_secs_f64())
 }
@@ -137,7 +144,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts a gateway over `server` with the given extra variables.
-    pub async fn start(server: &EtcdServer, client: &Client, namespace: &str, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub async fn start(
+        server: &EtcdServer,
+        client: &Client,
+        namespace: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut vars = vec![
             ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
             ("ETCD_NAMESPACE".to_string(), namespace.to_string()),
@@ -147,7 +159,12 @@ impl Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(telemetry_gateway::run(config, listener, client.clone(), stop.clone()));
+        let task = tokio::spawn(telemetry_gateway::run(
+            config,
+            listener,
+            client.clone(),
+            stop.clone(),
+        ));
         Ok(Gateway { addr, stop, task })
     }
 
@@ -177,7 +194,11 @@ pub async fn last_100_latency(addr: &str, requests: usize, clients: usize) -> an
                 let body: serde_json::Value = resp.json().await?;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 anyhow::ensure!(status.is_success(), "{url}: {status} {body}");
-                anyhow::ensure!(body["count"] == 100, "{url}: expected 100 points, got {}", body["count"]);
+                anyhow::ensure!(
+                    body["count"] == 100,
+                    "{url}: expected 100 points, got {}",
+                    body["count"]
+                );
                 samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(ms);
             }
             anyhow::Ok(())
@@ -206,19 +227,27 @@ pub async fn ws_latency(
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..subscribers {
         let url = format!("ws://{addr}/api/v1/ws/telemetry");
-        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.context("subscribe")?;
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .context("subscribe")?;
         socket.next().await.context("hello")??;
         let (sent, samples) = (sent.clone(), samples.clone());
         readers.spawn(async move {
             let mut got = 0;
             while got < writes {
                 let Some(msg) = socket.next().await else { break };
-                let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else { continue };
+                let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else {
+                    continue;
+                };
                 let arrived = Instant::now();
                 let frame: serde_json::Value = serde_json::from_str(&text)?;
                 for record in frame["records"].as_array().into_iter().flatten() {
                     let id = record["id"].as_str().unwrap_or_default();
-                    let at = sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(id).copied();
+                    let at = sent
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .get(id)
+                        .copied();
                     if let Some(at) = at {
                         samples
                             .lock()
@@ -237,7 +266,13 @@ pub async fn ws_latency(
     for n in 0..writes {
         tick.tick().await;
         let at = Timestamp::now();
-        let (_, message) = record(n % GPUS, at, (1u128 << 64) + n as u128, "DCGM_FI_DEV_POWER_USAGE", 300.0);
+        let (_, message) = record(
+            n % GPUS,
+            at,
+            (1u128 << 64) + n as u128,
+            "DCGM_FI_DEV_POWER_USAGE",
+            300.0,
+        );
         let (host, gpu_id, _) = gpu(n % GPUS);
         let key = keys.data_record(&host, &gpu_id, &at.to_string(), &message.id.to_string());
         let value = serde_json::to_vec(&message)?;

@@ -509,7 +509,19 @@ mod tests {
         let v1 = e.payload(SchemaVersion::V1).as_ptr();
         assert_eq!(e.payload(SchemaVersion::V1).as_ptr(), v1);
         assert!(e.payload(SchemaVersion::V1beta1).contains("\"timestamp_ms\""));
-        assert!(Filter { metric: Some("M".into()), ..Filter::default() }.matches(&e));
-        assert!(!Filter { uuid: Some("GPU-2".into()), ..Filter::default() }.matches(&e));
+        assert!(
+            Filter {
+                metric: Some("M".into()),
+                ..Filter::default()
+            }
+            .matches(&e)
+        );
+        assert!(
+            !Filter {
+                uuid: Some("GPU-2".into()),
+                ..Filter::default()
+            }
+            .matches(&e)
+        );
     }
 }

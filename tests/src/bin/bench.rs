@@ -275,10 +275,19 @@ fn message_size() -> anyhow::Result<usize> {
     Ok(bytes / n.max(1))
 }
 
-async fn gateway_phases(server: &EtcdServer, client: &Client, args: &Args, table: &mut Vec<Row>) -> anyhow::Result<()> {
+async fn gateway_phases(
+    server: &EtcdServer,
+    client: &Client,
+    args: &Args,
+    table: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     use telemetry_tests::gateway_bench as gw;
     let keys = Keyspace::new("/bench/gw");
-    eprintln!("gateway: storing {} points over {} GPUs ...", args.points, gw::GPUS);
+    eprintln!(
+        "gateway: storing {} points over {} GPUs ...",
+        args.points,
+        gw::GPUS
+    );
     let secs = gw::load_points(client, &keys, args.points).await?;
     eprintln!("  stored in {secs:.1} s");
     let gateway = gw::Gateway::start(server, client, "/bench/gw", &[("WS_MAX_CONNECTIONS", "2000")]).await?;
@@ -296,7 +305,10 @@ async fn gateway_phases(server: &EtcdServer, client: &Client, args: &Args, table
             });
         }
     }
-    eprintln!("gateway: WebSocket write-to-delivery, {} subscribers ...", args.subscribers);
+    eprintln!(
+        "gateway: WebSocket write-to-delivery, {} subscribers ...",
+        args.subscribers
+    );
     let p = gw::ws_latency(&gateway.addr, client, &keys, args.subscribers, 1000, 200.0).await?;
     for (q, v) in [("p50", p.p50), ("p99", p.p99)] {
         table.push(Row {
