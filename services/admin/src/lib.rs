@@ -1,0 +1,467 @@
+//! `telemetry-admin`: what an operator needs to look into and repair a running pipeline.
+//!
+//! Each command is a function over an etcd client and the [`Keyspace`] that returns a
+//! serializable report; the binary prints it as a table or, with `--json`, as JSON. The key
+//! layout comes from `shared/`, like every service's.
+//!
+//! - [`queue`]: depth and lag per partition;
+//! - [`dead_letters`], [`show_dead_letter`], [`replay`], [`purge`]: the dead-letter prefix;
+//! - [`audit`]: data keys per GPU against the index and the stats counters;
+//! - [`status`]: collectors, their leases and the partitions they own.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+use telemetry_shared::{
+    Keyspace,
+    etcd::{EtcdError, range_prefix},
+    keys::{QUEUE_PARTITIONS, prefix_end},
+    model::{DeadLetter, GpuInfo, Member, PartitionStats},
+};
+use thiserror::Error;
+
+/// Why a command failed.
+#[derive(Debug, Error)]
+pub enum AdminError {
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Someone else changed it first (nothing was written).
+    #[error("{0}")]
+    Conflict(String),
+    /// Stored data we cannot read.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+impl From<etcd_client::Error> for AdminError {
+    fn from(err: etcd_client::Error) -> Self {
+        AdminError::Etcd(EtcdError::from(err))
+    }
+}
+
+/// One queue partition.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PartitionQueue {
+    /// The partition.
+    pub partition: u32,
+    /// Messages waiting.
+    pub depth: i64,
+    /// Age in seconds of the oldest waiting message (from its ULID), if any.
+    pub oldest_age_s: Option<f64>,
+    /// The collector owning it, if any.
+    pub owner: Option<String>,
+}
+
+/// `queue`: depth and lag.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueReport {
+    /// Messages waiting in all partitions.
+    pub depth: i64,
+    /// Age in seconds of the oldest waiting message.
+    pub lag_s: Option<f64>,
+    /// Per partition.
+    pub partitions: Vec<PartitionQueue>,
+}
+
+fn age_of(id: &str) -> Option<f64> {
+    let ulid = ulid::Ulid::from_string(id).ok()?;
+    let ms = ulid.timestamp_ms() as i64;
+    Some(((chrono::Utc::now().timestamp_millis() - ms) as f64 / 1000.0).max(0.0))
+}
+
+async fn owners(client: &Client, keys: &Keyspace) -> Result<BTreeMap<u32, String>, AdminError> {
+    let (pairs, _) = range_prefix(client, &keys.owners_prefix(), 1000).await?;
+    Ok(pairs
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let p = keys.parse_partition_suffix(&k, &keys.owners_prefix())?;
+            Some((p, String::from_utf8_lossy(&v).into_owned()))
+        })
+        .collect())
+}
+
+/// Depth, oldest message and owner of every partition.
+pub async fn queue(client: &Client, keys: &Keyspace) -> Result<QueueReport, AdminError> {
+    let owners = owners(client, keys).await?;
+    let mut partitions = Vec::new();
+    for p in 0..QUEUE_PARTITIONS {
+        let prefix = keys.queue_partition_prefix(p);
+        let resp = client
+            .clone()
+            .get(
+                prefix.as_bytes(),
+                Some(
+                    GetOptions::new()
+                        .with_range(prefix_end(&prefix))
+                        .with_keys_only()
+                        .with_limit(1),
+                ),
+            )
+            .await?;
+        let oldest = resp.kvs().first().and_then(|kv| {
+            keys.parse_queue_entry(&String::from_utf8_lossy(kv.key()))
+                .and_then(|(_, id)| age_of(id))
+        });
+        partitions.push(PartitionQueue {
+            partition: p,
+            depth: resp.count(),
+            oldest_age_s: oldest,
+            owner: owners.get(&p).cloned(),
+        });
+    }
+    Ok(QueueReport {
+        depth: partitions.iter().map(|p| p.depth).sum(),
+        lag_s: partitions.iter().filter_map(|p| p.oldest_age_s).reduce(f64::max),
+        partitions,
+    })
+}
+
+/// A stored dead letter and its id.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredDeadLetter {
+    /// The id (the key's last segment).
+    pub id: String,
+    /// The record.
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+}
+
+/// Every dead letter (at most `limit`, oldest id first).
+pub async fn dead_letters(
+    client: &Client,
+    keys: &Keyspace,
+    limit: usize,
+) -> Result<Vec<StoredDeadLetter>, AdminError> {
+    let (pairs, _) = range_prefix(client, &keys.deadletter_prefix(), 500).await?;
+    pairs
+        .into_iter()
+        .take(limit)
+        .map(|(k, v)| parse_dead_letter(keys, &k, &v))
+        .collect()
+}
+
+fn parse_dead_letter(keys: &Keyspace, key: &str, value: &[u8]) -> Result<StoredDeadLetter, AdminError> {
+    let id = key
+        .strip_prefix(&keys.deadletter_prefix())
+        .unwrap_or(key)
+        .to_string();
+    let letter = serde_json::from_slice(value)
+        .map_err(|e| AdminError::Corrupt(format!("dead letter {id} is not readable: {e}")))?;
+    Ok(StoredDeadLetter { id, letter })
+}
+
+fn check_id(id: &str) -> Result<(), AdminError> {
+    if telemetry_shared::keys::is_key_segment(id) {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!("{id:?} is not a dead-letter id")))
+    }
+}
+
+async fn read_dead_letter(
+    client: &Client,
+    keys: &Keyspace,
+    id: &str,
+) -> Result<(StoredDeadLetter, i64), AdminError> {
+    check_id(id)?;
+    let key = keys.deadletter(id);
+    let resp = client.clone().get(key.as_bytes(), None).await?;
+    let kv = resp.kvs().first().ok_or_else(|| {
+        AdminError::NotFound(format!("no dead letter with id {id} (see `dead-letters list`)"))
+    })?;
+    Ok((parse_dead_letter(keys, &key, kv.value())?, kv.mod_revision()))
+}
+
+/// One dead letter.
+pub async fn show_dead_letter(
+    client: &Client,
+    keys: &Keyspace,
+    id: &str,
+) -> Result<StoredDeadLetter, AdminError> {
+    Ok(read_dead_letter(client, keys, id).await?.0)
+}
+
+/// Puts a dead letter's payload back on the queue, under its original queue key, and removes
+/// the dead letter, in one transaction: it lands only if the dead letter is unchanged since it
+/// was read and the queue key is free, so two operators replaying at once replay it once. The
+/// collector's processed markers absorb it if its effect somehow exists already.
+pub async fn replay(client: &Client, keys: &Keyspace, id: &str) -> Result<String, AdminError> {
+    let (stored, revision) = read_dead_letter(client, keys, id).await?;
+    let queue_key = stored.letter.queue_key.clone();
+    if keys.parse_queue_entry(&queue_key).is_none() {
+        return Err(AdminError::Corrupt(format!(
+            "dead letter {id} names {queue_key:?}, which is not a queue key of this namespace"
+        )));
+    }
+    let dead_key = keys.deadletter(id);
+    let txn = Txn::new()
+        .when(vec![
+            Compare::mod_revision(dead_key.as_bytes(), CompareOp::Equal, revision),
+            Compare::create_revision(queue_key.as_bytes(), CompareOp::Equal, 0),
+        ])
+        .and_then(vec![
+            TxnOp::delete(dead_key.as_bytes(), None),
+            TxnOp::put(queue_key.as_bytes(), stored.letter.payload.as_bytes(), None),
+        ]);
+    let resp = client.clone().txn(txn).await?;
+    if !resp.succeeded() {
+        return Err(AdminError::Conflict(format!(
+            "dead letter {id} changed or its queue key {queue_key} is occupied; nothing was written \
+             (run `dead-letters show {id}` and try again)"
+        )));
+    }
+    Ok(queue_key)
+}
+
+/// Deletes the given dead letters (each only if it exists); returns how many were removed.
+pub async fn purge(client: &Client, keys: &Keyspace, ids: &[String]) -> Result<usize, AdminError> {
+    let mut removed = 0;
+    for id in ids {
+        check_id(id)?;
+        let resp = client
+            .clone()
+            .delete(keys.deadletter(id).as_bytes(), None)
+            .await?;
+        if resp.deleted() == 0 {
+            return Err(AdminError::NotFound(format!(
+                "no dead letter with id {id} ({removed} removed before it)"
+            )));
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Deletes every dead letter; returns how many.
+pub async fn purge_all(client: &Client, keys: &Keyspace) -> Result<i64, AdminError> {
+    let prefix = keys.deadletter_prefix();
+    let resp = client
+        .clone()
+        .delete(
+            prefix.as_bytes(),
+            Some(etcd_client::DeleteOptions::new().with_range(prefix_end(&prefix))),
+        )
+        .await?;
+    Ok(resp.deleted())
+}
+
+/// One GPU in the audit.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GpuCount {
+    /// Host.
+    pub hostname: String,
+    /// GPU id within the host.
+    pub gpu_id: String,
+    /// Data keys stored.
+    pub records: u64,
+    /// Whether the GPU index has an entry for it.
+    pub indexed: bool,
+}
+
+/// `audit`: data keys per GPU, against the index and the counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    /// Data keys stored.
+    pub data_keys: u64,
+    /// The partition counters' total of records written.
+    pub counted_records: u64,
+    /// GPUs with data.
+    pub gpus_with_data: usize,
+    /// GPUs in the index.
+    pub indexed_gpus: usize,
+    /// Per GPU, by host then gpu_id.
+    pub gpus: Vec<GpuCount>,
+    /// Messages waiting.
+    pub queue_depth: i64,
+    /// Dead letters stored.
+    pub dead_letters: i64,
+    /// Problems found (empty when consistent).
+    pub problems: Vec<String>,
+    /// The revision the data keys were counted at.
+    pub revision: i64,
+}
+
+/// Counts every data key per GPU (keys only, paged, at one revision) and checks it against
+/// the GPU index and the stats counters. Retention expiry removes keys without lowering the
+/// counters, so fewer keys than counted is reported as a note, not a problem, unless
+/// `expect` says exactly how many there must be.
+pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Result<AuditReport, AdminError> {
+    let prefix = keys.data_prefix();
+    let end = prefix_end(&prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut per_gpu: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut total = 0u64;
+    let mut problems = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_keys_only()
+            .with_limit(5000);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client.clone().get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            let rest = key.strip_prefix(&prefix).unwrap_or(&key);
+            let mut parts = rest.splitn(3, '/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(h), Some(g), Some(_)) => {
+                    *per_gpu.entry((h.to_string(), g.to_string())).or_default() += 1
+                }
+                _ => problems.push(format!("unexpected key under the data prefix: {key}")),
+            }
+            total += 1;
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    let (index, _) = range_prefix(client, &keys.gpu_index_prefix(), 1000).await?;
+    let mut indexed: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (key, value) in &index {
+        match serde_json::from_slice::<GpuInfo>(value) {
+            Ok(g) => {
+                indexed.insert((g.hostname, g.gpu_id), g.uuid);
+            }
+            Err(e) => problems.push(format!("unreadable index entry {key}: {e}")),
+        }
+    }
+    let (counters, _) = range_prefix(client, &keys.stats_prefix(), 100).await?;
+    let mut counted = 0u64;
+    for (key, value) in &counters {
+        match serde_json::from_slice::<PartitionStats>(value) {
+            Ok(s) => counted += s.records,
+            Err(e) => problems.push(format!("unreadable stats counter {key}: {e}")),
+        }
+    }
+    let gpus: Vec<GpuCount> = per_gpu
+        .iter()
+        .map(|((h, g), n)| GpuCount {
+            hostname: h.clone(),
+            gpu_id: g.clone(),
+            records: *n,
+            indexed: indexed.contains_key(&(h.clone(), g.clone())),
+        })
+        .collect();
+    for g in gpus.iter().filter(|g| !g.indexed) {
+        problems.push(format!(
+            "{}/{} has {} records but no index entry",
+            g.hostname, g.gpu_id, g.records
+        ));
+    }
+    if total > counted {
+        problems.push(format!(
+            "{total} data keys but the counters say {counted} records were written"
+        ));
+    }
+    if let Some(n) = expect
+        && n != total
+    {
+        problems.push(format!("expected exactly {n} data keys, found {total}"));
+    }
+    let count = |prefix: String| async move {
+        let resp = client
+            .clone()
+            .get(
+                prefix.as_bytes(),
+                Some(
+                    GetOptions::new()
+                        .with_range(prefix_end(&prefix))
+                        .with_count_only(),
+                ),
+            )
+            .await?;
+        Ok::<i64, AdminError>(resp.count())
+    };
+    Ok(AuditReport {
+        data_keys: total,
+        counted_records: counted,
+        gpus_with_data: gpus.len(),
+        indexed_gpus: indexed.len(),
+        gpus,
+        queue_depth: count(keys.queue_prefix()).await?,
+        dead_letters: count(keys.deadletter_prefix()).await?,
+        problems,
+        revision,
+    })
+}
+
+/// A registered collector.
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectorStatus {
+    /// Its id.
+    pub id: String,
+    /// Its session lease.
+    pub lease: i64,
+    /// Seconds left on the lease (-1 if it has expired).
+    pub ttl_s: i64,
+    /// When it registered.
+    pub started_at: String,
+    /// Partitions it owns.
+    pub partitions: Vec<u32>,
+}
+
+/// `status`: collectors and their claims.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Registered collectors.
+    pub collectors: Vec<CollectorStatus>,
+    /// Partitions with no owner.
+    pub unowned: Vec<u32>,
+    /// Partitions owned by an id that is not registered (a claim about to expire).
+    pub orphaned: BTreeMap<u32, String>,
+}
+
+/// Collectors, their leases and their partitions.
+pub async fn status(client: &Client, keys: &Keyspace) -> Result<StatusReport, AdminError> {
+    let (members, _) = range_prefix(client, &keys.members_prefix(), 1000).await?;
+    let owners = owners(client, keys).await?;
+    let mut collectors = Vec::new();
+    for (key, value) in members {
+        let member: Member = serde_json::from_slice(&value)
+            .map_err(|e| AdminError::Corrupt(format!("unreadable registration {key}: {e}")))?;
+        let ttl = client
+            .clone()
+            .lease_time_to_live(member.lease, None)
+            .await
+            .map(|r| r.ttl())
+            .unwrap_or(-1);
+        collectors.push(CollectorStatus {
+            partitions: owners
+                .iter()
+                .filter(|(_, o)| **o == member.id)
+                .map(|(p, _)| *p)
+                .collect(),
+            id: member.id,
+            lease: member.lease,
+            ttl_s: ttl,
+            started_at: member.started_at.to_string(),
+        });
+    }
+    let unowned = (0..QUEUE_PARTITIONS)
+        .filter(|p| !owners.contains_key(p))
+        .collect();
+    let orphaned = owners
+        .into_iter()
+        .filter(|(_, o)| !collectors.iter().any(|c| c.id == *o))
+        .collect();
+    Ok(StatusReport {
+        collectors,
+        unowned,
+        orphaned,
+    })
+}
