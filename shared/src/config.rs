@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A configuration problem, always naming the environment variable at fault.
@@ -50,6 +50,19 @@ impl From<envy::Error> for ConfigError {
             envy::Error::Custom(msg) => ConfigError::Env(msg),
         }
     }
+}
+
+/// The environment variables a raw config struct reads: its field names (flattened parts
+/// included) upper-cased, plus `RUST_LOG`, which every binary honours. Derived from the struct
+/// itself, so a deploy file can be checked against what the binary really accepts.
+pub fn var_names<T: Serialize + Default>() -> Vec<String> {
+    let mut names: Vec<String> = match serde_json::to_value(T::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().map(|k| k.to_uppercase()).collect(),
+        _ => Vec::new(),
+    };
+    names.push("RUST_LOG".into());
+    names.sort();
+    names
 }
 
 /// Deserializes `T` from the process environment with envy.
@@ -120,7 +133,7 @@ pub struct CommonConfig {
 
 /// The raw form of [`CommonConfig`] as envy reads it. Services flatten this into their own raw
 /// struct with `#[serde(flatten)]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct RawCommonConfig {
     /// `ETCD_ENDPOINTS`.
     pub etcd_endpoints: Option<String>,
@@ -215,7 +228,7 @@ impl Default for Columns {
 }
 
 /// The raw form of [`Columns`]; services flatten it into their raw config.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct RawColumns {
     /// `HOSTNAME_COLUMN`.
     pub hostname_column: Option<String>,
@@ -302,6 +315,13 @@ mod tests {
         let err = duration_at_least("LEASE_TTL", Some("1s"), Duration::ZERO, Duration::from_secs(2))
             .expect_err("too small");
         assert!(err.to_string().contains("at least 2s"), "{err}");
+    }
+
+    #[test]
+    fn var_names_come_from_the_struct() {
+        let names = var_names::<RawCommonConfig>();
+        assert_eq!(names, vec!["ETCD_ENDPOINTS", "ETCD_NAMESPACE", "RUST_LOG"]);
+        assert!(var_names::<RawColumns>().contains(&"METRIC_COLUMN".to_string()));
     }
 
     #[test]

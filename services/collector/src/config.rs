@@ -38,7 +38,7 @@ pub struct CollectorConfig {
     pub columns: Columns,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 struct Raw {
     #[serde(flatten)]
     common: RawCommonConfig,
@@ -53,6 +53,11 @@ struct Raw {
 }
 
 impl CollectorConfig {
+    /// Every environment variable this binary reads (derived from its raw config struct).
+    pub fn env_vars() -> Vec<String> {
+        telemetry_shared::config::var_names::<Raw>()
+    }
+
     /// Reads the process environment.
     pub fn load() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())

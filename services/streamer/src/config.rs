@@ -43,7 +43,7 @@ pub struct StreamerConfig {
     pub progress_interval: Duration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 struct RawStreamerConfig {
     #[serde(flatten)]
     common: RawCommonConfig,
@@ -84,6 +84,11 @@ pub struct Flags {
 }
 
 impl StreamerConfig {
+    /// Every environment variable this binary reads (derived from its raw config struct).
+    pub fn env_vars() -> Vec<String> {
+        telemetry_shared::config::var_names::<RawStreamerConfig>()
+    }
+
     /// Reads the process environment and applies `flags`.
     pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars(), flags)
