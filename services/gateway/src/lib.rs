@@ -5,12 +5,14 @@
 //! - [`ws`]: `/api/v1/ws/telemetry`, live records fed by the [`hub`] (one etcd watch per
 //!   process, fanned out);
 //! - [`store`]: bounded reads from etcd; [`query`]: query-string parsing and cursors;
-//! - [`negotiate`]: the payload schema version a client gets; [`error`]: JSON errors.
+//! - [`negotiate`]: the payload schema version a client gets; [`error`]: JSON errors;
+//! - [`dashboard`]: the live dashboard at `/`, embedded in the binary.
 //!
 //! [`run`] serves on a given listener until the shutdown token is cancelled; the binary reads
 //! its config, binds, connects and calls it, and tests call it in process on port 0.
 
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod hub;
 pub mod negotiate;
@@ -112,7 +114,10 @@ pub struct ApiDoc;
 /// The whole HTTP application.
 pub fn router(state: Arc<AppState>) -> Router {
     let rest = Router::new()
-        .route("/", get(index))
+        .route("/", get(dashboard::index))
+        .route("/gpu", get(dashboard::gpu_page))
+        .route("/assets/{file}", get(dashboard::asset))
+        .route("/api", get(index))
         .route("/health", get(rest::health))
         .route("/api/v1/gpus", get(rest::list_gpus))
         .route("/api/v1/gpus/{id}/telemetry", get(rest::gpu_telemetry))

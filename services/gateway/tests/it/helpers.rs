@@ -45,7 +45,12 @@ fn vars(server: &EtcdServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// The streamer, one-shot over the sample as fast as it can.
 pub async fn stream_sample(server: &EtcdServer, client: &Client, stream_id: &str) {
-    let csv = sample_csv().display().to_string();
+    assert_eq!(stream_csv(server, client, &sample_csv(), stream_id).await, 2470);
+}
+
+/// The streamer, one-shot over `csv`; returns how many messages it enqueued.
+pub async fn stream_csv(server: &EtcdServer, client: &Client, csv: &std::path::Path, stream_id: &str) -> u64 {
+    let csv = csv.display().to_string();
     let pairs = [
         ("CSV_PATH", csv.as_str()),
         ("RATE", "0"),
@@ -57,7 +62,7 @@ pub async fn stream_sample(server: &EtcdServer, client: &Client, stream_id: &str
     let totals = telemetry_streamer::run(config, client.clone(), CancellationToken::new())
         .await
         .expect("streamer runs");
-    assert_eq!(totals.enqueued, 2470);
+    totals.enqueued
 }
 
 /// A collector running in process until the token is cancelled.

@@ -1,0 +1,468 @@
+// Overview page: one card per GPU grouped by host, live values over the WebSocket.
+'use strict';
+
+(() => {
+  const METRICS = [
+    { name: 'DCGM_FI_DEV_GPU_UTIL', label: 'util', unit: '%' },
+    { name: 'DCGM_FI_DEV_GPU_TEMP', label: 'temp', unit: '°C' },
+    { name: 'DCGM_FI_DEV_POWER_USAGE', label: 'power', unit: 'W' },
+    { name: 'DCGM_FI_DEV_FB_USED', label: 'mem used', unit: 'MiB' },
+  ];
+  const METRIC_NAMES = new Set(METRICS.map((m) => m.name));
+  const STATS_INTERVAL_MS = 2000;
+  const FILL_LIMIT = 40;
+  const FILL_CONCURRENCY = 8;
+  const RECONNECT_MS = 1000;
+  const REFRESH_DEBOUNCE_MS = 1000;
+  const UNKNOWN_RETRY_MS = 10000;
+  const DASH = '–';
+
+  const state = (window.dashboard = { updates: 0, gpus: 0, ws: 'connecting' });
+
+  const cards = new Map(); // uuid -> { card, spans: Map(metric -> span) }
+  const lastTs = new Map(); // `${uuid} ${metric}` -> microseconds since epoch
+  const pending = new Map(); // unknown uuid -> [record] waiting for its card
+  const missingSince = new Map(); // uuid not in the list after a refresh -> Date.now()
+  const flashQueue = new Set();
+  let flashScheduled = false;
+  let refreshTimer = null;
+
+  const $ = (id) => document.getElementById(id);
+
+  // ---- errors -------------------------------------------------------------------------------
+
+  const errors = new Map();
+  function showError(key, message) {
+    errors.set(key, message);
+    renderErrors();
+  }
+  function clearError(key) {
+    if (errors.delete(key)) renderErrors();
+  }
+  function renderErrors() {
+    const el = $('error');
+    if (!el) return;
+    el.textContent = [...errors.values()].join(' · ');
+    el.hidden = errors.size === 0;
+  }
+
+  // ---- helpers ------------------------------------------------------------------------------
+
+  async function fetchJSON(url) {
+    const resp = await fetch(url, { headers: { Accept: 'application/json' } });
+    if (!resp.ok) {
+      let detail = resp.statusText;
+      try {
+        const body = await resp.json();
+        detail = body.detail || body.message || body.error || JSON.stringify(body);
+      } catch (_) { /* not JSON */ }
+      throw new Error(`GET ${url} → ${resp.status} ${detail}`);
+    }
+    return resp.json();
+  }
+
+  // RFC 3339 → integer microseconds since the epoch (keeps the sub-millisecond part that
+  // Date.parse drops). NaN if unparsable.
+  function parseMicros(text) {
+    if (typeof text !== 'string') return NaN;
+    const m = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$/i.exec(text.trim());
+    if (!m) {
+      const ms = Date.parse(text);
+      return Number.isNaN(ms) ? NaN : ms * 1000;
+    }
+    const ms = Date.parse(m[1] + (m[3] ? m[3].toUpperCase() : 'Z'));
+    if (Number.isNaN(ms)) return NaN;
+    const frac = m[2] ? Math.round(Number('0' + m[2]) * 1e6) : 0;
+    return ms * 1000 + frac;
+  }
+
+  function formatValue(v) {
+    if (Number.isInteger(v)) return String(v);
+    return String(Math.round(v * 10) / 10);
+  }
+
+  // Runs fn over items with at most `limit` calls in flight; returns the errors.
+  async function pool(items, limit, fn) {
+    const failures = [];
+    let next = 0;
+    const worker = async () => {
+      while (next < items.length) {
+        const item = items[next++];
+        try {
+          await fn(item);
+        } catch (err) {
+          failures.push(err);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+    return failures;
+  }
+
+  // ---- cards --------------------------------------------------------------------------------
+
+  function hostSection(hostname) {
+    const main = $('hosts');
+    for (const s of main.querySelectorAll('section.host')) {
+      if (s.dataset.host === hostname) return s;
+    }
+    const section = document.createElement('section');
+    section.className = 'host';
+    section.dataset.host = hostname;
+    const h2 = document.createElement('h2');
+    h2.textContent = hostname;
+    const grid = document.createElement('div');
+    grid.className = 'gpu-grid';
+    section.append(h2, grid);
+    main.append(section);
+    return section;
+  }
+
+  function buildCard(gpu) {
+    const card = document.createElement('a');
+    card.className = 'gpu';
+    card.dataset.uuid = gpu.uuid;
+    card.href = `/gpu?uuid=${encodeURIComponent(gpu.uuid)}`;
+    card.title = gpu.uuid;
+
+    const head = document.createElement('div');
+    head.className = 'gpu-head';
+    const id = document.createElement('span');
+    id.className = 'gpu-id';
+    id.textContent = `GPU ${gpu.gpu_id}`;
+    const model = document.createElement('span');
+    model.className = 'gpu-model';
+    model.textContent = gpu.model || gpu.device || '';
+    head.append(id, model);
+
+    const values = document.createElement('div');
+    values.className = 'gpu-values';
+    const spans = new Map();
+    for (const m of METRICS) {
+      const cell = document.createElement('div');
+      cell.className = 'metric';
+      const label = document.createElement('span');
+      label.className = 'label';
+      label.textContent = m.label;
+      const value = document.createElement('span');
+      value.className = 'value';
+      value.dataset.metric = m.name;
+      value.textContent = DASH;
+      const unit = document.createElement('span');
+      unit.className = 'unit';
+      unit.textContent = m.unit;
+      cell.append(label, value, unit);
+      values.append(cell);
+      spans.set(m.name, value);
+    }
+    card.append(head, values);
+    card.addEventListener('animationend', () => card.classList.remove('flash'));
+    return { card, spans };
+  }
+
+  // Adds cards for GPUs not yet shown and keeps hosts and cards in list order (host, gpu_id).
+  // Returns the uuids that were added.
+  function renderGpus(gpus) {
+    const main = $('hosts');
+    const loading = $('loading');
+    if (loading) loading.remove();
+    const added = [];
+    const byHost = new Map();
+    for (const gpu of gpus) {
+      if (!gpu || !gpu.uuid) continue;
+      if (!byHost.has(gpu.hostname)) byHost.set(gpu.hostname, []);
+      byHost.get(gpu.hostname).push(gpu);
+    }
+    const frag = document.createDocumentFragment();
+    for (const [hostname, list] of byHost) {
+      const section = hostSection(hostname);
+      const grid = section.querySelector('.gpu-grid');
+      for (const gpu of list) {
+        let entry = cards.get(gpu.uuid);
+        if (!entry) {
+          entry = buildCard(gpu);
+          cards.set(gpu.uuid, entry);
+          added.push(gpu.uuid);
+        }
+        grid.append(entry.card); // appending an existing node moves it into order
+      }
+      frag.append(section);
+    }
+    // Sections of hosts missing from this list stay, after the listed ones.
+    main.prepend(frag);
+    state.gpus = cards.size;
+    $('gpu-count').textContent = String(cards.size);
+    if (cards.size === 0) {
+      const p = document.createElement('p');
+      p.id = 'loading';
+      p.className = 'muted';
+      p.textContent = 'No GPUs reported yet.';
+      main.append(p);
+    }
+    return added;
+  }
+
+  function flash(card) {
+    flashQueue.add(card);
+    if (flashScheduled) return;
+    flashScheduled = true;
+    requestAnimationFrame(() => {
+      flashScheduled = false;
+      const list = [...flashQueue];
+      flashQueue.clear();
+      for (const c of list) c.classList.remove('flash');
+      void document.body.offsetWidth; // restart the animation with one reflow
+      for (const c of list) c.classList.add('flash');
+    });
+  }
+
+  // Shows a value if it is not older than the one shown. Returns true when applied.
+  function applyValue(uuid, metric, value, micros, live) {
+    const entry = cards.get(uuid);
+    if (!entry) return false;
+    const span = entry.spans.get(metric);
+    if (!span) return false;
+    const key = `${uuid} ${metric}`;
+    const prev = lastTs.get(key);
+    if (prev !== undefined && micros < prev) return false;
+    lastTs.set(key, micros);
+    span.textContent = formatValue(value);
+    span.dataset.updatedAt = String(Date.now());
+    if (live) {
+      state.updates += 1;
+      flash(entry.card);
+    }
+    return true;
+  }
+
+  // Extracts (uuid, metric, value, micros) from a v1 record, or null if unusable.
+  function readRecord(rec) {
+    const f = rec && rec.fields;
+    if (!f || !METRIC_NAMES.has(f.metric_name) || !f.uuid) return null;
+    if (f.value === null || f.value === undefined || f.value === '') return null;
+    const value = Number(f.value);
+    if (Number.isNaN(value)) return null;
+    const micros = parseMicros(rec.timestamp);
+    if (Number.isNaN(micros)) return null;
+    return { uuid: f.uuid, metric: f.metric_name, value, micros };
+  }
+
+  // ---- REST loading -------------------------------------------------------------------------
+
+  async function loadGpus() {
+    const body = await fetchJSON('/api/v1/gpus');
+    clearError('gpus');
+    return renderGpus(Array.isArray(body.gpus) ? body.gpus : []);
+  }
+
+  async function fillLatest(uuid) {
+    const url = `/api/v1/gpus/${encodeURIComponent(uuid)}/telemetry?limit=${FILL_LIMIT}`;
+    const body = await fetchJSON(url);
+    const newest = new Map();
+    for (const rec of body.items || []) {
+      const r = readRecord(rec);
+      if (!r || r.uuid !== uuid) continue;
+      const best = newest.get(r.metric);
+      if (!best || r.micros > best.micros) newest.set(r.metric, r);
+    }
+    for (const r of newest.values()) applyValue(uuid, r.metric, r.value, r.micros, false);
+  }
+
+  async function fillAll(uuids) {
+    const failures = await pool(uuids, FILL_CONCURRENCY, fillLatest);
+    if (failures.length) {
+      showError('fill', `${failures.length} of ${uuids.length} GPUs: latest values failed to load (${failures[0].message})`);
+    } else {
+      clearError('fill');
+    }
+  }
+
+  // Re-fetches the GPU list (debounced) when live records name GPUs without a card.
+  function scheduleRefresh() {
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(async () => {
+      refreshTimer = null;
+      try {
+        const added = await loadGpus();
+        const waiting = [...pending.entries()];
+        pending.clear();
+        for (const [uuid, recs] of waiting) {
+          if (!cards.has(uuid)) {
+            missingSince.set(uuid, Date.now());
+            continue;
+          }
+          missingSince.delete(uuid);
+          for (const rec of recs) applyLive(rec);
+        }
+        if (added.length) await fillAll(added);
+      } catch (err) {
+        showError('gpus', `Cannot load the GPU list: ${err.message}`);
+      }
+    }, REFRESH_DEBOUNCE_MS);
+  }
+
+  function applyLive(rec) {
+    const r = readRecord(rec);
+    if (!r) return;
+    if (cards.has(r.uuid)) {
+      applyValue(r.uuid, r.metric, r.value, r.micros, true);
+      return;
+    }
+    const missing = missingSince.get(r.uuid);
+    if (missing !== undefined && Date.now() - missing < UNKNOWN_RETRY_MS) return;
+    if (!pending.has(r.uuid) && pending.size >= 500) return;
+    const list = pending.get(r.uuid) || [];
+    if (list.length < 50) list.push(rec);
+    pending.set(r.uuid, list);
+    scheduleRefresh();
+  }
+
+  // ---- stats --------------------------------------------------------------------------------
+
+  let prevStats = null; // { total, at }
+
+  async function pollStats() {
+    try {
+      const s = await fetchJSON('/api/v1/stats');
+      const now = Date.now();
+      $('total-records').textContent = String(s.total_records ?? DASH);
+      $('queue-depth').textContent = String(s.queue_depth ?? DASH);
+      $('dead-letters').textContent = String(s.dead_letters ?? DASH);
+      const total = Number(s.total_records);
+      if (prevStats && Number.isFinite(total) && now > prevStats.at) {
+        const rate = Math.max(0, (total - prevStats.total) / ((now - prevStats.at) / 1000));
+        $('ingest-rate').textContent = rate >= 100 ? String(Math.round(rate)) : rate.toFixed(1);
+      }
+      if (Number.isFinite(total)) prevStats = { total, at: now };
+      const latest = s.latest_timestamp ? parseMicros(s.latest_timestamp) : NaN;
+      $('lag').textContent = Number.isNaN(latest)
+        ? DASH
+        : `${Math.max(0, (now * 1000 - latest) / 1e6).toFixed(1)} s`;
+      clearError('stats');
+    } catch (err) {
+      showError('stats', `Cannot load pipeline stats: ${err.message}`);
+    } finally {
+      setTimeout(pollStats, STATS_INTERVAL_MS);
+    }
+  }
+
+  // ---- WebSocket ----------------------------------------------------------------------------
+
+  let lastRevision = null; // last revision received, for ?since_revision=
+  let resync = false; // history was lost: reconnect fresh and re-read over REST
+  let failedAttempts = 0;
+
+  function setLive(open) {
+    state.ws = open ? 'live' : 'reconnecting';
+    const el = $('live-status');
+    el.textContent = open ? 'live' : 'reconnecting';
+    el.dataset.state = open ? 'up' : 'down';
+  }
+
+  function connect() {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const params = new URLSearchParams();
+    const resuming = lastRevision !== null && !resync;
+    if (resuming) params.set('since_revision', String(lastRevision));
+    const qs = params.toString();
+    const url = `${proto}//${location.host}/api/v1/ws/telemetry${qs ? '?' + qs : ''}`;
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (err) {
+      showError('ws', `WebSocket failed: ${err.message}`);
+      setTimeout(connect, RECONNECT_MS);
+      return;
+    }
+    let opened = false;
+
+    ws.onopen = () => {
+      opened = true;
+      failedAttempts = 0;
+      setLive(true);
+      clearError('ws');
+    };
+
+    ws.onmessage = (ev) => {
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch (_) {
+        return;
+      }
+      try {
+        if (msg.type === 'hello') {
+          // When resuming, the replay continues from our own revision; keep it.
+          if (!resuming && typeof msg.revision === 'number') lastRevision = msg.revision;
+          if (resync) {
+            resync = false;
+            resyncOverRest();
+          }
+        } else if (msg.type === 'telemetry') {
+          if (typeof msg.revision === 'number') lastRevision = msg.revision;
+          for (const rec of msg.records || []) applyLive(rec);
+        } else if (msg.type === 'error') {
+          if (msg.error === 'compacted' || msg.error === 'gap') {
+            resync = true;
+            lastRevision = null;
+          }
+          showError('ws', `Live feed closed (${msg.error}); reconnecting…`);
+        }
+      } catch (err) {
+        showError('ws', `Live update failed: ${err.message}`);
+      }
+    };
+
+    ws.onclose = (ev) => {
+      if (ev.code === 4002 || ev.code === 4003) {
+        resync = true;
+        lastRevision = null;
+      }
+      if (!opened && ++failedAttempts >= 5 && lastRevision !== null) {
+        // The resume keeps being refused: start fresh and re-read over REST.
+        resync = true;
+        lastRevision = null;
+      }
+      setLive(false);
+      setTimeout(connect, RECONNECT_MS);
+    };
+
+    ws.onerror = () => { /* onclose follows */ };
+  }
+
+  async function resyncOverRest() {
+    try {
+      await loadGpus();
+      await fillAll([...cards.keys()]);
+    } catch (err) {
+      showError('gpus', `Cannot reload after a live-feed gap: ${err.message}`);
+    }
+  }
+
+  // ---- start --------------------------------------------------------------------------------
+
+  async function start() {
+    setLive(false);
+    pollStats();
+    let uuids = [];
+    try {
+      await loadGpus();
+      uuids = [...cards.keys()];
+    } catch (err) {
+      showError('gpus', `Cannot load the GPU list: ${err.message}`);
+    }
+    connect();
+    if (uuids.length) await fillAll(uuids);
+  }
+
+  window.addEventListener('unhandledrejection', (ev) => {
+    showError('unexpected', `Unexpected error: ${ev.reason && ev.reason.message ? ev.reason.message : ev.reason}`);
+    ev.preventDefault();
+  });
+
+  if (document.readyState === 'loading') {
+    document.addEventListener('DOMContentLoaded', () => { start().catch(() => {}); });
+  } else {
+    start().catch(() => {});
+  }
+})();
