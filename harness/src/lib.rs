@@ -3,7 +3,8 @@
 //! [`EtcdServer`] starts one etcd member on free loopback ports with a temporary data dir, waits
 //! until it answers, and kills it and removes the dir when dropped. [`EtcdCluster`] starts a
 //! 3-member (or any size) cluster on loopback whose members can be killed, paused and restarted,
-//! for leader-failure tests. Nothing here mocks etcd: it runs the real binary.
+//! for leader-failure tests. [`TcpProxy`] sits between a client and a member to cut it off
+//! (stall or refuse) without signals. Nothing here mocks etcd: it runs the real binary.
 //!
 //! The binary is, in order: `$ETCD_BIN`; the etcd 3.7.2 vendored by the `etcd-bin-vendored`
 //! crate; an `etcd` on `PATH`.
@@ -19,6 +20,9 @@ use std::{
 
 use etcd_client::{Client, ConnectOptions};
 use thiserror::Error;
+
+pub mod proxy;
+pub use proxy::{ProxyMode, TcpProxy};
 
 /// Errors starting or controlling etcd.
 #[derive(Debug, Error)]

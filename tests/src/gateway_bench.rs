@@ -213,7 +213,7 @@ pub async fn last_100_latency(addr: &str, requests: usize, clients: usize) -> an
 
 /// Write-to-delivery latency: `subscribers` WebSocket clients, then `writes` single-record
 /// transactions at `rate` per second; each delivery's latency is measured from just before its
-/// write was sent.
+/// write was sent. Fails on the first subscription or delivery that goes wrong.
 pub async fn ws_latency(
     addr: &str,
     client: &Client,
@@ -222,44 +222,149 @@ pub async fn ws_latency(
     writes: usize,
     rate: f64,
 ) -> anyhow::Result<Percentiles> {
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
-    let mut readers = tokio::task::JoinSet::new();
-    for _ in 0..subscribers {
-        let url = format!("ws://{addr}/api/v1/ws/telemetry");
-        let (mut socket, _) = tokio_tungstenite::connect_async(&url)
-            .await
-            .context("subscribe")?;
-        socket.next().await.context("hello")??;
-        let (sent, samples) = (sent.clone(), samples.clone());
-        readers.spawn(async move {
-            let mut got = 0;
-            while got < writes {
-                let Some(msg) = socket.next().await else { break };
-                let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else {
-                    continue;
-                };
-                let arrived = Instant::now();
-                let frame: serde_json::Value = serde_json::from_str(&text)?;
-                for record in frame["records"].as_array().into_iter().flatten() {
-                    let id = record["id"].as_str().unwrap_or_default();
-                    let at = sent
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .get(id)
-                        .copied();
-                    if let Some(at) = at {
-                        samples
-                            .lock()
-                            .map_err(|_| anyhow::anyhow!("poisoned"))?
-                            .push((arrived - at).as_secs_f64() * 1000.0);
-                    }
-                    got += 1;
+    let outcome = ws_deliveries(addr, client, keys, subscribers, writes, rate).await?;
+    if let Some(first) = outcome.errors.first() {
+        anyhow::bail!(
+            "{} WebSocket failure(s), the first: {first}",
+            outcome.errors.len()
+        );
+    }
+    Ok(outcome.latency)
+}
+
+/// What a load run measured: latency of what succeeded, and every failure.
+#[derive(Debug)]
+pub struct LoadOutcome {
+    /// Latency of the successful requests or deliveries.
+    pub latency: Percentiles,
+    /// One line per failed request, subscription or missing delivery.
+    pub errors: Vec<String>,
+    /// Wall-clock seconds the run took.
+    pub seconds: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| anyhow::anyhow!("poisoned"))
+}
+
+/// Load test of the REST API: `clients` concurrent clients (tasks, released together), each
+/// sending `per_client` requests for "the last 100 points of one GPU" over its own kept-alive
+/// connection. Failures (transport errors, non-2xx, a page without 100 points) are counted,
+/// not fatal.
+pub async fn rest_load(addr: &str, clients: usize, per_client: usize) -> anyhow::Result<LoadOutcome> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(clients * per_client)));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (http, samples, errors, start) = (http.clone(), samples.clone(), errors.clone(), start.clone());
+        let addr = addr.to_string();
+        tasks.spawn(async move {
+            start.wait().await;
+            for r in 0..per_client {
+                let (_, _, uuid) = gpu((c * 7 + r * 13) % GPUS);
+                let url = format!("http://{addr}/api/v1/gpus/{uuid}/telemetry?limit=100");
+                let started = Instant::now();
+                let outcome = async {
+                    let resp = http.get(&url).send().await?;
+                    let status = resp.status();
+                    let body: serde_json::Value = resp.json().await?;
+                    anyhow::ensure!(status.is_success(), "{status} {body}");
+                    anyhow::ensure!(body["count"] == 100, "expected 100 points, got {}", body["count"]);
+                    anyhow::Ok(())
+                }
+                .await;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                match outcome {
+                    Ok(()) => lock(&samples)?.push(ms),
+                    Err(err) => lock(&errors)?.push(format!("GET {url}: {err:#}")),
                 }
             }
             anyhow::Ok(())
         });
     }
+    start.wait().await;
+    let started = Instant::now();
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut *lock(&samples)?);
+    let errors = std::mem::take(&mut *lock(&errors)?);
+    Ok(LoadOutcome {
+        latency: percentiles(samples),
+        errors,
+        seconds,
+    })
+}
+
+/// Write-to-delivery latency with `subscribers` WebSocket clients connected at once (connected
+/// one after another, each waiting for its hello), then `writes` single-record transactions at
+/// `rate` per second. Every subscriber must receive every write within 60 s of the last one; a
+/// failed subscription, a broken socket or a missing delivery is recorded in `errors`.
+pub async fn ws_deliveries(
+    addr: &str,
+    client: &Client,
+    keys: &Keyspace,
+    subscribers: usize,
+    writes: usize,
+    rate: f64,
+) -> anyhow::Result<LoadOutcome> {
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut errors = Vec::new();
+    let mut readers = tokio::task::JoinSet::new();
+    let mut subscribed = 0;
+    for s in 0..subscribers {
+        let url = format!("ws://{addr}/api/v1/ws/telemetry");
+        let connected = async {
+            let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+            socket.next().await.context("closed before its hello")??;
+            anyhow::Ok(socket)
+        }
+        .await;
+        let mut socket = match connected {
+            Ok(socket) => socket,
+            Err(err) => {
+                errors.push(format!("subscriber {s}: subscribing to {url}: {err:#}"));
+                continue;
+            }
+        };
+        subscribed += 1;
+        let (sent, samples) = (sent.clone(), samples.clone());
+        readers.spawn(async move {
+            let mut got = 0;
+            let result = async {
+                while got < writes {
+                    let Some(msg) = socket.next().await else {
+                        anyhow::bail!("closed after {got} of {writes} records");
+                    };
+                    let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else {
+                        continue;
+                    };
+                    let arrived = Instant::now();
+                    let frame: serde_json::Value = serde_json::from_str(&text)?;
+                    anyhow::ensure!(frame["type"] != "error", "server closed it: {frame}");
+                    for record in frame["records"].as_array().into_iter().flatten() {
+                        let id = record["id"].as_str().unwrap_or_default();
+                        let at = lock(&sent)?.get(id).copied();
+                        if let Some(at) = at {
+                            lock(&samples)?.push((arrived - at).as_secs_f64() * 1000.0);
+                        }
+                        got += 1;
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            result.map_err(|err| format!("subscriber {s}: {err:#}"))
+        });
+    }
+    let started = Instant::now();
     let mut client = client.clone();
     let period = Duration::from_secs_f64(1.0 / rate);
     let mut tick = tokio::time::interval(period);
@@ -276,25 +381,40 @@ pub async fn ws_latency(
         let (host, gpu_id, _) = gpu(n % GPUS);
         let key = keys.data_record(&host, &gpu_id, &at.to_string(), &message.id.to_string());
         let value = serde_json::to_vec(&message)?;
-        sent.lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .insert(message.id.to_string(), Instant::now());
+        lock(&sent)?.insert(message.id.to_string(), Instant::now());
         client.put(key, value, None).await?;
     }
-    let drained = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(result) = readers.join_next().await {
-            result??;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, readers.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(result)) => {
+                if let Err(err) = result? {
+                    errors.push(err);
+                }
+            }
+            Err(_) => {
+                errors.push(format!(
+                    "{} subscriber(s) did not receive every write within 60 s",
+                    readers.len()
+                ));
+                readers.abort_all();
+                break;
+            }
         }
-        anyhow::Ok(())
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut *lock(&samples)?);
+    if errors.is_empty() && samples.len() != subscribed * writes {
+        errors.push(format!(
+            "{} deliveries, expected {}",
+            samples.len(),
+            subscribed * writes
+        ));
+    }
+    Ok(LoadOutcome {
+        latency: percentiles(samples),
+        errors,
+        seconds,
     })
-    .await;
-    drained.context("subscribers did not receive every write within 60 s")??;
-    let samples = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
-    anyhow::ensure!(
-        samples.len() == subscribers * writes,
-        "{} deliveries, expected {}",
-        samples.len(),
-        subscribers * writes
-    );
-    Ok(percentiles(samples))
 }

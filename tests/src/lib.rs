@@ -2,4 +2,6 @@
 //! `telemetry-harness`. The tests themselves are in `tests/tests/`; the benchmark binary is
 //! `src/bin/bench.rs`.
 
+pub mod chaos;
 pub mod gateway_bench;
+pub mod pipeline_bench;

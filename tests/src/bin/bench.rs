@@ -32,23 +32,42 @@ use serde::Serialize;
 use telemetry_harness::{EtcdOptions, EtcdServer, count};
 use telemetry_shared::Keyspace;
 use telemetry_streamer::{Flags, StreamerConfig};
+use telemetry_tests::pipeline_bench;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks the telemetry pipeline against raw etcd in the same run")]
 struct Args {
-    /// Rows of the generated CSV for the streamer phases (the sample repeated).
-    #[arg(long, default_value_t = 49_400)]
-    rows: usize,
-    /// Seconds per raw etcd phase.
-    #[arg(long, default_value_t = 4.0)]
-    seconds: f64,
-    /// Telemetry points stored for the gateway query phase.
-    #[arg(long, default_value_t = 1_000_000)]
-    points: usize,
-    /// WebSocket subscribers in the live-latency phase.
-    #[arg(long, default_value_t = 100)]
-    subscribers: usize,
+    /// Rows of the generated CSV for the streamer phases (the sample repeated) [default: 49400,
+    /// --quick 9880].
+    #[arg(long)]
+    rows: Option<usize>,
+    /// Seconds per raw etcd phase [default: 4, --quick 2].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Telemetry points stored for the gateway query phase [default: 1000000, --quick 100000].
+    #[arg(long)]
+    points: Option<usize>,
+    /// Requests per client count in the "last 100 points" phase [default: 2000, --quick 500].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// WebSocket subscribers in the live-latency phase (and in the RSS phase) [default: 100].
+    #[arg(long)]
+    subscribers: Option<usize>,
+    /// Concurrent REST clients in the gateway load phase [default: 1000, --quick 200].
+    #[arg(long)]
+    rest_clients: Option<usize>,
+    /// WebSocket subscribers connected at once in the gateway load phase [default: 1000,
+    /// --quick 200].
+    #[arg(long)]
+    ws_load_subscribers: Option<usize>,
+    /// Seconds of the enqueue-to-commit latency phase (4 workers x 200 rows/s) [default: 10,
+    /// --quick 5].
+    #[arg(long)]
+    latency_seconds: Option<f64>,
+    /// Shrink every phase so that the whole bench takes a few minutes.
+    #[arg(long)]
+    quick: bool,
     /// Run only the gateway phases (quicker).
     #[arg(long)]
     gateway_only: bool,
@@ -56,6 +75,57 @@ struct Args {
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
 }
+
+/// The sizes of every phase, once `--quick` and the explicit flags are applied.
+#[derive(Debug)]
+struct Plan {
+    rows: usize,
+    seconds: f64,
+    points: usize,
+    requests: usize,
+    subscribers: usize,
+    ws_writes: usize,
+    rest_clients: usize,
+    rest_requests_per_client: usize,
+    ws_load_subscribers: usize,
+    ws_load_writes: usize,
+    latency_seconds: f64,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Self {
+        let q = args.quick;
+        let pick = |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
+        Plan {
+            rows: pick(args.rows, 49_400, 9_880),
+            seconds: args.seconds.unwrap_or(if q { 2.0 } else { 4.0 }),
+            points: pick(args.points, 1_000_000, 100_000),
+            requests: pick(args.requests, 2000, 500),
+            subscribers: pick(args.subscribers, 100, 100),
+            ws_writes: if q { 400 } else { 1000 },
+            rest_clients: pick(args.rest_clients, 1000, 200),
+            rest_requests_per_client: 5,
+            ws_load_subscribers: pick(args.ws_load_subscribers, 1000, 200),
+            ws_load_writes: 200,
+            latency_seconds: args.latency_seconds.unwrap_or(if q { 5.0 } else { 10.0 }),
+        }
+    }
+
+    /// Descriptors the gateway load phase needs: both ends of every REST connection and
+    /// WebSocket live in this process, plus etcd connections, the listener and some slack.
+    fn open_files_needed(&self) -> u64 {
+        (2 * (self.rest_clients + self.ws_load_subscribers) + 1024) as u64
+    }
+}
+
+/// Streamer workers and rows per second per worker in the enqueue-to-commit latency phase: a
+/// modest fixed rate, so that the queue stays short and the figure is latency, not backlog.
+const LATENCY_WORKERS: usize = 4;
+const LATENCY_RATE: f64 = 200.0;
+/// Collectors in the enqueue-to-commit latency and RSS phases.
+const PHASE_COLLECTORS: usize = 2;
+/// Streamer workers in the RSS phase (each streams `rows / 4` rows).
+const RSS_WORKERS: usize = 4;
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -275,56 +345,149 @@ fn message_size() -> anyhow::Result<usize> {
     Ok(bytes / n.max(1))
 }
 
+/// Gateway phases: query latency, WebSocket delivery latency, then the load test. Returns the
+/// load test's failures (the rows are in the table either way).
 async fn gateway_phases(
     server: &EtcdServer,
     client: &Client,
-    args: &Args,
+    plan: &Plan,
     table: &mut Vec<Row>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     use telemetry_tests::gateway_bench as gw;
     let keys = Keyspace::new("/bench/gw");
     eprintln!(
         "gateway: storing {} points over {} GPUs ...",
-        args.points,
+        plan.points,
         gw::GPUS
     );
-    let secs = gw::load_points(client, &keys, args.points).await?;
+    let secs = gw::load_points(client, &keys, plan.points).await?;
     eprintln!("  stored in {secs:.1} s");
     let gateway = gw::Gateway::start(server, client, "/bench/gw", &[("WS_MAX_CONNECTIONS", "2000")]).await?;
     // Warm up connections and caches.
     gw::last_100_latency(&gateway.addr, 100, 1).await?;
     for clients in [1usize, 8] {
         eprintln!("gateway: last 100 points of one GPU, {clients} client(s) ...");
-        let p = gw::last_100_latency(&gateway.addr, 2000, clients).await?;
+        let p = gw::last_100_latency(&gateway.addr, plan.requests, clients).await?;
         for (q, v) in [("p50", p.p50), ("p99", p.p99)] {
             table.push(Row {
                 name: format!("gateway_last100_{clients}c_{q}"),
                 value: v,
                 unit: "ms",
-                note: format!("{} requests, {} points stored", p.n, args.points),
+                note: format!("{} requests, {} points stored", p.n, plan.points),
             });
         }
     }
     eprintln!(
         "gateway: WebSocket write-to-delivery, {} subscribers ...",
-        args.subscribers
+        plan.subscribers
     );
-    let p = gw::ws_latency(&gateway.addr, client, &keys, args.subscribers, 1000, 200.0).await?;
+    let p = gw::ws_latency(
+        &gateway.addr,
+        client,
+        &keys,
+        plan.subscribers,
+        plan.ws_writes,
+        200.0,
+    )
+    .await?;
     for (q, v) in [("p50", p.p50), ("p99", p.p99)] {
         table.push(Row {
             name: format!("gateway_ws_delivery_{q}"),
             value: v,
             unit: "ms",
-            note: format!("{} subscribers x 1000 writes at 200/s", args.subscribers),
+            note: format!(
+                "{} subscribers x {} writes at 200/s",
+                plan.subscribers, plan.ws_writes
+            ),
         });
     }
+
+    let mut failures = Vec::new();
+    let (clients, per) = (plan.rest_clients, plan.rest_requests_per_client);
+    eprintln!("gateway load: {clients} concurrent REST clients x {per} requests (last 100 points) ...");
+    let rest = gw::rest_load(&gateway.addr, clients, per).await?;
+    for (q, v) in [("p50", rest.latency.p50), ("p99", rest.latency.p99)] {
+        table.push(Row {
+            name: format!("gateway_load_rest_{clients}c_{q}"),
+            value: v,
+            unit: "ms",
+            note: format!(
+                "{} requests from {clients} concurrent clients, {} points stored",
+                rest.latency.n, plan.points
+            ),
+        });
+    }
+    table.push(Row {
+        name: format!("gateway_load_rest_{clients}c_rate"),
+        value: (clients * per) as f64 / rest.seconds,
+        unit: "req/s",
+        note: format!("{} requests in {:.1} s", clients * per, rest.seconds),
+    });
+    table.push(Row {
+        name: format!("gateway_load_rest_{clients}c_errors"),
+        value: rest.errors.len() as f64,
+        unit: "count",
+        note: "failed requests (must be 0)".into(),
+    });
+    if !rest.errors.is_empty() {
+        failures.push(format!(
+            "{} of {} REST requests failed under load; the first: {}",
+            rest.errors.len(),
+            clients * per,
+            rest.errors[0]
+        ));
+    }
+
+    let (subs, writes) = (plan.ws_load_subscribers, plan.ws_load_writes);
+    eprintln!("gateway load: {subs} WebSocket subscribers at once, {writes} writes at 200/s ...");
+    let ws = gw::ws_deliveries(&gateway.addr, client, &keys, subs, writes, 200.0).await?;
+    for (q, v) in [("p50", ws.latency.p50), ("p99", ws.latency.p99)] {
+        table.push(Row {
+            name: format!("gateway_load_ws_{subs}s_delivery_{q}"),
+            value: v,
+            unit: "ms",
+            note: format!(
+                "{} deliveries: {subs} subscribers x {writes} writes at 200/s",
+                ws.latency.n
+            ),
+        });
+    }
+    table.push(Row {
+        name: format!("gateway_load_ws_{subs}s_errors"),
+        value: ws.errors.len() as f64,
+        unit: "count",
+        note: "failed subscriptions, broken sockets, missing deliveries (must be 0)".into(),
+    });
+    if !ws.errors.is_empty() {
+        failures.push(format!(
+            "{} WebSocket failure(s) with {subs} subscribers; the first: {}",
+            ws.errors.len(),
+            ws.errors[0]
+        ));
+    }
     gateway.stop().await?;
-    Ok(())
+    Ok(failures)
+}
+
+fn print_table(table: &[Row]) {
+    println!("{:<42} {:>12}  {:<7} note", "measure", "value", "unit");
+    for row in table {
+        let value = match row.unit {
+            "ratio" | "ms" => format!("{:.2}", row.value),
+            "MiB" => format!("{:.1}", row.value),
+            _ => format!("{:.0}", row.value),
+        };
+        println!("{:<42} {:>12}  {:<7} {}", row.name, value, row.unit, row.note);
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let plan = Plan::new(&args);
+    // Fail before any phase runs, not after minutes of them.
+    pipeline_bench::ensure_open_files(plan.open_files_needed())?;
+    let bin_dir = pipeline_bench::service_bin_dir()?;
     // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
     telemetry_shared::observe::init_tracing();
     let value_len = message_size()?;
@@ -339,18 +502,25 @@ async fn main() -> anyhow::Result<()> {
     let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(300));
     let mut client = Client::connect([server.endpoint()], Some(options)).await?;
     let dir = tempfile::tempdir()?;
-    let (csv, rows) = generated_csv(dir.path(), args.rows)?;
+    let (csv, rows) = generated_csv(dir.path(), plan.rows)?;
 
     let mut table = Vec::new();
     if !args.gateway_only {
+        let seconds = plan.seconds;
         eprintln!("raw etcd, 1 client, 128-put transactions of {value_len}-byte values ...");
-        let raw1 = raw_txn_rate(&client, 1, value_len, args.seconds).await?;
+        let raw1 = raw_txn_rate(&client, 1, value_len, seconds).await?;
         reset(&mut client).await?;
         eprintln!("raw etcd, 4 clients ...");
-        let raw4 = raw_txn_rate(&client, 4, value_len, args.seconds).await?;
+        let raw4 = raw_txn_rate(&client, 4, value_len, seconds).await?;
         reset(&mut client).await?;
         eprintln!("raw etcd, 16 clients ...");
-        let raw16 = raw_txn_rate(&client, 16, value_len, args.seconds).await?;
+        let raw16 = raw_txn_rate(&client, 16, value_len, seconds).await?;
+        reset(&mut client).await?;
+        eprintln!("raw etcd, serial single puts of {value_len}-byte values ...");
+        let put1 = pipeline_bench::raw_put_rate(&client, 1, value_len, seconds).await?;
+        reset(&mut client).await?;
+        eprintln!("raw etcd, 64 concurrent single puts ...");
+        let put64 = pipeline_bench::raw_put_rate(&client, 64, value_len, seconds).await?;
         reset(&mut client).await?;
         eprintln!("streamer, 1 worker, RATE=0, {rows} rows ...");
         let (s1, n1) = streamer_rate(&server, &client, &csv, 1).await?;
@@ -370,25 +540,66 @@ async fn main() -> anyhow::Result<()> {
                 e2e_rate(&server, &client, &e2e_csv, collectors).await?,
             ));
         }
+        reset(&mut client).await?;
+        let latency_rows = ((LATENCY_RATE * plan.latency_seconds) as usize).max(1);
+        let (latency_csv, _) = generated_csv_named(dir.path(), "latency.csv", latency_rows)?;
+        eprintln!(
+            "enqueue to commit: {LATENCY_WORKERS} streamer workers x {latency_rows} rows at \
+             {LATENCY_RATE}/s, {PHASE_COLLECTORS} collectors ..."
+        );
+        let latency = pipeline_bench::enqueue_to_commit(
+            &server.endpoint(),
+            &client,
+            &latency_csv,
+            LATENCY_WORKERS,
+            LATENCY_RATE,
+            PHASE_COLLECTORS,
+        )
+        .await?;
+        reset(&mut client).await?;
+        let rss_rows = (rows / RSS_WORKERS).max(1);
+        let (rss_csv, _) = generated_csv_named(dir.path(), "rss.csv", rss_rows)?;
+        eprintln!(
+            "service RSS: processes from {}: streamer {RSS_WORKERS} workers x {rss_rows} rows, \
+             {PHASE_COLLECTORS} collectors, gateway with {} subscribers ...",
+            bin_dir.display(),
+            plan.subscribers
+        );
+        let rss = pipeline_bench::service_rss(
+            &server.endpoint(),
+            &client,
+            &bin_dir,
+            &rss_csv,
+            RSS_WORKERS,
+            PHASE_COLLECTORS,
+            plan.subscribers,
+        )
+        .await?;
         let raw_best = raw1.max(raw4).max(raw16);
 
+        for (name, value) in [
+            ("raw_128op_txn_1_client", raw1),
+            ("raw_128op_txn_4_clients", raw4),
+            ("raw_128op_txn_16_clients", raw16),
+        ] {
+            table.push(Row {
+                name: name.into(),
+                value,
+                unit: "keys/s",
+                note: format!("{value_len}-byte values"),
+            });
+        }
         table.push(Row {
-            name: "raw_128op_txn_1_client".into(),
-            value: raw1,
+            name: "raw_put_serial".into(),
+            value: put1,
             unit: "keys/s",
-            note: format!("{value_len}-byte values"),
+            note: format!("1 client, one put at a time, {value_len}-byte values"),
         });
         table.push(Row {
-            name: "raw_128op_txn_4_clients".into(),
-            value: raw4,
+            name: "raw_put_64_concurrent".into(),
+            value: put64,
             unit: "keys/s",
-            note: format!("{value_len}-byte values"),
-        });
-        table.push(Row {
-            name: "raw_128op_txn_16_clients".into(),
-            value: raw16,
-            unit: "keys/s",
-            note: format!("{value_len}-byte values"),
+            note: format!("64 tasks each putting in a loop, {value_len}-byte values"),
         });
         table.push(Row {
             name: "streamer_1_worker".into(),
@@ -434,22 +645,50 @@ async fn main() -> anyhow::Result<()> {
                 note: format!("e2e msgs/s * 4 / {raw_best:.0} raw 128-op keys/s (best of 1/4/16 clients)"),
             });
         }
+        for (q, v) in [("p50", latency.p50), ("p99", latency.p99)] {
+            table.push(Row {
+                name: format!("e2e_enqueue_to_commit_{q}"),
+                value: v,
+                unit: "ms",
+                note: format!(
+                    "{} records, {LATENCY_WORKERS} workers x {LATENCY_RATE}/s, {PHASE_COLLECTORS} \
+                     collectors; message timestamp to arrival of its data watch event (includes \
+                     the watch delivery)",
+                    latency.n
+                ),
+            });
+        }
+        let rss_note = format!(
+            "peak RSS (VmHWM): {} msgs, streamer {RSS_WORKERS} workers RATE=0, {PHASE_COLLECTORS} \
+             collectors, gateway with {} subscribers ({} received every record), stored in {:.1} s",
+            rss.messages, plan.subscribers, rss.subscribers_complete, rss.seconds
+        );
+        for (name, value) in [
+            ("rss_streamer_max", rss.streamer),
+            (
+                "rss_collector_max",
+                rss.collectors.iter().copied().fold(0.0, f64::max),
+            ),
+            ("rss_gateway_max", rss.gateway),
+        ] {
+            table.push(Row {
+                name: name.into(),
+                value,
+                unit: "MiB",
+                note: rss_note.clone(),
+            });
+        }
     }
     reset(&mut client).await?;
-    gateway_phases(&server, &client, &args, &mut table).await?;
-    println!("{:<42} {:>12}  {:<7} note", "measure", "value", "unit");
-    for row in &table {
-        let value = if row.unit == "ratio" || row.unit == "ms" {
-            format!("{:.2}", row.value)
-        } else {
-            format!("{:.0}", row.value)
-        };
-        println!("{:<42} {:>12}  {:<7} {}", row.name, value, row.unit, row.note);
-    }
+    let failures = gateway_phases(&server, &client, &plan, &mut table).await?;
+    print_table(&table);
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_vec_pretty(&table)?)?;
     eprintln!("wrote {}", args.json.display());
+    if !failures.is_empty() {
+        anyhow::bail!("the gateway load test failed:\n  {}", failures.join("\n  "));
+    }
     Ok(())
 }
