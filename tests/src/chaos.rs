@@ -531,7 +531,7 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     report.stored = records.len();
     report.duplicated = rows.values().map(|n| n - 1).sum();
     report.lost = (1..=opts.rows as u64)
-        .filter(|row| (*row as usize) % DEAD_EVERY != 0 && !rows.contains_key(row))
+        .filter(|row| !(*row as usize).is_multiple_of(DEAD_EVERY) && !rows.contains_key(row))
         .count();
     report.dead_letters = count(&client, &keys.deadletter_prefix()).await.max(0) as usize;
     let claims_gone = telemetry_harness::eventually(ttl * 3, || async {
