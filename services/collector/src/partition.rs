@@ -87,9 +87,13 @@ async fn feed(
                 }
                 Ok(Some(resp)) => {
                     delay = Duration::from_millis(100);
+                    let fragment = telemetry_shared::etcd::is_fragment(&resp);
                     for event in resp.events() {
                         let Some(kv) = event.kv() else { continue };
-                        next = next.max(kv.mod_revision() + 1);
+                        // Mid-revision (a fragment with more to come), a re-watch must start at
+                        // this revision again, or the rest of it would be skipped; re-delivered
+                        // puts are harmless (the pending set is keyed by queue key).
+                        next = next.max(kv.mod_revision() + i64::from(!fragment));
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
                         let event = match event.event_type() {
                             etcd_client::EventType::Put => QueueEvent::Put {
