@@ -531,6 +531,33 @@ where
     }
 }
 
+/// An etcd for service tests: one fast member (no fsync) started with `--max-txn-ops 128`.
+/// That is etcd's default, stated so that any transaction over the limit fails the test that
+/// makes it. Returns the server and a connected client.
+pub async fn strict_etcd() -> Result<(EtcdServer, Client), HarnessError> {
+    let options = EtcdOptions {
+        extra_args: vec!["--max-txn-ops".into(), "128".into()],
+        ..EtcdOptions::fast()
+    };
+    let server = EtcdServer::start_with(options).await?;
+    let client = server.client().await?;
+    Ok((server, client))
+}
+
+/// The environment of a service under test: `ETCD_ENDPOINTS` of `server`, `ETCD_NAMESPACE`,
+/// then `extra`, whose entries replace earlier ones of the same name.
+pub fn service_env(server: &EtcdServer, namespace: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = vec![
+        ("ETCD_ENDPOINTS".into(), server.endpoint()),
+        ("ETCD_NAMESPACE".into(), namespace.into()),
+    ];
+    for (k, v) in extra {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k.to_string(), v.to_string()));
+    }
+    vars
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

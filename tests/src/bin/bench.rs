@@ -2,15 +2,24 @@
 //!
 //! Phases (each on the same durable single-member etcd, compacted and defragmented between
 //! phases so that later phases do not pay for earlier ones' history):
-//! 1. raw etcd: transactions of 128 puts of message-sized values, from 1 client and from
-//!    4 concurrent clients;
+//! 1. raw etcd: transactions of 128 puts of message-sized values, from 1, 4 and 16 concurrent
+//!    clients; single puts one at a time from 1 client, and from 64 concurrent tasks;
 //! 2. streamer, `RATE=0`, one-shot over a generated CSV (the DCGM sample repeated), with 1 and
 //!    with 4 workers;
 //! 3. end to end: streamer (`RATE=0`, 16 workers) while 1, 2 and 4 collectors drain the queue,
 //!    timed until every message is committed and the queue is empty;
-//! 4. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
+//! 4. enqueue-to-commit latency p50/p99: 4 workers at 200 rows/s each and 2 collectors, a watch
+//!    on the data prefix timing each record from its message `timestamp` to its watch event;
+//! 5. service memory: streamer, 2 collectors and a gateway with `--subscribers` WebSocket
+//!    subscribers run as real processes (`target/release/`), peak RSS (`VmHWM`) of each;
+//! 6. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
 //!    stored over 250 GPUs, p50/p99 from 1 and from 8 concurrent clients; then WebSocket
-//!    write-to-delivery p50/p99 with `--subscribers` (100) subscribers.
+//!    write-to-delivery p50/p99 with `--subscribers` (100) subscribers; then a load test:
+//!    `--rest-clients` (1,000) concurrent REST clients x 5 requests, and `--ws-load-subscribers`
+//!    (1,000) subscribers at once receiving 200 writes. Any failed request or subscription
+//!    fails the bench (after the table is printed).
+//!
+//! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 6.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four

@@ -9,7 +9,7 @@ use std::{
 
 use etcd_client::Client;
 use telemetry_collector::CollectorConfig;
-use telemetry_harness::{EtcdOptions, EtcdServer, count, range_all};
+use telemetry_harness::{EtcdServer, count, range_all};
 use telemetry_shared::{Keyspace, Message, model::PartitionStats};
 use telemetry_streamer::{Flags, StreamerConfig};
 use tokio_util::sync::CancellationToken;
@@ -25,25 +25,11 @@ pub fn sample_csv() -> PathBuf {
 }
 
 pub async fn etcd() -> (EtcdServer, Client) {
-    let options = EtcdOptions {
-        extra_args: vec!["--max-txn-ops".into(), "128".into()],
-        ..EtcdOptions::fast()
-    };
-    let server = EtcdServer::start_with(options).await.expect("etcd starts");
-    let client = server.client().await.expect("client connects");
-    (server, client)
+    telemetry_harness::strict_etcd().await.expect("etcd starts")
 }
 
 fn vars(server: &EtcdServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = vec![
-        ("ETCD_ENDPOINTS".into(), server.endpoint()),
-        ("ETCD_NAMESPACE".into(), NS.into()),
-    ];
-    for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push((k.to_string(), v.to_string()));
-    }
-    vars
+    telemetry_harness::service_env(server, NS, extra)
 }
 
 pub fn streamer_config(server: &EtcdServer, extra: &[(&str, &str)]) -> StreamerConfig {

@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use etcd_client::Client;
 use telemetry_collector::CollectorConfig;
 use telemetry_gateway::GatewayConfig;
-use telemetry_harness::{EtcdOptions, EtcdServer, count};
+use telemetry_harness::{EtcdServer, count};
 use telemetry_shared::Keyspace;
 use telemetry_streamer::{Flags, StreamerConfig};
 use tokio_util::sync::CancellationToken;
@@ -22,25 +22,11 @@ pub fn sample_csv() -> PathBuf {
 }
 
 pub async fn etcd() -> (EtcdServer, Client) {
-    let options = EtcdOptions {
-        extra_args: vec!["--max-txn-ops".into(), "128".into()],
-        ..EtcdOptions::fast()
-    };
-    let server = EtcdServer::start_with(options).await.expect("etcd starts");
-    let client = server.client().await.expect("client connects");
-    (server, client)
+    telemetry_harness::strict_etcd().await.expect("etcd starts")
 }
 
 fn vars(server: &EtcdServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = vec![
-        ("ETCD_ENDPOINTS".into(), server.endpoint()),
-        ("ETCD_NAMESPACE".into(), NS.into()),
-    ];
-    for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push((k.to_string(), v.to_string()));
-    }
-    vars
+    telemetry_harness::service_env(server, NS, extra)
 }
 
 /// The streamer, one-shot over the sample as fast as it can.

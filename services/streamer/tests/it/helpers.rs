@@ -8,7 +8,7 @@ use std::{
 };
 
 use etcd_client::Client;
-use telemetry_harness::{EtcdOptions, EtcdServer};
+use telemetry_harness::EtcdServer;
 use telemetry_shared::{Checkpoint, Keyspace, Message};
 use telemetry_streamer::{Flags, StreamerConfig};
 
@@ -19,30 +19,19 @@ pub fn sample_csv() -> PathBuf {
 }
 
 pub async fn etcd() -> (EtcdServer, Client) {
-    // `--max-txn-ops 128` is etcd's default, stated so that a transaction over the limit fails
-    // every test that makes one.
-    let options = EtcdOptions {
-        extra_args: vec!["--max-txn-ops".into(), "128".into()],
-        ..EtcdOptions::fast()
-    };
-    let server = EtcdServer::start_with(options).await.expect("etcd starts");
-    let client = server.client().await.expect("client connects");
-    (server, client)
+    telemetry_harness::strict_etcd().await.expect("etcd starts")
 }
 
 pub fn config(server: &EtcdServer, csv: &Path, extra: &[(&str, &str)]) -> StreamerConfig {
-    let mut vars: Vec<(String, String)> = vec![
-        ("ETCD_ENDPOINTS".into(), server.endpoint()),
-        ("ETCD_NAMESPACE".into(), NS.into()),
-        ("CSV_PATH".into(), csv.display().to_string()),
-        ("RATE".into(), "0".into()),
-        ("LOOP".into(), "false".into()),
-        ("STREAM_ID".into(), "test".into()),
+    let csv = csv.display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("CSV_PATH", csv.as_str()),
+        ("RATE", "0"),
+        ("LOOP", "false"),
+        ("STREAM_ID", "test"),
     ];
-    for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push((k.to_string(), v.to_string()));
-    }
+    all.extend_from_slice(extra);
+    let vars = telemetry_harness::service_env(server, NS, &all);
     StreamerConfig::from_vars(vars, &Flags::default()).expect("valid config")
 }
 
