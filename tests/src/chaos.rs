@@ -510,12 +510,25 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     }
 
     // The gateway's view, then a graceful stop of everything.
-    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{gateway_port}/api/v1/stats"))
-        .await
-        .context("gateway stats")?
-        .json()
-        .await
-        .context("gateway stats JSON")?;
+    let stats_url = format!("http://127.0.0.1:{gateway_port}/api/v1/stats");
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..20 {
+        let resp = reqwest::get(&stats_url).await.context("gateway stats")?;
+        let ok = resp.status().is_success();
+        stats = resp.json().await.context("gateway stats JSON")?;
+        if ok {
+            break;
+        }
+        eprintln!("chaos: gateway stats not available yet: {stats}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (i, member) in cluster.members().iter_mut().enumerate() {
+        if !member.is_running() {
+            report
+                .problems
+                .push(format!("etcd member {i} was not running at the audit"));
+        }
+    }
     for c in &mut collectors {
         c.stop().await;
     }

@@ -12,7 +12,7 @@ use etcd_client::{Client, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use telemetry_shared::{
     Keyspace, Timestamp,
-    etcd::{EtcdError, range_prefix},
+    etcd::{EtcdError, is_retryable, range_prefix},
     model::{GpuInfo, PartitionStats},
 };
 use tokio::sync::RwLock;
@@ -140,7 +140,17 @@ impl Store {
 
     /// Every GPU in the index, read now.
     pub async fn gpus(&self) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
-        let (pairs, _) = range_prefix(&self.client, &self.keys.gpu_index_prefix(), 1000).await?;
+        let prefix = self.keys.gpu_index_prefix();
+        let mut attempt = 0;
+        let (pairs, _) = loop {
+            match range_prefix(&self.client, &prefix, 1000).await {
+                Err(EtcdError::Client(err)) if attempt < READ_RETRIES && is_retryable(&err) => {
+                    attempt += 1;
+                    tokio::time::sleep(READ_BACKOFF * attempt).await;
+                }
+                other => break other?,
+            }
+        };
         let mut gpus: Vec<GpuInfo> = pairs
             .iter()
             .filter_map(|(key, value)| match serde_json::from_slice::<GpuInfo>(value) {
@@ -221,11 +231,12 @@ impl Store {
         hi: &[u8],
         options: GetOptions,
     ) -> Result<etcd_client::GetResponse, EtcdError> {
-        Ok(self
-            .client
-            .clone()
-            .get(lo.to_vec(), Some(options.with_range(hi.to_vec())))
-            .await?)
+        let options = options.with_range(hi.to_vec());
+        read_with_retry(|| {
+            let (mut client, options) = (self.client.clone(), options.clone());
+            async move { client.get(lo.to_vec(), Some(options)).await }
+        })
+        .await
     }
 
     /// Up to `n` records of `[lo, hi)` under `prefix` in `order`, all read at one revision
@@ -408,7 +419,11 @@ impl Store {
                 Some(GetOptions::new().with_range(hi).with_count_only()),
             ));
         }
-        let resp = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        let resp = read_with_retry(|| {
+            let (mut client, ops) = (self.client.clone(), ops.clone());
+            async move { client.txn(Txn::new().and_then(ops)).await }
+        })
+        .await?;
         let revision = header_revision(resp.header());
         let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get),
@@ -444,6 +459,32 @@ impl Store {
             latest_timestamp: total.latest.map(|t| t.to_string()),
             revision,
         })
+    }
+}
+
+/// Attempts of a read after the first, when etcd is unreachable or between leaders (a
+/// client may be pinned to a member that just died; the next attempt can reach another).
+const READ_RETRIES: u32 = 3;
+/// Backoff of the n-th retry (n × this).
+const READ_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs a read, retrying it a few times on errors worth retrying. Reads are idempotent, so
+/// this is always safe.
+async fn read_with_retry<T, F, Fut>(mut read: F) -> Result<T, EtcdError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match read().await {
+            Err(err) if attempt < READ_RETRIES && is_retryable(&err) => {
+                attempt += 1;
+                metrics::counter!("gateway_etcd_read_retries_total").increment(1);
+                tokio::time::sleep(READ_BACKOFF * attempt).await;
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
