@@ -15,7 +15,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 use telemetry_shared::{
     Keyspace,
-    etcd::{EtcdError, range_prefix},
+    etcd::{EtcdError, count_prefix, range_prefix},
     keys::{QUEUE_PARTITIONS, prefix_end},
     model::{DeadLetter, GpuInfo, Member, PartitionStats},
 };
@@ -373,28 +373,17 @@ pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Res
     {
         problems.push(format!("expected exactly {n} data keys, found {total}"));
     }
-    let count = |prefix: String| async move {
-        let resp = client
-            .clone()
-            .get(
-                prefix.as_bytes(),
-                Some(
-                    GetOptions::new()
-                        .with_range(prefix_end(&prefix))
-                        .with_count_only(),
-                ),
-            )
-            .await?;
-        Ok::<i64, AdminError>(resp.count())
-    };
+    let mut counter = client.clone();
+    let queue_depth = count_prefix(&mut counter, &keys.queue_prefix(), false).await?;
+    let dead_letters = count_prefix(&mut counter, &keys.deadletter_prefix(), false).await?;
     Ok(AuditReport {
         data_keys: total,
         counted_records: counted,
         gpus_with_data: gpus.len(),
         indexed_gpus: indexed.len(),
         gpus,
-        queue_depth: count(keys.queue_prefix()).await?,
-        dead_letters: count(keys.deadletter_prefix()).await?,
+        queue_depth,
+        dead_letters,
         problems,
         revision,
     })
