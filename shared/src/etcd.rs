@@ -10,7 +10,10 @@ use etcd_client::{Client, ConnectOptions, GetOptions, Txn};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::CommonConfig;
+use crate::{
+    config::CommonConfig,
+    retry::{Backoff, Policy},
+};
 
 /// etcd's default `--max-txn-ops`: the most compares, or success ops, or failure ops, one
 /// transaction may carry. Every transaction the pipeline builds stays within it.
@@ -18,6 +21,19 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// The smallest lease TTL etcd honours reliably (it extends shorter ones to its minimum).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// Most value bytes one transaction carries, well under etcd's 1.5 MiB request limit.
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
+/// Largest response a KV read accepts. tonic's default of 4 MiB is less than one page of large
+/// values (a message may be up to 512 KiB), so a read over such a page would fail for ever.
+pub const KV_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// A KV client that accepts responses up to [`KV_MAX_MESSAGE`]. Every range read that can
+/// return many values goes through one of these, not through `Client::get`.
+pub fn kv(client: &Client) -> etcd_client::KvClient {
+    client.kv_client().max_decoding_message_size(KV_MAX_MESSAGE)
+}
 
 /// Time allowed for one request before it counts as failed. A write that times out may still
 /// have been applied: callers re-read before retrying.
@@ -54,34 +70,24 @@ pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
     Ok(client)
 }
 
-/// Connects, retrying with capped exponential backoff until etcd answers or `shutdown` fires.
-/// Logs once when etcd is first found unreachable, not at every attempt.
+/// Connects, retrying with the shared backoff until etcd answers or `shutdown` fires. Logs
+/// once when etcd is first found unreachable, not at every attempt.
 pub async fn connect_with_retry(
     config: &CommonConfig,
     shutdown: &CancellationToken,
 ) -> Result<Client, EtcdError> {
-    let mut delay = Duration::from_millis(100);
-    let mut warned = false;
+    let mut backoff = Backoff::new(Policy::ETCD, "connecting to etcd");
     loop {
         match connect(config).await {
             Ok(client) => {
-                if warned {
-                    tracing::info!(endpoints = ?config.etcd_endpoints, "etcd is reachable again");
-                }
+                backoff.succeeded();
                 return Ok(client);
             }
-            Err(err) => {
-                if !warned {
-                    tracing::warn!(endpoints = ?config.etcd_endpoints, error = %err, "etcd unreachable; retrying with backoff");
-                    warned = true;
-                }
-            }
+            Err(err) => backoff
+                .retry_after(&err, shutdown)
+                .await
+                .map_err(|_| EtcdError::Cancelled)?,
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(EtcdError::Cancelled),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -257,34 +263,6 @@ impl BucketedLease {
     }
 }
 
-/// Largest gRPC message a watch stream accepts. etcd can batch many events (a catching-up
-/// watcher gets whole revisions of 128-op transactions at once); with the client's default of
-/// 4 MiB such a response fails to decode, the watch is re-created from the same revision, and
-/// the loop never ends. Fragmenting ([`watch_prefix`]) plus this limit avoid that.
-pub const WATCH_MAX_MESSAGE: usize = 64 * 1024 * 1024;
-
-/// Watches every key under `prefix` from revision `from` (inclusive), with fragmented
-/// responses and a decode limit that fits etcd's largest batches.
-pub async fn watch_prefix(
-    client: &Client,
-    prefix: &str,
-    from: i64,
-) -> Result<etcd_client::WatchStream, EtcdError> {
-    let options = etcd_client::WatchOptions::new()
-        .with_prefix()
-        .with_fragment()
-        .with_start_revision(from.max(1));
-    let mut watch = client.watch_client().max_decoding_message_size(WATCH_MAX_MESSAGE);
-    Ok(watch.watch(prefix, Some(options)).await?)
-}
-
-/// Is this watch response one fragment of a larger revision, with more to come? (etcd splits a
-/// response over the gRPC limit when the watch asked for fragments; only the last fragment has
-/// the flag clear.)
-pub fn is_fragment(resp: &etcd_client::WatchResponse) -> bool {
-    resp.0.fragment
-}
-
 /// The store's current revision (from the header of a count-only read of one key).
 pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
     let resp = client
@@ -294,39 +272,57 @@ pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
 
-/// Every key/value under `prefix`, read in pages of `page` keys at one revision (a single
-/// range over a large prefix can exceed gRPC's 4 MiB message limit). Returns the pairs in key
-/// order and the revision they were read at.
+/// Every key/value under `prefix`, read in pages of up to `page` keys at one revision (a
+/// single range over a large prefix can exceed any message limit). A page too large to decode
+/// is read again in smaller pages, down to one key. Returns the pairs in key order and the
+/// revision they were read at.
 pub async fn range_prefix(
     client: &Client,
     prefix: &str,
     page: i64,
 ) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
     let end = crate::keys::prefix_end(prefix);
+    let mut kv = kv(client);
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
+    let mut page = page.max(1);
     let mut out = Vec::new();
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let resp = client.clone().get(from.clone(), Some(options)).await?;
+        let mut resp = match kv.get(from.clone(), Some(options)).await {
+            Ok(resp) => resp,
+            Err(err) if page > 1 && is_too_large(&err) => {
+                page = (page / 4).max(1);
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
-        for kv in resp.kvs() {
-            out.push((
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            ));
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        if let Some(last) = kvs.last() {
+            from = last.key().to_vec();
+            from.push(0);
         }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok((out, revision)),
+        let done = !more || kvs.is_empty();
+        for kv in kvs {
+            let (key, value) = kv.into_key_value();
+            out.push((String::from_utf8_lossy(&key).into_owned(), value));
+        }
+        if done {
+            return Ok((out, revision));
         }
     }
+}
+
+/// Did a response fail to decode because it is over the client's message limit?
+pub fn is_too_large(err: &etcd_client::Error) -> bool {
+    grpc_status(err).is_some_and(|s| {
+        s.code() == tonic::Code::OutOfRange || s.message().contains("message length too large")
+    })
 }

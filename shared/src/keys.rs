@@ -24,6 +24,8 @@
 
 use std::fmt::Write as _;
 
+use sha2::Digest as _;
+
 /// Number of queue partitions. Producers and consumers must agree on it, so it is a constant of
 /// the key layout; changing it requires draining the queue first.
 pub const QUEUE_PARTITIONS: u32 = 32;
@@ -115,6 +117,25 @@ impl Keyspace {
         ))
     }
 
+    /// Splits a telemetry record's key into its parts, or `None` if it is not one.
+    pub fn parse_data_record<'k>(&self, key: &'k str) -> Option<DataKey<'k>> {
+        let rest = key.strip_prefix(&self.ns)?.strip_prefix("/telemetry/data/")?;
+        let (hostname, rest) = rest.split_once('/')?;
+        let (gpu_id, leaf) = rest.split_once('/')?;
+        let (timestamp, message_id) = leaf.rsplit_once('_')?;
+        let valid = is_key_segment(hostname)
+            && is_key_segment(gpu_id)
+            && timestamp.len() == TIMESTAMP_WIDTH
+            && !message_id.is_empty()
+            && !message_id.contains('/');
+        valid.then_some(DataKey {
+            hostname,
+            gpu_id,
+            timestamp,
+            message_id,
+        })
+    }
+
     /// Prefix of all dead letters.
     pub fn deadletter_prefix(&self) -> String {
         self.key(format_args!("/deadletter/"))
@@ -123,6 +144,25 @@ impl Keyspace {
     /// Key of a dead-lettered message.
     pub fn deadletter(&self, message_id: &str) -> String {
         self.key(format_args!("/deadletter/{message_id}"))
+    }
+
+    /// The id of a dead-letter key, or `None` if it is not one.
+    pub fn parse_deadletter<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let id = key.strip_prefix(&self.ns)?.strip_prefix("/deadletter/")?;
+        (!id.is_empty() && !id.contains('/')).then_some(id)
+    }
+
+    /// The id a dead letter of `queue_key` is stored under: the queue key's message id when it is
+    /// a ULID (the layout's `/deadletter/{ULID}`), otherwise a digest of the whole queue key, so
+    /// two malformed keys can never share (and overwrite) one dead letter.
+    pub fn dead_letter_id(&self, queue_key: &str) -> String {
+        if let Some((_, id)) = self.parse_queue_entry(queue_key)
+            && id.parse::<ulid::Ulid>().is_ok()
+        {
+            return id.to_string();
+        }
+        let digest = sha2::Sha256::digest(queue_key.as_bytes());
+        format!("key-{}", hex::encode(&digest[..8]))
     }
 }
 
@@ -182,13 +222,50 @@ impl Keyspace {
         self.key(format_args!("/stats/partitions/{partition:02}"))
     }
 
-    /// Parses a partition number out of an owner or stats key.
-    pub fn parse_partition_suffix(&self, key: &str, prefix: &str) -> Option<u32> {
-        key.strip_prefix(prefix)?
-            .parse()
-            .ok()
-            .filter(|p| *p < QUEUE_PARTITIONS)
+    /// The collector id of a registration key, or `None` if it is not one.
+    pub fn parse_member<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let id = key.strip_prefix(&self.ns)?.strip_prefix("/collectors/members/")?;
+        is_key_segment(id).then_some(id)
     }
+
+    /// The partition of an ownership key, or `None` if it is not one.
+    pub fn parse_owner(&self, key: &str) -> Option<u32> {
+        parse_partition(key.strip_prefix(&self.ns)?.strip_prefix("/collectors/owners/")?)
+    }
+
+    /// The partition of a stats counter key, or `None` if it is not one.
+    pub fn parse_partition_stats(&self, key: &str) -> Option<u32> {
+        parse_partition(key.strip_prefix(&self.ns)?.strip_prefix("/stats/partitions/")?)
+    }
+
+    /// The UUID of a GPU index key, or `None` if it is not one.
+    pub fn parse_gpu_index<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let uuid = key.strip_prefix(&self.ns)?.strip_prefix("/index/gpus/")?;
+        is_key_segment(uuid).then_some(uuid)
+    }
+}
+
+/// Width of the timestamp in a data key (`2026-11-23T08:11:31.123456Z`).
+pub const TIMESTAMP_WIDTH: usize = 27;
+
+/// The parts of a telemetry record's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataKey<'k> {
+    /// The host.
+    pub hostname: &'k str,
+    /// The GPU id within the host.
+    pub gpu_id: &'k str,
+    /// The record's processing time, fixed-width RFC 3339 (key order is time order).
+    pub timestamp: &'k str,
+    /// The message id.
+    pub message_id: &'k str,
+}
+
+fn parse_partition(text: &str) -> Option<u32> {
+    (text.len() == 2)
+        .then(|| text.parse().ok())
+        .flatten()
+        .filter(|p| *p < QUEUE_PARTITIONS)
 }
 
 /// Is `segment` safe to use as one path segment of a key (no `/`, no control characters,
@@ -252,6 +329,45 @@ mod tests {
         );
         assert_eq!(ks.parse_queue_entry("/ns/queue/telemetry/99/x"), None);
         assert_eq!(ks.parse_queue_entry("/other/queue/telemetry/01/x"), None);
+    }
+
+    #[test]
+    fn every_key_parses_back() {
+        let ks = Keyspace::new("/ns");
+        let key = ks.data_record("host-1", "7", "2026-01-01T00:00:00.000000Z", "01ABC");
+        assert_eq!(
+            ks.parse_data_record(&key),
+            Some(DataKey {
+                hostname: "host-1",
+                gpu_id: "7",
+                timestamp: "2026-01-01T00:00:00.000000Z",
+                message_id: "01ABC"
+            })
+        );
+        assert_eq!(ks.parse_data_record("/ns/telemetry/data/h/0/short_01ABC"), None);
+        assert_eq!(
+            ks.parse_data_record(&Keyspace::new("").data_record("h", "0", "x", "y")),
+            None
+        );
+        assert_eq!(ks.parse_member(&ks.member("c-1")), Some("c-1"));
+        assert_eq!(ks.parse_owner(&ks.owner(5)), Some(5));
+        assert_eq!(ks.parse_owner("/ns/collectors/owners/5"), None);
+        assert_eq!(ks.parse_partition_stats(&ks.partition_stats(31)), Some(31));
+        assert_eq!(ks.parse_partition_stats(&ks.partition_stats(32)), None);
+        assert_eq!(ks.parse_gpu_index(&ks.gpu_index("GPU-1")), Some("GPU-1"));
+        assert_eq!(ks.parse_deadletter(&ks.deadletter("01X")), Some("01X"));
+        assert_eq!(ks.parse_member(&ks.owner(1)), None);
+    }
+
+    #[test]
+    fn dead_letter_ids_are_the_message_id_or_a_digest() {
+        let ks = Keyspace::new("");
+        let id = ulid::Ulid::from_parts(1, 2).to_string();
+        assert_eq!(ks.dead_letter_id(&ks.queue_entry(1, &id)), id);
+        let a = ks.dead_letter_id("/queue/telemetry/01/not-a-ulid");
+        let b = ks.dead_letter_id("/queue/telemetry/01/not-a-ulid2");
+        assert!(a.starts_with("key-") && a.len() == 20, "{a}");
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! One place defines what the three services must agree on:
 //! - [`config`]: environment-variable configuration and its errors;
 //! - [`keys`]: the etcd key layout;
+//! - [`version`]: the schema versions and their JSON Schemas;
 //! - [`message`]: the message model (current schema version);
-//! - [`schema`]: schema versions, validation and migration;
+//! - [`schema`]: the older wire forms, validation and migration;
 //! - [`model`]: the index, stats and dead-letter records beside the telemetry;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
+//! - [`watch`]: following a prefix in revision order, exactly once;
+//! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
 
 pub mod config;
@@ -15,9 +18,12 @@ pub mod keys;
 pub mod message;
 pub mod model;
 pub mod observe;
+pub mod retry;
 pub mod schema;
+pub mod version;
+pub mod watch;
 
 pub use config::{CommonConfig, ConfigError};
 pub use keys::Keyspace;
 pub use message::{Checkpoint, Fields, Message, SourcePosition, Timestamp};
-pub use schema::SchemaVersion;
+pub use version::SchemaVersion;

@@ -1,7 +1,8 @@
 //! The message model: what travels through the queue and what is stored as telemetry.
 //!
 //! The current (`v1`) form is [`Message`]. Older wire forms and their conversions live in
-//! [`crate::schema`]; everything inside the services works on [`Message`].
+//! [`crate::schema`], which depends on this module (never the other way round); everything
+//! inside the services works on [`Message`].
 
 use std::fmt;
 
@@ -9,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use ulid::Ulid;
 
-use crate::schema::SchemaVersion;
+use crate::version::SchemaVersion;
 
 /// The fields of a message: column name → scalar JSON value (number, bool or string), in the
 /// order of the source's columns.
@@ -120,6 +121,23 @@ pub struct Checkpoint {
     pub pass_complete: bool,
 }
 
+/// A field value as text, the one way every component compares and prints field values:
+/// strings as they are, whole numbers without a fraction (`3.0` is `"3"`, so a `gpu_id` read as
+/// a number still names key segments and filters as `3`), other numbers in their shortest form,
+/// booleans as `true`/`false`. `None` for null and for anything that is not a scalar.
+pub fn field_text(value: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        })),
+        Value::Bool(b) => Some(std::borrow::Cow::Borrowed(if *b { "true" } else { "false" })),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
 /// Is `hex` a well-formed idempotency key (64 lower-case hex digits)?
 pub fn is_idempotency_key(hex: &str) -> bool {
     hex.len() == 64
@@ -162,6 +180,21 @@ mod tests {
         let json = serde_json::to_string(&msg).expect("serializes");
         let back: Message = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn field_text_is_one_rendering_for_every_component() {
+        use serde_json::json;
+        assert_eq!(
+            field_text(&json!("DCGM_FI_DEV_GPU_UTIL")).as_deref(),
+            Some("DCGM_FI_DEV_GPU_UTIL")
+        );
+        assert_eq!(field_text(&json!(3.0)).as_deref(), Some("3"));
+        assert_eq!(field_text(&json!(3)).as_deref(), Some("3"));
+        assert_eq!(field_text(&json!(-0.5)).as_deref(), Some("-0.5"));
+        assert_eq!(field_text(&json!(true)).as_deref(), Some("true"));
+        assert_eq!(field_text(&json!(null)), None);
+        assert_eq!(field_text(&json!([1])), None);
     }
 
     #[test]

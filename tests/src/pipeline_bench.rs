@@ -13,10 +13,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use etcd_client::{Client, EventType};
+use etcd_client::Client;
 use futures::StreamExt as _;
 use telemetry_harness::count;
-use telemetry_shared::{Keyspace, Message};
+use telemetry_shared::{
+    Keyspace, Message,
+    watch::{Follow, Update},
+};
 use telemetry_streamer::{Flags, StreamerConfig};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -122,7 +125,7 @@ pub async fn enqueue_to_commit(
     let keys = Keyspace::new(ns);
     let running = start_collectors(endpoint, client, ns, collectors).await?;
     let from = telemetry_shared::etcd::current_revision(client).await? + 1;
-    let mut watch = telemetry_shared::etcd::watch_prefix(client, &keys.data_prefix(), from).await?;
+    let mut follow = Follow::new(client, keys.data_prefix(), from).without_deletes();
     let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
     let seen = Arc::new(AtomicU64::new(0));
     let stop_watch = CancellationToken::new();
@@ -130,27 +133,18 @@ pub async fn enqueue_to_commit(
         let (samples, seen, stop) = (samples.clone(), seen.clone(), stop_watch.clone());
         tokio::spawn(async move {
             loop {
-                let resp = tokio::select! {
-                    _ = stop.cancelled() => return anyhow::Ok(()),
-                    resp = watch.message() => resp?,
-                };
-                let Some(resp) = resp else {
-                    anyhow::bail!("the data watch ended");
+                let changes = match follow.next(&stop).await {
+                    None => return anyhow::Ok(()),
+                    Some(Update::Compacted { .. }) => {
+                        anyhow::bail!("the data watch fell behind a compaction")
+                    }
+                    Some(Update::Changes { changes, .. }) => changes,
                 };
                 let arrived = chrono::Utc::now();
-                anyhow::ensure!(
-                    !resp.canceled(),
-                    "the data watch was cancelled: {}",
-                    resp.cancel_reason()
-                );
                 let mut batch = Vec::new();
-                for event in resp.events() {
-                    if event.event_type() != EventType::Put {
-                        continue;
-                    }
-                    let Some(kv) = event.kv() else { continue };
-                    let message: Message = serde_json::from_slice(kv.value())
-                        .with_context(|| format!("stored record {}", String::from_utf8_lossy(kv.key())))?;
+                for change in changes {
+                    let message: Message = serde_json::from_slice(&change.value)
+                        .with_context(|| format!("stored record {}", change.key_str()))?;
                     let micros = (arrived - message.timestamp.as_datetime())
                         .num_microseconds()
                         .unwrap_or(i64::MAX);

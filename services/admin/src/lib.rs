@@ -79,7 +79,7 @@ async fn owners(client: &Client, keys: &Keyspace) -> Result<BTreeMap<u32, String
     Ok(pairs
         .into_iter()
         .filter_map(|(k, v)| {
-            let p = keys.parse_partition_suffix(&k, &keys.owners_prefix())?;
+            let p = keys.parse_owner(&k)?;
             Some((p, String::from_utf8_lossy(&v).into_owned()))
         })
         .collect())
@@ -146,10 +146,7 @@ pub async fn dead_letters(
 }
 
 fn parse_dead_letter(keys: &Keyspace, key: &str, value: &[u8]) -> Result<StoredDeadLetter, AdminError> {
-    let id = key
-        .strip_prefix(&keys.deadletter_prefix())
-        .unwrap_or(key)
-        .to_string();
+    let id = keys.parse_deadletter(key).unwrap_or(key).to_string();
     let letter = serde_json::from_slice(value)
         .map_err(|e| AdminError::Corrupt(format!("dead letter {id} is not readable: {e}")))?;
     Ok(StoredDeadLetter { id, letter })
@@ -312,13 +309,13 @@ pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Res
         }
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
-            let rest = key.strip_prefix(&prefix).unwrap_or(&key);
-            let mut parts = rest.splitn(3, '/');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(h), Some(g), Some(_)) => {
-                    *per_gpu.entry((h.to_string(), g.to_string())).or_default() += 1
+            match keys.parse_data_record(&key) {
+                Some(parts) => {
+                    *per_gpu
+                        .entry((parts.hostname.to_string(), parts.gpu_id.to_string()))
+                        .or_default() += 1
                 }
-                _ => problems.push(format!("unexpected key under the data prefix: {key}")),
+                None => problems.push(format!("unexpected key under the data prefix: {key}")),
             }
             total += 1;
         }

@@ -19,8 +19,13 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
-use telemetry_shared::{Keyspace, etcd::EtcdError, keys::QUEUE_PARTITIONS};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use telemetry_shared::{
+    Keyspace,
+    etcd::EtcdError,
+    keys::QUEUE_PARTITIONS,
+    watch::{ChangeKind, Follow, Update},
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -88,72 +93,39 @@ pub async fn coordinate(
         owners: HashMap::new(),
         owned: BTreeMap::new(),
     };
-    let mut group_rev = group.load_membership().await?;
-    let mut group_watch = watch(client, &keys.collectors_prefix(), group_rev + 1).await?;
+    let group_rev = group.load_membership().await?;
+    let mut follow = Follow::new(client, keys.collectors_prefix(), group_rev + 1);
     let lost = session.lost();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result: Result<End, EtcdError> = async {
-    let end = loop {
-        group.rebalance().await;
-        tokio::select! {
-            _ = shutdown.cancelled() => break End::Shutdown,
-            _ = lost.cancelled() => break End::SessionLost,
-            _ = tick.tick() => {}
-            msg = group_watch.message() => match msg {
-                Ok(Some(resp)) if resp.canceled() => {
-                    tracing::warn!(reason = resp.cancel_reason(), "membership watch cancelled; reloading");
-                    group_rev = group.load_membership().await?;
-                    group_watch = watch(client, &keys.collectors_prefix(), group_rev + 1).await?;
-                }
-                Ok(Some(resp)) => {
-                    for event in resp.events() {
-                        if let Some(kv) = event.kv() {
-                            group_rev = group_rev.max(kv.mod_revision());
-                            group.on_group_event(event.event_type(), kv);
+        loop {
+            group.rebalance().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                _ = lost.cancelled() => return Ok(End::SessionLost),
+                _ = tick.tick() => {}
+                update = follow.next(shutdown) => match update {
+                    None => return Ok(End::Shutdown),
+                    Some(Update::Changes { changes, .. }) => {
+                        for change in &changes {
+                            group.on_group_event(change.kind, &change.key_str(), change.lease);
                         }
                     }
-                }
-                Ok(None) | Err(_) => {
-                    tracing::warn!("membership watch broke; re-creating it");
-                    group_watch = rewatch(client, &keys.collectors_prefix(), &mut group_rev, shutdown).await?;
-                    group_rev = group.load_membership().await?;
-                }
-            },
+                    Some(Update::Compacted { .. }) => {
+                        tracing::warn!("membership watch fell behind a compaction; reloading");
+                        let rev = group.load_membership().await?;
+                        follow.resume_from(rev + 1);
+                    }
+                },
+            }
         }
-    };
-    Ok(end)
     }
     .await;
     // Always stop the partition tasks (finishing their in-flight commits), even when the loop
     // ended on an error: a task left running would keep committing under a dead session.
     group.release_all(matches!(result, Ok(End::Shutdown))).await;
     result
-}
-
-async fn watch(client: &Client, prefix: &str, from: i64) -> Result<etcd_client::WatchStream, EtcdError> {
-    telemetry_shared::etcd::watch_prefix(client, prefix, from).await
-}
-
-/// Re-creates a broken watch from the revision after the last one seen, retrying with backoff.
-async fn rewatch(
-    client: &Client,
-    prefix: &str,
-    last: &mut i64,
-    shutdown: &CancellationToken,
-) -> Result<etcd_client::WatchStream, EtcdError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match watch(client, prefix, *last + 1).await {
-            Ok(stream) => return Ok(stream),
-            Err(err) => tracing::debug!(error = %err, "re-creating watch failed; retrying"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(EtcdError::Cancelled),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
 }
 
 impl Group<'_> {
@@ -170,24 +142,21 @@ impl Group<'_> {
         self.members.clear();
         self.owners.clear();
         for kv in resp.kvs() {
-            self.on_group_event(EventType::Put, kv);
+            self.on_group_event(ChangeKind::Put, &String::from_utf8_lossy(kv.key()), kv.lease());
         }
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
-    fn on_group_event(&mut self, kind: EventType, kv: &etcd_client::KeyValue) {
-        let key = String::from_utf8_lossy(kv.key());
-        let members = self.keys.members_prefix();
-        let owners = self.keys.owners_prefix();
-        if let Some(id) = key.strip_prefix(&members) {
+    fn on_group_event(&mut self, kind: ChangeKind, key: &str, lease: i64) {
+        if let Some(id) = self.keys.parse_member(key) {
             match kind {
-                EventType::Put => self.members.insert(id.to_string()),
-                EventType::Delete => self.members.remove(id),
+                ChangeKind::Put => self.members.insert(id.to_string()),
+                ChangeKind::Delete => self.members.remove(id),
             };
-        } else if let Some(p) = self.keys.parse_partition_suffix(&key, &owners) {
+        } else if let Some(p) = self.keys.parse_owner(key) {
             match kind {
-                EventType::Put => self.owners.insert(p, kv.lease()),
-                EventType::Delete => self.owners.remove(&p),
+                ChangeKind::Put => self.owners.insert(p, lease),
+                ChangeKind::Delete => self.owners.remove(&p),
             };
         }
     }

@@ -20,8 +20,9 @@ use std::{
 use etcd_client::Client;
 use telemetry_shared::{
     Keyspace, Timestamp,
-    etcd::{EtcdError, MAX_TXN_OPS, is_retryable},
+    etcd::{EtcdError, MAX_TXN_OPS, current_revision, is_retryable},
     model::{DeadLetter, GpuInfo, PartitionStats},
+    watch::{ChangeKind, Follow, Update},
 };
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -43,9 +44,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Follows one partition of the queue from revision `from`: forwards puts and deletes,
-/// re-creates the watch from the last seen revision when it breaks, and asks for a resync when
-/// the watch fell behind a compaction (then follows from the current revision).
+/// Follows one partition of the queue from revision `from` and forwards its changes. After a
+/// compaction it asks for a resync and follows from the then current revision (the partition
+/// task ranges again and keeps only events newer than that range).
 async fn feed(
     client: Client,
     prefix: String,
@@ -53,65 +54,34 @@ async fn feed(
     tx: UnboundedSender<QueueEvent>,
     stop: CancellationToken,
 ) {
-    let mut next = from;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let mut stream = match telemetry_shared::etcd::watch_prefix(&client, &prefix, next).await {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::debug!(%prefix, error = %err, "creating partition watch failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                _ = stop.cancelled() => return,
-                msg = stream.message() => msg,
-            };
-            match msg {
-                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
-                    tracing::warn!(%prefix, reason = resp.cancel_reason(), "partition watch fell behind a compaction; resyncing");
-                    // Follow from now on; the partition task ranges again and keeps only events
-                    // newer than that range.
-                    let now = telemetry_shared::etcd::current_revision(&client).await.ok();
-                    next = now.map_or(next, |rev| rev + 1);
-                    if tx.send(QueueEvent::Resync).is_err() {
+    let mut follow = Follow::new(&client, prefix, from);
+    while let Some(update) = follow.next(&stop).await {
+        match update {
+            Update::Changes { changes, .. } => {
+                for change in changes {
+                    let key = change.key_str().into_owned();
+                    let event = match change.kind {
+                        ChangeKind::Put => QueueEvent::Put {
+                            key,
+                            value: change.value,
+                            revision: change.mod_revision,
+                        },
+                        ChangeKind::Delete => QueueEvent::Delete { key },
+                    };
+                    if tx.send(event).is_err() {
                         return;
                     }
-                    break;
                 }
-                Ok(Some(resp)) => {
-                    delay = Duration::from_millis(100);
-                    let fragment = telemetry_shared::etcd::is_fragment(&resp);
-                    for event in resp.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        // Mid-revision (a fragment with more to come), a re-watch must start at
-                        // this revision again, or the rest of it would be skipped; re-delivered
-                        // puts are harmless (the pending set is keyed by queue key).
-                        next = next.max(kv.mod_revision() + i64::from(!fragment));
-                        let key = String::from_utf8_lossy(kv.key()).into_owned();
-                        let event = match event.event_type() {
-                            etcd_client::EventType::Put => QueueEvent::Put {
-                                value: kv.value().to_vec(),
-                                revision: kv.mod_revision(),
-                                key,
-                            },
-                            etcd_client::EventType::Delete => QueueEvent::Delete { key },
-                        };
-                        if tx.send(event).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    tracing::debug!(%prefix, next, "partition watch broke; re-creating it from the last seen revision");
-                    metrics::counter!("collector_watch_restarts_total").increment(1);
-                    break;
+            }
+            Update::Compacted { compact_revision, .. } => {
+                tracing::warn!(
+                    compact_revision,
+                    "partition watch fell behind a compaction; resyncing"
+                );
+                let now = current_revision(&client).await.unwrap_or(compact_revision);
+                follow.resume_from(now.max(compact_revision) + 1);
+                if tx.send(QueueEvent::Resync).is_err() {
+                    return;
                 }
             }
         }

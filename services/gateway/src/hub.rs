@@ -14,14 +14,15 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
-use etcd_client::{Client, EventType, KeyValue};
+use etcd_client::Client;
 use telemetry_shared::{
     Keyspace, Message, SchemaVersion,
     config::Columns,
-    etcd::{EtcdError, current_revision, is_fragment, watch_prefix},
+    etcd::{EtcdError, current_revision},
+    message::field_text,
+    watch::{Follow, Update},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -44,16 +45,18 @@ pub struct Event {
 }
 
 impl Event {
-    /// Reads a record written under the data prefix; `None` (logged and counted) if the key or
-    /// value is not one.
-    pub fn decode(keys: &Keyspace, columns: &Columns, kv: &KeyValue) -> Option<Event> {
-        let key = String::from_utf8_lossy(kv.key());
-        let rest = key.strip_prefix(&keys.data_prefix())?;
-        let mut parts = rest.splitn(3, '/');
-        let (Some(hostname), Some(gpu_id), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
-            return None;
-        };
-        let message: Message = match serde_json::from_slice(kv.value()) {
+    /// Reads a record written under the data prefix at `revision`; `None` (logged and counted)
+    /// if the key or value is not one.
+    pub fn decode(
+        keys: &Keyspace,
+        columns: &Columns,
+        key: &[u8],
+        value: &[u8],
+        revision: i64,
+    ) -> Option<Event> {
+        let key = String::from_utf8_lossy(key);
+        let parts = keys.parse_data_record(&key)?;
+        let message: Message = match serde_json::from_slice(value) {
             Ok(m) => m,
             Err(err) => {
                 tracing::warn!(%key, error = %err, "skipping unreadable telemetry record");
@@ -61,15 +64,17 @@ impl Event {
                 return None;
             }
         };
-        let text = |column: &str| match message.fields.get(column) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-            _ => None,
+        let text = |column: &str| {
+            message
+                .fields
+                .get(column)
+                .and_then(field_text)
+                .map(|t| t.into_owned())
         };
         Some(Event {
-            revision: kv.mod_revision(),
-            hostname: hostname.to_string(),
-            gpu_id: gpu_id.to_string(),
+            revision,
+            hostname: parts.hostname.to_string(),
+            gpu_id: parts.gpu_id.to_string(),
             uuid: text(&columns.uuid),
             metric: text(&columns.metric),
             encoded: Default::default(),
@@ -309,7 +314,10 @@ impl Hub {
         }
     }
 
-    fn end_all(&self, why: Ended) {
+    /// Ends every subscriber. With `resume_at`, the feed's revision moves there under the same
+    /// lock, so a subscriber that registers afterwards starts after it (and one that registered
+    /// before was ended): nobody can register in between and miss records silently.
+    fn end_all(&self, why: Ended, resume_at: Option<i64>) {
         let mut subs = self
             .inner
             .subscribers
@@ -318,78 +326,38 @@ impl Hub {
         for (_, sub) in subs.drain() {
             end(&sub, why.clone());
         }
+        if let Some(revision) = resume_at {
+            self.inner.delivered.store(revision, Ordering::Release);
+        }
     }
 
     async fn watch(self, client: Client, shutdown: CancellationToken) {
-        let prefix = self.inner.keys.data_prefix();
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let from = self.delivered() + 1;
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                s = watch_prefix(&client, &prefix, from) => s,
-            };
-            let mut stream = match stream {
-                Ok(s) => s,
-                Err(err) => {
-                    tracing::warn!(error = %err, "live feed: cannot watch; retrying");
-                    sleep_or_cancel(&shutdown, backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            let mut pending: Vec<Arc<Event>> = Vec::new();
-            let mut pending_top = 0i64;
-            loop {
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    m = stream.message() => m,
-                };
-                let resp = match message {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => break,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "live feed: watch failed; re-watching");
-                        break;
-                    }
-                };
-                backoff = Duration::from_millis(100);
-                if resp.canceled() {
-                    if resp.compact_revision() > 0 {
-                        self.recover_from_compaction(&client, resp.compact_revision())
-                            .await;
-                    } else {
-                        tracing::warn!(
-                            reason = resp.cancel_reason(),
-                            "live feed: watch cancelled; re-watching"
-                        );
-                    }
-                    break;
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    pending_top = pending_top.max(kv.mod_revision());
-                    if ev.event_type() != EventType::Put {
-                        continue;
-                    }
+        // Retention expiry deletes records; the feed carries writes only.
+        let mut follow =
+            Follow::new(&client, self.inner.keys.data_prefix(), self.delivered() + 1).without_deletes();
+        while let Some(update) = follow.next(&shutdown).await {
+            match update {
+                Update::Changes { changes, through } => {
                     let (keys, columns) = self.decoder();
-                    if let Some(event) = Event::decode(keys, columns, kv) {
-                        pending.push(Arc::new(event));
-                    }
+                    let events = changes
+                        .iter()
+                        .filter_map(|c| Event::decode(keys, columns, &c.key, &c.value, c.mod_revision))
+                        .map(Arc::new)
+                        .collect();
+                    self.broadcast(group(events), through);
                 }
-                if !is_fragment(&resp) && pending_top > 0 {
-                    self.broadcast(group(std::mem::take(&mut pending)), pending_top);
-                    pending_top = 0;
+                Update::Compacted { compact_revision, .. } => {
+                    let resumed_at = self.recover_from_compaction(&client, compact_revision).await;
+                    follow.resume_from(resumed_at + 1);
                 }
             }
-            sleep_or_cancel(&shutdown, Duration::from_millis(50)).await;
         }
-        self.end_all(Ended::Shutdown);
+        self.end_all(Ended::Shutdown, None);
     }
 
     /// The history after our last revision is gone: subscribers get a gap notice (they can
-    /// fall back to REST), and the feed resumes from the current revision.
-    async fn recover_from_compaction(&self, client: &Client, compacted: i64) {
+    /// fall back to REST), and the feed resumes from the current revision, which is returned.
+    async fn recover_from_compaction(&self, client: &Client, compacted: i64) -> i64 {
         let resumed_at = current_revision(client).await.unwrap_or(compacted).max(compacted);
         tracing::error!(
             lost_after = self.delivered(),
@@ -398,8 +366,8 @@ impl Hub {
             "live feed: history was compacted while the watch was behind; subscribers are closed"
         );
         metrics::counter!("gateway_live_gaps_total").increment(1);
-        self.end_all(Ended::Gap { resumed_at });
-        self.inner.delivered.store(resumed_at, Ordering::Release);
+        self.end_all(Ended::Gap { resumed_at }, Some(resumed_at));
+        resumed_at
     }
 }
 
@@ -422,13 +390,6 @@ pub fn group(events: Vec<Arc<Event>>) -> Vec<Batch> {
         }
     }
     batches
-}
-
-async fn sleep_or_cancel(shutdown: &CancellationToken, duration: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(duration) => {}
-    }
 }
 
 #[cfg(test)]
@@ -498,7 +459,9 @@ mod tests {
         // A late subscriber starts after what was already broadcast.
         assert_eq!(hub.subscribe(Filter::default(), 1).start_revision, 14);
         // Gap and shutdown reach everyone attached.
-        hub.end_all(Ended::Gap { resumed_at: 99 });
+        hub.end_all(Ended::Gap { resumed_at: 99 }, Some(99));
+        // A subscriber that registers after the gap starts after the resumed revision.
+        assert_eq!(hub.subscribe(Filter::default(), 1).start_revision, 99);
         assert_eq!(other_host.ended(), Ended::Gap { resumed_at: 99 });
         assert_eq!(hub.subscribers(), 0);
     }

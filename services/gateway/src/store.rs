@@ -396,6 +396,21 @@ impl Store {
         })
     }
 
+    /// Was any record written in revisions `from..=to`? (A replay over revisions without any
+    /// would wait for the next write.) On an error, assumes yes.
+    pub async fn any_written(&self, from: i64, to: i64) -> bool {
+        let prefix = self.keys.data_prefix();
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_count_only()
+            .with_min_mod_revision(from)
+            .with_max_mod_revision(to);
+        match self.client.clone().get(prefix, Some(options)).await {
+            Ok(resp) => resp.count() > 0,
+            Err(_) => true,
+        }
+    }
+
     /// Sums the partition counters and counts the index, queue and dead letters, in one
     /// transaction.
     pub async fn stats(&self) -> Result<Stats, EtcdError> {

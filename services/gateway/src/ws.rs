@@ -28,11 +28,11 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use etcd_client::EventType;
 use serde::Deserialize;
 use telemetry_shared::{
     SchemaVersion,
-    etcd::{is_fragment, watch_prefix},
+    etcd::current_revision,
+    watch::{Follow, Update},
 };
 use tokio::sync::OwnedSemaphorePermit;
 use utoipa::IntoParams;
@@ -114,6 +114,19 @@ pub async fn ws_telemetry(
             }
         },
     };
+    if let Some(since) = since {
+        // A revision etcd has not reached yet (a typo, or one from another cluster) would make
+        // the client wait silently for history that is not this store's: refuse it.
+        let current = current_revision(app.store.client()).await?;
+        if since > current {
+            return Err(ApiError::invalid(
+                "since_revision",
+                format!(
+                    "{since} is ahead of etcd's current revision {current}; pass a revision this gateway sent"
+                ),
+            ));
+        }
+    }
     let filter = Filter {
         hostname: nonempty("hostname", params.hostname)?,
         gpu_id: nonempty("gpu_id", params.gpu_id)?,
@@ -198,7 +211,9 @@ impl Session {
             return;
         }
         let outcome = match since {
-            Some(n) if n < live_from => self.replay(n, live_from, &sub).await,
+            Some(n) if n < live_from && self.app.store.any_written(n + 1, live_from).await => {
+                self.replay(n, live_from, &sub).await
+            }
             _ => Step::Continue,
         };
         let outcome = match outcome {
@@ -215,73 +230,43 @@ impl Session {
     async fn replay(&mut self, since: i64, live_from: i64, sub: &Subscription) -> Step {
         let (keys, columns) = self.app.hub.decoder();
         let (keys, columns) = (keys.clone(), columns.clone());
-        let mut stream = match watch_prefix(self.app.store.client(), &keys.data_prefix(), since + 1).await {
-            Ok(s) => s,
-            Err(err) => {
-                return Step::Close(Close {
-                    code: 1011,
-                    error: "replay_failed",
-                    detail: format!("cannot replay from etcd: {err}"),
-                });
-            }
-        };
+        let mut follow =
+            Follow::new(self.app.store.client(), keys.data_prefix(), since + 1).without_deletes();
         let mut ping = self.ping_timer();
         let shutdown = self.app.shutdown.clone();
-        let mut pending: Vec<Arc<Event>> = Vec::new();
         loop {
             if sub.is_slow() {
                 return self.slow();
             }
             tokio::select! {
-                message = stream.message() => {
-                    let resp = match message {
-                        Ok(Some(resp)) => resp,
-                        Ok(None) | Err(_) => return Step::Close(Close {
-                            code: 1011,
-                            error: "replay_failed",
-                            detail: "the replay watch ended early; reconnect with the same since_revision".into(),
-                        }),
-                    };
-                    if resp.canceled() {
-                        let compacted = resp.compact_revision();
-                        return Step::Close(Close {
-                            code: if compacted > 0 { CLOSE_COMPACTED } else { 1011 },
-                            error: if compacted > 0 { "compacted" } else { "replay_failed" },
-                            detail: if compacted > 0 {
-                                format!(
-                                    "revision {} is compacted (history starts at {compacted}); read the gap over REST, then reconnect without since_revision",
-                                    since + 1
-                                )
-                            } else {
-                                format!("the replay watch was cancelled: {}", resp.cancel_reason())
-                            },
-                        });
-                    }
-                    let mut caught_up = false;
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        if kv.mod_revision() > live_from {
-                            caught_up = true;
-                            break;
-                        }
-                        if ev.event_type() == EventType::Put
-                            && let Some(event) = Event::decode(&keys, &columns, kv)
-                        {
-                            pending.push(Arc::new(event));
-                        }
-                    }
-                    if !is_fragment(&resp) || caught_up {
-                        for batch in group(std::mem::take(&mut pending)) {
+                update = follow.next(&shutdown) => match update {
+                    None => return self.going_away(),
+                    Some(Update::Compacted { compact_revision, .. }) => return Step::Close(Close {
+                        code: CLOSE_COMPACTED,
+                        error: "compacted",
+                        detail: format!(
+                            "revision {} is compacted (history starts at {compact_revision}); read the gap over REST, then reconnect without since_revision",
+                            since + 1
+                        ),
+                    }),
+                    Some(Update::Changes { changes, through }) => {
+                        let events = changes
+                            .iter()
+                            .take_while(|c| c.mod_revision <= live_from)
+                            .filter_map(|c| Event::decode(&keys, &columns, &c.key, &c.value, c.mod_revision))
+                            .map(Arc::new)
+                            .collect();
+                        for batch in group(events) {
                             if let Step::Gone = self.send_batch(&batch).await {
                                 return Step::Gone;
                             }
                         }
+                        if through >= live_from {
+                            self.last_sent = self.last_sent.max(live_from);
+                            return Step::Continue;
+                        }
                     }
-                    if caught_up {
-                        self.last_sent = self.last_sent.max(live_from);
-                        return Step::Continue;
-                    }
-                }
+                },
                 step = self.socket_step(&mut ping) => {
                     if !matches!(step, Step::Continue) {
                         return step;
