@@ -558,6 +558,39 @@ pub fn service_env(server: &EtcdServer, namespace: &str, extra: &[(&str, &str)])
     vars
 }
 
+/// Runs `promtool check metrics` (Debian's `prometheus` package; `PROMTOOL_BIN` overrides) on a
+/// Prometheus text exposition. `Ok` when promtool finds nothing to complain about; otherwise
+/// its complaints (or why it could not run).
+pub fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let bin = std::env::var("PROMTOOL_BIN").unwrap_or_else(|_| "promtool".into());
+    let mut child = std::process::Command::new(&bin)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {bin} (install Debian's prometheus package): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(exposition.as_bytes())
+            .map_err(|e| format!("writing to promtool: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for promtool: {e}"))?;
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && complaints.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(complaints)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,131 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// One thing that happened in a service, Vector's `internal_events` pattern: the event's
+/// `emit` writes its log line and updates its metrics together, so names, labels and levels
+/// never drift apart, and a new signal is added in one place (the service's `events` module,
+/// which also lists the metric in its [`MetricDef`] table).
+pub trait InternalEvent: Sized {
+    /// Logs the event and records its metrics.
+    fn emit(self);
+}
+
+/// Emits an event (see [`InternalEvent`]).
+pub fn emit(event: impl InternalEvent) {
+    event.emit();
+}
+
+/// What kind of Prometheus metric a [`MetricDef`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A monotonic counter (name ends in `_total`).
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A histogram with buckets.
+    Histogram,
+}
+
+/// A metric a process exports, with its help text. Each service keeps one table of them beside
+/// its events; the recorder is told about each at start-up, so every metric has `# HELP` and
+/// `# TYPE` lines (what `promtool check metrics` asks for) even before its first update.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    /// The metric name (Prometheus conventions: `<service>_<what>_<unit>[_total]`).
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// One sentence for `# HELP`.
+    pub help: &'static str,
+}
+
+impl MetricDef {
+    /// A counter.
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        MetricDef {
+            name,
+            kind: MetricKind::Counter,
+            help,
+        }
+    }
+
+    /// A gauge.
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        MetricDef {
+            name,
+            kind: MetricKind::Gauge,
+            help,
+        }
+    }
+
+    /// A histogram.
+    pub const fn histogram(name: &'static str, help: &'static str) -> Self {
+        MetricDef {
+            name,
+            kind: MetricKind::Histogram,
+            help,
+        }
+    }
+}
+
+/// Metrics of the shared code (retries, watches), exported by every service.
+pub const SHARED_METRICS: &[MetricDef] = &[
+    MetricDef::counter(
+        "etcd_request_retries_total",
+        "Idempotent etcd requests retried after a retryable error.",
+    ),
+    MetricDef::counter(
+        "etcd_watch_restarts_total",
+        "etcd watches re-created after they broke (from the last complete revision).",
+    ),
+    MetricDef::counter(
+        "etcd_watch_compacted_total",
+        "etcd watches that fell behind a compaction and lost history.",
+    ),
+];
+
+/// Latency buckets (seconds) for every `*_seconds` histogram: 100 µs to 10 s.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for every other histogram (sizes and counts): powers of two from 1 to 65,536.
+const SIZE_BUCKETS: [f64; 17] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+    32768.0, 65536.0,
+];
+
+/// The recorder's configuration: real histograms (with buckets, not summaries) everywhere.
+fn builder() -> PrometheusBuilder {
+    let builder = PrometheusBuilder::new();
+    let builder = match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS) {
+        Ok(b) => b,
+        Err(_) => PrometheusBuilder::new(),
+    };
+    match builder.set_buckets(&SIZE_BUCKETS) {
+        Ok(b) => b,
+        Err(_) => PrometheusBuilder::new(),
+    }
+}
+
+/// Tells the recorder about `service`'s metrics and the shared ones, and sets
+/// `<service>_build_info{version}` to 1.
+fn describe(service: &'static str, version: &'static str, defs: &[MetricDef]) {
+    let build_info = format!("{service}_build_info");
+    metrics::describe_gauge!(
+        build_info.clone(),
+        "Always 1; the labels say which build of the service this is."
+    );
+    metrics::gauge!(build_info, "version" => version).set(1.0);
+    for def in SHARED_METRICS.iter().chain(defs) {
+        match def.kind {
+            MetricKind::Counter => metrics::describe_counter!(def.name, def.help),
+            MetricKind::Gauge => metrics::describe_gauge!(def.name, def.help),
+            MetricKind::Histogram => metrics::describe_histogram!(def.name, def.help),
+        }
+    }
+}
+
 /// Errors starting the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve Prometheus metrics on port {port} (METRICS_PORT): {reason}")]
@@ -29,43 +154,44 @@ pub struct MetricsError {
     pub reason: String,
 }
 
-/// Serves Prometheus `/metrics` on `0.0.0.0:port`; `port == 0` disables it. Must be called
-/// inside a tokio runtime. The recorder is process-global, so call it once per process.
-pub fn serve_metrics(port: u16) -> Result<(), MetricsError> {
+/// Serves Prometheus `/metrics` on `0.0.0.0:port` for `service` (its `version`, its metric
+/// table); `port == 0` disables it. Must be called inside a tokio runtime, once per process.
+pub fn serve_metrics(
+    port: u16,
+    service: &'static str,
+    version: &'static str,
+    defs: &[MetricDef],
+) -> Result<(), MetricsError> {
     if port == 0 {
         return Ok(());
     }
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    PrometheusBuilder::new()
+    builder()
         .with_http_listener(addr)
         .install()
         .map_err(|e| MetricsError {
             port,
             reason: e.to_string(),
         })?;
+    describe(service, version, defs);
     tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
 }
 
-/// Latency buckets (seconds) for every `*_seconds` histogram: 100 µs to 10 s.
-const SECONDS_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
 /// The process-wide Prometheus recorder for a service that serves `/metrics` on its own HTTP
-/// port (the gateway), installed at the first call. `None` if another recorder was installed
-/// first (then metrics go there).
-pub fn prometheus() -> Option<PrometheusHandle> {
+/// port (the gateway), installed at the first call and described for `service`. `None` if
+/// another recorder was installed first (then metrics go there).
+pub fn prometheus(
+    service: &'static str,
+    version: &'static str,
+    defs: &[MetricDef],
+) -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()
+    let handle = HANDLE.get_or_init(|| builder().install_recorder().ok()).clone();
+    if handle.is_some() {
+        describe(service, version, defs);
+    }
+    handle
 }
 
 /// A token cancelled at the first SIGINT or SIGTERM: services finish in-flight work and exit.

@@ -12,6 +12,7 @@
 
 pub mod commit;
 pub mod config;
+pub mod events;
 pub mod group;
 pub mod partition;
 pub mod session;

@@ -9,7 +9,12 @@ use telemetry_shared::{etcd, observe};
 async fn main() -> anyhow::Result<()> {
     observe::init_tracing();
     let config = CollectorConfig::load().context("invalid configuration")?;
-    observe::serve_metrics(config.metrics_port)?;
+    observe::serve_metrics(
+        config.metrics_port,
+        "collector",
+        env!("CARGO_PKG_VERSION"),
+        telemetry_collector::events::METRICS,
+    )?;
     let shutdown = observe::shutdown_on_signals();
     let client = match etcd::connect_with_retry(&config.common, &shutdown).await {
         Ok(client) => client,

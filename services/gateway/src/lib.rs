@@ -14,6 +14,7 @@
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod events;
 pub mod hub;
 pub mod negotiate;
 pub mod query;
@@ -174,7 +175,7 @@ pub async fn run(
         hub,
         ws_slots: Arc::new(Semaphore::new(config.ws_max_connections)),
         shutdown: shutdown.clone(),
-        metrics: observe::prometheus(),
+        metrics: observe::prometheus("gateway", env!("CARGO_PKG_VERSION"), events::METRICS),
         config,
     });
     if let Ok(addr) = listener.local_addr() {

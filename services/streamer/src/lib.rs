@@ -14,6 +14,7 @@
 
 pub mod backpressure;
 pub mod config;
+pub mod events;
 pub mod progress;
 pub mod sink;
 pub mod source;

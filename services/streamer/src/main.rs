@@ -11,7 +11,12 @@ async fn main() -> anyhow::Result<()> {
     observe::init_tracing();
     let flags = Flags::parse();
     let config = StreamerConfig::load(&flags).context("invalid configuration")?;
-    observe::serve_metrics(config.metrics_port)?;
+    observe::serve_metrics(
+        config.metrics_port,
+        "streamer",
+        env!("CARGO_PKG_VERSION"),
+        telemetry_streamer::events::METRICS,
+    )?;
     let shutdown = observe::shutdown_on_signals();
     let client = match etcd::connect_with_retry(&config.common, &shutdown).await {
         Ok(client) => client,
