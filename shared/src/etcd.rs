@@ -272,15 +272,24 @@ pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
 
+/// A key as a range read found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key (lossy UTF-8).
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The revision of the key's last write.
+    pub mod_revision: i64,
+    /// The lease the key is attached to (0 for none).
+    pub lease: i64,
+}
+
 /// Every key/value under `prefix`, read in pages of up to `page` keys at one revision (a
 /// single range over a large prefix can exceed any message limit). A page too large to decode
-/// is read again in smaller pages, down to one key. Returns the pairs in key order and the
+/// is read again in smaller pages, down to one key. Returns the entries in key order and the
 /// revision they were read at.
-pub async fn range_prefix(
-    client: &Client,
-    prefix: &str,
-    page: i64,
-) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
+pub async fn range_entries(client: &Client, prefix: &str, page: i64) -> Result<(Vec<Entry>, i64), EtcdError> {
     let end = crate::keys::prefix_end(prefix);
     let mut kv = kv(client);
     let mut from = prefix.as_bytes().to_vec();
@@ -311,11 +320,64 @@ pub async fn range_prefix(
         }
         let done = !more || kvs.is_empty();
         for kv in kvs {
+            let (mod_revision, lease) = (kv.mod_revision(), kv.lease());
             let (key, value) = kv.into_key_value();
-            out.push((String::from_utf8_lossy(&key).into_owned(), value));
+            out.push(Entry {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                value,
+                mod_revision,
+                lease,
+            });
         }
         if done {
             return Ok((out, revision));
+        }
+    }
+}
+
+/// [`range_entries`] as (key, value) pairs.
+pub async fn range_prefix(
+    client: &Client,
+    prefix: &str,
+    page: i64,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
+    let (entries, revision) = range_entries(client, prefix, page).await?;
+    Ok((entries.into_iter().map(|e| (e.key, e.value)).collect(), revision))
+}
+
+/// Calls `visit` with every key under `prefix` (keys only, in pages of `page`, at one revision,
+/// so a million keys never sit in memory at once). Returns the revision they were read at.
+pub async fn for_each_key(
+    client: &Client,
+    prefix: &str,
+    page: i64,
+    mut visit: impl FnMut(&str),
+) -> Result<i64, EtcdError> {
+    let end = crate::keys::prefix_end(prefix);
+    let mut kv = kv(client);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_keys_only()
+            .with_limit(page.max(1));
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = kv.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for item in resp.kvs() {
+            visit(&String::from_utf8_lossy(item.key()));
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(revision),
         }
     }
 }

@@ -45,19 +45,108 @@ pub struct PartitionStats {
     pub latest: Option<Timestamp>,
 }
 
-/// A message the collector could not accept (`/deadletter/{id}`), with why.
+/// A message the collector could not accept (`/deadletter/{id}`), with why. The payload is
+/// kept whole (as text when it is UTF-8, base64 otherwise), so a dead letter that becomes
+/// acceptable (after a configuration change, say) can be replayed as it was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// The queue key it was removed from.
     pub queue_key: String,
     /// Why it was rejected.
     pub reason: String,
-    /// The payload as found (lossy UTF-8 if it was not text).
-    pub payload: String,
+    /// The payload, when it is UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload in base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// Size of the original payload in bytes.
+    #[serde(default)]
+    pub payload_size: usize,
+    /// True when only the first part of the payload could be kept: a queue entry too large to
+    /// copy into a dead letter within one etcd request (only producers other than the streamer
+    /// write entries that large). Such a dead letter cannot be replayed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub payload_truncated: bool,
     /// When it was dead-lettered.
     pub failed_at: Timestamp,
     /// Which collector rejected it.
     pub collector: String,
+}
+
+/// Largest payload a dead letter keeps whole; etcd accepts at most 1.5 MiB per request, and the
+/// dead letter is written in the same transaction that removes the queue entry.
+pub const MAX_DEAD_PAYLOAD: usize = 1024 * 1024;
+
+/// Why a dead letter's payload cannot be given back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Only part of it was kept.
+    #[error("only the first {kept} of {size} bytes were kept (the entry was too large to copy)")]
+    Truncated {
+        /// Bytes kept.
+        kept: usize,
+        /// Bytes the original had.
+        size: usize,
+    },
+    /// The stored base64 does not decode.
+    #[error("the stored payload is not valid base64: {0}")]
+    Corrupt(String),
+}
+
+impl DeadLetter {
+    /// A dead letter for `payload` found at `queue_key`, rejected for `reason` by `collector`.
+    pub fn new(queue_key: &str, reason: String, payload: &[u8], collector: &str) -> Self {
+        use base64::Engine as _;
+        let truncated = payload.len() > MAX_DEAD_PAYLOAD;
+        let kept = &payload[..payload.len().min(MAX_DEAD_PAYLOAD)];
+        // Text when it is UTF-8 and JSON escaping does not make it larger than base64 would.
+        let as_text = std::str::from_utf8(kept).ok().filter(|text| {
+            serde_json::to_string(text).is_ok_and(|escaped| escaped.len() <= kept.len() * 4 / 3 + 4)
+        });
+        let (text, base64) = match as_text {
+            Some(text) => (Some(text.to_string()), None),
+            None => (None, Some(base64::engine::general_purpose::STANDARD.encode(kept))),
+        };
+        DeadLetter {
+            queue_key: queue_key.to_string(),
+            reason,
+            payload: text,
+            payload_base64: base64,
+            payload_size: payload.len(),
+            payload_truncated: truncated,
+            failed_at: Timestamp::now(),
+            collector: collector.to_string(),
+        }
+    }
+
+    /// The original payload, byte for byte.
+    pub fn payload_bytes(&self) -> Result<Vec<u8>, PayloadError> {
+        use base64::Engine as _;
+        let bytes = match (&self.payload, &self.payload_base64) {
+            (Some(text), _) => text.as_bytes().to_vec(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| PayloadError::Corrupt(e.to_string()))?,
+            (None, None) => Vec::new(),
+        };
+        if self.payload_truncated {
+            return Err(PayloadError::Truncated {
+                kept: bytes.len(),
+                size: self.payload_size,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// The payload for display: the text, or a note for binary payloads.
+    pub fn payload_text(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.payload, &self.payload_base64) {
+            (Some(text), _) => std::borrow::Cow::Borrowed(text.as_str()),
+            (None, Some(b64)) => std::borrow::Cow::Owned(format!("(binary, base64) {b64}")),
+            (None, None) => std::borrow::Cow::Borrowed(""),
+        }
+    }
 }
 
 /// A collector's registration (`/collectors/members/{id}`), attached to its session lease.
@@ -69,4 +158,34 @@ pub struct Member {
     pub lease: i64,
     /// When it registered.
     pub started_at: Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_keep_the_whole_payload() {
+        let big = "x".repeat(200 * 1024);
+        let letter = DeadLetter::new("/q/1", "bad".into(), big.as_bytes(), "c");
+        assert_eq!(letter.payload_bytes().as_deref(), Ok(big.as_bytes()));
+        let binary = vec![0xff, 0x00, 0xfe];
+        let letter = DeadLetter::new("/q/1", "bad".into(), &binary, "c");
+        let json = serde_json::to_string(&letter).expect("json");
+        let back: DeadLetter = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.payload_bytes(), Ok(binary));
+        let huge = vec![b'y'; MAX_DEAD_PAYLOAD + 1];
+        let letter = DeadLetter::new("/q/1", "bad".into(), &huge, "c");
+        assert!(matches!(
+            letter.payload_bytes(),
+            Err(PayloadError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn dead_letters_of_the_previous_release_still_read() {
+        let old = r#"{"queue_key":"/q/1","reason":"r","payload":"{}","failed_at":"2026-11-23T08:00:00Z","collector":"c"}"#;
+        let letter: DeadLetter = serde_json::from_str(old).expect("old format");
+        assert_eq!(letter.payload_bytes(), Ok(b"{}".to_vec()));
+    }
 }

@@ -128,13 +128,14 @@ impl Backoff {
     }
 
     /// [`Backoff::failed`] then [`Backoff::wait`]: the usual body of a retry loop's error arm.
-    pub async fn retry_after(
-        &mut self,
+    pub fn retry_after<'a>(
+        &'a mut self,
         error: &dyn Display,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Stopped> {
+        shutdown: &'a CancellationToken,
+    ) -> impl Future<Output = Result<(), Stopped>> + Send + 'a {
+        // Logged now, so the returned future does not hold the error.
         self.failed(error);
-        self.wait(shutdown).await
+        self.wait(shutdown)
     }
 }
 

@@ -15,7 +15,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 use telemetry_shared::{
     Keyspace,
-    etcd::{EtcdError, count_prefix, range_prefix},
+    etcd::{EtcdError, count_prefix, for_each_key, range_prefix},
     keys::{QUEUE_PARTITIONS, prefix_end},
     model::{DeadLetter, GpuInfo, Member, PartitionStats},
 };
@@ -195,6 +195,10 @@ pub async fn replay(client: &Client, keys: &Keyspace, id: &str) -> Result<String
             "dead letter {id} names {queue_key:?}, which is not a queue key of this namespace"
         )));
     }
+    let payload = stored
+        .letter
+        .payload_bytes()
+        .map_err(|e| AdminError::Corrupt(format!("dead letter {id} cannot be replayed: {e}")))?;
     let dead_key = keys.deadletter(id);
     let txn = Txn::new()
         .when(vec![
@@ -203,7 +207,7 @@ pub async fn replay(client: &Client, keys: &Keyspace, id: &str) -> Result<String
         ])
         .and_then(vec![
             TxnOp::delete(dead_key.as_bytes(), None),
-            TxnOp::put(queue_key.as_bytes(), stored.letter.payload.as_bytes(), None),
+            TxnOp::put(queue_key.as_bytes(), payload, None),
         ]);
     let resp = client.clone().txn(txn).await?;
     if !resp.succeeded() {
@@ -288,55 +292,72 @@ pub struct AuditReport {
 /// counters, so fewer keys than counted is reported as a note, not a problem, unless
 /// `expect` says exactly how many there must be.
 pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Result<AuditReport, AdminError> {
-    let prefix = keys.data_prefix();
-    let end = prefix_end(&prefix);
-    let mut from = prefix.as_bytes().to_vec();
-    let mut revision = 0;
+    let mut problems = Vec::new();
     let mut per_gpu: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut total = 0u64;
-    let mut problems = Vec::new();
-    loop {
-        let mut options = GetOptions::new()
-            .with_range(end.clone())
-            .with_keys_only()
-            .with_limit(5000);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let resp = client.clone().get(from.clone(), Some(options)).await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            match keys.parse_data_record(&key) {
-                Some(parts) => {
-                    *per_gpu
-                        .entry((parts.hostname.to_string(), parts.gpu_id.to_string()))
-                        .or_default() += 1
-                }
-                None => problems.push(format!("unexpected key under the data prefix: {key}")),
+    let revision = for_each_key(client, &keys.data_prefix(), 5000, |key| {
+        total += 1;
+        match keys.parse_data_record(key) {
+            Some(parts) => {
+                *per_gpu
+                    .entry((parts.hostname.to_string(), parts.gpu_id.to_string()))
+                    .or_default() += 1
             }
-            total += 1;
+            None => problems.push(format!("unexpected key under the data prefix: {key}")),
         }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => break,
-        }
-    }
+    })
+    .await?;
+    let indexed = read_index(client, keys, &mut problems).await?;
+    let counted = read_counted_records(client, keys, &mut problems).await?;
+    let gpus: Vec<GpuCount> = per_gpu
+        .into_iter()
+        .map(|((hostname, gpu_id), records)| GpuCount {
+            indexed: indexed.contains(&(hostname.clone(), gpu_id.clone())),
+            hostname,
+            gpu_id,
+            records,
+        })
+        .collect();
+    problems.extend(consistency_problems(&gpus, total, counted, expect));
+    let mut counter = client.clone();
+    Ok(AuditReport {
+        data_keys: total,
+        counted_records: counted,
+        gpus_with_data: gpus.len(),
+        indexed_gpus: indexed.len(),
+        gpus,
+        queue_depth: count_prefix(&mut counter, &keys.queue_prefix(), false).await?,
+        dead_letters: count_prefix(&mut counter, &keys.deadletter_prefix(), false).await?,
+        problems,
+        revision,
+    })
+}
+
+/// The (host, gpu_id) pairs the GPU index holds; unreadable entries are reported.
+async fn read_index(
+    client: &Client,
+    keys: &Keyspace,
+    problems: &mut Vec<String>,
+) -> Result<std::collections::BTreeSet<(String, String)>, AdminError> {
     let (index, _) = range_prefix(client, &keys.gpu_index_prefix(), 1000).await?;
-    let mut indexed: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut indexed = std::collections::BTreeSet::new();
     for (key, value) in &index {
         match serde_json::from_slice::<GpuInfo>(value) {
             Ok(g) => {
-                indexed.insert((g.hostname, g.gpu_id), g.uuid);
+                indexed.insert((g.hostname, g.gpu_id));
             }
             Err(e) => problems.push(format!("unreadable index entry {key}: {e}")),
         }
     }
+    Ok(indexed)
+}
+
+/// The counters' total of records written; unreadable counters are reported.
+async fn read_counted_records(
+    client: &Client,
+    keys: &Keyspace,
+    problems: &mut Vec<String>,
+) -> Result<u64, AdminError> {
     let (counters, _) = range_prefix(client, &keys.stats_prefix(), 100).await?;
     let mut counted = 0u64;
     for (key, value) in &counters {
@@ -345,21 +366,22 @@ pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Res
             Err(e) => problems.push(format!("unreadable stats counter {key}: {e}")),
         }
     }
-    let gpus: Vec<GpuCount> = per_gpu
+    Ok(counted)
+}
+
+/// What the audit's numbers say is wrong: GPUs with data but no index entry, more data keys
+/// than the counters ever wrote, or a count other than the one expected.
+fn consistency_problems(gpus: &[GpuCount], total: u64, counted: u64, expect: Option<u64>) -> Vec<String> {
+    let mut problems: Vec<String> = gpus
         .iter()
-        .map(|((h, g), n)| GpuCount {
-            hostname: h.clone(),
-            gpu_id: g.clone(),
-            records: *n,
-            indexed: indexed.contains_key(&(h.clone(), g.clone())),
+        .filter(|g| !g.indexed)
+        .map(|g| {
+            format!(
+                "{}/{} has {} records but no index entry",
+                g.hostname, g.gpu_id, g.records
+            )
         })
         .collect();
-    for g in gpus.iter().filter(|g| !g.indexed) {
-        problems.push(format!(
-            "{}/{} has {} records but no index entry",
-            g.hostname, g.gpu_id, g.records
-        ));
-    }
     if total > counted {
         problems.push(format!(
             "{total} data keys but the counters say {counted} records were written"
@@ -370,20 +392,7 @@ pub async fn audit(client: &Client, keys: &Keyspace, expect: Option<u64>) -> Res
     {
         problems.push(format!("expected exactly {n} data keys, found {total}"));
     }
-    let mut counter = client.clone();
-    let queue_depth = count_prefix(&mut counter, &keys.queue_prefix(), false).await?;
-    let dead_letters = count_prefix(&mut counter, &keys.deadletter_prefix(), false).await?;
-    Ok(AuditReport {
-        data_keys: total,
-        counted_records: counted,
-        gpus_with_data: gpus.len(),
-        indexed_gpus: indexed.len(),
-        gpus,
-        queue_depth,
-        dead_letters,
-        problems,
-        revision,
-    })
+    problems
 }
 
 /// A registered collector.
@@ -450,4 +459,28 @@ pub async fn status(client: &Client, keys: &Keyspace) -> Result<StatusReport, Ad
         unowned,
         orphaned,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(h: &str, g: &str, records: u64, indexed: bool) -> GpuCount {
+        GpuCount {
+            hostname: h.into(),
+            gpu_id: g.into(),
+            records,
+            indexed,
+        }
+    }
+
+    #[test]
+    fn the_audit_flags_unindexed_gpus_extra_keys_and_wrong_totals() {
+        let gpus = [gpu("h", "0", 3, true), gpu("h", "1", 2, false)];
+        let problems = consistency_problems(&gpus, 5, 4, Some(6));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("h/1"));
+        // Retention expiry (fewer keys than counted) is not a problem.
+        assert!(consistency_problems(&gpus[..1], 3, 10, None).is_empty());
+    }
 }

@@ -127,7 +127,7 @@ async fn queue_dead_letters_audit_and_status() {
     let shown = telemetry_admin::show_dead_letter(&client, &keys, BAD_ID)
         .await
         .expect("show");
-    assert_eq!(shown.letter.payload, "this is not JSON");
+    assert_eq!(shown.letter.payload.as_deref(), Some("this is not JSON"));
     assert!(matches!(
         telemetry_admin::show_dead_letter(&client, &keys, "NOPE").await,
         Err(AdminError::NotFound(_))
@@ -202,4 +202,68 @@ async fn queue_dead_letters_audit_and_status() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ETCD_ENDPOINTS"));
     stop.cancel();
     task.await.expect("collector stops");
+}
+
+/// Defect: dead letters cut payloads at 64 KiB and replay re-enqueued the cut text, so a dead
+/// letter that became acceptable was lost. A 200 KiB message without the host column is
+/// dead-lettered, the collector is reconfigured to read the host from another column, and the
+/// replayed message is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
+    let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd");
+    let client = server.client().await.expect("client");
+    let keys = Keyspace::new(NS);
+    let id = ulid::Ulid::from_parts(1_800_000_000_000, 7);
+    let pad = "p".repeat(200 * 1024);
+    let payload = serde_json::json!({
+        "schema_version": "v1",
+        "id": id.to_string(),
+        "timestamp": "2026-11-30T00:00:00Z",
+        "idempotency_key": "cd".repeat(32),
+        "fields": {"host": "h-1", "gpu_id": 0.0, "uuid": "GPU-x", "pad": pad}
+    });
+    let bytes = serde_json::to_vec(&payload).expect("json");
+    client
+        .clone()
+        .put(keys.queue_entry(0, &id.to_string()), bytes.clone(), None)
+        .await
+        .expect("put");
+    let (stop, task) = collector(&server, &client);
+    assert!(dead_letter_present(&client, &keys).await);
+    stop.cancel();
+    let _ = task.await;
+    let shown = telemetry_admin::show_dead_letter(&client, &keys, &id.to_string())
+        .await
+        .expect("show");
+    assert_eq!(shown.letter.payload_bytes(), Ok(bytes), "kept whole");
+
+    // Reconfigured to read the host from `host`, the collector accepts the replayed message.
+    let stop = CancellationToken::new();
+    let config = telemetry_collector::CollectorConfig::from_vars(vars(
+        &server,
+        &[
+            ("COLLECTOR_ID", "admin-c2"),
+            ("LEASE_TTL", "3s"),
+            ("HOSTNAME_COLUMN", "host"),
+        ],
+    ))
+    .expect("collector config");
+    let task = tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
+    telemetry_admin::replay(&client, &keys, &id.to_string())
+        .await
+        .expect("replay");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&client, &keys.data_prefix()).await.unwrap_or(0) == 1
+        })
+        .await
+    );
+    stop.cancel();
+    let _ = task.await;
+    let stored = telemetry_harness::range_all(&client, &keys.data_prefix())
+        .await
+        .expect("range");
+    let message: serde_json::Value = serde_json::from_slice(&stored[0].1).expect("record");
+    assert_eq!(message["fields"]["pad"].as_str().map(str::len), Some(200 * 1024));
+    assert_eq!(count(&client, &keys.deadletter_prefix()).await.expect("count"), 0);
 }

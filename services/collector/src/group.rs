@@ -24,19 +24,21 @@ use telemetry_shared::{
     Keyspace,
     etcd::EtcdError,
     keys::QUEUE_PARTITIONS,
+    observe::emit,
     watch::{ChangeKind, Follow, Update},
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    events,
     partition::{self, Exit, PartitionContext},
     session::Session,
 };
 
 /// Why the coordinator returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// Shutdown was requested; partitions were released.
     Shutdown,
     /// The session was lost; start a new one.
@@ -44,7 +46,7 @@ pub enum End {
 }
 
 /// The partitions `me` should own among `members`.
-pub fn assignment(members: &BTreeSet<String>, me: &str) -> BTreeSet<u32> {
+pub(crate) fn assignment(members: &BTreeSet<String>, me: &str) -> BTreeSet<u32> {
     let sorted: Vec<&String> = members.iter().collect();
     if sorted.is_empty() {
         return BTreeSet::new();
@@ -75,7 +77,7 @@ struct Group<'a> {
 }
 
 /// Runs the group protocol for one session until shutdown or session loss.
-pub async fn coordinate(
+pub(crate) async fn coordinate(
     client: &Client,
     keys: &Keyspace,
     me: &str,
@@ -219,7 +221,9 @@ impl Group<'_> {
         for p in stranded {
             self.free_owner_key(p).await;
         }
-        metrics::gauge!("collector_partitions_owned").set(self.owned.len() as f64);
+        emit(events::PartitionsOwned {
+            count: self.owned.len(),
+        });
     }
 
     async fn acquire(&mut self, p: u32) {
@@ -238,7 +242,6 @@ impl Group<'_> {
             Ok(Ok(resp)) if resp.succeeded() => {
                 self.owners.insert(p, lease);
                 self.start_task(p);
-                metrics::counter!("collector_partition_acquisitions_total").increment(1);
             }
             Ok(Ok(_)) => {}
             Ok(Err(err)) => tracing::debug!(partition = p, error = %err, "acquire failed; will retry"),

@@ -1,36 +1,42 @@
 //! The collector: claims queued telemetry through leased partitions and commits it exactly
 //! once.
 //!
-//! - [`group`] decides which partitions this collector owns (a consumer group over leased owner
-//!   keys) and feeds them from one queue watch;
-//! - [`partition`] is the source of one owned partition;
-//! - [`validate`] is the transform: any schema version → a `v1` record, or a dead letter;
-//! - [`commit`] is the sink: one fenced transaction per batch;
-//! - [`session`] keeps the lease alive on its own timer and notices when it is lost.
+//! - `group` decides which partitions this collector owns (a consumer group over leased owner
+//!   keys) and runs a task per owned partition;
+//! - `feed` is the source of one owned partition (a range once, then its watch);
+//! - `validate` is the transform: any schema version → a `v1` record, or a dead letter;
+//! - `batch` picks the next batch of a partition; `partition` is the loop around it;
+//! - `commit` is the sink: one fenced transaction per batch (group commit across partitions);
+//! - `session` keeps the lease alive on its own timer and notices when it is lost;
+//! - [`events`]: what the collector logs and counts.
 //!
 //! [`run`] is the entry point; the binary reads its config, connects, and calls it.
 
-pub mod commit;
+mod batch;
+mod commit;
 pub mod config;
 pub mod events;
-pub mod group;
-pub mod partition;
-pub mod session;
-pub mod validate;
+mod feed;
+mod group;
+mod partition;
+mod session;
+mod validate;
 
 use std::{
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use etcd_client::Client;
 use telemetry_shared::{
     Keyspace,
-    etcd::{BucketedLease, EtcdError, count_prefix},
+    etcd::{EtcdError, count_prefix},
     keys::QUEUE_PARTITIONS,
+    observe::emit,
+    retry::{Backoff, Policy},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -38,33 +44,26 @@ pub use config::CollectorConfig;
 
 /// Counters of one collector process (also exported as Prometheus metrics).
 #[derive(Debug, Default)]
-pub struct Counters {
-    /// Records committed.
-    pub processed: AtomicU64,
-    /// Duplicates absorbed.
-    pub duplicates: AtomicU64,
-    /// Messages dead-lettered.
-    pub dead_lettered: AtomicU64,
-    /// Commits the fence refused.
-    pub fence_refusals: AtomicU64,
-    /// Commit transactions that landed.
-    pub commits: AtomicU64,
+struct Counters {
+    processed: AtomicU64,
+    duplicates: AtomicU64,
+    dead_lettered: AtomicU64,
+    fence_refusals: AtomicU64,
+    commits: AtomicU64,
 }
 
 impl Counters {
-    fn add(&self, processed: u64, duplicates: u64, dead: u64) {
-        self.processed.fetch_add(processed, Ordering::Relaxed);
-        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
-        self.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+    fn add(&self, effects: &commit::Effects) {
+        self.processed
+            .fetch_add(effects.records as u64, Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(effects.duplicates as u64, Ordering::Relaxed);
+        self.dead_lettered
+            .fetch_add(effects.dead as u64, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("collector_commits_total").increment(1);
-        metrics::counter!("collector_processed_total").increment(processed);
-        metrics::counter!("collector_duplicates_total").increment(duplicates);
-        metrics::counter!("collector_dead_lettered_total").increment(dead);
     }
 
-    /// A snapshot.
-    pub fn totals(&self) -> Totals {
+    fn totals(&self) -> Totals {
         Totals {
             processed: self.processed.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
@@ -109,15 +108,17 @@ pub async fn run(
     let keys = Keyspace::new(&config.common.etcd_namespace);
     let counters = Arc::new(Counters::default());
     let oldest: Arc<[AtomicI64]> = (0..QUEUE_PARTITIONS).map(|_| AtomicI64::new(0)).collect();
+    let committer = commit::Committer::new(
+        client.clone(),
+        keys.clone(),
+        config.dedup_ttl,
+        config.retention,
+        shutdown.clone(),
+    );
     let ctx = Arc::new(partition::PartitionContext {
         client: client.clone(),
         keys: keys.clone(),
-        combiner: commit::Combiner::start(Arc::new(commit::Committer::new(
-            client.clone(),
-            keys.clone(),
-            Arc::new(BucketedLease::new(client.clone(), config.dedup_ttl)),
-            Arc::new(BucketedLease::new(client.clone(), config.retention)),
-        ))),
+        combiner: commit::Combiner::start(Arc::new(committer)),
         columns: config.columns.clone(),
         batch_size: config.batch_size,
         collector_id: config.collector_id.clone(),
@@ -132,62 +133,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracing::info!(collector = %config.collector_id, lease_ttl = ?config.lease_ttl, "collector starting");
-    let mut delay = Duration::from_millis(100);
-    let mut warned = false;
-    while !shutdown.is_cancelled() {
-        let session = match session::Session::start(&client, &keys, &config.collector_id, config.lease_ttl)
-            .await
-        {
-            Ok(session) => session,
-            Err(err) => {
-                if !warned {
-                    tracing::warn!(error = %err, "cannot start a session (etcd unavailable?); retrying with backoff");
-                    warned = true;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if warned {
-            tracing::info!("etcd reachable again");
-            warned = false;
-        }
-        match group::coordinate(
-            &client,
-            &keys,
-            &config.collector_id,
-            &session,
-            ctx.clone(),
-            &shutdown,
-        )
-        .await
-        {
-            Ok(group::End::Shutdown) | Err(EtcdError::Cancelled) => {
-                session.revoke(&client).await;
-                break;
-            }
-            Ok(group::End::SessionLost) => {
-                tracing::warn!("session lost; partitions dropped; starting a new session");
-                // Best effort: if etcd still knows the lease, free our keys at once.
-                session.revoke(&client).await;
-                delay = Duration::from_millis(100);
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "group coordination failed; restarting the session");
-                session.revoke(&client).await;
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                // Back off for real while coordination keeps failing.
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    serve_sessions(&config, &client, &keys, ctx, &shutdown).await;
     reporter.abort();
     let totals = counters.totals();
     tracing::info!(
@@ -201,8 +147,53 @@ pub async fn run(
     Ok(totals)
 }
 
+/// One session after another until shutdown: a lost session is replaced at once, a failing one
+/// after the shared backoff. Every session's lease is revoked when it ends, so its partitions
+/// move at once.
+async fn serve_sessions(
+    config: &CollectorConfig,
+    client: &Client,
+    keys: &Keyspace,
+    ctx: Arc<partition::PartitionContext>,
+    shutdown: &CancellationToken,
+) {
+    let mut backoff = Backoff::new(Policy::ETCD, "collector session");
+    while !shutdown.is_cancelled() {
+        let session =
+            match session::Session::start(client, keys, &config.collector_id, config.lease_ttl).await {
+                Ok(session) => session,
+                Err(err) => match backoff.retry_after(&err, shutdown).await {
+                    Ok(()) => continue,
+                    Err(_) => break,
+                },
+            };
+        let end = group::coordinate(
+            client,
+            keys,
+            &config.collector_id,
+            &session,
+            ctx.clone(),
+            shutdown,
+        )
+        .await;
+        session.revoke(client).await;
+        match end {
+            Ok(group::End::Shutdown) | Err(EtcdError::Cancelled) => break,
+            Ok(group::End::SessionLost) => {
+                tracing::warn!("session lost; partitions dropped; starting a new session");
+                backoff.succeeded();
+            }
+            Err(err) => {
+                if backoff.retry_after(&err, shutdown).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Every few seconds: queue depth, lag (age of the oldest message in owned partitions) and
-/// progress, as metrics and a log line.
+/// progress.
 async fn report(
     client: Client,
     keys: Keyspace,
@@ -212,7 +203,7 @@ async fn report(
 ) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     let mut last = counters.totals();
-    let mut last_at = std::time::Instant::now();
+    let mut last_at = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -221,31 +212,29 @@ async fn report(
         let depth = count_prefix(&mut client.clone(), &keys.queue_prefix(), true)
             .await
             .unwrap_or(-1);
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let lag_ms = oldest
-            .iter()
-            .map(|o| o.load(Ordering::Relaxed))
-            .filter(|ms| *ms > 0)
-            .map(|ms| now_ms - ms)
-            .max()
-            .unwrap_or(0);
-        metrics::gauge!("collector_queue_depth").set(depth as f64);
-        metrics::gauge!("collector_lag_seconds").set(lag_ms as f64 / 1000.0);
         let now = counters.totals();
-        let rate = (now.processed - last.processed) as f64 / last_at.elapsed().as_secs_f64().max(1e-9);
-        if now != last {
-            tracing::info!(
-                records_per_s = format!("{rate:.1}"),
-                processed = now.processed,
-                duplicates = now.duplicates,
-                dead_lettered = now.dead_lettered,
-                fence_refusals = now.fence_refusals,
-                queue_depth = depth,
-                lag_s = lag_ms as f64 / 1000.0,
-                "progress"
-            );
-        }
+        emit(events::Progress {
+            depth,
+            lag: lag(&oldest),
+            records_per_s: (now.processed - last.processed) as f64
+                / last_at.elapsed().as_secs_f64().max(1e-9),
+            totals: now,
+            changed: now != last,
+        });
         last = now;
-        last_at = std::time::Instant::now();
+        last_at = Instant::now();
     }
+}
+
+/// Age of the oldest pending message among `oldest` (Unix ms per partition, 0 = none).
+fn lag(oldest: &[AtomicI64]) -> Duration {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let ms = oldest
+        .iter()
+        .map(|o| o.load(Ordering::Relaxed))
+        .filter(|ms| *ms > 0)
+        .map(|ms| now_ms - ms)
+        .max()
+        .unwrap_or(0);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }

@@ -17,11 +17,13 @@ use std::{
 };
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
-use telemetry_shared::{Keyspace, Timestamp, etcd::EtcdError, model::Member};
+use telemetry_shared::{Keyspace, Timestamp, etcd::EtcdError, model::Member, observe::emit};
+
+use crate::events;
 use tokio_util::sync::CancellationToken;
 
 /// A live (or lost) session.
-pub struct Session {
+pub(crate) struct Session {
     /// The lease id: owner keys and the registration are attached to it.
     pub lease: i64,
     lost: Arc<AtomicBool>,
@@ -65,8 +67,11 @@ impl Session {
             lost.clone(),
             lost_token.clone(),
         ));
-        tracing::info!(collector = collector_id, lease, ttl = ?ttl, "session started");
-        metrics::counter!("collector_sessions_total").increment(1);
+        emit(events::SessionStarted {
+            collector: collector_id,
+            lease,
+            ttl,
+        });
         Ok(Session {
             lease,
             lost,
@@ -116,7 +121,7 @@ impl Drop for Session {
 
 /// Whether a session is still believed alive.
 #[derive(Clone)]
-pub struct Liveness(Arc<AtomicBool>);
+pub(crate) struct Liveness(Arc<AtomicBool>);
 
 impl Liveness {
     /// True until the session is lost.
@@ -133,8 +138,7 @@ async fn keep_alive(
     token: CancellationToken,
 ) {
     let mark_lost = |why: &str| {
-        tracing::warn!(lease, reason = why, "session lease lost; stopping commits");
-        metrics::counter!("collector_sessions_lost_total").increment(1);
+        emit(events::SessionLost { lease, reason: why });
         lost.store(true, Ordering::Release);
         token.cancel();
     };

@@ -8,17 +8,20 @@
 //! fine: the record is keyed by the message's processing time.
 
 use serde_json::Value;
-use telemetry_shared::{Keyspace, Message, keys::is_key_segment, message::is_idempotency_key, schema};
+use telemetry_shared::{
+    Keyspace, Message,
+    keys::is_key_segment,
+    message::{field_text, is_idempotency_key},
+    schema,
+};
 
 use crate::config::Columns;
 
 /// A message that passed validation.
 #[derive(Debug, Clone)]
-pub struct Record {
+pub(crate) struct Record {
     /// The message, migrated to `v1`.
     pub message: Message,
-    /// The schema version it arrived in.
-    pub arrived_as: telemetry_shared::SchemaVersion,
     /// Host name (a key segment).
     pub hostname: String,
     /// GPU id within the host (a key segment).
@@ -35,44 +38,42 @@ pub struct Record {
     pub encoded: Vec<u8>,
 }
 
-/// A field value as a key segment: strings as they are, integral numbers without `.0`.
+/// A field value as a key segment (see [`field_text`]): a missing, null or non-scalar value, or
+/// one that cannot be a key segment, is a validation error.
 fn segment(fields: &telemetry_shared::Fields, column: &str) -> Result<String, String> {
     let text = match fields.get(column) {
         None | Some(Value::Null) => return Err(format!("missing field {column:?}")),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
-            _ => n.to_string(),
-        },
-        Some(Value::Bool(b)) => b.to_string(),
-        Some(other) => return Err(format!("field {column:?} is not a scalar: {other}")),
+        Some(value) => {
+            field_text(value).ok_or_else(|| format!("field {column:?} is not a scalar: {value}"))?
+        }
     };
     if !is_key_segment(&text) {
         return Err(format!(
             "field {column:?} = {text:?} cannot be used in a key (empty, too long, or contains '/')"
         ));
     }
-    Ok(text)
+    Ok(text.into_owned())
 }
 
+/// An optional descriptive field as text; empty counts as absent.
 fn optional(fields: &telemetry_shared::Fields, column: &str) -> Option<String> {
-    match fields.get(column) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        _ => None,
-    }
+    fields
+        .get(column)
+        .and_then(field_text)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.into_owned())
 }
 
 /// Validates and migrates one queued payload. `queue_id` is the id part of its queue key, which
 /// must match the message id (a mismatch means the entry was not written by a producer that
 /// follows the layout).
-pub fn validate(
+pub(crate) fn validate(
     payload: &[u8],
     queue_id: &str,
     keys: &Keyspace,
     columns: &Columns,
 ) -> Result<Record, String> {
-    let (message, arrived_as) = schema::decode(payload).map_err(|e| e.to_string())?;
+    let (message, _) = schema::decode(payload).map_err(|e| e.to_string())?;
     if message.id.to_string() != queue_id {
         return Err(format!(
             "message id {} does not match its queue key ({queue_id})",
@@ -92,7 +93,6 @@ pub fn validate(
     let encoded = serde_json::to_vec(&message).map_err(|e| format!("cannot encode: {e}"))?;
     Ok(Record {
         message,
-        arrived_as,
         hostname,
         gpu_id,
         uuid,
@@ -138,7 +138,6 @@ mod tests {
         for version in SchemaVersion::ALL {
             let payload = serde_json::to_vec(&msg.to_version(version)).expect("json");
             let rec = validate(&payload, &id, &keys, &Columns::default()).expect("valid");
-            assert_eq!(rec.arrived_as, version);
             assert_eq!(
                 (rec.hostname.as_str(), rec.gpu_id.as_str(), rec.uuid.as_str()),
                 ("host-1", "3", "GPU-abc")

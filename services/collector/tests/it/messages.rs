@@ -122,7 +122,7 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_m
     assert!(
         letters
             .iter()
-            .all(|(_, l)| l.collector == "c" && !l.payload.is_empty())
+            .all(|(_, l)| l.collector == "c" && l.payload_bytes().is_ok_and(|p| !p.is_empty()))
     );
 
     for msg in records(&client).await.values() {
@@ -133,4 +133,64 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_m
         );
     }
     assert_eq!(stats(&client).await.dead_letters, 3);
+}
+
+/// Defect: the KV client kept tonic's 4 MiB decode limit while the streamer accepts messages up
+/// to 512 KiB, so a partition holding a few large messages failed its first read for ever while
+/// keeping its owner key. Twelve messages of about 450 KiB in one partition now all land.
+#[tokio::test]
+async fn a_partition_of_large_messages_is_read_and_stored() {
+    let (server, client) = etcd().await;
+    let pad = "x".repeat(450 * 1024);
+    for n in 0..12u128 {
+        let id = Ulid::from_parts(1_800_000_000_000, 100 + n);
+        let mut msg = message(id, &format!("{:02x}", 0x10 + n), Some("host-a"));
+        msg.fields.insert("note".into(), json!(pad));
+        enqueue(&client, id, serde_json::to_vec(&msg).expect("json")).await;
+    }
+    let collector = spawn_collector(&server, &client, "c", &[]);
+    wait_drained(&client, 12, Duration::from_secs(60)).await;
+    let totals = collector.shutdown().await;
+    assert_eq!(totals.processed, 12, "{totals:?}");
+    assert_eq!(stats(&client).await.records, 12);
+}
+
+/// Defect: an unreadable stats counter silently restarted at zero. The partition now waits
+/// (its entries stay queued, the counter is not overwritten) until an operator restores or
+/// deletes it, and then everything lands once.
+#[tokio::test]
+async fn an_unreadable_counter_holds_its_partition_instead_of_restarting_at_zero() {
+    let (server, client) = etcd().await;
+    let partition = partition_of(b"host-a/1");
+    let counter = keys().partition_stats(partition);
+    client
+        .clone()
+        .put(counter.as_str(), "garbage", None)
+        .await
+        .expect("put");
+    let ids: Vec<Ulid> = (0..3)
+        .map(|n| Ulid::from_parts(1_800_000_000_000, 200 + n))
+        .collect();
+    for (n, id) in ids.iter().enumerate() {
+        let msg = message(*id, &format!("{:02x}", 0xa0 + n), Some("host-a"));
+        enqueue(&client, *id, serde_json::to_vec(&msg).expect("json")).await;
+    }
+    let collector = spawn_collector(&server, &client, "c", &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        queue_depth(&client).await,
+        3,
+        "nothing settled on a guessed counter"
+    );
+    let (_, value) = range_all(&client, &counter).await.expect("range").remove(0);
+    assert_eq!(value, b"garbage", "the counter is not overwritten");
+    // The operator deletes it: counts restart at zero, knowingly.
+    client
+        .clone()
+        .delete(counter.as_str(), None)
+        .await
+        .expect("delete");
+    wait_drained(&client, 3, Duration::from_secs(30)).await;
+    collector.shutdown().await;
+    assert_eq!(stats(&client).await.records, 3);
 }

@@ -1,0 +1,303 @@
+//! Batch selection: which pending queue entries go into the next commit, what each becomes
+//! (a record or a dead letter), and which index entries go with them. Pure: the partition task
+//! owns the state and the I/O; everything here is unit-tested without etcd.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use telemetry_shared::{
+    Keyspace,
+    etcd::{MAX_TXN_BYTES, MAX_TXN_OPS},
+    model::{DeadLetter, GpuInfo},
+};
+
+use crate::{
+    commit::{IndexUpdates, Item},
+    config::Columns,
+    validate::{Record, validate},
+};
+
+/// A queue entry waiting in an owned partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pending {
+    /// The payload.
+    pub value: Vec<u8>,
+    /// The entry's `mod_revision` (compared when it is settled).
+    pub revision: i64,
+}
+
+/// How often a GPU's `last_seen` is rewritten at most.
+const INDEX_REFRESH: Duration = Duration::from_secs(1);
+
+/// Most value bytes in one partition batch (the combiner merges batches up to
+/// [`MAX_TXN_BYTES`]).
+const MAX_BATCH_BYTES: usize = MAX_TXN_BYTES * 3 / 4;
+
+/// What the index already holds for a partition's GPUs, as this collector last wrote it.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    gpus: HashMap<String, (GpuInfo, Instant)>,
+    hosts: HashSet<String>,
+}
+
+impl Known {
+    /// Remembers index entries that landed.
+    pub(crate) fn landed(&mut self, index: IndexUpdates, at: Instant) {
+        for gpu in index.gpus {
+            self.gpus.insert(gpu.uuid.clone(), (gpu, at));
+        }
+        self.hosts.extend(index.hosts);
+    }
+
+    /// Does `info` need writing: a new GPU, a changed description, or a `last_seen` older than
+    /// [`INDEX_REFRESH`]?
+    fn is_stale(&self, info: &GpuInfo, now: Instant) -> bool {
+        match self.gpus.get(&info.uuid) {
+            None => true,
+            Some((known, at)) => {
+                known.hostname != info.hostname
+                    || known.gpu_id != info.gpu_id
+                    || known.device != info.device
+                    || known.model != info.model
+                    || (now.duration_since(*at) >= INDEX_REFRESH && known.last_seen < info.last_seen)
+            }
+        }
+    }
+}
+
+/// What a batch needs from its collector to turn payloads into items.
+pub(crate) struct Transform<'a> {
+    /// Key layout.
+    pub keys: &'a Keyspace,
+    /// Which fields identify a GPU.
+    pub columns: &'a Columns,
+    /// Recorded in dead letters.
+    pub collector_id: &'a str,
+    /// Most items per batch (`BATCH_SIZE`).
+    pub batch_size: usize,
+}
+
+/// The next batch: items in key order, and the index entries they need.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// What to do with each entry.
+    pub items: Vec<Item>,
+    /// Index entries to write with them.
+    pub index: IndexUpdates,
+}
+
+/// Operation budget of one partition batch: two compares are the fence and the counter, one
+/// success operation is the counter.
+const COMPARE_BUDGET: usize = MAX_TXN_OPS - 2;
+const OP_BUDGET: usize = MAX_TXN_OPS - 1;
+
+/// Takes the next batch from the head of the partition, within the operation and byte budgets
+/// (at least one item, whatever its size).
+pub(crate) fn select(
+    pending: &BTreeMap<String, Pending>,
+    known: &Known,
+    transform: &Transform<'_>,
+    now: Instant,
+) -> Batch {
+    let mut batch = Batch::default();
+    let (mut compares, mut ops, mut bytes) = (0, 0, 0);
+    for (queue_key, entry) in pending {
+        if batch.items.len() == transform.batch_size {
+            break;
+        }
+        let item = to_item(queue_key, entry, transform);
+        let (gpu, host) = match &item {
+            Item::Record { record, .. } => index_needs(record, known, &batch.index, now),
+            _ => (None, None),
+        };
+        let cost = item.ops() + usize::from(gpu.is_some()) + usize::from(host.is_some());
+        let size = entry.value.len();
+        if compares + item.compares() > COMPARE_BUDGET
+            || ops + cost > OP_BUDGET
+            || (!batch.items.is_empty() && bytes + size > MAX_BATCH_BYTES)
+        {
+            break;
+        }
+        compares += item.compares();
+        ops += cost;
+        bytes += size;
+        batch.index.gpus.extend(gpu);
+        batch.index.hosts.extend(host);
+        batch.items.push(item);
+    }
+    refresh_last_seen(&mut batch);
+    batch
+}
+
+/// A pending entry as an item: a validated record, or a dead letter with the reason.
+fn to_item(queue_key: &str, entry: &Pending, transform: &Transform<'_>) -> Item {
+    let queue_id = queue_key.rsplit('/').next().unwrap_or_default();
+    match validate(&entry.value, queue_id, transform.keys, transform.columns) {
+        Ok(record) => Item::Record {
+            queue_key: queue_key.to_string(),
+            revision: entry.revision,
+            record: Box::new(record),
+        },
+        Err(reason) => Item::Dead {
+            queue_key: queue_key.to_string(),
+            revision: entry.revision,
+            dead_key: transform
+                .keys
+                .deadletter(&transform.keys.dead_letter_id(queue_key)),
+            letter: Box::new(DeadLetter::new(
+                queue_key,
+                reason,
+                &entry.value,
+                transform.collector_id,
+            )),
+        },
+    }
+}
+
+/// The index entries `record` needs that neither the index (as `known`) nor the batch so far
+/// (`index`) has. A GPU already in the batch only moves its `last_seen` forward.
+fn index_needs(
+    record: &Record,
+    known: &Known,
+    index: &IndexUpdates,
+    now: Instant,
+) -> (Option<GpuInfo>, Option<String>) {
+    let info = GpuInfo {
+        uuid: record.uuid.clone(),
+        hostname: record.hostname.clone(),
+        gpu_id: record.gpu_id.clone(),
+        device: record.device.clone(),
+        model: record.model.clone(),
+        last_seen: record.message.timestamp,
+    };
+    let in_batch = index.gpus.iter().any(|g| g.uuid == info.uuid);
+    let gpu = (!in_batch && known.is_stale(&info, now)).then_some(info);
+    let host = (!known.hosts.contains(&record.hostname) && !index.hosts.contains(&record.hostname))
+        .then(|| record.hostname.clone());
+    (gpu, host)
+}
+
+/// Moves `last_seen` of the batch's GPU entries forward to their newest record.
+fn refresh_last_seen(batch: &mut Batch) {
+    for item in &batch.items {
+        if let Item::Record { record, .. } = item
+            && let Some(gpu) = batch.index.gpus.iter_mut().find(|g| g.uuid == record.uuid)
+            && gpu.last_seen < record.message.timestamp
+        {
+            gpu.last_seen = record.message.timestamp;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commit::tests::message_payload;
+
+    fn pending(entries: &[(&str, Vec<u8>)]) -> BTreeMap<String, Pending> {
+        entries
+            .iter()
+            .enumerate()
+            .map(|(n, (id, value))| {
+                (
+                    Keyspace::new("/t").queue_entry(1, id),
+                    Pending {
+                        value: value.clone(),
+                        revision: 10 + n as i64,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn transform<'a>(keys: &'a Keyspace, columns: &'a Columns, batch_size: usize) -> Transform<'a> {
+        Transform {
+            keys,
+            columns,
+            collector_id: "c",
+            batch_size,
+        }
+    }
+
+    #[test]
+    fn a_batch_respects_batch_size_and_the_operation_budget() {
+        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
+        let entries: Vec<(String, Vec<u8>)> = (0..100u128)
+            .map(|n| message_payload(n, "host-1", n as u32 % 8))
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> = entries.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
+        let pending = pending(&refs);
+        let batch = select(
+            &pending,
+            &Known::default(),
+            &transform(&keys, &columns, 10),
+            Instant::now(),
+        );
+        assert_eq!(batch.items.len(), 10);
+        // Records cost 3 operations and 2 compares, the 8 GPUs and 1 host one operation each.
+        let batch = select(
+            &pending,
+            &Known::default(),
+            &transform(&keys, &columns, 100),
+            Instant::now(),
+        );
+        let ops: usize = batch.items.iter().map(Item::ops).sum::<usize>() + batch.index.ops();
+        assert!(ops <= OP_BUDGET, "{ops}");
+        assert_eq!(batch.items.len(), (OP_BUDGET - 9) / 3);
+        assert_eq!((batch.index.gpus.len(), batch.index.hosts.len()), (8, 1));
+    }
+
+    #[test]
+    fn known_gpus_and_hosts_are_not_written_again() {
+        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
+        let (id, value) = message_payload(1, "host-1", 0);
+        let pending = pending(&[(&id, value)]);
+        let t = transform(&keys, &columns, 10);
+        let first = select(&pending, &Known::default(), &t, Instant::now());
+        let mut known = Known::default();
+        known.landed(first.index, Instant::now());
+        let again = select(&pending, &known, &t, Instant::now());
+        assert_eq!(again.index, IndexUpdates::default());
+    }
+
+    #[test]
+    fn an_invalid_entry_becomes_a_dead_letter_with_its_whole_payload() {
+        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
+        let payload =
+            format!("{{\"not\": \"a message\", \"pad\": \"{}\"}}", "x".repeat(100_000)).into_bytes();
+        let id = ulid::Ulid::from_parts(1, 1).to_string();
+        let pending = pending(&[(&id, payload.clone())]);
+        let batch = select(
+            &pending,
+            &Known::default(),
+            &transform(&keys, &columns, 10),
+            Instant::now(),
+        );
+        let Item::Dead { letter, dead_key, .. } = &batch.items[0] else {
+            panic!("dead letter expected");
+        };
+        assert_eq!(dead_key, &keys.deadletter(&id));
+        assert_eq!(letter.payload_bytes(), Ok(payload));
+    }
+
+    #[test]
+    fn large_entries_go_one_per_batch() {
+        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
+        let big: Vec<(String, Vec<u8>)> = (0..3u128)
+            .map(|n| {
+                let (id, _) = message_payload(n, "h", 0);
+                (id, vec![b'x'; 600 * 1024])
+            })
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> = big.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
+        let batch = select(
+            &pending(&refs),
+            &Known::default(),
+            &transform(&keys, &columns, 42),
+            Instant::now(),
+        );
+        assert_eq!(batch.items.len(), 1);
+    }
+}

@@ -1,0 +1,442 @@
+//! The pure half of a commit: the transaction to send for some partition batches, and what
+//! etcd's answer means when the transaction's compares fail. No I/O here: the caller
+//! ([`super::Committer`]) sends the transaction and loops; everything that decides is here and
+//! unit-tested without etcd.
+//!
+//! Per partition batch the transaction
+//! - **compares** that the partition's owner key still carries the batch's lease (the fence), that
+//!   the partition's stats counter is at the revision the batch's base was read at, that every
+//!   queue entry is still there at the revision it was read at (so an entry a lost-reply attempt
+//!   already settled is never settled again), and that no record's processed marker exists yet;
+//! - **then** writes each record (data key, processed marker, queue delete), each dead letter (dead
+//!   letter, queue delete), each duplicate (queue delete), the index entries and the counter;
+//! - **else** reads one key per compare, in the same order, so a failed attempt tells in the same
+//!   round trip which compare failed.
+
+use std::collections::HashSet;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpResponse, TxnResponse};
+use telemetry_shared::{Keyspace, etcd::BoundedTxn, model::PartitionStats};
+
+use super::{Item, SubBatch};
+
+/// The bucket leases a commit attaches keys to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Leases {
+    /// Processed markers live for `DEDUP_TTL`.
+    pub dedup: i64,
+    /// Telemetry records live for `RETENTION`.
+    pub retention: i64,
+}
+
+/// One failure-branch read, reduced to what classification needs (`None`: the key is absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Found {
+    /// The value (empty for keys-only reads).
+    pub value: Vec<u8>,
+    /// The key's lease.
+    pub lease: i64,
+    /// The key's last write.
+    pub mod_revision: i64,
+}
+
+/// What a failure-branch read is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Owner { sub: usize },
+    Stats { sub: usize },
+    Entry { sub: usize, item: usize },
+    Marker { sub: usize, item: usize },
+}
+
+/// What each failure-branch read of a transaction is about, in order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Reads(Vec<Read>);
+
+/// A transaction and the meaning of its failure-branch reads.
+pub(crate) struct Plan {
+    /// The transaction to send.
+    pub txn: BoundedTxn,
+    /// How to read its failure branch.
+    pub reads: Reads,
+}
+
+/// Builds the transaction for the batches `live` of `subs`.
+pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: Leases) -> Plan {
+    let mut txn = BoundedTxn::new();
+    let mut reads = Vec::new();
+    // Index keys can be shared between partitions (one host's GPUs hash to several): etcd
+    // refuses a transaction that writes a key twice.
+    let mut index_keys = HashSet::new();
+    for &i in live {
+        let sub = &subs[i];
+        let owner = keys.owner(sub.partition);
+        txn.compare(Compare::lease(owner.as_str(), CompareOp::Equal, sub.lease));
+        txn.otherwise(TxnOp::get(owner.as_str(), None));
+        reads.push(Read::Owner { sub: i });
+        let stats = keys.partition_stats(sub.partition);
+        txn.compare(Compare::mod_revision(
+            stats.as_str(),
+            CompareOp::Equal,
+            sub.stats_rev,
+        ));
+        txn.otherwise(TxnOp::get(stats.as_str(), None));
+        reads.push(Read::Stats { sub: i });
+        for (n, item) in sub.items.iter().enumerate() {
+            let queue_key = item.queue_key();
+            txn.compare(Compare::mod_revision(
+                queue_key,
+                CompareOp::Equal,
+                item.revision(),
+            ));
+            txn.otherwise(TxnOp::get(queue_key, Some(GetOptions::new().with_keys_only())));
+            reads.push(Read::Entry { sub: i, item: n });
+            match item {
+                Item::Record { record, .. } => {
+                    let marker = keys.processed_marker(&record.message.idempotency_key);
+                    txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
+                    txn.otherwise(TxnOp::get(
+                        marker.as_str(),
+                        Some(GetOptions::new().with_keys_only()),
+                    ));
+                    reads.push(Read::Marker { sub: i, item: n });
+                    txn.then(TxnOp::put(
+                        record.data_key.as_str(),
+                        record.encoded.clone(),
+                        Some(PutOptions::new().with_lease(leases.retention)),
+                    ));
+                    txn.then(TxnOp::put(
+                        marker,
+                        record.message.id.to_string(),
+                        Some(PutOptions::new().with_lease(leases.dedup)),
+                    ));
+                }
+                Item::Dead { dead_key, letter, .. } => {
+                    txn.then(TxnOp::put(
+                        dead_key.as_str(),
+                        serde_json::to_vec(letter).unwrap_or_default(),
+                        None,
+                    ));
+                }
+                Item::Duplicate { .. } => {}
+            }
+            txn.then(TxnOp::delete(queue_key, None));
+        }
+        for gpu in &sub.index.gpus {
+            let key = keys.gpu_index(&gpu.uuid);
+            if index_keys.insert(key.clone()) {
+                txn.then(TxnOp::put(key, serde_json::to_vec(gpu).unwrap_or_default(), None));
+            }
+        }
+        for host in &sub.index.hosts {
+            let key = keys.host_index(host);
+            if index_keys.insert(key.clone()) {
+                txn.then(TxnOp::put(key, host.as_str(), None));
+            }
+        }
+        txn.then(TxnOp::put(
+            stats,
+            serde_json::to_vec(&sub.stats_after()).unwrap_or_default(),
+            None,
+        ));
+    }
+    Plan {
+        txn,
+        reads: Reads(reads),
+    }
+}
+
+/// The failure-branch reads of a response, in order.
+pub(crate) fn found(resp: TxnResponse) -> Vec<Option<Found>> {
+    resp.op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next().map(|kv| Found {
+                lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+                value: kv.into_key_value().1,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a batch's failed compares mean.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Verdict {
+    /// The owner key no longer carries the batch's lease: the partition is not ours.
+    FenceLost,
+    /// Still ours: retry after applying this.
+    Retry(Repair),
+}
+
+/// How to rebuild a batch whose compares failed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Repair {
+    /// The counter as stored now, and its revision: the base of the retry.
+    pub base: PartitionStats,
+    /// The counter key's revision (0: absent).
+    pub stats_rev: i64,
+    /// Items whose queue entry is gone or was rewritten: already settled (by an earlier attempt
+    /// of ours whose reply was lost, or by whoever removed it); they are dropped.
+    pub gone: Vec<usize>,
+    /// Records whose idempotency key another message already stored: absorbed as duplicates.
+    pub duplicates: Vec<usize>,
+}
+
+/// A stats counter that is not readable: committing on a guessed base would corrupt it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the stats counter {key} is not readable ({reason}); refusing to overwrite it. Restore it, or delete it to restart the partition's counts at zero"
+)]
+pub(crate) struct UnreadableStats {
+    /// The counter's key.
+    pub key: String,
+    /// Why it does not parse.
+    pub reason: String,
+}
+
+/// Reads a stored stats counter (`None`: absent, which is a zero counter).
+pub(crate) fn parse_stats(
+    key: &str,
+    found: Option<&Found>,
+) -> Result<(PartitionStats, i64), UnreadableStats> {
+    match found {
+        None => Ok((PartitionStats::default(), 0)),
+        Some(f) => serde_json::from_slice(&f.value)
+            .map(|stats| (stats, f.mod_revision))
+            .map_err(|e| UnreadableStats {
+                key: key.to_string(),
+                reason: e.to_string(),
+            }),
+    }
+}
+
+impl Reads {
+    /// Classifies a failed attempt from its failure-branch reads (see [`found`]).
+    pub(crate) fn classify(
+        &self,
+        keys: &Keyspace,
+        subs: &[SubBatch],
+        found: &[Option<Found>],
+    ) -> Result<Vec<(usize, Verdict)>, UnreadableStats> {
+        let mut repairs: Vec<(usize, Repair, bool)> = Vec::new();
+        for (read, found) in self.0.iter().zip(found) {
+            match *read {
+                Read::Owner { sub } => {
+                    let ours = found.as_ref().is_some_and(|f| f.lease == subs[sub].lease);
+                    repairs.push((sub, Repair::default(), ours));
+                }
+                Read::Stats { sub } => {
+                    let key = keys.partition_stats(subs[sub].partition);
+                    let (base, rev) = parse_stats(&key, found.as_ref())?;
+                    if let Some((_, repair, _)) = repairs.last_mut() {
+                        repair.base = base;
+                        repair.stats_rev = rev;
+                    }
+                }
+                Read::Entry { sub, item } => {
+                    let expected = subs[sub].items[item].revision();
+                    let still_there = found.as_ref().is_some_and(|f| f.mod_revision == expected);
+                    if !still_there && let Some((_, repair, _)) = repairs.last_mut() {
+                        repair.gone.push(item);
+                    }
+                }
+                Read::Marker { item, .. } => {
+                    if found.is_some()
+                        && let Some((_, repair, _)) = repairs.last_mut()
+                        && !repair.gone.contains(&item)
+                    {
+                        repair.duplicates.push(item);
+                    }
+                }
+            }
+        }
+        Ok(repairs
+            .into_iter()
+            .map(|(sub, repair, ours)| {
+                (
+                    sub,
+                    if ours {
+                        Verdict::Retry(repair)
+                    } else {
+                        Verdict::FenceLost
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+/// What [`Repair::apply`] took out of a batch, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Records whose entries were gone.
+    pub records: usize,
+    /// Duplicates whose entries were gone.
+    pub duplicates: usize,
+    /// Dead letters whose entries were gone.
+    pub dead: usize,
+}
+
+impl Repair {
+    /// Rebuilds `sub` for the retry: new base, gone items out, duplicates rewritten. Returns what
+    /// was dropped.
+    pub(crate) fn apply(&self, sub: &mut SubBatch) -> Dropped {
+        sub.base = self.base;
+        sub.stats_rev = self.stats_rev;
+        let mut dropped = Dropped::default();
+        let items = std::mem::take(&mut sub.items);
+        for (n, item) in items.into_iter().enumerate() {
+            if self.gone.contains(&n) {
+                match item {
+                    Item::Record { .. } => dropped.records += 1,
+                    Item::Duplicate { .. } => dropped.duplicates += 1,
+                    Item::Dead { .. } => dropped.dead += 1,
+                }
+                continue;
+            }
+            let item = match item {
+                Item::Record {
+                    queue_key, revision, ..
+                } if self.duplicates.contains(&n) => Item::Duplicate { queue_key, revision },
+                other => other,
+            };
+            sub.items.push(item);
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commit::tests::{dead_item, record_item, sub_batch};
+
+    fn keys() -> Keyspace {
+        Keyspace::new("/t")
+    }
+
+    const LEASES: Leases = Leases {
+        dedup: 1,
+        retention: 2,
+    };
+
+    #[test]
+    fn a_batch_compares_every_entry_and_marker_within_the_limits() {
+        let sub = sub_batch(
+            3,
+            vec![record_item("a", 10), dead_item("b", 11), record_item("c", 12)],
+        );
+        let plan = build(&keys(), &[sub], &[0], LEASES);
+        // owner + stats + 3 entries + 2 markers.
+        assert_eq!(plan.reads.0.len(), 7);
+        // 3 data/marker/delete for records... 2 records × 3 + dead 2 + stats 1.
+        assert_eq!(plan.txn.ops(), 9);
+        assert!(plan.txn.build().is_ok());
+    }
+
+    #[test]
+    fn a_lost_fence_is_told_apart_from_a_stale_base() {
+        let subs = vec![
+            sub_batch(1, vec![record_item("a", 10)]),
+            sub_batch(2, vec![record_item("b", 20)]),
+        ];
+        let plan = build(&keys(), &subs, &[0, 1], LEASES);
+        let stats = serde_json::to_vec(&PartitionStats {
+            records: 7,
+            ..Default::default()
+        })
+        .expect("json");
+        let found = vec![
+            // sub 0: owner moved on.
+            Some(Found {
+                lease: 99,
+                ..Default::default()
+            }),
+            None,
+            Some(Found {
+                mod_revision: 10,
+                ..Default::default()
+            }),
+            None,
+            // sub 1: ours, but the counter moved (an earlier attempt landed).
+            Some(Found {
+                lease: subs[1].lease,
+                ..Default::default()
+            }),
+            Some(Found {
+                value: stats,
+                mod_revision: 30,
+                ..Default::default()
+            }),
+            None,
+            Some(Found::default()),
+        ];
+        let verdicts = plan.reads.classify(&keys(), &subs, &found).expect("readable");
+        assert_eq!(verdicts[0], (0, Verdict::FenceLost));
+        let (1, Verdict::Retry(repair)) = &verdicts[1] else {
+            panic!("{verdicts:?}");
+        };
+        assert_eq!((repair.base.records, repair.stats_rev), (7, 30));
+        // The entry is gone: the earlier attempt settled it; its marker says nothing more.
+        assert_eq!(
+            (repair.gone.clone(), repair.duplicates.clone()),
+            (vec![0], vec![])
+        );
+    }
+
+    #[test]
+    fn a_retry_after_a_lost_reply_settles_nothing_twice() {
+        // The earlier attempt landed: every entry is gone, the counter moved.
+        let mut sub = sub_batch(
+            1,
+            vec![record_item("a", 10), dead_item("b", 11), record_item("c", 12)],
+        );
+        let repair = Repair {
+            base: PartitionStats {
+                records: 2,
+                dead_letters: 1,
+                ..Default::default()
+            },
+            stats_rev: 40,
+            gone: vec![0, 1, 2],
+            duplicates: vec![],
+        };
+        let dropped = repair.apply(&mut sub);
+        assert_eq!(
+            dropped,
+            Dropped {
+                records: 2,
+                duplicates: 0,
+                dead: 1
+            }
+        );
+        assert!(sub.items.is_empty());
+        // The retry writes the stored counter unchanged: nothing counted a second time.
+        assert_eq!(sub.stats_after(), repair.base);
+    }
+
+    #[test]
+    fn a_record_whose_key_was_stored_by_another_message_becomes_a_duplicate() {
+        let mut sub = sub_batch(1, vec![record_item("a", 10), record_item("b", 11)]);
+        let repair = Repair {
+            duplicates: vec![1],
+            ..Default::default()
+        };
+        repair.apply(&mut sub);
+        assert!(matches!(sub.items[1], Item::Duplicate { revision: 11, .. }));
+        assert_eq!(sub.stats_after().duplicates, 1);
+    }
+
+    #[test]
+    fn an_unreadable_counter_is_refused_not_reset() {
+        let found = Found {
+            value: b"not json".to_vec(),
+            ..Default::default()
+        };
+        let err = parse_stats("/t/stats/partitions/01", Some(&found)).expect_err("refused");
+        assert!(err.to_string().contains("/t/stats/partitions/01"), "{err}");
+        assert_eq!(parse_stats("k", None), Ok((PartitionStats::default(), 0)));
+    }
+}
