@@ -4,6 +4,7 @@
 
 use etcd_client::Client;
 use telemetry_shared::Keyspace;
+use telemetry_streamer::StreamerError;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -69,33 +70,49 @@ async fn same_stream_id_on_an_edited_file_is_refused_and_enqueues_nothing() {
 }
 
 #[tokio::test]
-async fn a_concurrent_streamer_with_the_same_id_on_another_file_is_refused() {
+async fn of_two_concurrent_streamers_with_the_same_id_on_different_files_the_first_to_commit_wins() {
     let (server, client) = etcd().await;
     let a = temp_csv(FILE_A);
     let b = temp_csv(FILE_B);
-    // Stream A half way (rate-limited), then start B under the same id while A still runs.
-    let shutdown = CancellationToken::new();
-    let first = tokio::spawn(telemetry_streamer::run(
-        config(&server, a.path(), &[("RATE", "5")]),
-        client.clone(),
-        shutdown.clone(),
-    ));
-    wait_for_depth(&client, 1).await;
-    let err = telemetry_streamer::run(
-        config(&server, b.path(), &[]),
-        client.clone(),
-        CancellationToken::new(),
-    )
-    .await
-    .expect_err("file B is not the stream's file");
-    assert!(err.to_string().contains("test-w0"), "{err}");
-    let totals = first
-        .await
-        .expect("joins")
-        .expect("file A's streamer is unaffected");
-    assert_eq!(totals.enqueued, 3);
-    assert_eq!(queue_depth(&client).await, 3);
-    let _ = shutdown;
+    // Both start on a new stream, so both pass the start-up check. Whichever commits first
+    // binds the stream to its file; the other is refused, either when it reads the checkpoint
+    // or when its commit loses the fence and it checks the position it would adopt.
+    let run = |path: &std::path::Path| {
+        tokio::spawn(telemetry_streamer::run(
+            config(&server, path, &[("BATCH_SIZE", "1")]),
+            client.clone(),
+            CancellationToken::new(),
+        ))
+    };
+    let (ra, rb) = (run(a.path()), run(b.path()));
+    let (ra, rb) = (ra.await.expect("joins"), rb.await.expect("joins"));
+    let (winner, loser) = match (ra, rb) {
+        (Ok(totals), Err(err)) => ((totals, FILE_A), err),
+        (Err(err), Ok(totals)) => ((totals, FILE_B), err),
+        other => panic!("exactly one must be refused: {other:?}"),
+    };
+    assert!(
+        matches!(&loser, StreamerError::DifferentFile { stream, .. } if stream == "test-w0"),
+        "{loser}"
+    );
+    // The queue holds exactly the winner's file, each row once.
+    let rows = winner.1.iter().filter(|&&b| b == b'\n').count() as u64 - 1;
+    assert_eq!(winner.0.enqueued, rows);
+    let queue = queue(&client).await;
+    assert_rows_exactly_once(&queue, "test-w0", 0, rows);
+    let expected = format!("{}", String::from_utf8_lossy(winner.1));
+    for msg in queue.values() {
+        let row = msg.source.as_ref().expect("source").row as usize;
+        let line = expected
+            .lines()
+            .nth(row)
+            .expect("the row exists in the winner's file");
+        let value = line.split(',').nth(1).expect("value column");
+        assert_eq!(
+            msg.fields["value"],
+            serde_json::json!(value.parse::<f64>().expect("number"))
+        );
+    }
 }
 
 #[tokio::test]
