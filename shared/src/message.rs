@@ -109,7 +109,7 @@ pub struct Message {
 
 /// A stream's progress, stored at [`crate::keys::Keyspace::stream_checkpoint`] and advanced in
 /// the same transaction as each enqueued batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Checkpoint {
     /// The pass in progress (or just completed, if `pass_complete`).
     pub pass: u64,
@@ -119,6 +119,12 @@ pub struct Checkpoint {
     /// True once every row of `pass` is settled.
     #[serde(default)]
     pub pass_complete: bool,
+    /// Fingerprint of the source the stream was started with (the streamer writes
+    /// `sha256:<hex>` of the whole file). `row` is a position in that file only, so a streamer
+    /// given another file under the same stream id refuses to resume. Absent in checkpoints
+    /// written before it existed; the next commit records the current file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_fingerprint: Option<String>,
 }
 
 /// A field value as text, the one way every component compares and prints field values:

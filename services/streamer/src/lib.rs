@@ -1,22 +1,24 @@
 //! The streamer: CSV rows in, queued telemetry messages out, exactly once.
 //!
 //! The pipeline inside is `source → transform → sink`:
-//! - [`source`] reads the CSV (RFC 4180) and numbers its rows;
+//! - [`source`] reads the CSV (RFC 4180), numbers its rows and fingerprints the file;
 //! - [`transform`] turns a row into a `v1` message with a ULID, the processing time and an
 //!   idempotency key;
-//! - [`sink`] enqueues chunks of messages in etcd transactions that also write each message's
-//!   dedup marker (guarded by a compare) and advance the stream's fenced checkpoint.
+//! - `sink` enqueues chunks of messages in etcd transactions that also write each message's
+//!   dedup marker (guarded by a compare) and advance the stream's fenced checkpoint, which
+//!   records the file's fingerprint.
 //!
-//! Around it: [`worker`]s (each streams the whole file under its own stream id, at its own
-//! rate), [`backpressure`] (waits while the queue is full) and [`progress`] (log lines, bar,
-//! counters). [`run`] is the entry point; the binary is a thin wrapper that reads the config,
-//! connects and calls it.
+//! Around it: `worker`s (each streams the whole file under its own stream id, at its own
+//! rate), `backpressure` (waits while the queue is full), `progress` (log lines, bar,
+//! counters) and [`events`] (every log line that goes with a metric, and the metric table).
+//! [`run`] is the entry point; the binary is a thin wrapper that reads the config, connects and
+//! calls it. `source` and `transform` are public for the benchmarks.
 
-pub mod backpressure;
-pub mod config;
+mod backpressure;
+mod config;
 pub mod events;
-pub mod progress;
-pub mod sink;
+mod progress;
+mod sink;
 pub mod source;
 pub mod transform;
 mod worker;
@@ -25,20 +27,45 @@ use std::sync::Arc;
 
 use etcd_client::Client;
 use telemetry_shared::{Keyspace, etcd::BucketedLease};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Flags, StreamerConfig};
 pub use progress::Totals;
+pub use sink::SinkError;
+pub use source::SourceError;
 
 /// Errors that end a streamer run.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamerError {
     /// The CSV file cannot be read.
     #[error(transparent)]
-    Source(#[from] source::SourceError),
+    Source(#[from] SourceError),
     /// etcd refused in a way retrying does not fix.
     #[error(transparent)]
-    Sink(#[from] sink::SinkError),
+    Sink(#[from] SinkError),
+    /// The stream's checkpoint was written while streaming another file (or this file before
+    /// it was edited): its row number is not a position in this one.
+    #[error(
+        "stream {stream} was started with a different file: its checkpoint (pass {pass}, row {row}) \
+         is a position in a file with fingerprint {stored}, but {path} has fingerprint {current}; \
+         resuming would skip or repeat rows. To stream this file, start a new stream: set another \
+         STREAM_ID"
+    )]
+    DifferentFile {
+        /// The stream id (`STREAM_ID` and the worker suffix).
+        stream: String,
+        /// The file given now.
+        path: String,
+        /// The fingerprint in the checkpoint.
+        stored: String,
+        /// The fingerprint of the file given now.
+        current: String,
+        /// The checkpoint's pass.
+        pass: u64,
+        /// The checkpoint's row.
+        row: u64,
+    },
     /// A message could not be encoded (should not happen for CSV input).
     #[error("cannot encode message: {0}")]
     Encode(#[source] serde_json::Error),
@@ -49,17 +76,21 @@ pub enum StreamerError {
 
 /// Streams `config.csv_path` into the queue until done (one-shot) or until `shutdown` is
 /// cancelled, and returns the totals. In-flight transactions are finished, never cut, so the
-/// checkpoint is always consistent with the queue.
+/// checkpoint is always consistent with the queue. A stream whose checkpoint was written for
+/// another file is refused before anything is enqueued ([`StreamerError::DifferentFile`]).
 pub async fn run(
     config: StreamerConfig,
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Totals, StreamerError> {
-    // One scan decides column types, checks the file is readable and counts rows for progress.
-    let types = source::ColumnTypes::scan(&config.csv_path)?;
+    // One scan decides column types, fingerprints the file and counts rows for progress.
+    let scan = source::scan(&config.csv_path)?;
     let keys = Keyspace::new(&config.common.etcd_namespace);
     let markers = Arc::new(BucketedLease::new(client.clone(), config.dedup_ttl));
     let sink = sink::Sink::new(client.clone(), keys.clone(), markers, shutdown.clone());
+    if !same_file_for_every_worker(&config, &sink, &scan.fingerprint).await? {
+        return Ok(Totals::default());
+    }
     let gauge = Arc::new(backpressure::DepthGauge::new(
         client.clone(),
         keys.queue_prefix(),
@@ -68,46 +99,33 @@ pub async fn run(
     let stats = Arc::new(progress::Stats::default());
     tracing::info!(
         csv = %config.csv_path.display(),
-        rows = types.data_rows(),
+        rows = scan.types.data_rows(),
+        fingerprint = %scan.fingerprint,
         workers = config.workers,
         rate = ?config.rate,
         loop_mode = config.loop_mode,
         stream_id = %config.stream_id,
         "streamer starting"
     );
-    let bar_total = (!config.loop_mode).then(|| types.data_rows() * u64::from(config.workers));
-    let stop_reporter = CancellationToken::new();
-    let reporter = progress::spawn_reporter(
-        stats.clone(),
-        gauge.clone(),
-        config.progress_interval,
-        bar_total,
-        stop_reporter.clone(),
-    );
+    let bar_total = (!config.loop_mode).then(|| scan.types.data_rows() * u64::from(config.workers));
+    let reporter =
+        progress::spawn_reporter(stats.clone(), gauge.clone(), config.progress_interval, bar_total);
     let workers = config.workers;
     let shared = Arc::new(worker::Shared {
         config,
         sink,
         gauge,
         stats: stats.clone(),
-        types,
+        types: scan.types,
+        fingerprint: scan.fingerprint,
         shutdown,
     });
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = JoinSet::new();
     for index in 0..workers {
         tasks.spawn(worker::run(shared.clone(), index));
     }
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let result = joined.unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string())));
-        if let Err(err) = result {
-            tracing::error!(error = %err, "worker failed; stopping the others");
-            shared.shutdown.cancel();
-            first_error.get_or_insert(err);
-        }
-    }
-    stop_reporter.cancel();
-    let _ = reporter.await;
+    let result = join_workers(tasks, &shared.shutdown).await;
+    reporter.stop().await;
     let totals = stats.totals();
     tracing::info!(
         enqueued = totals.enqueued,
@@ -117,8 +135,41 @@ pub async fn run(
         passes = totals.passes,
         "streamer stopped"
     );
-    match first_error {
-        Some(err) => Err(err),
-        None => Ok(totals),
+    result.map(|()| totals)
+}
+
+/// Checks, before any worker starts, that no worker's stream was started with another file.
+/// `Ok(false)` if shutdown came while etcd was unreachable.
+async fn same_file_for_every_worker(
+    config: &StreamerConfig,
+    sink: &sink::Sink,
+    fingerprint: &str,
+) -> Result<bool, StreamerError> {
+    for index in 0..config.workers {
+        let stream_id = config.worker_stream_id(index);
+        let (checkpoint, _) = match sink.read_checkpoint(&stream_id).await {
+            Ok(stored) => stored,
+            Err(err) if err.is_cancelled() => return Ok(false),
+            Err(err) => return Err(err.into()),
+        };
+        worker::check_source(&stream_id, &config.csv_path, fingerprint, checkpoint.as_ref())?;
     }
+    Ok(true)
+}
+
+/// Waits for every worker; the first failure cancels the others and is returned.
+async fn join_workers(
+    mut tasks: JoinSet<Result<(), StreamerError>>,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamerError> {
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string())));
+        if let Err(err) = result {
+            tracing::error!(error = %err, "worker failed; stopping the others");
+            shutdown.cancel();
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -13,22 +13,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backpressure::DepthGauge;
 
-/// Counters shared by all workers of a process. Each is also exported as a Prometheus metric.
+/// Counters shared by all workers of a process, updated only by the events in
+/// [`crate::events`] (which record the matching Prometheus metrics at the same time).
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Messages written to the queue.
-    pub enqueued: AtomicU64,
+    enqueued: AtomicU64,
     /// Rows absorbed because their idempotency key was already enqueued.
-    pub duplicates: AtomicU64,
+    duplicates: AtomicU64,
     /// Malformed rows skipped.
-    pub skipped: AtomicU64,
+    skipped: AtomicU64,
     /// Fence conflicts: another streamer with the same stream id advanced the checkpoint.
-    pub conflicts: AtomicU64,
+    conflicts: AtomicU64,
     /// Passes completed (all workers).
-    pub passes: AtomicU64,
+    passes: AtomicU64,
 }
 
-/// A snapshot of [`Stats`].
+/// What a streamer run did, summed over its workers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Messages written to the queue.
@@ -45,7 +46,7 @@ pub struct Totals {
 
 impl Stats {
     /// Reads all counters.
-    pub fn totals(&self) -> Totals {
+    pub(crate) fn totals(&self) -> Totals {
         Totals {
             enqueued: self.enqueued.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
@@ -55,69 +56,73 @@ impl Stats {
         }
     }
 
-    pub(crate) fn add_enqueued(&self, n: u64) {
-        self.enqueued.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("streamer_rows_enqueued_total").increment(n);
+    pub(crate) fn record_commit(&self, enqueued: u64, duplicates: u64, skipped: u64) {
+        self.enqueued.fetch_add(enqueued, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.skipped.fetch_add(skipped, Ordering::Relaxed);
     }
 
-    pub(crate) fn add_duplicates(&self, n: u64) {
-        self.duplicates.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("streamer_duplicates_total").increment(n);
-    }
-
-    pub(crate) fn add_skipped(&self, n: u64) {
-        self.skipped.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("streamer_rows_skipped_total").increment(n);
-    }
-
-    pub(crate) fn add_conflict(&self) {
+    pub(crate) fn record_conflict(&self) {
         self.conflicts.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("streamer_checkpoint_conflicts_total").increment(1);
     }
 
-    pub(crate) fn add_pass(&self) {
+    pub(crate) fn record_pass(&self) {
         self.passes.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("streamer_passes_total").increment(1);
     }
 }
 
-/// Reports progress until `stop` is cancelled: a log line every `interval`, or, when
-/// `bar_total` is given and stderr is a terminal, a progress bar.
-pub fn spawn_reporter(
+/// The progress reporter task.
+pub(crate) struct Reporter {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    /// Stops the reporter (clearing its bar) and waits for it.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Reports progress until stopped: a log line every `interval`, or, when `bar_total` is given
+/// and stderr is a terminal, a progress bar.
+pub(crate) fn spawn_reporter(
+    stats: Arc<Stats>,
+    gauge: Arc<DepthGauge>,
+    interval: Duration,
+    bar_total: Option<u64>,
+) -> Reporter {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(report(stats, gauge, interval, bar_total, stop.clone()));
+    Reporter { stop, task }
+}
+
+async fn report(
     stats: Arc<Stats>,
     gauge: Arc<DepthGauge>,
     interval: Duration,
     bar_total: Option<u64>,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let bar = bar_total
-            .filter(|_| std::io::stderr().is_terminal())
-            .map(|total| {
-                let bar = indicatif::ProgressBar::new(total);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{elapsed_precise} [{wide_bar}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                bar
-            });
-        let mut last = stats.totals();
-        let mut last_at = Instant::now();
-        let mut ticker = tokio::time::interval(if bar.is_some() {
-            Duration::from_millis(200)
-        } else {
-            interval
-        });
-        ticker.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            let now = stats.totals();
-            if let Some(bar) = &bar {
+) {
+    let bar = bar_total
+        .filter(|_| std::io::stderr().is_terminal())
+        .map(progress_bar);
+    let mut line = ProgressLine::new(stats.totals());
+    let mut ticker = tokio::time::interval(if bar.is_some() {
+        Duration::from_millis(200)
+    } else {
+        interval
+    });
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let now = stats.totals();
+        match &bar {
+            Some(bar) => {
                 bar.set_position(now.enqueued + now.duplicates + now.skipped);
                 bar.set_message(format!(
                     "dup {} skipped {} depth {}",
@@ -125,24 +130,53 @@ pub fn spawn_reporter(
                     now.skipped,
                     gauge.estimate()
                 ));
-                continue;
             }
-            let secs = last_at.elapsed().as_secs_f64().max(1e-9);
-            let rate = (now.enqueued - last.enqueued) as f64 / secs;
-            tracing::info!(
-                rows_per_s = format!("{rate:.1}"),
-                total = now.enqueued,
-                skipped = now.skipped,
-                duplicates = now.duplicates,
-                conflicts = now.conflicts,
-                queue_depth = gauge.estimate(),
-                "progress"
-            );
-            last = now;
-            last_at = Instant::now();
+            None => line.log(now, gauge.estimate()),
         }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// The periodic progress log line: the rate since the previous line and the totals.
+struct ProgressLine {
+    last: Totals,
+    last_at: Instant,
+}
+
+impl ProgressLine {
+    fn new(totals: Totals) -> Self {
+        ProgressLine {
+            last: totals,
+            last_at: Instant::now(),
         }
-    })
+    }
+
+    fn log(&mut self, now: Totals, queue_depth: i64) {
+        let secs = self.last_at.elapsed().as_secs_f64().max(1e-9);
+        let rate = now.enqueued.saturating_sub(self.last.enqueued) as f64 / secs;
+        tracing::info!(
+            rows_per_s = format!("{rate:.1}"),
+            total = now.enqueued,
+            skipped = now.skipped,
+            duplicates = now.duplicates,
+            conflicts = now.conflicts,
+            queue_depth,
+            "progress"
+        );
+        self.last = now;
+        self.last_at = Instant::now();
+    }
 }

@@ -14,33 +14,44 @@
 //! past them. A write whose outcome is unknown (timeout, leader change) is retried as is: the
 //! compares make a second application impossible, and a fence conflict after such an error is
 //! checked against the queue to tell "our earlier attempt landed" from "someone else moved".
+//!
+//! What is decided is pure and unit-tested without etcd: [`plan_txn`] builds the transaction,
+//! [`classify`] reads its reply. [`Sink::commit`] only sends, retries and applies the verdict.
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Display, sync::Arc, time::Instant};
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
 use telemetry_shared::{
     Checkpoint, Keyspace,
     etcd::{
-        BoundedTxn, BucketedLease, EtcdError, MAX_TXN_OPS, is_indeterminate, is_lease_not_found, is_retryable,
+        BoundedTxn, BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, is_indeterminate,
+        is_lease_not_found, is_retryable,
     },
+    observe::emit,
+    retry::{Backoff, Policy, Stopped},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::transform::Prepared;
+use crate::{
+    events::{EnqueueTxn, EtcdRetry},
+    transform::Prepared,
+};
 
 /// Most messages per transaction: two puts each plus the checkpoint put must fit etcd's
 /// 128-operation limit.
-pub const MAX_ROWS_PER_TXN: usize = (MAX_TXN_OPS - 1) / 2;
-
-/// Most value bytes per transaction, well under etcd's 1.5 MiB request limit.
-pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_ROWS_PER_TXN: usize = (MAX_TXN_OPS - 1) / 2;
 
 /// Largest single encoded message; a bigger row is skipped as malformed.
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+
+// Any message fits a transaction alone, so a chunk of one always goes through.
+const _: () = assert!(MAX_MESSAGE_BYTES <= MAX_TXN_BYTES);
 
 /// A message encoded and ready for the transaction.
 #[derive(Debug, Clone)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// Source row number.
     pub row: u64,
     /// The message and its partition.
@@ -51,7 +62,7 @@ pub struct Pending {
 
 /// The result of one commit.
 #[derive(Debug, Clone, PartialEq)]
-pub enum CommitOutcome {
+pub(crate) enum CommitOutcome {
     /// The chunk landed: `enqueued` messages are in the queue, `duplicates` rows were absorbed,
     /// and the checkpoint now has `revision` as its `mod_revision`.
     Committed {
@@ -87,15 +98,273 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// Did the operation stop because of shutdown (not a failure)?
+    pub(crate) fn is_cancelled(&self) -> bool {
+        matches!(self, SinkError::Etcd(EtcdError::Cancelled))
+    }
+}
+
 impl From<etcd_client::Error> for SinkError {
     fn from(err: etcd_client::Error) -> Self {
         SinkError::Etcd(EtcdError::Client(err))
     }
 }
 
+impl From<Stopped> for SinkError {
+    /// The sink's retry policies retry until shutdown, so a stopped retry means shutdown.
+    fn from(_: Stopped) -> Self {
+        SinkError::Etcd(EtcdError::Cancelled)
+    }
+}
+
+/// A stream's checkpoint as stored: its value (`None` if absent) and `mod_revision` (0 if
+/// absent).
+pub(crate) type Stored = (Option<Checkpoint>, i64);
+
+/// One enqueue transaction, as plain data: what [`plan_txn`] decided, before it becomes an
+/// etcd [`Txn`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TxnPlan {
+    /// The stream's checkpoint key.
+    pub checkpoint_key: String,
+    /// The fence: the `mod_revision` the checkpoint must still have (0: must not exist).
+    pub expected_rev: i64,
+    /// The advanced checkpoint, as JSON.
+    pub checkpoint_value: Vec<u8>,
+    /// One write per message, in order.
+    pub writes: Vec<EntryWrite>,
+    /// The lease the dedup markers are attached to.
+    pub lease: i64,
+}
+
+/// What one message writes: its queue entry and its dedup marker.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EntryWrite {
+    /// The queue entry's key.
+    pub queue_key: String,
+    /// The message JSON.
+    pub value: Vec<u8>,
+    /// The dedup marker's key (must not exist yet).
+    pub marker_key: String,
+    /// The marker's value: the message id, so a lost reply can be told from a duplicate.
+    pub message_id: String,
+}
+
+/// Plans the transaction that enqueues `entries` and moves the checkpoint at `checkpoint_key`
+/// from `expected_rev` to `checkpoint_value`, with markers on `lease`.
+pub(crate) fn plan_txn(
+    keys: &Keyspace,
+    checkpoint_key: &str,
+    expected_rev: i64,
+    checkpoint_value: &[u8],
+    entries: &[&Pending],
+    lease: i64,
+) -> TxnPlan {
+    let writes = entries
+        .iter()
+        .map(|pending| {
+            let message = &pending.prepared.message;
+            let message_id = message.id.to_string();
+            EntryWrite {
+                queue_key: keys.queue_entry(pending.prepared.partition, &message_id),
+                value: pending.encoded.clone(),
+                marker_key: keys.enqueued_marker(&message.idempotency_key),
+                message_id,
+            }
+        })
+        .collect();
+    TxnPlan {
+        checkpoint_key: checkpoint_key.to_string(),
+        expected_rev,
+        checkpoint_value: checkpoint_value.to_vec(),
+        writes,
+        lease,
+    }
+}
+
+impl TxnPlan {
+    /// The etcd transaction. Compares: the fence, then one marker compare per write. Success:
+    /// the queue entry and the marker of each write, then the checkpoint. Failure: the
+    /// checkpoint, then each marker (keys only), in the order [`Reply::from_response`] reads.
+    pub(crate) fn build(&self) -> Result<Txn, EtcdError> {
+        let mut txn = BoundedTxn::new();
+        txn.compare(Compare::mod_revision(
+            self.checkpoint_key.as_str(),
+            CompareOp::Equal,
+            self.expected_rev,
+        ));
+        txn.otherwise(TxnOp::get(self.checkpoint_key.as_str(), None));
+        for write in &self.writes {
+            txn.compare(Compare::create_revision(
+                write.marker_key.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+            txn.then(TxnOp::put(write.queue_key.as_str(), write.value.clone(), None));
+            txn.then(TxnOp::put(
+                write.marker_key.as_str(),
+                write.message_id.as_str(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            ));
+            txn.otherwise(TxnOp::get(
+                write.marker_key.as_str(),
+                Some(GetOptions::new().with_keys_only()),
+            ));
+        }
+        txn.then(TxnOp::put(
+            self.checkpoint_key.as_str(),
+            self.checkpoint_value.clone(),
+            None,
+        ));
+        txn.build()
+    }
+}
+
+/// An enqueue transaction's reply, as plain data.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply {
+    /// Every compare held: the writes are applied at `revision`.
+    Succeeded {
+        /// The store revision of the transaction.
+        revision: i64,
+    },
+    /// A compare failed; what the failure branch read.
+    Refused {
+        /// The checkpoint's value and `mod_revision`, if it exists.
+        checkpoint: Option<(Vec<u8>, i64)>,
+        /// For each write, in order: does its dedup marker exist?
+        markers_found: Vec<bool>,
+    },
+}
+
+impl Reply {
+    /// Reads a reply of a transaction built by [`TxnPlan::build`].
+    pub(crate) fn from_response(resp: &TxnResponse) -> Reply {
+        if resp.succeeded() {
+            return Reply::Succeeded {
+                revision: resp.header().map_or(0, |h| h.revision()),
+            };
+        }
+        let mut reads = resp.op_responses().into_iter();
+        let checkpoint = match reads.next() {
+            Some(TxnOpResponse::Get(get)) => get
+                .kvs()
+                .first()
+                .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+            _ => None,
+        };
+        let markers_found = reads
+            .map(|read| matches!(&read, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
+            .collect();
+        Reply::Refused {
+            checkpoint,
+            markers_found,
+        }
+    }
+}
+
+/// What a reply means for the commit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Verdict {
+    /// The chunk landed; the checkpoint's new `mod_revision`.
+    Committed {
+        /// The transaction's revision.
+        revision: i64,
+    },
+    /// The fence held but these writes' markers exist (by index): they are duplicates, to be
+    /// dropped before retrying the rest.
+    Duplicates(Vec<usize>),
+    /// Another writer moved the checkpoint.
+    Conflict {
+        /// The checkpoint as stored now.
+        current: Option<Checkpoint>,
+        /// Its `mod_revision`.
+        mod_revision: i64,
+    },
+    /// The checkpoint moved to exactly our target after an attempt whose outcome was unknown:
+    /// our earlier attempt may be what landed (check the queue before calling it a conflict).
+    PossiblyOurs {
+        /// The checkpoint's `mod_revision`.
+        mod_revision: i64,
+    },
+    /// Refused, yet neither the fence nor a marker explains it. etcd applies compares and
+    /// reads atomically, so this does not happen; the caller waits and retries.
+    Unexplained,
+}
+
+/// Classifies `reply` for a commit of `stream_id` fenced at `expected_rev` towards `target`;
+/// `uncertain` says whether an earlier attempt of this commit may have been applied.
+pub(crate) fn classify(
+    reply: Reply,
+    stream_id: &str,
+    expected_rev: i64,
+    target: &Checkpoint,
+    uncertain: bool,
+) -> Result<Verdict, SinkError> {
+    let (checkpoint, markers_found) = match reply {
+        Reply::Succeeded { revision } => return Ok(Verdict::Committed { revision }),
+        Reply::Refused {
+            checkpoint,
+            markers_found,
+        } => (checkpoint, markers_found),
+    };
+    let (current, mod_revision) = decode_checkpoint(
+        stream_id,
+        checkpoint.as_ref().map(|(value, rev)| (value.as_slice(), *rev)),
+    )?;
+    if mod_revision != expected_rev {
+        if uncertain && current.as_ref() == Some(target) {
+            return Ok(Verdict::PossiblyOurs { mod_revision });
+        }
+        return Ok(Verdict::Conflict {
+            current,
+            mod_revision,
+        });
+    }
+    let found: Vec<usize> = markers_found
+        .iter()
+        .enumerate()
+        .filter_map(|(i, found)| found.then_some(i))
+        .collect();
+    if found.is_empty() {
+        return Ok(Verdict::Unexplained);
+    }
+    Ok(Verdict::Duplicates(found))
+}
+
+fn encode_checkpoint(stream_id: &str, checkpoint: &Checkpoint) -> Result<Vec<u8>, SinkError> {
+    serde_json::to_vec(checkpoint).map_err(|e| SinkError::CorruptCheckpoint {
+        stream: stream_id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Decodes a stored checkpoint (its value and `mod_revision`).
+fn decode_checkpoint(stream_id: &str, stored: Option<(&[u8], i64)>) -> Result<Stored, SinkError> {
+    match stored {
+        None => Ok((None, 0)),
+        Some((value, mod_revision)) => {
+            let cp: Checkpoint = serde_json::from_slice(value).map_err(|e| SinkError::CorruptCheckpoint {
+                stream: stream_id.to_string(),
+                reason: e.to_string(),
+            })?;
+            Ok((Some(cp), mod_revision))
+        }
+    }
+}
+
+/// What stays the same across the attempts of one commit.
+struct Request<'a> {
+    stream_id: &'a str,
+    checkpoint_key: String,
+    expected_rev: i64,
+    checkpoint_value: Vec<u8>,
+}
+
 /// Writes chunks of messages into the queue; cheap to clone (one per worker).
 #[derive(Clone)]
-pub struct Sink {
+pub(crate) struct Sink {
     client: Client,
     keys: Keyspace,
     markers: Arc<BucketedLease>,
@@ -104,7 +373,7 @@ pub struct Sink {
 
 impl Sink {
     /// A sink writing below `keys`, attaching dedup markers to leases from `markers`.
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         keys: Keyspace,
         markers: Arc<BucketedLease>,
@@ -120,223 +389,368 @@ impl Sink {
 
     /// Reads a stream's checkpoint and its `mod_revision` (0 when it does not exist yet),
     /// retrying while etcd is unavailable.
-    pub async fn read_checkpoint(&self, stream_id: &str) -> Result<(Option<Checkpoint>, i64), SinkError> {
-        let key = self.keys.stream_checkpoint(stream_id);
-        let mut backoff = Backoff::new();
-        loop {
-            match self.client.clone().get(key.as_str(), None).await {
-                Ok(resp) => return decode_checkpoint(stream_id, resp.kvs().first()),
-                Err(err) if is_retryable(&err) => backoff.wait(&self.shutdown, &err).await?,
-                Err(err) => return Err(err.into()),
-            }
-        }
+    pub(crate) async fn read_checkpoint(&self, stream_id: &str) -> Result<Stored, SinkError> {
+        let resp = self
+            .get(&self.keys.stream_checkpoint(stream_id), "checkpoint read")
+            .await?;
+        decode_checkpoint(
+            stream_id,
+            resp.kvs().first().map(|kv| (kv.value(), kv.mod_revision())),
+        )
     }
 
     /// Commits `entries` and advances the checkpoint to `target`, fenced by `expected_rev`.
-    /// `entries` must be at most [`MAX_ROWS_PER_TXN`] long and under [`MAX_TXN_BYTES`].
-    pub async fn commit(
+    /// `entries` must be at most [`MAX_ROWS_PER_TXN`] long and under
+    /// [`telemetry_shared::etcd::MAX_TXN_BYTES`].
+    pub(crate) async fn commit(
         &self,
         stream_id: &str,
         expected_rev: i64,
-        target: Checkpoint,
-        entries: &[Pending],
+        target: &Checkpoint,
+        entries: &[&Pending],
     ) -> Result<CommitOutcome, SinkError> {
-        let checkpoint_key = self.keys.stream_checkpoint(stream_id);
-        let checkpoint_value = serde_json::to_vec(&target).map_err(|e| SinkError::CorruptCheckpoint {
-            stream: stream_id.to_string(),
-            reason: e.to_string(),
-        })?;
-        let mut live: Vec<&Pending> = entries.iter().collect();
+        let request = Request {
+            stream_id,
+            checkpoint_key: self.keys.stream_checkpoint(stream_id),
+            expected_rev,
+            checkpoint_value: encode_checkpoint(stream_id, target)?,
+        };
+        let mut live: Vec<&Pending> = entries.to_vec();
         let mut duplicates = Vec::new();
+        // Whether an earlier attempt may have been applied although its reply was lost.
         let mut uncertain = false;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(Policy::FAST, "enqueue transaction");
         loop {
-            let lease = match self.markers.current().await {
-                Ok(lease) => lease,
-                Err(EtcdError::Client(err)) if is_retryable(&err) => {
-                    backoff.wait(&self.shutdown, &err).await?;
-                    continue;
-                }
-                Err(err) => return Err(err.into()),
+            let Some(reply) = self
+                .attempt(&request, &live, &mut backoff, &mut uncertain)
+                .await?
+            else {
+                continue;
             };
-            let markers: Vec<String> = live
-                .iter()
-                .map(|p| self.keys.enqueued_marker(&p.prepared.message.idempotency_key))
-                .collect();
-            let mut txn = BoundedTxn::new();
-            txn.compare(Compare::mod_revision(
-                checkpoint_key.as_str(),
-                CompareOp::Equal,
-                expected_rev,
-            ));
-            txn.otherwise(TxnOp::get(checkpoint_key.as_str(), None));
-            for (pending, marker) in live.iter().zip(&markers) {
-                let message = &pending.prepared.message;
-                txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
-                txn.then(TxnOp::put(
-                    self.keys
-                        .queue_entry(pending.prepared.partition, &message.id.to_string()),
-                    pending.encoded.clone(),
-                    None,
-                ));
-                txn.then(TxnOp::put(
-                    marker.as_str(),
-                    message.id.to_string(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ));
-                txn.otherwise(TxnOp::get(
-                    marker.as_str(),
-                    Some(GetOptions::new().with_keys_only()),
-                ));
-            }
-            txn.then(TxnOp::put(
-                checkpoint_key.as_str(),
-                checkpoint_value.clone(),
-                None,
-            ));
-            let started = std::time::Instant::now();
-            let result = self.client.clone().txn(txn.build()?).await;
-            metrics::histogram!("streamer_txn_seconds").record(started.elapsed().as_secs_f64());
-            let resp = match result {
-                Ok(resp) => resp,
-                Err(err) if is_lease_not_found(&err) => {
-                    self.markers.invalidate(lease);
-                    backoff.wait(&self.shutdown, &err).await?;
-                    continue;
+            let revision = match classify(reply, stream_id, expected_rev, target, uncertain)? {
+                Verdict::Committed { revision } => revision,
+                Verdict::PossiblyOurs { mod_revision } if self.landed(live.first().copied()).await? => {
+                    mod_revision
                 }
-                Err(err) if is_retryable(&err) => {
-                    uncertain |= is_indeterminate(&err);
-                    backoff.wait(&self.shutdown, &err).await?;
-                    continue;
-                }
-                Err(err) => return Err(err.into()),
-            };
-            if resp.succeeded() {
-                let revision = resp.header().map_or(0, |h| h.revision());
-                return Ok(CommitOutcome::Committed {
-                    revision,
-                    enqueued: live.len(),
-                    duplicates,
-                });
-            }
-            let responses = resp.op_responses();
-            let mut responses = responses.into_iter();
-            let (current, mod_revision) = match responses.next() {
-                Some(TxnOpResponse::Get(get)) => decode_checkpoint(stream_id, get.kvs().first())?,
-                _ => (None, 0),
-            };
-            if mod_revision != expected_rev {
-                if uncertain && current == Some(target) && self.landed(live.first().copied()).await? {
-                    // Our earlier attempt (whose reply was lost) is the one that landed.
-                    return Ok(CommitOutcome::Committed {
-                        revision: mod_revision,
-                        enqueued: live.len(),
-                        duplicates,
+                Verdict::PossiblyOurs { mod_revision } => {
+                    let current = Some(target.clone());
+                    return Ok(CommitOutcome::Conflict {
+                        current,
+                        mod_revision,
                     });
                 }
-                return Ok(CommitOutcome::Conflict {
+                Verdict::Conflict {
                     current,
                     mod_revision,
-                });
-            }
-            let before = live.len();
-            let mut keep = Vec::with_capacity(live.len());
-            for (pending, resp) in live.into_iter().zip(responses) {
-                let exists = matches!(&resp, TxnOpResponse::Get(get) if !get.kvs().is_empty());
-                if exists {
-                    tracing::debug!(row = pending.row, key = %pending.prepared.message.idempotency_key, "duplicate absorbed");
-                    duplicates.push(pending.row);
-                } else {
-                    keep.push(pending);
+                } => {
+                    return Ok(CommitOutcome::Conflict {
+                        current,
+                        mod_revision,
+                    });
                 }
-            }
-            live = keep;
-            if live.len() == before {
-                // Unreachable while etcd applies compares and reads atomically; do not spin.
-                tracing::warn!("dedup compare failed but no marker found; retrying");
-                backoff.idle(&self.shutdown).await?;
-            }
+                Verdict::Duplicates(found) => {
+                    let (kept, absorbed) = absorb(live, &found);
+                    live = kept;
+                    duplicates.extend(absorbed);
+                    continue;
+                }
+                Verdict::Unexplained => {
+                    tracing::warn!(stream = %stream_id, "dedup compare failed but no marker found; retrying");
+                    backoff.wait(&self.shutdown).await?;
+                    continue;
+                }
+            };
+            return Ok(CommitOutcome::Committed {
+                revision,
+                enqueued: live.len(),
+                duplicates,
+            });
         }
     }
 
-    /// Is `pending`'s queue entry present (or already consumed, per its processed marker)?
+    /// One attempt of `request` with the `live` entries: takes the marker lease, builds and
+    /// sends the transaction. `Ok(None)` after a failure worth retrying (the backoff has been
+    /// waited; `uncertain` is set if the attempt may have been applied).
+    async fn attempt(
+        &self,
+        request: &Request<'_>,
+        live: &[&Pending],
+        backoff: &mut Backoff,
+        uncertain: &mut bool,
+    ) -> Result<Option<Reply>, SinkError> {
+        let lease = match self.markers.current().await {
+            Ok(lease) => lease,
+            Err(EtcdError::Client(err)) if is_retryable(&err) => {
+                self.retry(backoff, &err).await?;
+                return Ok(None);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let txn = plan_txn(
+            &self.keys,
+            &request.checkpoint_key,
+            request.expected_rev,
+            &request.checkpoint_value,
+            live,
+            lease,
+        )
+        .build()?;
+        match self.send(request.stream_id, live.len(), txn).await {
+            Ok(reply) => {
+                backoff.succeeded();
+                Ok(Some(reply))
+            }
+            Err(err) if is_lease_not_found(&err) => {
+                self.markers.invalidate(lease);
+                self.retry(backoff, &err).await?;
+                Ok(None)
+            }
+            Err(err) if is_retryable(&err) => {
+                *uncertain |= is_indeterminate(&err);
+                self.retry(backoff, &err).await?;
+                Ok(None)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Sends one transaction attempt and times it.
+    async fn send(&self, stream_id: &str, messages: usize, txn: Txn) -> Result<Reply, etcd_client::Error> {
+        let started = Instant::now();
+        let result = self.client.clone().txn(txn).await;
+        let outcome = match &result {
+            Ok(resp) if resp.succeeded() => "committed",
+            Ok(_) => "refused",
+            Err(_) => "error",
+        };
+        emit(EnqueueTxn {
+            stream: stream_id,
+            messages,
+            seconds: started.elapsed().as_secs_f64(),
+            outcome,
+        });
+        result.map(|resp| Reply::from_response(&resp))
+    }
+
+    /// Is `pending`'s dedup marker present and ours (its value is our message id)? With no
+    /// message (a checkpoint-only commit) the checkpoint alone says it landed.
     async fn landed(&self, pending: Option<&Pending>) -> Result<bool, SinkError> {
         let Some(pending) = pending else {
             return Ok(true);
         };
         let message = &pending.prepared.message;
         let marker = self.keys.enqueued_marker(&message.idempotency_key);
-        let mut backoff = Backoff::new();
-        let resp = loop {
-            match self.client.clone().get(marker.as_str(), None).await {
-                Ok(resp) => break resp,
-                Err(err) if is_retryable(&err) => backoff.wait(&self.shutdown, &err).await?,
-                Err(err) => return Err(err.into()),
-            }
-        };
+        let resp = self.get(&marker, "dedup marker read").await?;
         Ok(resp
             .kvs()
             .first()
             .is_some_and(|kv| kv.value() == message.id.to_string().as_bytes()))
     }
-}
 
-fn decode_checkpoint(
-    stream_id: &str,
-    kv: Option<&etcd_client::KeyValue>,
-) -> Result<(Option<Checkpoint>, i64), SinkError> {
-    match kv {
-        None => Ok((None, 0)),
-        Some(kv) => {
-            let cp: Checkpoint =
-                serde_json::from_slice(kv.value()).map_err(|e| SinkError::CorruptCheckpoint {
-                    stream: stream_id.to_string(),
-                    reason: e.to_string(),
-                })?;
-            Ok((Some(cp), kv.mod_revision()))
-        }
-    }
-}
-
-/// Capped exponential backoff that logs once per outage and gives up on shutdown.
-pub(crate) struct Backoff {
-    delay: Duration,
-    warned: bool,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Backoff {
-            delay: Duration::from_millis(50),
-            warned: false,
+    /// Reads `key`, retrying while etcd is unavailable.
+    async fn get(&self, key: &str, what: &'static str) -> Result<GetResponse, SinkError> {
+        let mut backoff = Backoff::new(Policy::ETCD, what);
+        loop {
+            match self.client.clone().get(key, None).await {
+                Ok(resp) => {
+                    backoff.succeeded();
+                    return Ok(resp);
+                }
+                Err(err) if is_retryable(&err) => self.retry(&mut backoff, &err).await?,
+                Err(err) => return Err(err.into()),
+            }
         }
     }
 
-    pub(crate) async fn wait(
-        &mut self,
-        shutdown: &CancellationToken,
-        err: &etcd_client::Error,
-    ) -> Result<(), SinkError> {
-        if !self.warned {
-            tracing::warn!(error = %err, "etcd unavailable; retrying with backoff");
-            self.warned = true;
-        }
-        metrics::counter!("streamer_etcd_retries_total").increment(1);
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(SinkError::Etcd(EtcdError::Cancelled)),
-            _ = tokio::time::sleep(self.delay) => {}
-        }
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+    /// Counts and logs a retryable failure, then waits the backoff (or returns at shutdown).
+    async fn retry(&self, backoff: &mut Backoff, error: &(dyn Display + Sync)) -> Result<(), SinkError> {
+        emit(EtcdRetry { backoff, error });
+        backoff.wait(&self.shutdown).await?;
         Ok(())
     }
+}
 
-    /// Waits one backoff step without an error to report.
-    pub(crate) async fn idle(&mut self, shutdown: &CancellationToken) -> Result<(), SinkError> {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(SinkError::Etcd(EtcdError::Cancelled)),
-            _ = tokio::time::sleep(self.delay) => {}
+/// Splits `live` into the entries to retry and the rows of those at the `found` indices
+/// (duplicates).
+fn absorb<'a>(live: Vec<&'a Pending>, found: &[usize]) -> (Vec<&'a Pending>, Vec<u64>) {
+    let mut kept = Vec::with_capacity(live.len());
+    let mut absorbed = Vec::with_capacity(found.len());
+    for (i, pending) in live.into_iter().enumerate() {
+        if found.contains(&i) {
+            absorbed.push(pending.row);
+        } else {
+            kept.push(pending);
         }
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-        Ok(())
+    }
+    (kept, absorbed)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{source::ColumnTypes, transform::MessageBuilder};
+
+    /// A message for `row` whose encoded form is `bytes` long.
+    pub(crate) fn pending(row: u64, bytes: usize) -> Pending {
+        let mut builder = MessageBuilder::new(vec!["a".into()], ColumnTypes::all_auto(1), &[]);
+        Pending {
+            row,
+            prepared: builder.build("s-w0", 0, row, &[row.to_string()]),
+            encoded: vec![b'x'; bytes],
+        }
+    }
+
+    fn checkpoint(row: u64, pass_complete: bool) -> Checkpoint {
+        Checkpoint {
+            pass: 0,
+            row,
+            pass_complete,
+            source_fingerprint: Some("sha256:ab".into()),
+        }
+    }
+
+    fn refused(stored: Option<&Checkpoint>, rev: i64, markers_found: Vec<bool>) -> Reply {
+        Reply::Refused {
+            checkpoint: stored.map(|cp| (serde_json::to_vec(cp).expect("encodes"), rev)),
+            markers_found,
+        }
+    }
+
+    #[test]
+    fn the_plan_fences_the_checkpoint_and_guards_each_marker() {
+        let keys = Keyspace::new("/t");
+        let entries = [pending(1, 10), pending(2, 20)];
+        let refs: Vec<&Pending> = entries.iter().collect();
+        let plan = plan_txn(&keys, "/t/streams/s-w0/checkpoint", 42, b"{}", &refs, 7);
+        assert_eq!(
+            (plan.checkpoint_key.as_str(), plan.expected_rev, plan.lease),
+            ("/t/streams/s-w0/checkpoint", 42, 7)
+        );
+        assert_eq!(plan.writes.len(), 2);
+        for (write, entry) in plan.writes.iter().zip(&entries) {
+            let message = &entry.prepared.message;
+            assert_eq!(write.message_id, message.id.to_string());
+            assert_eq!(write.value, entry.encoded);
+            assert_eq!(
+                write.queue_key,
+                keys.queue_entry(entry.prepared.partition, &message.id.to_string())
+            );
+            assert_eq!(write.marker_key, keys.enqueued_marker(&message.idempotency_key));
+        }
+        plan.build().expect("two messages fit");
+    }
+
+    #[test]
+    fn a_full_chunk_fits_etcds_operation_limit_and_one_more_does_not() {
+        let keys = Keyspace::new("/t");
+        let entries: Vec<Pending> = (1..=MAX_ROWS_PER_TXN as u64 + 1).map(|r| pending(r, 1)).collect();
+        let refs: Vec<&Pending> = entries.iter().collect();
+        let full = plan_txn(&keys, "/cp", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1);
+        full.build().expect("63 messages: 127 operations");
+        let over = plan_txn(&keys, "/cp", 0, b"{}", &refs, 1);
+        assert!(matches!(over.build(), Err(EtcdError::TxnTooLarge { ops: 129 })));
+    }
+
+    #[test]
+    fn a_successful_reply_is_committed() {
+        let target = checkpoint(5, false);
+        assert_eq!(
+            classify(Reply::Succeeded { revision: 9 }, "s", 3, &target, false).expect("valid"),
+            Verdict::Committed { revision: 9 }
+        );
+    }
+
+    #[test]
+    fn found_markers_under_an_unmoved_fence_are_duplicates() {
+        let stored = checkpoint(2, false);
+        let reply = refused(Some(&stored), 3, vec![false, true, false, true]);
+        assert_eq!(
+            classify(reply, "s", 3, &checkpoint(6, false), false).expect("valid"),
+            Verdict::Duplicates(vec![1, 3])
+        );
+        // A first commit: no checkpoint yet, fence at 0.
+        let reply = refused(None, 0, vec![true]);
+        assert_eq!(
+            classify(reply, "s", 0, &checkpoint(1, false), false).expect("valid"),
+            Verdict::Duplicates(vec![0])
+        );
+    }
+
+    #[test]
+    fn a_moved_checkpoint_is_a_conflict_unless_it_may_be_our_own_earlier_attempt() {
+        let target = checkpoint(6, false);
+        let other = checkpoint(9, false);
+        let conflict = |stored: Option<&Checkpoint>, uncertain| {
+            classify(refused(stored, 8, vec![true, true]), "s", 3, &target, uncertain).expect("valid")
+        };
+        assert_eq!(
+            conflict(Some(&other), false),
+            Verdict::Conflict {
+                current: Some(other.clone()),
+                mod_revision: 8
+            }
+        );
+        assert_eq!(
+            conflict(Some(&other), true),
+            Verdict::Conflict {
+                current: Some(other),
+                mod_revision: 8
+            },
+            "a different position is someone else's, even after a lost reply"
+        );
+        assert_eq!(
+            conflict(Some(&target), false),
+            Verdict::Conflict {
+                current: Some(target.clone()),
+                mod_revision: 8
+            },
+            "without a lost reply, our target written by another is theirs"
+        );
+        assert_eq!(
+            conflict(Some(&target), true),
+            Verdict::PossiblyOurs { mod_revision: 8 }
+        );
+        // Deleted under us.
+        assert_eq!(
+            classify(refused(None, 0, vec![false]), "s", 3, &target, true).expect("valid"),
+            Verdict::Conflict {
+                current: None,
+                mod_revision: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_refusal_nothing_explains_and_a_corrupt_checkpoint_are_reported() {
+        let stored = checkpoint(2, false);
+        assert_eq!(
+            classify(refused(Some(&stored), 3, vec![false]), "s", 3, &stored, false).expect("valid"),
+            Verdict::Unexplained
+        );
+        let corrupt = Reply::Refused {
+            checkpoint: Some((b"not json".to_vec(), 3)),
+            markers_found: vec![],
+        };
+        let err = classify(corrupt, "s-w0", 3, &stored, false).expect_err("corrupt");
+        assert!(err.to_string().contains("s-w0"), "{err}");
+    }
+
+    #[test]
+    fn absorbing_drops_the_duplicates_and_keeps_the_order() {
+        let entries = [pending(1, 1), pending(2, 1), pending(3, 1)];
+        let live: Vec<&Pending> = entries.iter().collect();
+        let (kept, absorbed) = absorb(live, &[1]);
+        assert_eq!(kept.iter().map(|p| p.row).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(absorbed, vec![2]);
+    }
+
+    #[test]
+    fn checkpoints_from_the_previous_release_still_decode() {
+        let (cp, rev) =
+            decode_checkpoint("s", Some((br#"{"pass":2,"row":7,"pass_complete":false}"#, 5))).expect("valid");
+        let cp = cp.expect("present");
+        assert_eq!((cp.pass, cp.row, rev), (2, 7, 5));
+        assert_eq!(cp.source_fingerprint, None);
+        assert_eq!(decode_checkpoint("s", None).expect("absent"), (None, 0));
     }
 }

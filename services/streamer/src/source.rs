@@ -4,10 +4,17 @@
 //! crate's; this module adds what the pipeline needs on top: 1-based row numbers that count
 //! malformed rows too (so checkpoints are positions in the file), the line each row starts on
 //! (for error messages), validation of field count and UTF-8, and the per-column type
-//! inference of [`ColumnTypes`].
+//! inference of [`ColumnTypes`] and the file's fingerprint, both from one read at start-up.
+//!
+//! The module is public for the benchmarks, which parse and build messages without etcd.
 
-use std::{fs::File, io::BufReader, path::Path};
+use std::{
+    fs::File,
+    io::{self, Read},
+    path::Path,
+};
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Errors that stop the source as a whole (a bad row is not one of them: see [`SourceItem`]).
@@ -74,32 +81,41 @@ impl SourceItem {
 }
 
 /// An open CSV file positioned after its header.
-pub struct CsvSource {
-    reader: csv::Reader<BufReader<File>>,
+pub struct CsvSource<R = File> {
+    reader: csv::Reader<R>,
+    path: String,
     headers: Vec<String>,
     record: csv::ByteRecord,
     next_row: u64,
     done: bool,
 }
 
-fn open_reader(path: &Path) -> Result<csv::Reader<BufReader<File>>, SourceError> {
-    let file = File::open(path).map_err(|source| SourceError::Io {
+fn open_file(path: &Path) -> Result<File, SourceError> {
+    File::open(path).map_err(|source| SourceError::Io {
         path: path.display().to_string(),
         source,
-    })?;
-    Ok(csv::ReaderBuilder::new()
-        .has_headers(true)
-        // Field-count mismatches are reported per row by us, not as reader errors.
-        .flexible(true)
-        .from_reader(BufReader::with_capacity(256 * 1024, file)))
+    })
 }
 
 impl CsvSource {
     /// Opens `path` and reads its header row. A UTF-8 byte-order mark is ignored.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let mut reader = open_reader(path)?;
+        CsvSource::from_reader(open_file(path)?, path)
+    }
+}
+
+impl<R: Read> CsvSource<R> {
+    /// Reads the header row of the CSV text `input` (read from `path`, which errors name).
+    fn from_reader(input: R, path: &Path) -> Result<Self, SourceError> {
+        let path = path.display().to_string();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            // Field-count mismatches are reported per row by us, not as reader errors.
+            .flexible(true)
+            .buffer_capacity(256 * 1024)
+            .from_reader(input);
         let header_err = |reason: String| SourceError::Header {
-            path: path.display().to_string(),
+            path: path.clone(),
             reason,
         };
         let raw = reader
@@ -124,6 +140,7 @@ impl CsvSource {
         }
         Ok(CsvSource {
             reader,
+            path,
             headers,
             record: csv::ByteRecord::new(),
             next_row: 1,
@@ -157,7 +174,7 @@ impl CsvSource {
                 let line = err.position().map_or(0, csv::Position::line);
                 match err.into_kind() {
                     csv::ErrorKind::Io(source) => Err(SourceError::Io {
-                        path: "<open file>".into(),
+                        path: self.path.clone(),
                         source,
                     }),
                     other => {
@@ -173,6 +190,11 @@ impl CsvSource {
                 }
             }
         }
+    }
+
+    /// The reader the CSV text comes from.
+    fn into_inner(self) -> R {
+        self.reader.into_inner()
     }
 
     fn validate(&self, row: u64, line: u64) -> SourceItem {
@@ -206,7 +228,7 @@ impl CsvSource {
 
 /// How a column's values become JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnKind {
+pub(crate) enum ColumnKind {
     /// A boolean column: `true`/`false`/`1`/`0` (any case) become booleans.
     Bool,
     /// Anything else, per cell: a finite number becomes an f64, `true`/`false` a boolean,
@@ -231,7 +253,11 @@ impl ColumnTypes {
     /// Scans the file (one sequential read) and decides each column's kind. Also counts the
     /// data rows, which the progress bar uses.
     pub fn scan(path: &Path) -> Result<Self, SourceError> {
-        let mut source = CsvSource::open(path)?;
+        Ok(scan(path)?.types)
+    }
+
+    /// Decides each column's kind from every row of `source`.
+    fn from_rows<R: Read>(source: &mut CsvSource<R>) -> Result<Self, SourceError> {
         let n = source.headers().len();
         // Per column: (all values bool-like, saw a true/false literal).
         let mut bool_like = vec![true; n];
@@ -264,7 +290,8 @@ impl ColumnTypes {
     }
 
     /// Every column [`ColumnKind::Auto`] (for callers that have not scanned a file).
-    pub fn all_auto(columns: usize) -> Self {
+    #[cfg(test)]
+    pub(crate) fn all_auto(columns: usize) -> Self {
         ColumnTypes {
             kinds: vec![ColumnKind::Auto; columns],
             data_rows: 0,
@@ -272,12 +299,122 @@ impl ColumnTypes {
     }
 
     /// The kind of column `i` (columns past the scanned ones are `Auto`).
-    pub fn kind(&self, i: usize) -> ColumnKind {
+    pub(crate) fn kind(&self, i: usize) -> ColumnKind {
         self.kinds.get(i).copied().unwrap_or(ColumnKind::Auto)
     }
 
     /// Number of data rows seen by the scan (malformed ones included).
     pub fn data_rows(&self) -> u64 {
         self.data_rows
+    }
+}
+
+/// What the start-up scan learns about the source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scan {
+    /// How each column's values become JSON, and how many data rows there are.
+    pub types: ColumnTypes,
+    /// `sha256:` and the hex SHA-256 of every byte of the file, the same as `sha256sum` prints.
+    ///
+    /// A checkpoint's row number is a position in this content, so the checkpoint records it
+    /// and a streamer refuses to resume a stream on a file with another fingerprint. It catches
+    /// any other file and any edit, append or truncation made before the streamer started. It
+    /// does not catch a file changed while the streamer runs (each pass re-reads the file, the
+    /// fingerprint is taken once), and it refuses harmless changes too (an appended row,
+    /// re-saving with other line endings).
+    pub fingerprint: String,
+}
+
+/// Reads the whole file once: the column types and the fingerprint.
+pub(crate) fn scan(path: &Path) -> Result<Scan, SourceError> {
+    let mut source = CsvSource::from_reader(Hashing::new(open_file(path)?), path)?;
+    let types = ColumnTypes::from_rows(&mut source)?;
+    // The CSV reader stops at the end of the last record; read whatever it left unread so the
+    // fingerprint covers every byte.
+    let mut rest = source.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|source| SourceError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Scan {
+        types,
+        fingerprint: rest.fingerprint(),
+    })
+}
+
+/// A reader that hashes every byte it passes on.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    fn fingerprint(self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(bytes).expect("write");
+        file
+    }
+
+    fn fingerprint(bytes: &[u8]) -> String {
+        scan(file(bytes).path()).expect("scan").fingerprint
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_sha256_of_the_whole_file() {
+        let bytes = b"a,b\n1,x\n2,y\n";
+        assert_eq!(
+            fingerprint(bytes),
+            format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+        );
+    }
+
+    #[test]
+    fn any_edit_changes_the_fingerprint_and_the_same_content_does_not() {
+        let a = fingerprint(b"a,b\n1,x\n2,y\n");
+        assert_eq!(a, fingerprint(b"a,b\n1,x\n2,y\n"), "same content elsewhere");
+        for edited in [
+            &b"a,b\n1,x\n2,z\n"[..],  // a value
+            b"a,c\n1,x\n2,y\n",       // the header
+            b"a,b\n1,x\n2,y\n3,w\n",  // a row appended
+            b"a,b\n1,x\n",            // truncated
+            b"a,b\n1,x\n2,y",         // the final newline dropped
+            b"a,b\r\n1,x\r\n2,y\r\n", // other line endings
+        ] {
+            assert_ne!(a, fingerprint(edited), "{:?}", String::from_utf8_lossy(edited));
+        }
+    }
+
+    #[test]
+    fn the_scan_still_types_columns_and_counts_rows() {
+        let scan = scan(file(b"flag,n\ntrue,1\n0,2\nbad\n").path()).expect("scan");
+        assert_eq!(scan.types.data_rows(), 3);
+        assert_eq!(scan.types.kind(0), ColumnKind::Bool);
+        assert_eq!(scan.types.kind(1), ColumnKind::Auto);
     }
 }

@@ -1,5 +1,7 @@
 //! The transform: a CSV row becomes a `v1` message with its idempotency key and queue
 //! partition.
+//!
+//! The module is public for the benchmarks, which build messages without etcd.
 
 use std::time::SystemTime;
 
@@ -11,7 +13,7 @@ use ulid::Ulid;
 use crate::source::{ColumnKind, ColumnTypes};
 
 /// Turns one cell into JSON according to its column's kind (see [`ColumnTypes`]).
-pub fn typed_value(raw: &str, kind: ColumnKind) -> Value {
+pub(crate) fn typed_value(raw: &str, kind: ColumnKind) -> Value {
     let is_true = raw.eq_ignore_ascii_case("true");
     let is_false = raw.eq_ignore_ascii_case("false");
     match kind {
@@ -40,7 +42,7 @@ fn parse_number(raw: &str) -> Option<f64> {
 /// source position (stream, pass, row) and its content (column names and raw values). The
 /// message id and the processing time are deliberately not part of it, so a retried or re-sent
 /// row gets the same key.
-pub fn idempotency_key(
+pub(crate) fn idempotency_key(
     stream_id: &str,
     pass: u64,
     row: u64,
@@ -100,7 +102,8 @@ impl MessageBuilder {
     }
 
     /// Whether partitioning uses the configured columns (false: falls back to the key).
-    pub fn partitions_by_columns(&self) -> bool {
+    #[cfg(test)]
+    fn partitions_by_columns(&self) -> bool {
         self.partition_columns.is_some()
     }
 

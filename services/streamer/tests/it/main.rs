@@ -2,5 +2,7 @@
 
 mod exactly_once;
 mod helpers;
+mod metrics;
 mod operation;
 mod parsing;
+mod source_identity;
