@@ -150,9 +150,11 @@ async fn fractional_rate_is_kept_per_worker() {
         times.sort();
         assert_eq!(times.len(), 11);
         let span = (times[10] - times[0]).num_milliseconds() as f64 / 1000.0;
+        // Never faster than the rate (the limiter's promise); a loaded machine may be slower,
+        // so the upper bound only catches a limiter that waits far too long.
         assert!(
-            (span - 4.0).abs() <= 4.0 * 0.02,
-            "worker {w}: 11 messages took {span} s, expected 4 s ± 2 %"
+            (4.0 * 0.98..=4.0 * 1.5).contains(&span),
+            "worker {w}: 11 messages took {span} s, expected 4 s (never less than 3.92 s)"
         );
     }
 }
