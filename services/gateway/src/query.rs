@@ -68,6 +68,8 @@ pub struct RawTelemetryQuery {
 /// A validated telemetry query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryQuery {
+    /// The GPU's host, when `{id}` is a gpu_id.
+    pub hostname: Option<String>,
     /// Inclusive lower time bound.
     pub start: Option<Timestamp>,
     /// Inclusive upper time bound.
@@ -133,6 +135,15 @@ impl Cursor {
     }
 }
 
+/// A text parameter that must hold something other than white space; surrounding white space
+/// is dropped.
+pub(crate) fn nonblank(param: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(ApiError::invalid(param, "must not be empty")),
+        other => Ok(other.map(|v| v.trim().to_string())),
+    }
+}
+
 fn number(param: &str, raw: Option<&str>, default: usize, min: usize, max: usize) -> Result<usize, ApiError> {
     let Some(raw) = raw else { return Ok(default) };
     let value: usize = raw
@@ -193,15 +204,11 @@ impl TelemetryQuery {
                 ),
             ));
         }
-        let metric = match raw.metric.as_deref().map(str::trim) {
-            None => None,
-            Some("") => return Err(ApiError::invalid("metric", "must not be empty")),
-            Some(m) => Some(m.to_string()),
-        };
         Ok(TelemetryQuery {
+            hostname: nonblank("hostname", raw.hostname.clone())?,
+            metric: nonblank("metric", raw.metric.clone())?,
             start,
             end,
-            metric,
             limit: number("limit", raw.limit.as_deref(), DEFAULT_LIMIT, 1, MAX_LIMIT)?,
             offset: number("offset", raw.offset.as_deref(), 0, 0, MAX_OFFSET)?,
             cursor,

@@ -5,25 +5,24 @@ use std::{str::FromStr, sync::Arc};
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use telemetry_shared::{Message, SchemaVersion, model::GpuInfo};
+use telemetry_shared::{SchemaVersion, model::GpuInfo};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     negotiate::{media_type, negotiate},
-    query::{Cursor, Order, RawTelemetryQuery, TelemetryQuery},
+    query::{Order, RawTelemetryQuery, TelemetryQuery, nonblank},
     store::{EtcdHealth, Stats},
 };
-
-/// Most records one telemetry request examines when a `metric` filter skips records; past it
-/// the page is returned short, with a cursor to continue.
-pub const MAX_SCAN: usize = 20_000;
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
@@ -140,13 +139,11 @@ pub async fn list_gpus(
     params: Result<Query<GpusParams>, QueryRejection>,
 ) -> Result<Json<GpuList>, ApiError> {
     let params = query(params)?;
-    if params.hostname.as_deref().is_some_and(|h| h.trim().is_empty()) {
-        return Err(ApiError::invalid("hostname", "must not be empty"));
-    }
+    let hostname = nonblank("hostname", params.hostname)?;
     let gpus = app.store.gpus().await?;
     let gpus: Vec<GpuView> = gpus
         .iter()
-        .filter(|g| params.hostname.as_deref().is_none_or(|h| g.hostname == h))
+        .filter(|g| hostname.as_deref().is_none_or(|h| g.hostname == h))
         .map(GpuView::from)
         .collect();
     Ok(Json(GpuList {
@@ -199,121 +196,28 @@ pub struct TelemetryPage {
 )]
 pub async fn gpu_telemetry(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     raw: Result<Query<RawTelemetryQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::invalid("id", e.body_text()))?;
     let raw = query(raw)?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let version = negotiate(raw.schema.as_deref(), accept)?;
     let q = TelemetryQuery::parse(&raw)?;
-    let hostname = match raw.hostname.as_deref().map(str::trim) {
-        Some("") => return Err(ApiError::invalid("hostname", "must not be empty")),
-        other => other,
-    };
-    let gpu = app.store.resolve_gpu(&id, hostname).await?;
-    let prefix = app.store.keys().gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
-    let (mut lo, mut hi) = q.key_range(&prefix);
-    let metric_column = &app.config.columns.metric;
-    let matches = |m: &Message| {
-        q.metric.as_deref().is_none_or(
-            |want| matches!(m.fields.get(metric_column), Some(serde_json::Value::String(s)) if s == want),
-        )
-    };
-
-    // Collect offset + limit matches, plus one to learn whether there are more.
-    let need = q.offset + q.limit;
-    let mut revision = 0i64;
-    let mut matched: Vec<(String, Message)> = Vec::new();
-    let mut last_examined: Option<String> = None;
-    let mut scanned = 0usize;
-    let mut more = false;
-    loop {
-        let want = need + 1 - matched.len();
-        let batch = if q.metric.is_some() {
-            (want * 2).clamp(256, 2000)
-        } else {
-            want
-        };
-        let page = app
-            .store
-            .page(
-                &prefix,
-                &lo,
-                &hi,
-                q.order,
-                batch,
-                Some(gpu.last_seen),
-                &mut revision,
-            )
-            .await?;
-        let fetched = page.records.len();
-        for kv in &page.records {
-            scanned += 1;
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            last_examined = Some(key.clone());
-            match serde_json::from_slice::<Message>(kv.value()) {
-                Ok(message) if matches(&message) => matched.push((key, message)),
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(%key, error = %err, "skipping unreadable telemetry record");
-                    metrics::counter!("gateway_unreadable_records_total").increment(1);
-                }
-            }
-            if matched.len() > need {
-                break;
-            }
-        }
-        if matched.len() > need {
-            more = true;
-            break;
-        }
-        if !page.more || fetched == 0 {
-            break;
-        }
-        if scanned >= MAX_SCAN {
-            more = true;
-            break;
-        }
-        let Some(last) = &last_examined else { break };
-        match q.order {
-            Order::Asc => {
-                lo = last.clone().into_bytes();
-                lo.push(0);
-            }
-            Order::Desc => hi = last.clone().into_bytes(),
-        }
-    }
-    // The cursor points at the last record returned, or the last examined if the scan stopped
-    // short of a full page.
-    let returned: Vec<(String, Message)> = matched.into_iter().skip(q.offset).take(q.limit).collect();
-    let boundary = if returned.len() == q.limit {
-        returned.last().map(|(k, _)| k.clone())
-    } else {
-        last_examined
-    };
-    let next_cursor = if more {
-        boundary.and_then(|key| {
-            key.strip_prefix(&prefix).map(|suffix| {
-                Cursor {
-                    order: q.order,
-                    suffix: suffix.to_string(),
-                }
-                .encode()
-            })
-        })
-    } else {
-        None
-    };
-    metrics::histogram!("gateway_telemetry_page_scanned").record(scanned as f64);
-    let items: Vec<serde_json::Value> = returned.iter().map(|(_, m)| m.to_version(version)).collect();
+    let gpu = app.store.resolve_gpu(&id, q.hostname.as_deref()).await?;
+    let (page, revision) = app
+        .store
+        .telemetry_page(&gpu, &q, &app.config.columns.metric)
+        .await?;
+    let items: Vec<serde_json::Value> = page.records.iter().map(|m| m.to_version(version)).collect();
     let body = TelemetryPage {
         schema_version: version.as_str().to_string(),
         gpu: GpuView::from(&gpu),
         order: q.order,
         count: items.len(),
         revision,
-        next_cursor,
+        next_cursor: page.next_cursor.map(|c| c.encode()),
         items,
     };
     Ok(versioned(version, Json(body).into_response()))

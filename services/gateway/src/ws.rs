@@ -32,6 +32,7 @@ use serde::Deserialize;
 use telemetry_shared::{
     SchemaVersion,
     etcd::current_revision,
+    observe::emit,
     watch::{Follow, Update},
 };
 use tokio::sync::OwnedSemaphorePermit;
@@ -40,8 +41,10 @@ use utoipa::IntoParams;
 use crate::{
     AppState,
     error::ApiError,
+    events::{RecordsSent, UpgradeRefused},
     hub::{Batch, Ended, Event, Filter, Subscription, group},
     negotiate::negotiate,
+    query::nonblank,
 };
 
 /// Close code: the subscriber could not keep up.
@@ -71,13 +74,6 @@ pub struct WsParams {
     pub schema: Option<String>,
     /// Resume after this revision (the last `revision` received).
     pub since_revision: Option<String>,
-}
-
-fn nonempty(param: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value {
-        Some(v) if v.trim().is_empty() => Err(ApiError::invalid(param, "must not be empty")),
-        other => Ok(other.map(|v| v.trim().to_string())),
-    }
 }
 
 /// Upgrades to a WebSocket subscription.
@@ -128,10 +124,10 @@ pub async fn ws_telemetry(
         }
     }
     let filter = Filter {
-        hostname: nonempty("hostname", params.hostname)?,
-        gpu_id: nonempty("gpu_id", params.gpu_id)?,
-        uuid: nonempty("uuid", params.uuid)?,
-        metric: nonempty("metric", params.metric)?,
+        hostname: nonblank("hostname", params.hostname)?,
+        gpu_id: nonblank("gpu_id", params.gpu_id)?,
+        uuid: nonblank("uuid", params.uuid)?,
+        metric: nonblank("metric", params.metric)?,
     };
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
@@ -141,7 +137,9 @@ pub async fn ws_telemetry(
         )
     })?;
     let Ok(permit) = app.ws_slots.clone().try_acquire_owned() else {
-        metrics::counter!("gateway_ws_refused_total").increment(1);
+        emit(UpgradeRefused {
+            limit: app.config.ws_max_connections,
+        });
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
@@ -372,7 +370,9 @@ impl Session {
             if !self.send_text(frame).await {
                 return Step::Gone;
             }
-            metrics::counter!("gateway_ws_records_sent_total").increment(records.len() as u64);
+            emit(RecordsSent {
+                records: records.len(),
+            });
         }
         self.last_sent = batch.revision;
         Step::Continue

@@ -2,6 +2,9 @@
 //! collector wrote.
 
 mod dashboard;
+mod filters;
 mod helpers;
+mod large_values;
+mod metrics;
 mod rest;
 mod ws;
