@@ -112,7 +112,7 @@ pub struct Batch {
 }
 
 /// What a subscriber wants to see; every set field must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Filter {
     /// Only this host.
     pub hostname: Option<String>,

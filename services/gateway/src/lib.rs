@@ -1,24 +1,33 @@
 //! The gateway: REST and WebSocket access to the stored GPU telemetry.
 //!
-//! - [`rest`]: `/health`, `/api/v1/gpus`, `/api/v1/gpus/{id}/telemetry`, `/api/v1/stats`,
-//!   `/schemas/{version}.json`;
-//! - [`ws`]: `/api/v1/ws/telemetry`, live records fed by the [`hub`] (one etcd watch per
-//!   process, fanned out);
-//! - [`store`]: bounded reads from etcd; [`query`]: query-string parsing and cursors;
-//! - [`negotiate`]: the payload schema version a client gets; [`error`]: JSON errors;
-//! - [`dashboard`]: the live dashboard at `/`, embedded in the binary.
+//! Layout:
+//! - `rest`: `/health`, `/api/v1/gpus`, `/api/v1/gpus/{id}/telemetry`, `/api/v1/stats`,
+//!   `/schemas/{version}.json`; `ws`: `/api/v1/ws/telemetry`, whose frames and close codes
+//!   are in `frames`, fed by the `hub` (one etcd watch per process, fanned out);
+//! - `params`: what each query parameter may hold, parsed and declared in one place;
+//!   `query`: the telemetry query and its cursors; `negotiate`: the payload version a
+//!   client gets; `error`: the one JSON error body;
+//! - `store`: bounded reads from etcd; `page`: which records a telemetry page holds and
+//!   where the next one starts (pure, beside the store's read loop);
+//! - `openapi`: the OpenAPI document (`/openapi.json`, `/docs`); `events`: every log line
+//!   and metric, one event type per thing that happens; `dashboard`: the live dashboard at
+//!   `/`, embedded in the binary.
 //!
 //! [`run`] serves on a given listener until the shutdown token is cancelled; the binary reads
-//! its config, binds, connects and calls it, and tests call it in process on port 0.
+//! its config, binds, connects and calls it, and tests call it in process on port 0. The crate
+//! exports only that, its configuration and errors, and the API's description ([`ApiDoc`],
+//! [`openapi_document`], [`ErrorBody`]).
 
 mod config;
 mod dashboard;
 mod error;
 mod events;
+mod frames;
 mod hub;
 mod negotiate;
 mod openapi;
 mod page;
+mod params;
 mod query;
 mod rest;
 mod store;
@@ -44,12 +53,11 @@ use tower_http::{
     cors::{AllowOrigin, CorsLayer},
     trace::TraceLayer,
 };
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use config::{CorsOrigins, GatewayConfig};
 pub use error::ErrorBody;
-pub use openapi::ApiDoc;
+pub use openapi::{ApiDoc, document as openapi_document};
 
 use error::ApiError;
 
@@ -107,7 +115,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(rest)
         .route("/api/v1/ws/telemetry", get(ws::ws_telemetry))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi::document()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(record_metrics))

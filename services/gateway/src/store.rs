@@ -71,8 +71,10 @@ pub struct Stats {
     /// Hosts in the index.
     pub unique_hosts: u64,
     /// Oldest record timestamp written.
+    #[schema(format = DateTime)]
     pub earliest_timestamp: Option<String>,
     /// Newest record timestamp written.
+    #[schema(format = DateTime)]
     pub latest_timestamp: Option<String>,
     /// Messages waiting in the queue.
     pub queue_depth: u64,

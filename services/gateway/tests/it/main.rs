@@ -6,5 +6,6 @@ mod filters;
 mod helpers;
 mod large_values;
 mod metrics;
+mod openapi;
 mod rest;
 mod ws;
