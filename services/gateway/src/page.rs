@@ -8,8 +8,9 @@
 //! cursor to continue). One record beyond the page is looked for, so that `next_cursor` is
 //! given exactly when more records follow.
 //!
-//! [`Scan`] decides all of this and is pure (unit-tested here without etcd);
-//! `Store::telemetry_page` is the thin loop that performs the reads it asks for.
+//! [`Scan`] decides all of this without any I/O (unit-tested here without etcd; it only
+//! reports unreadable records as events); `Store::telemetry_page` is the thin loop that
+//! performs the reads it asks for.
 
 use telemetry_shared::{Message, message::field_text};
 
