@@ -243,7 +243,8 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 /// Declares a raw config struct: one field per environment variable, each with its meaning
 /// (the doc comment) and default, plus flattened parts shared between binaries. Generates the
 /// envy struct (every field an `Option<String>`), one [`Setting`] accessor per field (same
-/// name as the field) and the [`EnvSpec`] that `--help` prints.
+/// name as the field) and the [`EnvSpec`] that `--help` prints. The calling crate needs
+/// `serde` (the struct derives its traits).
 ///
 /// ```
 /// telemetry_shared::env_config! {

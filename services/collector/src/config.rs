@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_variable_and_what_is_accepted() {
-        for (var, value) in [
+        let cases = [
             ("LEASE_TTL", "1s"),
             ("LEASE_TTL", "forever"),
             ("BATCH_SIZE", "0"),
@@ -154,15 +154,28 @@ mod tests {
             ("COLLECTOR_ID", "a/b"),
             ("METRICS_PORT", "-1"),
             ("HOSTNAME_COLUMN", " "),
+            ("GPU_ID_COLUMN", " "),
+            ("UUID_COLUMN", " "),
+            ("DEVICE_COLUMN", " "),
+            ("MODEL_COLUMN", " "),
+            ("METRIC_COLUMN", " "),
+            ("VALUE_COLUMN", " "),
             ("ETCD_ENDPOINTS", "nohost"),
             ("ETCD_NAMESPACE", "a b"),
             ("LOG_FORMAT", "xml"),
             ("RUST_LOG", "info,x=loud"),
-        ] {
+        ];
+        for (var, value) in cases {
             let err = load(&[(var, value)]).expect_err(var).to_string();
             assert!(
                 err.starts_with(&format!("{var}={value:?} is invalid: must ")),
                 "{err}"
+            );
+        }
+        for var in CollectorConfig::env_vars() {
+            assert!(
+                cases.iter().any(|(v, _)| *v == var),
+                "no rejection of {var} tested"
             );
         }
     }

@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_variable_and_what_is_accepted() {
-        for (var, value) in [
+        let cases = [
             ("GATEWAY_PORT", "http"),
             ("GATEWAY_PORT", "70000"),
             ("GATEWAY_HOST", "localhost:80"),
@@ -193,14 +193,29 @@ mod tests {
             ("WS_SEND_TIMEOUT", "never"),
             ("GATEWAY_CORS_ORIGINS", "example.com"),
             ("GATEWAY_REQUEST_TIMEOUT", "soon"),
+            ("HOSTNAME_COLUMN", " "),
+            ("GPU_ID_COLUMN", " "),
+            ("UUID_COLUMN", " "),
+            ("DEVICE_COLUMN", " "),
+            ("MODEL_COLUMN", " "),
             ("METRIC_COLUMN", " "),
+            ("VALUE_COLUMN", " "),
             ("ETCD_ENDPOINTS", "a:b"),
+            ("ETCD_NAMESPACE", "a\tb"),
             ("LOG_FORMAT", "logfmt"),
-        ] {
+            ("RUST_LOG", "info,x=loud"),
+        ];
+        for (var, value) in cases {
             let err = load(&[(var, value)]).expect_err(var).to_string();
             assert!(
                 err.starts_with(&format!("{var}={value:?} is invalid: must ")),
                 "{err}"
+            );
+        }
+        for var in GatewayConfig::env_vars() {
+            assert!(
+                cases.iter().any(|(v, _)| *v == var),
+                "no rejection of {var} tested"
             );
         }
     }

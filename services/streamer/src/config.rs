@@ -276,7 +276,9 @@ mod tests {
             ("DEDUP_TTL", "soon"),
             ("PROGRESS_INTERVAL", "0s"),
             ("ETCD_ENDPOINTS", "nohost"),
+            ("ETCD_NAMESPACE", "a b"),
             ("LOG_FORMAT", "pretty"),
+            ("RUST_LOG", "info,x=loud"),
         ];
         for (var, value) in cases {
             let err = load(&[("CSV_PATH", "a"), (var, value)])
@@ -286,6 +288,12 @@ mod tests {
                 err.starts_with(&format!("{var}={value:?} is invalid: must ")),
                 "{err}"
             );
+        }
+        // Free text: any path (a missing file is reported when opened), any column list.
+        let free = ["CSV_PATH", "PARTITION_COLUMNS"];
+        for var in StreamerConfig::env_vars() {
+            let tested = cases.iter().any(|(v, _)| *v == var) || free.contains(&var.as_str());
+            assert!(tested, "no rejection of {var} tested");
         }
     }
 
