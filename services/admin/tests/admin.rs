@@ -198,7 +198,7 @@ async fn queue_dead_letters_audit_and_status() {
         .arg("queue")
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ETCD_ENDPOINTS"));
     stop.cancel();
     task.await.expect("collector stops");
