@@ -8,15 +8,23 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global `tracing` subscriber: human-readable lines on stderr, filtered by
-/// `RUST_LOG` (default `info`). Safe to call more than once (later calls do nothing).
-pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`):
+/// human-readable lines, or one JSON object per line with `LOG_FORMAT=json` (the event's fields
+/// at the top level beside `timestamp`, `level` and `target`). Both come from the binary's
+/// config ([`LogConfig`]), so they are validated and listed in `--help`. Safe to call more
+/// than once (later calls do nothing).
+pub fn init_tracing(log: &LogConfig) {
+    // The config checked that the filter parses; "info" is only a fallback.
+    let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// One thing that happened in a service, Vector's `internal_events` pattern: the event's

@@ -1,16 +1,31 @@
 //! `telemetry-admin`: the operations CLI. etcd is found through the same variables as the
 //! services (`ETCD_ENDPOINTS`, `ETCD_NAMESPACE`); commands and their arguments are flags.
+//! A configuration error exits with status 2; a failed command or audit with status 1.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use telemetry_shared::{CommonConfig, Keyspace, config::RawCommonConfig, etcd};
+use telemetry_shared::{
+    CommonConfig, ConfigError, Keyspace,
+    config::{LogConfig, RawCommonConfig, RawLogConfig},
+    etcd, observe,
+};
+
+telemetry_shared::env_config! {
+    /// The variables telemetry-admin reads: where etcd is, and logging.
+    struct RawAdminConfig {
+        flatten common: RawCommonConfig;
+        flatten log: RawLogConfig;
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "telemetry-admin",
-    about = "Inspect and repair a GPU telemetry pipeline in etcd (ETCD_ENDPOINTS, ETCD_NAMESPACE)"
+    version,
+    about = "Inspect and repair a GPU telemetry pipeline in etcd",
+    after_help = telemetry_shared::config::env_help::<RawAdminConfig>()
 )]
 struct Cli {
     /// Print JSON instead of tables.
@@ -77,9 +92,16 @@ fn age(s: Option<f64>) -> String {
     s.map_or_else(|| "-".into(), |s| format!("{s:.1}s"))
 }
 
-async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
-    let raw: RawCommonConfig = telemetry_shared::config::from_env().context("invalid configuration")?;
-    let config = CommonConfig::try_from(raw).context("invalid configuration")?;
+fn load() -> Result<(CommonConfig, LogConfig), ConfigError> {
+    let raw: RawAdminConfig = telemetry_shared::config::from_env()?;
+    Ok((
+        CommonConfig::try_from(&raw.common)?,
+        LogConfig::try_from(&raw.log)?,
+    ))
+}
+
+#[tokio::main]
+async fn execute(cli: Cli, config: CommonConfig) -> anyhow::Result<ExitCode> {
     let keys = Keyspace::new(&config.etcd_namespace);
     let client = etcd::connect(&config).await.with_context(|| {
         format!(
@@ -87,122 +109,131 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             config.etcd_endpoints.join(",")
         )
     })?;
+    let (client, keys) = (&client, &keys);
     match cli.command {
         Command::Queue => {
-            let report = telemetry_admin::queue(&client, &keys).await?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                println!("queue depth {}   lag {}", report.depth, age(report.lag_s));
-                println!("{:>9} {:>8} {:>10}  owner", "partition", "depth", "oldest");
-                for p in &report.partitions {
-                    println!(
-                        "{:>9} {:>8} {:>10}  {}",
-                        p.partition,
-                        p.depth,
-                        age(p.oldest_age_s),
-                        p.owner.as_deref().unwrap_or("-")
-                    );
-                }
-            }
+            let report = telemetry_admin::queue(client, keys).await?;
+            output(cli.json, &report, print_queue)?;
         }
         Command::DeadLetters(DeadLetters::List { limit }) => {
-            let letters = telemetry_admin::dead_letters(&client, &keys, limit).await?;
-            if cli.json {
-                print_json(&letters)?;
-            } else {
-                println!("{} dead letter(s)", letters.len());
-                for d in &letters {
-                    println!(
-                        "{}  {}  {}  {}",
-                        d.id, d.letter.failed_at, d.letter.collector, d.letter.reason
-                    );
-                }
-            }
+            let letters = telemetry_admin::dead_letters(client, keys, limit).await?;
+            output(cli.json, &letters, print_dead_letters)?;
         }
         Command::DeadLetters(DeadLetters::Show { id }) => {
-            print_json(&telemetry_admin::show_dead_letter(&client, &keys, &id).await?)?;
+            print_json(&telemetry_admin::show_dead_letter(client, keys, &id).await?)?;
         }
         Command::DeadLetters(DeadLetters::Replay { ids }) => {
             for id in &ids {
-                let queue_key = telemetry_admin::replay(&client, &keys, id).await?;
+                let queue_key = telemetry_admin::replay(client, keys, id).await?;
                 println!("replayed {id} -> {queue_key}");
             }
         }
         Command::DeadLetters(DeadLetters::Purge { ids, all }) => {
             let removed = if all {
-                telemetry_admin::purge_all(&client, &keys).await?
+                telemetry_admin::purge_all(client, keys).await?
             } else {
-                telemetry_admin::purge(&client, &keys, &ids).await? as i64
+                telemetry_admin::purge(client, keys, &ids).await? as i64
             };
             println!("purged {removed} dead letter(s)");
         }
         Command::Audit { expect } => {
-            let report = telemetry_admin::audit(&client, &keys, expect).await?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                println!("{:<32} {:>6} {:>9}  indexed", "host", "gpu_id", "records");
-                for g in &report.gpus {
-                    println!(
-                        "{:<32} {:>6} {:>9}  {}",
-                        g.hostname, g.gpu_id, g.records, g.indexed
-                    );
-                }
-                println!(
-                    "data keys {}   counted records {}   GPUs with data {}   indexed GPUs {}   queue {}   dead letters {}   (revision {})",
-                    report.data_keys,
-                    report.counted_records,
-                    report.gpus_with_data,
-                    report.indexed_gpus,
-                    report.queue_depth,
-                    report.dead_letters,
-                    report.revision
-                );
-                for p in &report.problems {
-                    println!("PROBLEM: {p}");
-                }
-            }
+            let report = telemetry_admin::audit(client, keys, expect).await?;
+            output(cli.json, &report, print_audit)?;
             if !report.problems.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Status => {
-            let report = telemetry_admin::status(&client, &keys).await?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                println!("{:<32} {:>6} {:>28}  partitions", "collector", "ttl", "started");
-                for c in &report.collectors {
-                    let parts: Vec<String> = c.partitions.iter().map(|p| p.to_string()).collect();
-                    println!(
-                        "{:<32} {:>5}s {:>28}  {}",
-                        c.id,
-                        c.ttl_s,
-                        c.started_at,
-                        parts.join(",")
-                    );
-                }
-                if !report.unowned.is_empty() {
-                    println!("unowned partitions: {:?}", report.unowned);
-                }
-                for (p, owner) in &report.orphaned {
-                    println!("partition {p} is claimed by {owner}, which is not registered (claim expiring)");
-                }
-            }
+            let report = telemetry_admin::status(client, keys).await?;
+            output(cli.json, &report, print_status)?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Prints `value` as JSON with `--json`, else as the table `table` prints.
+fn output<T: serde::Serialize>(json: bool, value: &T, table: fn(&T)) -> anyhow::Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        table(value);
+        Ok(())
+    }
+}
+
+fn print_queue(report: &telemetry_admin::QueueReport) {
+    println!("queue depth {}   lag {}", report.depth, age(report.lag_s));
+    println!("{:>9} {:>8} {:>10}  owner", "partition", "depth", "oldest");
+    for p in &report.partitions {
+        println!(
+            "{:>9} {:>8} {:>10}  {}",
+            p.partition,
+            p.depth,
+            age(p.oldest_age_s),
+            p.owner.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn print_dead_letters(letters: &Vec<telemetry_admin::StoredDeadLetter>) {
+    println!("{} dead letter(s)", letters.len());
+    for d in letters {
+        println!(
+            "{}  {}  {}  {}",
+            d.id, d.letter.failed_at, d.letter.collector, d.letter.reason
+        );
+    }
+}
+
+fn print_audit(report: &telemetry_admin::AuditReport) {
+    println!("{:<32} {:>6} {:>9}  indexed", "host", "gpu_id", "records");
+    for g in &report.gpus {
+        println!(
+            "{:<32} {:>6} {:>9}  {}",
+            g.hostname, g.gpu_id, g.records, g.indexed
+        );
+    }
+    println!(
+        "data keys {}   counted records {}   GPUs with data {}   indexed GPUs {}   queue {}   dead letters {}   (revision {})",
+        report.data_keys,
+        report.counted_records,
+        report.gpus_with_data,
+        report.indexed_gpus,
+        report.queue_depth,
+        report.dead_letters,
+        report.revision
+    );
+    for p in &report.problems {
+        println!("PROBLEM: {p}");
+    }
+}
+
+fn print_status(report: &telemetry_admin::StatusReport) {
+    println!("{:<32} {:>6} {:>28}  partitions", "collector", "ttl", "started");
+    for c in &report.collectors {
+        let parts: Vec<String> = c.partitions.iter().map(|p| p.to_string()).collect();
+        println!(
+            "{:<32} {:>5}s {:>28}  {}",
+            c.id,
+            c.ttl_s,
+            c.started_at,
+            parts.join(",")
+        );
+    }
+    if !report.unowned.is_empty() {
+        println!("unowned partitions: {:?}", report.unowned);
+    }
+    for (p, owner) in &report.orphaned {
+        println!("partition {p} is claimed by {owner}, which is not registered (claim expiring)");
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match execute(cli).await {
+    let (config, log) = load().unwrap_or_else(|err| err.exit());
+    observe::init_tracing(&log);
+    match execute(cli, config) {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => log.exit_failure(&err),
     }
 }

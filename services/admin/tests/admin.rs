@@ -216,7 +216,7 @@ fn the_binary_exits_with_meaningful_codes(server: &EtcdServer) {
         .arg("queue")
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ETCD_ENDPOINTS"));
 }
 

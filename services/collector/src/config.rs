@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 /// Re-exported: the column names live in `shared/` because the gateway reads them too.
 pub use telemetry_shared::config::Columns;
 use telemetry_shared::{
     CommonConfig, ConfigError,
-    config::{RawColumns, RawCommonConfig, duration_at_least},
+    config::{EnvSpec as _, EnvVar, LogConfig, RawColumns, RawCommonConfig, RawLogConfig},
     etcd::MIN_LEASE_TTL,
     keys::is_key_segment,
 };
@@ -36,20 +35,32 @@ pub struct CollectorConfig {
     pub metrics_port: u16,
     /// Column names of the GPU identity and description.
     pub columns: Columns,
+    /// `RUST_LOG` and `LOG_FORMAT`.
+    pub log: LogConfig,
 }
 
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-struct Raw {
-    #[serde(flatten)]
-    common: RawCommonConfig,
-    collector_id: Option<String>,
-    lease_ttl: Option<String>,
-    batch_size: Option<u32>,
-    dedup_ttl: Option<String>,
-    retention: Option<String>,
-    metrics_port: Option<u16>,
-    #[serde(flatten)]
-    columns: RawColumns,
+telemetry_shared::env_config! {
+    /// Every variable the collector reads: envy's struct, and the table `--help` prints.
+    struct Raw {
+        flatten common: RawCommonConfig;
+        flatten columns: RawColumns;
+        flatten log: RawLogConfig;
+        /// Names this collector in etcd (registration, partition ownership, dead letters):
+        /// 1-128 characters without '/'.
+        collector_id = Computed("{hostname}-{pid}");
+        /// Session lease (at least 2s): a crashed collector's partitions move after about this
+        /// long.
+        lease_ttl = Value("30s");
+        /// Most messages per commit transaction (three etcd operations each, within etcd's
+        /// 128-operation limit; this default is the most).
+        batch_size = Value(MAX_BATCH.to_string());
+        /// How long a processed idempotency key is remembered (at least 2s).
+        dedup_ttl = Value("24h");
+        /// How long telemetry records are kept (leases per time bucket, never one per record).
+        retention = Value("24h");
+        /// Port of Prometheus /metrics; 0 = off.
+        metrics_port = Value("0");
+    }
 }
 
 impl CollectorConfig {
@@ -58,50 +69,44 @@ impl CollectorConfig {
         telemetry_shared::config::var_names::<Raw>()
     }
 
+    /// Every variable with its default and meaning (the same struct, for `--help`).
+    pub fn env_spec() -> Vec<EnvVar> {
+        Raw::vars()
+    }
+
+    /// The environment section of `--help`.
+    pub fn env_help() -> String {
+        telemetry_shared::config::env_help::<Raw>()
+    }
+
     /// Reads the process environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars())
+        Self::from_vars(telemetry_shared::config::process_vars())
     }
 
     /// Reads the given variables (tests use this).
     pub fn from_vars<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Self, ConfigError> {
         let raw: Raw = telemetry_shared::config::from_iter(vars)?;
-        let common = CommonConfig::try_from(raw.common)?;
-        let collector_id = match raw.collector_id {
-            Some(id) if is_key_segment(&id) && id.len() <= 128 => id,
-            Some(id) => {
-                return Err(ConfigError::invalid(
-                    "COLLECTOR_ID",
-                    id,
-                    "must be 1-128 characters without '/' or control characters",
-                ));
-            }
-            None => default_collector_id(),
-        };
-        let batch_size = raw.batch_size.unwrap_or(MAX_BATCH as u32) as usize;
-        if !(1..=MAX_BATCH).contains(&batch_size) {
-            return Err(ConfigError::invalid(
-                "BATCH_SIZE",
-                batch_size.to_string(),
-                format!("must be between 1 and {MAX_BATCH} (etcd's 128-operation limit)"),
-            ));
-        }
-        let day = Duration::from_secs(24 * 3600);
         Ok(CollectorConfig {
-            common,
-            collector_id,
-            lease_ttl: duration_at_least(
-                "LEASE_TTL",
-                raw.lease_ttl.as_deref(),
-                Duration::from_secs(30),
-                MIN_LEASE_TTL,
-            )?,
-            batch_size,
-            dedup_ttl: duration_at_least("DEDUP_TTL", raw.dedup_ttl.as_deref(), day, MIN_LEASE_TTL)?,
-            retention: duration_at_least("RETENTION", raw.retention.as_deref(), day, MIN_LEASE_TTL)?,
-            metrics_port: raw.metrics_port.unwrap_or(0),
-            columns: Columns::try_from(raw.columns)?,
+            common: CommonConfig::try_from(&raw.common)?,
+            collector_id: collector_id(&raw)?,
+            lease_ttl: raw.lease_ttl().duration(MIN_LEASE_TTL)?,
+            batch_size: raw.batch_size().number(1..=MAX_BATCH)?,
+            dedup_ttl: raw.dedup_ttl().duration(MIN_LEASE_TTL)?,
+            retention: raw.retention().duration(MIN_LEASE_TTL)?,
+            metrics_port: raw.metrics_port().number(0..=u16::MAX)?,
+            columns: Columns::try_from(&raw.columns)?,
+            log: LogConfig::try_from(&raw.log)?,
         })
+    }
+}
+
+fn collector_id(raw: &Raw) -> Result<String, ConfigError> {
+    let setting = raw.collector_id();
+    match setting.value() {
+        None => Ok(default_collector_id()),
+        Some(id) if is_key_segment(id) && id.len() <= 128 => Ok(id.to_string()),
+        Some(_) => Err(setting.invalid("must be 1-128 characters without '/' or control characters")),
     }
 }
 
@@ -137,20 +142,57 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_name_their_variable() {
-        for (var, value) in [
+    fn bad_values_name_their_variable_and_what_is_accepted() {
+        let cases = [
             ("LEASE_TTL", "1s"),
             ("LEASE_TTL", "forever"),
             ("BATCH_SIZE", "0"),
             ("BATCH_SIZE", "500"),
+            ("BATCH_SIZE", "two"),
             ("DEDUP_TTL", "x"),
             ("RETENTION", "100ms"),
             ("COLLECTOR_ID", "a/b"),
             ("METRICS_PORT", "-1"),
             ("HOSTNAME_COLUMN", " "),
+            ("GPU_ID_COLUMN", " "),
+            ("UUID_COLUMN", " "),
+            ("DEVICE_COLUMN", " "),
+            ("MODEL_COLUMN", " "),
+            ("METRIC_COLUMN", " "),
+            ("VALUE_COLUMN", " "),
+            ("ETCD_ENDPOINTS", "nohost"),
+            ("ETCD_NAMESPACE", "a b"),
+            ("LOG_FORMAT", "xml"),
+            ("RUST_LOG", "info,x=loud"),
+        ];
+        for (var, value) in cases {
+            let err = load(&[(var, value)]).expect_err(var).to_string();
+            assert!(
+                err.starts_with(&format!("{var}={value:?} is invalid: must ")),
+                "{err}"
+            );
+        }
+        for var in CollectorConfig::env_vars() {
+            assert!(
+                cases.iter().any(|(v, _)| *v == var),
+                "no rejection of {var} tested"
+            );
+        }
+    }
+
+    #[test]
+    fn every_variable_read_is_documented() {
+        let mut documented: Vec<String> = CollectorConfig::env_spec().into_iter().map(|v| v.name).collect();
+        documented.sort();
+        assert_eq!(documented, CollectorConfig::env_vars());
+        for var in [
+            "LEASE_TTL",
+            "LOG_FORMAT",
+            "RUST_LOG",
+            "ETCD_ENDPOINTS",
+            "UUID_COLUMN",
         ] {
-            let err = load(&[(var, value)]).expect_err(var);
-            assert!(err.to_string().contains(var), "{var}: {err}");
+            assert!(documented.iter().any(|d| d == var), "{var}");
         }
     }
 }

@@ -2,10 +2,9 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use serde::Deserialize;
 use telemetry_shared::{
     CommonConfig, ConfigError,
-    config::{Columns, RawColumns, RawCommonConfig, duration},
+    config::{Columns, EnvSpec as _, EnvVar, LogConfig, RawColumns, RawCommonConfig, RawLogConfig, Setting},
 };
 
 /// Which browser origins may call the API (`GATEWAY_CORS_ORIGINS`).
@@ -45,23 +44,40 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// Column names of the GPU identity and the metric (shared with the collector).
     pub columns: Columns,
+    /// `RUST_LOG` and `LOG_FORMAT`.
+    pub log: LogConfig,
 }
 
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-struct Raw {
-    #[serde(flatten)]
-    common: RawCommonConfig,
-    #[serde(flatten)]
-    columns: RawColumns,
-    gateway_host: Option<String>,
-    gateway_port: Option<u16>,
-    ws_max_connections: Option<u32>,
-    ws_buffer: Option<u32>,
-    ws_ping_interval: Option<String>,
-    ws_send_timeout: Option<String>,
-    gateway_cors_origins: Option<String>,
-    gateway_request_timeout: Option<String>,
+telemetry_shared::env_config! {
+    /// Every variable the gateway reads: envy's struct, and the table `--help` prints.
+    struct Raw {
+        flatten common: RawCommonConfig;
+        flatten columns: RawColumns;
+        flatten log: RawLogConfig;
+        /// IP address to listen on.
+        gateway_host = Value("0.0.0.0");
+        /// Port to listen on (REST, WebSocket, /docs and Prometheus /metrics); 0 = any free port.
+        gateway_port = Value("8080");
+        /// WebSocket subscribers at once; the next one gets a 503 JSON refusal.
+        ws_max_connections = Value("1000");
+        /// Revisions queued per subscriber before it counts as slow and is closed (with the
+        /// last revision it was sent, so it can resume).
+        ws_buffer = Value("1024");
+        /// How often subscribers are pinged (at least 100ms); no pong for two intervals closes
+        /// the socket.
+        ws_ping_interval = Value("20s");
+        /// Longest one WebSocket frame may take to write (at least 100ms).
+        ws_send_timeout = Value("10s");
+        /// Browser origins that may call the API: comma-separated origins such as
+        /// https://grafana.example.com, or *; empty = no cross-origin access.
+        gateway_cors_origins = Value("");
+        /// A REST request taking longer gets a 503 JSON error (at least 100ms).
+        gateway_request_timeout = Value("10s");
+    }
 }
+
+/// The shortest accepted WebSocket interval and request timeout.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 impl GatewayConfig {
     /// Every environment variable this binary reads (derived from its raw config struct).
@@ -69,68 +85,47 @@ impl GatewayConfig {
         telemetry_shared::config::var_names::<Raw>()
     }
 
+    /// Every variable with its default and meaning (the same struct, for `--help`).
+    pub fn env_spec() -> Vec<EnvVar> {
+        Raw::vars()
+    }
+
+    /// The environment section of `--help`.
+    pub fn env_help() -> String {
+        telemetry_shared::config::env_help::<Raw>()
+    }
+
     /// Reads the process environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars())
+        Self::from_vars(telemetry_shared::config::process_vars())
     }
 
     /// Reads the given variables (tests use this).
     pub fn from_vars<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Self, ConfigError> {
         let raw: Raw = telemetry_shared::config::from_iter(vars)?;
-        let host = match raw.gateway_host.as_deref().map(str::trim) {
-            None | Some("") => IpAddr::from([0, 0, 0, 0]),
-            Some(text) => text
-                .parse()
-                .map_err(|_| ConfigError::invalid("GATEWAY_HOST", text, "must be an IP address"))?,
-        };
-        let positive = |var: &str, value: Option<u32>, default: u32| -> Result<usize, ConfigError> {
-            match value.unwrap_or(default) {
-                0 => Err(ConfigError::invalid(var, "0", "must be at least 1")),
-                n => Ok(n as usize),
-            }
-        };
-        let at_least = |var: &str, raw: Option<&str>, default: Duration| -> Result<Duration, ConfigError> {
-            let value = duration(var, raw, default)?;
-            if value < Duration::from_millis(100) {
-                return Err(ConfigError::invalid(
-                    var,
-                    raw.unwrap_or_default(),
-                    "must be at least 100ms",
-                ));
-            }
-            Ok(value)
-        };
         Ok(GatewayConfig {
-            common: CommonConfig::try_from(raw.common)?,
-            host,
-            port: raw.gateway_port.unwrap_or(8080),
-            ws_max_connections: positive("WS_MAX_CONNECTIONS", raw.ws_max_connections, 1000)?,
-            ws_buffer: positive("WS_BUFFER", raw.ws_buffer, 1024)?,
-            ws_ping_interval: at_least(
-                "WS_PING_INTERVAL",
-                raw.ws_ping_interval.as_deref(),
-                Duration::from_secs(20),
-            )?,
-            ws_send_timeout: at_least(
-                "WS_SEND_TIMEOUT",
-                raw.ws_send_timeout.as_deref(),
-                Duration::from_secs(10),
-            )?,
-            cors_origins: parse_origins(raw.gateway_cors_origins.as_deref())?,
-            request_timeout: at_least(
-                "GATEWAY_REQUEST_TIMEOUT",
-                raw.gateway_request_timeout.as_deref(),
-                Duration::from_secs(10),
-            )?,
-            columns: Columns::try_from(raw.columns)?,
+            common: CommonConfig::try_from(&raw.common)?,
+            host: raw
+                .gateway_host()
+                .parse_with("an IP address like 0.0.0.0 or ::1", |t| t.parse().ok())?,
+            port: raw.gateway_port().number(0..=u16::MAX)?,
+            ws_max_connections: raw.ws_max_connections().number(1..=u32::MAX)? as usize,
+            ws_buffer: raw.ws_buffer().number(1..=u32::MAX)? as usize,
+            ws_ping_interval: raw.ws_ping_interval().duration(MIN_INTERVAL)?,
+            ws_send_timeout: raw.ws_send_timeout().duration(MIN_INTERVAL)?,
+            cors_origins: parse_origins(&raw.gateway_cors_origins())?,
+            request_timeout: raw.gateway_request_timeout().duration(MIN_INTERVAL)?,
+            columns: Columns::try_from(&raw.columns)?,
+            log: LogConfig::try_from(&raw.log)?,
         })
     }
 }
 
-fn parse_origins(raw: Option<&str>) -> Result<CorsOrigins, ConfigError> {
-    let Some(raw) = raw.map(str::trim).filter(|s| !s.is_empty()) else {
+fn parse_origins(setting: &Setting<'_>) -> Result<CorsOrigins, ConfigError> {
+    let raw = setting.text()?.trim();
+    if raw.is_empty() {
         return Ok(CorsOrigins::None);
-    };
+    }
     if raw == "*" {
         return Ok(CorsOrigins::Any);
     }
@@ -143,11 +138,9 @@ fn parse_origins(raw: Option<&str>) -> Result<CorsOrigins, ConfigError> {
             && !origin.contains(char::is_whitespace)
             && axum::http::HeaderValue::from_str(origin).is_ok();
         if !valid {
-            return Err(ConfigError::invalid(
-                "GATEWAY_CORS_ORIGINS",
-                raw,
-                format!("{origin:?} is not an origin like https://host:port (or use *)"),
-            ));
+            return Err(setting.invalid(format!(
+                "must be comma-separated origins like https://host:port, or *; {origin:?} is not one"
+            )));
         }
         origins.push(origin.to_string());
     }
@@ -188,8 +181,8 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_name_their_variable() {
-        for (var, value) in [
+    fn bad_values_name_their_variable_and_what_is_accepted() {
+        let cases = [
             ("GATEWAY_PORT", "http"),
             ("GATEWAY_PORT", "70000"),
             ("GATEWAY_HOST", "localhost:80"),
@@ -197,12 +190,41 @@ mod tests {
             ("WS_MAX_CONNECTIONS", "-5"),
             ("WS_BUFFER", "0"),
             ("WS_PING_INTERVAL", "1ms"),
+            ("WS_SEND_TIMEOUT", "never"),
             ("GATEWAY_CORS_ORIGINS", "example.com"),
             ("GATEWAY_REQUEST_TIMEOUT", "soon"),
+            ("HOSTNAME_COLUMN", " "),
+            ("GPU_ID_COLUMN", " "),
+            ("UUID_COLUMN", " "),
+            ("DEVICE_COLUMN", " "),
+            ("MODEL_COLUMN", " "),
             ("METRIC_COLUMN", " "),
-        ] {
-            let err = load(&[(var, value)]).expect_err(var);
-            assert!(err.to_string().contains(var), "{var}: {err}");
+            ("VALUE_COLUMN", " "),
+            ("ETCD_ENDPOINTS", "a:b"),
+            ("ETCD_NAMESPACE", "a\tb"),
+            ("LOG_FORMAT", "logfmt"),
+            ("RUST_LOG", "info,x=loud"),
+        ];
+        for (var, value) in cases {
+            let err = load(&[(var, value)]).expect_err(var).to_string();
+            assert!(
+                err.starts_with(&format!("{var}={value:?} is invalid: must ")),
+                "{err}"
+            );
         }
+        for var in GatewayConfig::env_vars() {
+            assert!(
+                cases.iter().any(|(v, _)| *v == var),
+                "no rejection of {var} tested"
+            );
+        }
+    }
+
+    #[test]
+    fn every_variable_read_is_documented() {
+        let mut documented: Vec<String> = GatewayConfig::env_spec().into_iter().map(|v| v.name).collect();
+        documented.sort();
+        assert_eq!(documented, GatewayConfig::env_vars());
+        assert!(GatewayConfig::env_help().contains("  GATEWAY_PORT [default: 8080]\n"));
     }
 }

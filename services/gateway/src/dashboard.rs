@@ -3,7 +3,7 @@
 //! `/api/v1/gpus`, `/api/v1/gpus/{id}/telemetry`, `/api/v1/stats` and the WebSocket feed.
 
 use axum::{
-    extract::Path,
+    extract::{Path, rejection::PathRejection},
     http::header,
     response::{Html, IntoResponse, Response},
 };
@@ -49,8 +49,9 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// `GET /assets/{file}`.
-pub async fn asset(Path(file): Path<String>) -> Response {
+/// `GET /assets/{file}` (a name that is not UTF-8 is no asset either: a JSON 404).
+pub async fn asset(file: Result<Path<String>, PathRejection>) -> Response {
+    let file = file.map(|Path(f)| f).unwrap_or_default();
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => (
             [

@@ -22,9 +22,14 @@ use telemetry_shared::{
     config::Columns,
     etcd::{EtcdError, current_revision},
     message::field_text,
+    observe::emit,
     watch::{Follow, Update},
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::events::{
+    LiveBroadcast, LiveGap, SlowSubscriberDropped, Subscribed, UnreadableSkipped, Unsubscribed,
+};
 
 /// One stored record as the live feed carries it.
 #[derive(Debug)]
@@ -58,9 +63,12 @@ impl Event {
         let parts = keys.parse_data_record(&key)?;
         let message: Message = match serde_json::from_slice(value) {
             Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(%key, error = %err, "skipping unreadable telemetry record");
-                metrics::counter!("gateway_unreadable_records_total").increment(1);
+            Err(error) => {
+                emit(UnreadableSkipped {
+                    what: "telemetry record",
+                    key: &key,
+                    error: &error,
+                });
                 return None;
             }
         };
@@ -104,7 +112,7 @@ pub struct Batch {
 }
 
 /// What a subscriber wants to see; every set field must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Filter {
     /// Only this host.
     pub hostname: Option<String>,
@@ -212,7 +220,7 @@ impl Drop for Subscription {
         if let Ok(mut subs) = self.hub.subscribers.lock() {
             subs.remove(&self.id);
         }
-        metrics::gauge!("gateway_ws_subscribers").decrement(1.0);
+        emit(Unsubscribed);
     }
 }
 
@@ -274,7 +282,7 @@ impl Hub {
             );
             self.delivered()
         };
-        metrics::gauge!("gateway_ws_subscribers").increment(1.0);
+        emit(Subscribed);
         Subscription {
             rx,
             start_revision,
@@ -299,14 +307,19 @@ impl Hub {
                 match sub.tx.try_send(batch.clone()) {
                     Ok(()) => true,
                     Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                        metrics::counter!("gateway_ws_slow_closed_total").increment(1);
+                        emit(SlowSubscriberDropped {
+                            revision: batch.revision,
+                        });
                         end(sub, Ended::Slow);
                         false
                     }
                     Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
                 }
             });
-            metrics::counter!("gateway_live_records_total").increment(batch.events.len() as u64);
+            emit(LiveBroadcast {
+                revision: batch.revision,
+                records: batch.events.len(),
+            });
             self.inner.delivered.store(batch.revision, Ordering::Release);
         }
         if through > self.delivered() {
@@ -359,13 +372,11 @@ impl Hub {
     /// fall back to REST), and the feed resumes from the current revision, which is returned.
     async fn recover_from_compaction(&self, client: &Client, compacted: i64) -> i64 {
         let resumed_at = current_revision(client).await.unwrap_or(compacted).max(compacted);
-        tracing::error!(
-            lost_after = self.delivered(),
+        emit(LiveGap {
+            lost_after: self.delivered(),
             compacted,
             resumed_at,
-            "live feed: history was compacted while the watch was behind; subscribers are closed"
-        );
-        metrics::counter!("gateway_live_gaps_total").increment(1);
+        });
         self.end_all(Ended::Gap { resumed_at }, Some(resumed_at));
         resumed_at
     }

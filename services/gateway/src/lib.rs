@@ -1,26 +1,37 @@
 //! The gateway: REST and WebSocket access to the stored GPU telemetry.
 //!
-//! - [`rest`]: `/health`, `/api/v1/gpus`, `/api/v1/gpus/{id}/telemetry`, `/api/v1/stats`,
-//!   `/schemas/{version}.json`;
-//! - [`ws`]: `/api/v1/ws/telemetry`, live records fed by the [`hub`] (one etcd watch per
-//!   process, fanned out);
-//! - [`store`]: bounded reads from etcd; [`query`]: query-string parsing and cursors;
-//! - [`negotiate`]: the payload schema version a client gets; [`error`]: JSON errors;
-//! - [`dashboard`]: the live dashboard at `/`, embedded in the binary.
+//! Layout:
+//! - `rest`: `/health`, `/api/v1/gpus`, `/api/v1/gpus/{id}/telemetry`, `/api/v1/stats`,
+//!   `/schemas/{version}.json`; `ws`: `/api/v1/ws/telemetry`, whose frames and close codes
+//!   are in `frames`, fed by the `hub` (one etcd watch per process, fanned out);
+//! - `params`: what each query parameter may hold, parsed and declared in one place;
+//!   `query`: the telemetry query and its cursors; `negotiate`: the payload version a
+//!   client gets; `error`: the one JSON error body;
+//! - `store`: bounded reads from etcd; `page`: which records a telemetry page holds and
+//!   where the next one starts (pure, beside the store's read loop);
+//! - `openapi`: the OpenAPI document (`/openapi.json`, `/docs`); `events`: every log line
+//!   and metric, one event type per thing that happens; `dashboard`: the live dashboard at
+//!   `/`, embedded in the binary.
 //!
 //! [`run`] serves on a given listener until the shutdown token is cancelled; the binary reads
-//! its config, binds, connects and calls it, and tests call it in process on port 0.
+//! its config, binds, connects and calls it, and tests call it in process on port 0. The crate
+//! exports only that, its configuration and errors, and the API's description ([`ApiDoc`],
+//! [`openapi_document`], [`ErrorBody`]).
 
-pub mod config;
-pub mod dashboard;
-pub mod error;
-pub mod events;
-pub mod hub;
-pub mod negotiate;
-pub mod query;
-pub mod rest;
-pub mod store;
-pub mod ws;
+mod config;
+mod dashboard;
+mod error;
+mod events;
+mod frames;
+mod hub;
+mod negotiate;
+mod openapi;
+mod page;
+mod params;
+mod query;
+mod rest;
+mod store;
+mod ws;
 
 use std::{sync::Arc, time::Instant};
 
@@ -42,27 +53,29 @@ use tower_http::{
     cors::{AllowOrigin, CorsLayer},
     trace::TraceLayer,
 };
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use config::{CorsOrigins, GatewayConfig};
+pub use error::ErrorBody;
+pub use openapi::{ApiDoc, document as openapi_document};
+
 use error::ApiError;
 
 /// What every handler shares.
 #[derive(Debug)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// The configuration.
-    pub config: GatewayConfig,
+    pub(crate) config: GatewayConfig,
     /// Reads from etcd.
-    pub store: store::Store,
+    pub(crate) store: store::Store,
     /// The live feed.
-    pub hub: hub::Hub,
+    pub(crate) hub: hub::Hub,
     /// One permit per allowed WebSocket subscriber.
-    pub ws_slots: Arc<Semaphore>,
+    pub(crate) ws_slots: Arc<Semaphore>,
     /// Cancelled at shutdown (WebSocket sessions close with "going away").
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Renders `/metrics`.
-    pub metrics: Option<PrometheusHandle>,
+    pub(crate) metrics: Option<PrometheusHandle>,
 }
 
 /// Errors that stop the gateway.
@@ -76,44 +89,8 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
 }
 
-/// The OpenAPI 3 description, generated from the handlers and types.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "GPU telemetry gateway",
-        description = "Read GPU telemetry stored in etcd by the collectors: REST pages and a live \
-                       WebSocket feed, with schema-versioned payloads (v1, v1beta2, v1beta1)."
-    ),
-    paths(
-        rest::health,
-        rest::list_gpus,
-        rest::gpu_telemetry,
-        rest::stats,
-        rest::schema_file,
-        ws::ws_telemetry
-    ),
-    components(schemas(
-        error::ErrorBody,
-        rest::Health,
-        rest::LiveStatus,
-        store::EtcdHealth,
-        rest::GpuView,
-        rest::GpuList,
-        rest::TelemetryPage,
-        store::Stats,
-        query::Order
-    )),
-    tags(
-        (name = "telemetry", description = "Stored telemetry"),
-        (name = "live", description = "Live telemetry over WebSocket"),
-        (name = "health", description = "Liveness and readiness"),
-        (name = "schemas", description = "JSON Schemas of the payload versions")
-    )
-)]
-pub struct ApiDoc;
-
 /// The whole HTTP application.
-pub fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>) -> Router {
     let rest = Router::new()
         .route("/", get(dashboard::index))
         .route("/gpu", get(dashboard::gpu_page))
@@ -138,7 +115,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(rest)
         .route("/api/v1/ws/telemetry", get(ws::ws_telemetry))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi::document()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(record_metrics))
@@ -260,10 +237,11 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     let method = request.method().to_string();
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("gateway_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("gateway_http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    observe::emit(events::HttpRequestAnswered {
+        method,
+        route,
+        status: response.status().as_u16(),
+        elapsed: started.elapsed(),
+    });
     response
 }

@@ -8,8 +8,15 @@
 use std::str::FromStr;
 
 use telemetry_shared::SchemaVersion;
+use utoipa::openapi::schema::Object;
 
-use crate::error::ApiError;
+use crate::{error::ApiError, params::choice_schema};
+
+/// The schema of the `schema` query parameter: the supported versions, current by default.
+pub(crate) fn version_schema() -> Object {
+    let names: Vec<&str> = SchemaVersion::ALL.iter().map(|v| v.as_str()).collect();
+    choice_schema(&names, SchemaVersion::CURRENT.as_str())
+}
 
 /// The media type of a payload version, e.g. `application/vnd.telemetry.v1+json`.
 pub fn media_type(version: SchemaVersion) -> String {
@@ -19,7 +26,7 @@ pub fn media_type(version: SchemaVersion) -> String {
 /// Picks the payload version from the `schema` query parameter and the `Accept` header.
 pub fn negotiate(schema_param: Option<&str>, accept: Option<&str>) -> Result<SchemaVersion, ApiError> {
     if let Some(asked) = schema_param {
-        return SchemaVersion::from_str(asked.trim()).map_err(|_| ApiError::unsupported_version(asked));
+        return SchemaVersion::from_str(asked).map_err(|_| ApiError::unsupported_version(asked));
     }
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
         return Ok(SchemaVersion::CURRENT);

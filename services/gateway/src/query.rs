@@ -9,16 +9,29 @@
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use telemetry_shared::{Timestamp, keys::prefix_end};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{
+        ObjectBuilder, Type,
+        path::{Parameter, ParameterIn},
+        schema::Object,
+    },
+};
 
-use crate::error::ApiError;
+use crate::{
+    error::ApiError,
+    negotiate::version_schema,
+    params::{self, text_schema, time_schema, whole_schema},
+};
 
 /// Default page size.
-pub const DEFAULT_LIMIT: usize = 100;
+pub(crate) const DEFAULT_LIMIT: u64 = 100;
 /// Largest page size.
-pub const MAX_LIMIT: usize = 1000;
+pub(crate) const MAX_LIMIT: u64 = 1000;
 /// Largest `offset` (use `cursor` to go deeper).
-pub const MAX_OFFSET: usize = 100_000;
+pub(crate) const MAX_OFFSET: u64 = 100_000;
+/// Longest cursor accepted (issued ones are about 90 characters).
+const MAX_CURSOR_LEN: usize = 512;
 
 /// Which end of the time range a page starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, ToSchema, Default)]
@@ -38,36 +51,131 @@ impl Order {
             Order::Asc => "asc",
         }
     }
+
+    /// Reads `order`: exactly `asc` or `desc` (the names the document declares).
+    fn parse(raw: Option<&str>) -> Result<Order, ApiError> {
+        match raw {
+            None => Ok(Order::default()),
+            Some(text) => [Order::Desc, Order::Asc]
+                .into_iter()
+                .find(|o| o.as_str() == text)
+                .ok_or_else(|| ApiError::invalid("order", format!("{text:?} is not asc or desc"))),
+        }
+    }
+}
+
+fn order_schema() -> Object {
+    params::choice_schema(
+        &[Order::Desc.as_str(), Order::Asc.as_str()],
+        Order::default().as_str(),
+    )
+}
+
+fn hostname_schema() -> Object {
+    text_schema("mtv5-dgx1-hgpu-031")
+}
+
+fn metric_schema() -> Object {
+    text_schema("DCGM_FI_DEV_GPU_UTIL")
+}
+
+fn limit_schema() -> Object {
+    whole_schema(1, Some(MAX_LIMIT), Some(DEFAULT_LIMIT), 10)
+}
+
+fn offset_schema() -> Object {
+    whole_schema(0, Some(MAX_OFFSET), Some(0), 20)
+}
+
+fn cursor_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[A-Za-z0-9_-]+$"))
+        .max_length(Some(MAX_CURSOR_LEN))
+        .build()
 }
 
 /// The query string of `GET /api/v1/gpus/{id}/telemetry`, as received (every value a string,
-/// so that a bad one is reported by name rather than by the extractor).
-#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+/// so that a bad one is reported by name rather than by the extractor). Its parameters in the
+/// document (see the `IntoParams` implementation) declare the rules [`TelemetryQuery::parse`]
+/// applies.
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawTelemetryQuery {
-    /// Host of the GPU when `{id}` is a gpu_id rather than a UUID.
+    /// Host of the GPU when `{id}` is a gpu_id.
     pub hostname: Option<String>,
-    /// Inclusive lower bound (RFC 3339) on the record's processing time.
+    /// Inclusive lower time bound.
     pub start_time: Option<String>,
-    /// Inclusive upper bound (RFC 3339) on the record's processing time.
+    /// Inclusive upper time bound.
     pub end_time: Option<String>,
-    /// Only records of this metric (e.g. `DCGM_FI_DEV_GPU_UTIL`).
+    /// Metric filter.
     pub metric: Option<String>,
-    /// Page size, 1 to 1000 (default 100).
+    /// Page size.
     pub limit: Option<String>,
-    /// Records to skip before the page (at most 100000; prefer `cursor`).
+    /// Matching records to skip.
     pub offset: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// Where the previous page stopped.
     pub cursor: Option<String>,
-    /// `desc` (newest first, default) or `asc`.
+    /// `asc` or `desc`.
     pub order: Option<String>,
-    /// Payload schema version: `v1` (default), `v1beta2` or `v1beta1`.
+    /// Payload schema version.
     pub schema: Option<String>,
+}
+
+impl IntoParams for RawTelemetryQuery {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        use params::query;
+        vec![
+            query(
+                "hostname",
+                "Host of the GPU when `{id}` is a gpu_id rather than a UUID (a gpu_id is unique \
+                 only per host). Must not be blank.",
+                hostname_schema(),
+            ),
+            query(
+                "start_time",
+                "Inclusive lower bound on the record's processing time (RFC 3339). Must not be \
+                 after `end_time` (400).",
+                time_schema(),
+            ),
+            query(
+                "end_time",
+                "Inclusive upper bound on the record's processing time (RFC 3339).",
+                time_schema(),
+            ),
+            query(
+                "metric",
+                "Only records of this metric; numbers and booleans compare as text (`7`, `2.5`, \
+                 `true`). Must not be blank.",
+                metric_schema(),
+            ),
+            query("limit", "Page size.", limit_schema()),
+            query(
+                "offset",
+                "Matching records to skip before the page (costs O(offset); prefer `cursor`).",
+                offset_schema(),
+            ),
+            query(
+                "cursor",
+                "Opaque: the `next_cursor` of the previous page, passed as given, with the same \
+                 `order` (the `next` link of the 200 response). Any other value is refused \
+                 with 400.",
+                cursor_schema(),
+            ),
+            query("order", "`desc` (newest first) or `asc`.", order_schema()),
+            query(
+                "schema",
+                "Payload schema version; wins over `Accept`. An unknown version is a 406.",
+                version_schema(),
+            ),
+        ]
+    }
 }
 
 /// A validated telemetry query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryQuery {
+    /// The GPU's host, when `{id}` is a gpu_id.
+    pub hostname: Option<String>,
     /// Inclusive lower time bound.
     pub start: Option<Timestamp>,
     /// Inclusive upper time bound.
@@ -109,20 +217,16 @@ impl Cursor {
                 "not a cursor this gateway issued (use next_cursor as given)",
             )
         };
-        if text.len() > 512 {
+        if text.len() > MAX_CURSOR_LEN {
             return Err(bad());
         }
-        let bytes = URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| bad())?;
+        let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
         let text = String::from_utf8(bytes).map_err(|_| bad())?;
         let mut parts = text.splitn(3, ':');
         let (Some(CURSOR_TAG), Some(order), Some(suffix)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
-        let order = match order {
-            "desc" => Order::Desc,
-            "asc" => Order::Asc,
-            _ => return Err(bad()),
-        };
+        let order = Order::parse(Some(order)).map_err(|_| bad())?;
         if suffix.is_empty() || suffix.contains('/') || suffix.chars().any(char::is_control) {
             return Err(bad());
         }
@@ -133,53 +237,27 @@ impl Cursor {
     }
 }
 
-fn number(param: &str, raw: Option<&str>, default: usize, min: usize, max: usize) -> Result<usize, ApiError> {
-    let Some(raw) = raw else { return Ok(default) };
-    let value: usize = raw
-        .trim()
-        .parse()
-        .map_err(|_| ApiError::invalid(param, format!("{raw:?} is not a whole number")))?;
-    if !(min..=max).contains(&value) {
-        return Err(ApiError::invalid(
-            param,
-            format!("{value} is out of range ({min} to {max})"),
-        ));
-    }
-    Ok(value)
-}
-
-fn time(param: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
-    raw.map(|text| {
-        Timestamp::parse(text.trim()).map_err(|e| {
-            ApiError::invalid(
-                param,
-                format!("{text:?} is not an RFC 3339 time such as 2026-11-23T08:00:00Z ({e})"),
-            )
-        })
-    })
-    .transpose()
+fn count(
+    param: &str,
+    raw: Option<&str>,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+) -> Result<usize, ApiError> {
+    let value = params::whole(param, raw, range, Some(default))?.unwrap_or(default);
+    Ok(usize::try_from(value).unwrap_or(usize::MAX))
 }
 
 impl TelemetryQuery {
     /// Validates the raw query.
     pub fn parse(raw: &RawTelemetryQuery) -> Result<Self, ApiError> {
-        let start = time("start_time", raw.start_time.as_deref())?;
-        let end = time("end_time", raw.end_time.as_deref())?;
+        let start = params::time("start_time", raw.start_time.as_deref())?;
+        let end = params::time("end_time", raw.end_time.as_deref())?;
         if let (Some(s), Some(e)) = (start, end)
             && s > e
         {
             return Err(ApiError::invalid("start_time", "is after end_time"));
         }
-        let order = match raw.order.as_deref().map(str::trim) {
-            None | Some("desc") => Order::Desc,
-            Some("asc") => Order::Asc,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "order",
-                    format!("{other:?} is not asc or desc"),
-                ));
-            }
-        };
+        let order = Order::parse(raw.order.as_deref())?;
         let cursor = raw.cursor.as_deref().map(Cursor::decode).transpose()?;
         if let Some(c) = &cursor
             && c.order != order
@@ -193,17 +271,13 @@ impl TelemetryQuery {
                 ),
             ));
         }
-        let metric = match raw.metric.as_deref().map(str::trim) {
-            None => None,
-            Some("") => return Err(ApiError::invalid("metric", "must not be empty")),
-            Some(m) => Some(m.to_string()),
-        };
         Ok(TelemetryQuery {
+            hostname: params::text("hostname", raw.hostname.clone())?,
+            metric: params::text("metric", raw.metric.clone())?,
             start,
             end,
-            metric,
-            limit: number("limit", raw.limit.as_deref(), DEFAULT_LIMIT, 1, MAX_LIMIT)?,
-            offset: number("offset", raw.offset.as_deref(), 0, 0, MAX_OFFSET)?,
+            limit: count("limit", raw.limit.as_deref(), 1..=MAX_LIMIT, DEFAULT_LIMIT)?,
+            offset: count("offset", raw.offset.as_deref(), 0..=MAX_OFFSET, 0)?,
             cursor,
             order,
         })
@@ -334,7 +408,7 @@ mod tests {
             };
             match TelemetryQuery::parse(&q) {
                 Ok(parsed) => {
-                    prop_assert!((1..=MAX_LIMIT).contains(&parsed.limit));
+                    prop_assert!((1..=MAX_LIMIT as usize).contains(&parsed.limit));
                     let (lo, hi) = parsed.key_range("/p/");
                     prop_assert!(lo.starts_with(b"/p/"));
                     let _ = hi;

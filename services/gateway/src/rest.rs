@@ -5,25 +5,37 @@ use std::{str::FromStr, sync::Arc};
 
 use axum::{
     Json,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{PathRejection, QueryRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use telemetry_shared::{Message, SchemaVersion, model::GpuInfo};
-use utoipa::{IntoParams, ToSchema};
+use telemetry_shared::{SchemaVersion, model::GpuInfo};
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{
+        ObjectBuilder, Type,
+        path::{Parameter, ParameterIn},
+        schema::Object,
+    },
+};
 
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
     negotiate::{media_type, negotiate},
-    query::{Cursor, Order, RawTelemetryQuery, TelemetryQuery},
+    params,
+    query::{Order, RawTelemetryQuery, TelemetryQuery},
     store::{EtcdHealth, Stats},
 };
 
-/// Most records one telemetry request examines when a `metric` filter skips records; past it
-/// the page is returned short, with a cursor to continue.
-pub const MAX_SCAN: usize = 20_000;
+/// The 503 of a route that reads etcd.
+const UNAVAILABLE: &str = "etcd does not answer, or the request took longer than GATEWAY_REQUEST_TIMEOUT";
+/// The 503 of a route that does not read etcd.
+const TIMEOUT: &str = "The request took longer than GATEWAY_REQUEST_TIMEOUT";
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
@@ -56,7 +68,7 @@ pub struct Health {
     path = "/health",
     responses(
         (status = 200, description = "etcd answers", body = Health),
-        (status = 503, description = "etcd does not answer", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
     ),
     tag = "health"
 )]
@@ -90,6 +102,7 @@ pub struct GpuView {
     /// Model name.
     pub model: Option<String>,
     /// Processing time of its newest record (RFC 3339; may lag by about a second).
+    #[schema(format = DateTime)]
     pub last_seen: String,
 }
 
@@ -107,11 +120,20 @@ impl From<&GpuInfo> for GpuView {
 }
 
 /// Filters of `GET /api/v1/gpus`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+#[derive(Debug, Default, Deserialize)]
 pub struct GpusParams {
     /// Only GPUs of this host.
     pub hostname: Option<String>,
+}
+
+impl IntoParams for GpusParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![params::query(
+            "hostname",
+            "Only GPUs of this host. Must not be blank.",
+            params::text_schema("mtv5-dgx1-hgpu-031"),
+        )]
+    }
 }
 
 /// The GPU list.
@@ -129,9 +151,15 @@ pub struct GpuList {
     path = "/api/v1/gpus",
     params(GpusParams),
     responses(
-        (status = 200, description = "The GPUs", body = GpuList),
+        (status = 200, description = "The GPUs", body = GpuList, links(
+            ("telemetry" = (
+                operation_id = "gpu_telemetry",
+                parameters(("id" = "$response.body#/gpus/0/uuid")),
+                description = "The telemetry of a listed GPU (any `gpus[i].uuid`)"
+            ))
+        )),
         (status = 400, description = "Bad parameter", body = ErrorBody),
-        (status = 503, description = "etcd does not answer", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
     ),
     tag = "telemetry"
 )]
@@ -140,13 +168,11 @@ pub async fn list_gpus(
     params: Result<Query<GpusParams>, QueryRejection>,
 ) -> Result<Json<GpuList>, ApiError> {
     let params = query(params)?;
-    if params.hostname.as_deref().is_some_and(|h| h.trim().is_empty()) {
-        return Err(ApiError::invalid("hostname", "must not be empty"));
-    }
+    let hostname = params::text("hostname", params.hostname)?;
     let gpus = app.store.gpus().await?;
     let gpus: Vec<GpuView> = gpus
         .iter()
-        .filter(|g| params.hostname.as_deref().is_none_or(|h| g.hostname == h))
+        .filter(|g| hostname.as_deref().is_none_or(|h| g.hostname == h))
         .map(GpuView::from)
         .collect();
     Ok(Json(GpuList {
@@ -168,11 +194,39 @@ pub struct TelemetryPage {
     pub count: usize,
     /// The etcd revision the page was read at.
     pub revision: i64,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` (with the same `order`) for the next page; null on the last page.
     pub next_cursor: Option<String>,
-    /// The records, each a payload of `schema_version` (see `/schemas/{version}.json`).
+    /// The records, each a payload of `schema_version` (see `/schemas/{version}.json`; each
+    /// media type of the 200 response names its version's payload schema).
     #[schema(value_type = Vec<Object>)]
     pub items: Vec<serde_json::Value>,
+}
+
+fn gpu_id_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .examples(["GPU-5fd4f087-86f3-7a43-b711-4771313afc50"])
+        .build()
+}
+
+/// The path of `GET /api/v1/gpus/{id}/telemetry`.
+#[derive(Debug, Default, Deserialize)]
+pub struct TelemetryPath {
+    /// The GPU's UUID, or its gpu_id.
+    pub id: String,
+}
+
+impl IntoParams for TelemetryPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![params::path(
+            "id",
+            "The GPU's UUID, or its gpu_id together with `?hostname=` (a bare gpu_id is \
+             accepted only when one host has it; otherwise 400 `ambiguous_gpu_id`). The `gpus` \
+             of `GET /api/v1/gpus` name them (its `telemetry` link).",
+            gpu_id_schema(),
+        )]
+    }
 }
 
 /// One GPU's telemetry, newest first by default.
@@ -184,136 +238,58 @@ pub struct TelemetryPage {
 #[utoipa::path(
     get,
     path = "/api/v1/gpus/{id}/telemetry",
-    params(
-        ("id" = String, Path, description = "GPU UUID, or gpu_id with ?hostname="),
-        RawTelemetryQuery,
-    ),
+    params(TelemetryPath, RawTelemetryQuery),
     responses(
-        (status = 200, description = "A page of records", body = TelemetryPage),
-        (status = 400, description = "Bad parameter or ambiguous gpu_id", body = ErrorBody),
-        (status = 404, description = "Unknown GPU", body = ErrorBody),
-        (status = 406, description = "Unknown schema version", body = ErrorBody),
-        (status = 503, description = "etcd does not answer", body = ErrorBody),
+        (status = 200, description = "A page of records, in the negotiated payload version", body = TelemetryPage,
+            links(
+                ("next" = (
+                    operation_id = "gpu_telemetry",
+                    parameters(
+                        ("id" = "$request.path.id"),
+                        ("cursor" = "$response.body#/next_cursor"),
+                        ("order" = "$request.query.order"),
+                        ("hostname" = "$request.query.hostname"),
+                        ("start_time" = "$request.query.start_time"),
+                        ("end_time" = "$request.query.end_time"),
+                        ("metric" = "$request.query.metric"),
+                        ("limit" = "$request.query.limit"),
+                        ("schema" = "$request.query.schema")
+                    ),
+                    description = "The next page, while `next_cursor` is not null (without `offset`)"
+                ))
+            )
+        ),
+        (status = 400, description = "Bad parameter, start_time after end_time, a cursor this gateway did not issue or issued for the other order, or an ambiguous gpu_id", body = ErrorBody),
+        (status = 404, description = "Unknown GPU, or not on the given host", body = ErrorBody),
+        (status = 406, description = "Unknown schema version (`schema` or `Accept`)", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
     ),
     tag = "telemetry"
 )]
 pub async fn gpu_telemetry(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    path: Result<Path<TelemetryPath>, PathRejection>,
     raw: Result<Query<RawTelemetryQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Path(TelemetryPath { id }) = path.map_err(|e| ApiError::invalid("id", e.body_text()))?;
     let raw = query(raw)?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let version = negotiate(raw.schema.as_deref(), accept)?;
     let q = TelemetryQuery::parse(&raw)?;
-    let hostname = match raw.hostname.as_deref().map(str::trim) {
-        Some("") => return Err(ApiError::invalid("hostname", "must not be empty")),
-        other => other,
-    };
-    let gpu = app.store.resolve_gpu(&id, hostname).await?;
-    let prefix = app.store.keys().gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
-    let (mut lo, mut hi) = q.key_range(&prefix);
-    let metric_column = &app.config.columns.metric;
-    let matches = |m: &Message| {
-        q.metric.as_deref().is_none_or(
-            |want| matches!(m.fields.get(metric_column), Some(serde_json::Value::String(s)) if s == want),
-        )
-    };
-
-    // Collect offset + limit matches, plus one to learn whether there are more.
-    let need = q.offset + q.limit;
-    let mut revision = 0i64;
-    let mut matched: Vec<(String, Message)> = Vec::new();
-    let mut last_examined: Option<String> = None;
-    let mut scanned = 0usize;
-    let mut more = false;
-    loop {
-        let want = need + 1 - matched.len();
-        let batch = if q.metric.is_some() {
-            (want * 2).clamp(256, 2000)
-        } else {
-            want
-        };
-        let page = app
-            .store
-            .page(
-                &prefix,
-                &lo,
-                &hi,
-                q.order,
-                batch,
-                Some(gpu.last_seen),
-                &mut revision,
-            )
-            .await?;
-        let fetched = page.records.len();
-        for kv in &page.records {
-            scanned += 1;
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            last_examined = Some(key.clone());
-            match serde_json::from_slice::<Message>(kv.value()) {
-                Ok(message) if matches(&message) => matched.push((key, message)),
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(%key, error = %err, "skipping unreadable telemetry record");
-                    metrics::counter!("gateway_unreadable_records_total").increment(1);
-                }
-            }
-            if matched.len() > need {
-                break;
-            }
-        }
-        if matched.len() > need {
-            more = true;
-            break;
-        }
-        if !page.more || fetched == 0 {
-            break;
-        }
-        if scanned >= MAX_SCAN {
-            more = true;
-            break;
-        }
-        let Some(last) = &last_examined else { break };
-        match q.order {
-            Order::Asc => {
-                lo = last.clone().into_bytes();
-                lo.push(0);
-            }
-            Order::Desc => hi = last.clone().into_bytes(),
-        }
-    }
-    // The cursor points at the last record returned, or the last examined if the scan stopped
-    // short of a full page.
-    let returned: Vec<(String, Message)> = matched.into_iter().skip(q.offset).take(q.limit).collect();
-    let boundary = if returned.len() == q.limit {
-        returned.last().map(|(k, _)| k.clone())
-    } else {
-        last_examined
-    };
-    let next_cursor = if more {
-        boundary.and_then(|key| {
-            key.strip_prefix(&prefix).map(|suffix| {
-                Cursor {
-                    order: q.order,
-                    suffix: suffix.to_string(),
-                }
-                .encode()
-            })
-        })
-    } else {
-        None
-    };
-    metrics::histogram!("gateway_telemetry_page_scanned").record(scanned as f64);
-    let items: Vec<serde_json::Value> = returned.iter().map(|(_, m)| m.to_version(version)).collect();
+    let gpu = app.store.resolve_gpu(&id, q.hostname.as_deref()).await?;
+    let (page, revision) = app
+        .store
+        .telemetry_page(&gpu, &q, &app.config.columns.metric)
+        .await?;
+    let items: Vec<serde_json::Value> = page.records.iter().map(|m| m.to_version(version)).collect();
     let body = TelemetryPage {
         schema_version: version.as_str().to_string(),
         gpu: GpuView::from(&gpu),
         order: q.order,
         count: items.len(),
         revision,
-        next_cursor,
+        next_cursor: page.next_cursor.map(|c| c.encode()),
         items,
     };
     Ok(versioned(version, Json(body).into_response()))
@@ -336,7 +312,7 @@ fn versioned(version: SchemaVersion, mut response: Response) -> Response {
     path = "/api/v1/stats",
     responses(
         (status = 200, description = "Totals", body = Stats),
-        (status = 503, description = "etcd does not answer", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
     ),
     tag = "telemetry"
 )]
@@ -344,18 +320,49 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Result<Json<Stats>, ApiE
     Ok(Json(app.store.stats().await?))
 }
 
-/// The JSON Schema of a payload version (`v1.json`, `v1beta2.json`, `v1beta1.json`).
+fn schema_file_schema() -> Object {
+    let files: Vec<String> = SchemaVersion::ALL
+        .iter()
+        .map(|v| format!("{}.json", v.as_str()))
+        .collect();
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(files))
+        .examples(["v1.json"])
+        .build()
+}
+
+/// The path of `GET /schemas/{file}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct SchemaPath {
+    /// `{version}.json`.
+    pub file: String,
+}
+
+impl IntoParams for SchemaPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![params::path(
+            "file",
+            "`{version}.json`; another name is a 404.",
+            schema_file_schema(),
+        )]
+    }
+}
+
+/// The JSON Schema (draft 2020-12) of a payload version.
 #[utoipa::path(
     get,
     path = "/schemas/{file}",
-    params(("file" = String, Path, description = "`{version}.json`, e.g. `v1.json`")),
+    params(SchemaPath),
     responses(
-        (status = 200, description = "The JSON Schema", content_type = "application/schema+json"),
+        (status = 200, description = "The JSON Schema", body = Object, content_type = "application/schema+json"),
         (status = 404, description = "No such version", body = ErrorBody),
+        (status = 503, description = TIMEOUT, body = ErrorBody),
     ),
     tag = "schemas"
 )]
-pub async fn schema_file(Path(file): Path<String>) -> Result<Response, ApiError> {
+pub async fn schema_file(path: Result<Path<SchemaPath>, PathRejection>) -> Result<Response, ApiError> {
+    let file = path.map(|Path(p)| p.file).unwrap_or_default();
     let version = file
         .strip_suffix(".json")
         .and_then(|v| SchemaVersion::from_str(v).ok())

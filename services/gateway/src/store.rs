@@ -1,6 +1,11 @@
 //! Read access to what the collector stored: health, the GPU index, pages of one GPU's
 //! records, and the stats counters. Every read here is bounded: a page costs O(limit) keys
 //! whichever end it starts from, and stats read 32 counters and index counts, never the data.
+//!
+//! Range reads go through a KV client with a 64 MiB decode limit ([`etcd::kv`]), since a page
+//! of large records is more than tonic's default 4 MiB; a page whose response is larger still
+//! is read again in smaller reads. Every read is idempotent and retried with the workspace's
+//! one policy ([`Policy::READ`]) when etcd is unreachable or between leaders.
 
 use std::{
     collections::VecDeque,
@@ -8,17 +13,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use telemetry_shared::{
     Keyspace, Timestamp,
-    etcd::{EtcdError, is_retryable, range_prefix},
+    etcd::{self, EtcdError, is_retryable, is_too_large, range_prefix},
     model::{GpuInfo, PartitionStats},
+    observe::emit,
+    retry::{Policy, retry},
 };
 use tokio::sync::RwLock;
 use utoipa::ToSchema;
 
-use crate::{error::ApiError, query::Order};
+use crate::{
+    error::ApiError,
+    events::{NewestFallbackScan, TelemetryPageRead, UnreadableSkipped},
+    page::{Page, Read, Scan},
+    query::{Order, TelemetryQuery},
+};
 
 /// How long a cached copy of the GPU index is used before it is re-read.
 const DIRECTORY_MAX_AGE: Duration = Duration::from_secs(5);
@@ -59,8 +71,10 @@ pub struct Stats {
     /// Hosts in the index.
     pub unique_hosts: u64,
     /// Oldest record timestamp written.
+    #[schema(format = DateTime)]
     pub earliest_timestamp: Option<String>,
     /// Newest record timestamp written.
+    #[schema(format = DateTime)]
     pub latest_timestamp: Option<String>,
     /// Messages waiting in the queue.
     pub queue_depth: u64,
@@ -74,18 +88,20 @@ pub struct Stats {
     pub revision: i64,
 }
 
-/// One page of raw records, in the order asked for.
+/// One read's records, in the order asked for.
 #[derive(Debug, Default)]
-pub struct RawPage {
+struct RawPage {
     /// Records (key, value), in page order.
-    pub records: Vec<KeyValue>,
+    records: Vec<KeyValue>,
     /// True if the range holds records beyond the ones returned.
-    pub more: bool,
+    more: bool,
 }
 
 /// Reads from etcd through one client.
-pub struct Store {
+pub(crate) struct Store {
     client: Client,
+    /// Range reads: the same connection, with a 64 MiB decode limit.
+    kv: KvClient,
     keys: Keyspace,
     directory: RwLock<Option<(Instant, Arc<Vec<GpuInfo>>)>>,
 }
@@ -102,28 +118,35 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
     header.map_or(0, |h| h.revision())
 }
 
+/// Runs an idempotent read with the workspace's read policy (a few jittered retries when etcd
+/// is unreachable or between leaders: a client may be pinned to a member that just died, and
+/// the next attempt can reach another).
+async fn read_with_retry<T, F, Fut>(read: F) -> Result<T, EtcdError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    Ok(retry(Policy::READ, is_retryable, read).await?)
+}
+
 impl Store {
     /// A store over `client`, reading keys below `keys`.
-    pub fn new(client: Client, keys: Keyspace) -> Self {
+    pub(crate) fn new(client: Client, keys: Keyspace) -> Self {
         Store {
+            kv: etcd::kv(&client),
             client,
             keys,
             directory: RwLock::new(None),
         }
     }
 
-    /// The key layout.
-    pub fn keys(&self) -> &Keyspace {
-        &self.keys
-    }
-
-    /// The etcd client (the live hub watches through it).
-    pub fn client(&self) -> &Client {
+    /// The etcd client (the live feed and replays watch through it).
+    pub(crate) fn client(&self) -> &Client {
         &self.client
     }
 
     /// Asks the member we are connected to for its status, with a short timeout.
-    pub async fn health(&self) -> Result<EtcdHealth, String> {
+    pub(crate) async fn health(&self) -> Result<EtcdHealth, String> {
         let mut client = self.client.clone();
         match tokio::time::timeout(HEALTH_TIMEOUT, client.status()).await {
             Err(_) => Err(format!("etcd did not answer within {HEALTH_TIMEOUT:?}")),
@@ -139,25 +162,23 @@ impl Store {
     }
 
     /// Every GPU in the index, read now.
-    pub async fn gpus(&self) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
+    pub(crate) async fn gpus(&self) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
         let prefix = self.keys.gpu_index_prefix();
-        let mut attempt = 0;
-        let (pairs, _) = loop {
-            match range_prefix(&self.client, &prefix, 1000).await {
-                Err(EtcdError::Client(err)) if attempt < READ_RETRIES && is_retryable(&err) => {
-                    attempt += 1;
-                    tokio::time::sleep(READ_BACKOFF * attempt).await;
-                }
-                other => break other?,
-            }
-        };
+        let retryable = |err: &EtcdError| matches!(err, EtcdError::Client(e) if is_retryable(e));
+        let (pairs, _) = retry(Policy::READ, retryable, || {
+            range_prefix(&self.client, &prefix, 1000)
+        })
+        .await?;
         let mut gpus: Vec<GpuInfo> = pairs
             .iter()
             .filter_map(|(key, value)| match serde_json::from_slice::<GpuInfo>(value) {
                 Ok(info) => Some(info),
-                Err(err) => {
-                    tracing::warn!(%key, error = %err, "skipping unreadable GPU index entry");
-                    metrics::counter!("gateway_unreadable_records_total").increment(1);
+                Err(error) => {
+                    emit(UnreadableSkipped {
+                        what: "GPU index entry",
+                        key,
+                        error: &error,
+                    });
                     None
                 }
             })
@@ -225,6 +246,36 @@ impl Store {
         }
     }
 
+    /// One page of `gpu`'s records for `query` (see [`crate::page`]), and the revision it was
+    /// read at. `metric_column` is the column the metric filter compares.
+    pub(crate) async fn telemetry_page(
+        &self,
+        gpu: &GpuInfo,
+        query: &TelemetryQuery,
+        metric_column: &str,
+    ) -> Result<(Page, i64), EtcdError> {
+        let prefix = self.keys.gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
+        let mut scan = Scan::new(query, &prefix, metric_column);
+        let mut revision = 0;
+        while let Some(read) = scan.next_read() {
+            let n = read.n;
+            match self
+                .page(&prefix, query.order, Some(gpu.last_seen), read, &mut revision)
+                .await
+            {
+                Ok(page) => scan.absorb(page.records.iter().map(|kv| (kv.key(), kv.value())), page.more),
+                Err(EtcdError::Client(err)) if is_too_large(&err) && scan.shrink_reads(n) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let page = scan.finish();
+        emit(TelemetryPageRead {
+            scanned: page.scanned,
+            returned: page.records.len(),
+        });
+        Ok((page, revision))
+    }
+
     async fn range(
         &self,
         lo: &[u8],
@@ -233,63 +284,65 @@ impl Store {
     ) -> Result<etcd_client::GetResponse, EtcdError> {
         let options = options.with_range(hi.to_vec());
         read_with_retry(|| {
-            let (mut client, options) = (self.client.clone(), options.clone());
-            async move { client.get(lo.to_vec(), Some(options)).await }
+            let (mut kv, options) = (self.kv.clone(), options.clone());
+            async move { kv.get(lo.to_vec(), Some(options)).await }
         })
         .await
     }
 
-    /// Up to `n` records of `[lo, hi)` under `prefix` in `order`, all read at one revision
-    /// (`revision`, or the current one if 0, which is then stored there). `newest_hint` is the
-    /// newest record time known for the range (the GPU's `last_seen`); newest-first pages probe
-    /// back from it.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn page(
+    /// How many records `[lo, hi)` holds (a count-only read, which touches only etcd's index).
+    async fn count(&self, lo: &[u8], hi: &[u8], revision: &mut i64) -> Result<usize, EtcdError> {
+        let resp = self
+            .range(lo, hi, at(GetOptions::new().with_count_only(), *revision))
+            .await?;
+        pin(revision, &resp);
+        Ok(resp.count().max(0) as usize)
+    }
+
+    /// Up to `read.n` records of `[read.lo, read.hi)` under `prefix` in `order`, all read at one
+    /// revision (`revision`, or the current one if 0, which is then stored there).
+    /// `newest_hint` is the newest record time known for the range (the GPU's `last_seen`);
+    /// newest-first pages probe back from it.
+    async fn page(
         &self,
         prefix: &str,
-        lo: &[u8],
-        hi: &[u8],
         order: Order,
-        n: usize,
         newest_hint: Option<Timestamp>,
+        read: Read<'_>,
         revision: &mut i64,
     ) -> Result<RawPage, EtcdError> {
-        if lo >= hi || n == 0 {
+        if read.lo >= read.hi || read.n == 0 {
             return Ok(RawPage::default());
         }
         match order {
             Order::Asc => {
-                let resp = self
-                    .range(lo, hi, at(GetOptions::new().with_limit(n as i64), *revision))
-                    .await?;
+                let limit = GetOptions::new().with_limit(read.n as i64);
+                let mut resp = self.range(read.lo, read.hi, at(limit, *revision)).await?;
                 pin(revision, &resp);
-                let more = resp.more();
-                let mut resp = resp;
                 Ok(RawPage {
+                    more: resp.more(),
                     records: resp.take_kvs(),
-                    more,
                 })
             }
-            Order::Desc => self.newest(prefix, lo, hi, n, newest_hint, revision).await,
+            Order::Desc => self.newest(prefix, read, newest_hint, revision).await,
         }
     }
 
-    /// The newest `n` records of `[lo, hi)`, newest first, in O(n) reads.
+    /// The newest `read.n` records of `[read.lo, read.hi)`, newest first, in O(n) reads.
     ///
     /// etcd can only return the *first* keys of a range cheaply (a descending sort reads the
     /// whole range). Keys start with a fixed-width timestamp, so this probes time windows back
-    /// from the top of the range with count-only requests (which touch only etcd's in-memory
-    /// index) until a window holds between n and about 4n records, then reads just that
-    /// window. Bursty data that defeats the probes falls back to a keys-only scan.
+    /// from the top of the range with count-only requests until a window holds between n and
+    /// about 4n records ([`next_window`]), then reads just that window. Bursty data that
+    /// defeats the probes falls back to a keys-only scan.
     async fn newest(
         &self,
         prefix: &str,
-        lo: &[u8],
-        hi: &[u8],
-        n: usize,
+        read: Read<'_>,
         newest_hint: Option<Timestamp>,
         revision: &mut i64,
     ) -> Result<RawPage, EtcdError> {
+        let Read { lo, hi, n } = read;
         let ceiling = 4 * n + 64;
         let top = top_time(prefix, hi, newest_hint);
         let mut window = FIRST_WINDOW;
@@ -297,39 +350,41 @@ impl Store {
         for _ in 0..MAX_PROBES {
             start = window_start(prefix, lo, top, window);
             let whole = start.as_slice() <= lo;
-            let resp = self
-                .range(&start, hi, at(GetOptions::new().with_count_only(), *revision))
-                .await?;
-            pin(revision, &resp);
-            let count = resp.count().max(0) as usize;
+            let count = self.count(&start, hi, revision).await?;
             if count <= ceiling && (count >= n || whole) {
-                let mut resp = self.range(&start, hi, at(GetOptions::new(), *revision)).await?;
-                let mut records = resp.take_kvs();
-                records.reverse();
-                let fetched = records.len();
-                records.truncate(n);
-                let more = if fetched > n {
-                    true
-                } else if whole {
-                    false
-                } else {
-                    self.any_below(lo, &start, *revision).await?
-                };
-                return Ok(RawPage { records, more });
+                return self.read_window(lo, &start, read, whole, *revision).await;
             }
-            if count < n {
-                let factor = (2 * n).checked_div(count).map_or(16, |f| f.clamp(2, 16));
-                window = window
-                    .checked_mul(factor as i32)
-                    .unwrap_or(chrono::TimeDelta::MAX);
-            } else {
-                let micros = (window.num_microseconds().unwrap_or(i64::MAX) as f64 * (2 * n) as f64
-                    / count as f64)
-                    .max(1.0);
-                window = chrono::TimeDelta::microseconds(micros as i64);
-            }
+            window = next_window(window, count, n);
         }
+        emit(NewestFallbackScan);
         self.newest_by_scan(&start, hi, n, revision).await
+    }
+
+    /// Reads the window `[start, read.hi)` a probe chose and keeps its newest `read.n` records;
+    /// `whole` says the window starts at `read.lo` (nothing older is in range).
+    async fn read_window(
+        &self,
+        lo: &[u8],
+        start: &[u8],
+        read: Read<'_>,
+        whole: bool,
+        revision: i64,
+    ) -> Result<RawPage, EtcdError> {
+        let mut resp = self
+            .range(start, read.hi, at(GetOptions::new(), revision))
+            .await?;
+        let mut records = resp.take_kvs();
+        records.reverse();
+        let fetched = records.len();
+        records.truncate(read.n);
+        let more = if fetched > read.n {
+            true
+        } else if whole {
+            false
+        } else {
+            self.any_below(lo, start, revision).await?
+        };
+        Ok(RawPage { records, more })
     }
 
     /// Is there a record in `[lo, below)`?
@@ -337,10 +392,8 @@ impl Store {
         if lo >= below {
             return Ok(false);
         }
-        let resp = self
-            .range(lo, below, at(GetOptions::new().with_count_only(), revision))
-            .await?;
-        Ok(resp.count() > 0)
+        let mut revision = revision;
+        Ok(self.count(lo, below, &mut revision).await? > 0)
     }
 
     /// Fallback of [`Store::newest`]: walk the keys of `[start, hi)` (keys only), keep the last
@@ -352,21 +405,12 @@ impl Store {
         n: usize,
         revision: &mut i64,
     ) -> Result<RawPage, EtcdError> {
-        metrics::counter!("gateway_newest_fallback_scans_total").increment(1);
         let mut last: VecDeque<Vec<u8>> = VecDeque::with_capacity(n + 1);
         let mut from = start.to_vec();
         let mut seen = 0usize;
         loop {
-            let mut resp = self
-                .range(
-                    &from,
-                    hi,
-                    at(
-                        GetOptions::new().with_keys_only().with_limit(SCAN_PAGE),
-                        *revision,
-                    ),
-                )
-                .await?;
+            let keys_only = GetOptions::new().with_keys_only().with_limit(SCAN_PAGE);
+            let mut resp = self.range(&from, hi, at(keys_only, *revision)).await?;
             pin(revision, &resp);
             let more = resp.more();
             for kv in resp.take_kvs() {
@@ -398,45 +442,25 @@ impl Store {
 
     /// Was any record written in revisions `from..=to`? (A replay over revisions without any
     /// would wait for the next write.) On an error, assumes yes.
-    pub async fn any_written(&self, from: i64, to: i64) -> bool {
-        let prefix = self.keys.data_prefix();
+    pub(crate) async fn any_written(&self, from: i64, to: i64) -> bool {
         let options = GetOptions::new()
             .with_prefix()
             .with_count_only()
             .with_min_mod_revision(from)
             .with_max_mod_revision(to);
-        match self.client.clone().get(prefix, Some(options)).await {
+        match self.kv.clone().get(self.keys.data_prefix(), Some(options)).await {
             Ok(resp) => resp.count() > 0,
             Err(_) => true,
         }
     }
 
     /// Sums the partition counters and counts the index, queue and dead letters, in one
-    /// transaction.
-    pub async fn stats(&self) -> Result<Stats, EtcdError> {
-        let keys = &self.keys;
-        let prefix = |p: String| {
-            let end = telemetry_shared::keys::prefix_end(&p);
-            (p, end)
-        };
-        let (stats_lo, stats_hi) = prefix(keys.stats_prefix());
-        let counts = [
-            keys.gpu_index_prefix(),
-            keys.host_index_prefix(),
-            keys.queue_prefix(),
-            keys.deadletter_prefix(),
-        ];
-        let mut ops = vec![TxnOp::get(stats_lo, Some(GetOptions::new().with_range(stats_hi)))];
-        for p in counts {
-            let (lo, hi) = prefix(p);
-            ops.push(TxnOp::get(
-                lo,
-                Some(GetOptions::new().with_range(hi).with_count_only()),
-            ));
-        }
+    /// transaction (one consistent revision).
+    pub(crate) async fn stats(&self) -> Result<Stats, EtcdError> {
+        let ops = stats_ops(&self.keys);
         let resp = read_with_retry(|| {
-            let (mut client, ops) = (self.client.clone(), ops.clone());
-            async move { client.txn(Txn::new().and_then(ops)).await }
+            let (mut kv, ops) = (self.kv.clone(), ops.clone());
+            async move { kv.txn(Txn::new().and_then(ops)).await }
         })
         .await?;
         let revision = header_revision(resp.header());
@@ -444,23 +468,7 @@ impl Store {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        let mut total = PartitionStats::default();
-        if let Some(counters) = gets.next() {
-            for kv in counters.kvs() {
-                match serde_json::from_slice::<PartitionStats>(kv.value()) {
-                    Ok(s) => {
-                        total.records += s.records;
-                        total.duplicates += s.duplicates;
-                        total.dead_letters += s.dead_letters;
-                        total.earliest = min_some(total.earliest, s.earliest);
-                        total.latest = total.latest.max(s.latest);
-                    }
-                    Err(err) => {
-                        tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %err, "unreadable stats counter");
-                    }
-                }
-            }
-        }
+        let total = gets.next().map(|g| sum_counters(g.kvs())).unwrap_or_default();
         let mut count = || gets.next().map_or(0, |g| g.count().max(0) as u64);
         Ok(Stats {
             total_records: total.records,
@@ -477,29 +485,64 @@ impl Store {
     }
 }
 
-/// Attempts of a read after the first, when etcd is unreachable or between leaders (a
-/// client may be pinned to a member that just died; the next attempt can reach another).
-const READ_RETRIES: u32 = 3;
-/// Backoff of the n-th retry (n × this).
-const READ_BACKOFF: Duration = Duration::from_millis(100);
+/// The reads of [`Store::stats`]: the partition counters, then count-only reads of the GPU
+/// index, the host index, the queue and the dead letters, in that order.
+fn stats_ops(keys: &Keyspace) -> Vec<TxnOp> {
+    let range = |prefix: String| {
+        let end = telemetry_shared::keys::prefix_end(&prefix);
+        (prefix, end)
+    };
+    let (stats_lo, stats_hi) = range(keys.stats_prefix());
+    let mut ops = vec![TxnOp::get(stats_lo, Some(GetOptions::new().with_range(stats_hi)))];
+    for prefix in [
+        keys.gpu_index_prefix(),
+        keys.host_index_prefix(),
+        keys.queue_prefix(),
+        keys.deadletter_prefix(),
+    ] {
+        let (lo, hi) = range(prefix);
+        ops.push(TxnOp::get(
+            lo,
+            Some(GetOptions::new().with_range(hi).with_count_only()),
+        ));
+    }
+    ops
+}
 
-/// Runs a read, retrying it a few times on errors worth retrying. Reads are idempotent, so
-/// this is always safe.
-async fn read_with_retry<T, F, Fut>(mut read: F) -> Result<T, EtcdError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let mut attempt = 0;
-    loop {
-        match read().await {
-            Err(err) if attempt < READ_RETRIES && is_retryable(&err) => {
-                attempt += 1;
-                metrics::counter!("gateway_etcd_read_retries_total").increment(1);
-                tokio::time::sleep(READ_BACKOFF * attempt).await;
+/// The sum of the partition counters; an unreadable one is reported and left out.
+fn sum_counters(counters: &[KeyValue]) -> PartitionStats {
+    let mut total = PartitionStats::default();
+    for kv in counters {
+        match serde_json::from_slice::<PartitionStats>(kv.value()) {
+            Ok(s) => {
+                total.records += s.records;
+                total.duplicates += s.duplicates;
+                total.dead_letters += s.dead_letters;
+                total.earliest = min_some(total.earliest, s.earliest);
+                total.latest = total.latest.max(s.latest);
             }
-            other => return Ok(other?),
+            Err(error) => emit(UnreadableSkipped {
+                what: "stats counter",
+                key: &String::from_utf8_lossy(kv.key()),
+                error: &error,
+            }),
         }
+    }
+    total
+}
+
+/// The next window to probe after one of `window` held `count` records, aiming at about `2n`:
+/// widened (2× to 16×) when it held fewer than `n`, narrowed in proportion otherwise.
+fn next_window(window: chrono::TimeDelta, count: usize, n: usize) -> chrono::TimeDelta {
+    if count < n {
+        let factor = (2 * n).checked_div(count).map_or(16, |f| f.clamp(2, 16));
+        window
+            .checked_mul(factor as i32)
+            .unwrap_or(chrono::TimeDelta::MAX)
+    } else {
+        let micros =
+            (window.num_microseconds().unwrap_or(i64::MAX) as f64 * (2 * n) as f64 / count as f64).max(1.0);
+        chrono::TimeDelta::microseconds(micros as i64)
     }
 }
 
@@ -555,5 +598,36 @@ fn window_start(prefix: &str, lo: &[u8], top: Timestamp, window: chrono::TimeDel
             key.max(lo.to_vec())
         }
         _ => lo.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    #[test]
+    fn probe_windows_widen_when_sparse_and_narrow_when_dense() {
+        let minute = TimeDelta::seconds(60);
+        assert_eq!(next_window(minute, 0, 100), minute * 16, "empty: widest step");
+        assert_eq!(next_window(minute, 50, 100), minute * 4, "aims at 2n");
+        assert_eq!(next_window(minute, 99, 100), minute * 2, "at least doubles");
+        assert_eq!(next_window(minute, 1000, 100), TimeDelta::seconds(12));
+        assert!(next_window(TimeDelta::MAX, 0, 1) >= TimeDelta::MAX, "no overflow");
+        assert!(next_window(TimeDelta::microseconds(1), 1_000_000, 1) >= TimeDelta::microseconds(1));
+    }
+
+    #[test]
+    fn the_page_window_starts_at_the_cursor_or_end_bound_time() {
+        let prefix = "/d/h/0/";
+        let hi = format!("{prefix}2026-01-01T00:00:10.000000Z_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        let top = top_time(prefix, hi.as_bytes(), None);
+        assert_eq!(top.to_string(), "2026-01-01T00:00:10.000000Z");
+        let start = window_start(prefix, prefix.as_bytes(), top, TimeDelta::seconds(10));
+        assert_eq!(start, format!("{prefix}2026-01-01T00:00:00.000000Z").into_bytes());
+        // Never below the range's own lower bound.
+        let lo = format!("{prefix}2026-01-01T00:00:05").into_bytes();
+        assert_eq!(window_start(prefix, &lo, top, TimeDelta::seconds(10)), lo);
     }
 }

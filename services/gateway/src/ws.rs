@@ -1,19 +1,19 @@
 //! `GET /api/v1/ws/telemetry`: live telemetry over a WebSocket.
 //!
-//! Protocol (server → client text frames, all JSON):
-//! - `{"type":"hello","revision":R,...}` first: the live feed starts after revision `R`.
-//! - `{"type":"telemetry","revision":R,"records":[…]}`: every matching record written at etcd
-//!   revision `R`, each in the negotiated schema version. One frame per revision, so a client
-//!   that remembers the last `revision` it received can resume with `?since_revision=` and get
-//!   every later record once: no gap, no repeat.
-//! - `{"type":"error","error":code,"detail":text,"last_revision":R}` just before the server
-//!   closes the socket (slow subscriber, compacted history, gap, shutdown). The close frame
-//!   carries the code and `last_revision` too.
+//! Protocol (server to client JSON text frames, see [`crate::frames`]):
+//! - a hello frame first: the live feed starts after its `revision`;
+//! - a telemetry frame per etcd revision with matching records, each in the negotiated payload
+//!   version. A client that remembers the last `revision` it received can resume with
+//!   `?since_revision=` and get every later record once: no gap, no repeat;
+//! - an error frame just before the server closes the socket (slow subscriber, compacted
+//!   history, gap, missing pong, shutdown); the close frame carries its code and
+//!   `last_revision` too.
 //!
-//! Resuming replays history from etcd with a short-lived watch from `since_revision + 1`
-//! until it reaches the live feed, which buffers meanwhile; a revision that was compacted
-//! closes the socket with code 4002 (`compacted`): fetch the gap over REST, then reconnect
-//! without `since_revision`.
+//! Parameters are validated before the upgrade (400, or 406 for the version), so a refusal is
+//! an HTTP answer with a JSON body. Resuming replays history from etcd with a short-lived watch
+//! from `since_revision + 1` until it reaches the live feed, which buffers meanwhile; a
+//! revision that was compacted closes the socket with code 4002 (`compacted`): fetch the gap
+//! over REST, then reconnect without `since_revision`.
 
 use std::{sync::Arc, time::Instant};
 
@@ -32,64 +32,160 @@ use serde::Deserialize;
 use telemetry_shared::{
     SchemaVersion,
     etcd::current_revision,
+    observe::emit,
     watch::{Follow, Update},
 };
 use tokio::sync::OwnedSemaphorePermit;
-use utoipa::IntoParams;
+use utoipa::{
+    IntoParams,
+    openapi::path::{Parameter, ParameterIn},
+};
 
 use crate::{
     AppState,
-    error::ApiError,
+    error::{ApiError, ErrorBody},
+    events::{RecordsSent, UpgradeRefused},
+    frames::{CloseReason, ErrorFrame, ErrorType, HelloFrame, HelloType, telemetry_frame},
     hub::{Batch, Ended, Event, Filter, Subscription, group},
-    negotiate::negotiate,
+    negotiate::{negotiate, version_schema},
+    params,
 };
 
-/// Close code: the subscriber could not keep up.
-pub const CLOSE_SLOW: u16 = 4001;
-/// Close code: `since_revision` is older than etcd's compacted history.
-pub const CLOSE_COMPACTED: u16 = 4002;
-/// Close code: the gateway's own feed lost history; resume over REST.
-pub const CLOSE_GAP: u16 = 4003;
-/// Close code: no pong within two ping intervals.
-pub const CLOSE_PING_TIMEOUT: u16 = 4004;
-/// Close code: the gateway is shutting down (standard "going away").
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-
-/// Query parameters of the WebSocket endpoint.
-#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+/// Query parameters of the WebSocket endpoint; their parameters in the document (see the
+/// `IntoParams` implementation) declare the rules [`Subscribe::parse`] applies.
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct WsParams {
     /// Only records of this host.
     pub hostname: Option<String>,
-    /// Only records of this gpu_id (on any host unless `hostname` is given).
+    /// Only records of this gpu_id.
     pub gpu_id: Option<String>,
     /// Only records of this GPU UUID.
     pub uuid: Option<String>,
     /// Only records of this metric.
     pub metric: Option<String>,
-    /// Payload schema version: `v1` (default), `v1beta2` or `v1beta1`.
+    /// Payload schema version.
     pub schema: Option<String>,
-    /// Resume after this revision (the last `revision` received).
+    /// Resume after this revision.
     pub since_revision: Option<String>,
 }
 
-fn nonempty(param: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value {
-        Some(v) if v.trim().is_empty() => Err(ApiError::invalid(param, "must not be empty")),
-        other => Ok(other.map(|v| v.trim().to_string())),
+impl IntoParams for WsParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        use params::{query, text_schema};
+        vec![
+            query(
+                "hostname",
+                "Only records of this host. Must not be blank.",
+                text_schema("mtv5-dgx1-hgpu-031"),
+            ),
+            query(
+                "gpu_id",
+                "Only records of this gpu_id (on any host unless `hostname` is given). Must not \
+                 be blank.",
+                text_schema("0"),
+            ),
+            query(
+                "uuid",
+                "Only records of this GPU UUID. Must not be blank.",
+                text_schema("GPU-5fd4f087-86f3-7a43-b711-4771313afc50"),
+            ),
+            query(
+                "metric",
+                "Only records of this metric; numbers and booleans compare as text. Must not be \
+                 blank.",
+                text_schema("DCGM_FI_DEV_GPU_UTIL"),
+            ),
+            query(
+                "schema",
+                "Payload schema version; wins over `Accept`. An unknown version is a 406.",
+                version_schema(),
+            ),
+            query(
+                "since_revision",
+                "Resume after this revision: the last `revision` received (a `telemetry` \
+                 frame's, or the `last_revision` of an `error` frame). A revision etcd has not \
+                 reached yet is refused with 400; one older than etcd's compacted history \
+                 closes the socket with 4002.",
+                params::whole_schema(0, None, None, 1),
+            ),
+        ]
     }
 }
 
-/// Upgrades to a WebSocket subscription.
+/// What a valid request subscribes to.
+struct Subscribe {
+    filter: Filter,
+    version: SchemaVersion,
+    since: Option<i64>,
+}
+
+impl Subscribe {
+    /// Validates the parameters (400, or 406 for the version) before any upgrade.
+    async fn parse(app: &AppState, params: WsParams, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        let version = negotiate(params.schema.as_deref(), accept)?;
+        let since = params::whole(
+            "since_revision",
+            params.since_revision.as_deref(),
+            0..=i64::MAX as u64,
+            None,
+        )?
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(since) = since {
+            // A revision etcd has not reached yet (a typo, or one from another cluster) would
+            // make the client wait silently for history that is not this store's: refuse it.
+            let current = current_revision(app.store.client()).await?;
+            if since > current {
+                return Err(ApiError::invalid(
+                    "since_revision",
+                    format!(
+                        "{since} is ahead of etcd's current revision {current}; pass a revision this gateway sent"
+                    ),
+                ));
+            }
+        }
+        let filter = Filter {
+            hostname: params::text("hostname", params.hostname)?,
+            gpu_id: params::text("gpu_id", params.gpu_id)?,
+            uuid: params::text("uuid", params.uuid)?,
+            metric: params::text("metric", params.metric)?,
+        };
+        Ok(Subscribe {
+            filter,
+            version,
+            since,
+        })
+    }
+}
+
+/// Upgrades to a WebSocket subscription to live telemetry.
+///
+/// Frames (server to client, JSON text): `HelloFrame` first; then a `TelemetryFrame` per etcd
+/// revision with matching records (with `since_revision`, history is replayed first, then the
+/// live feed, with no gap and no repeat); an `ErrorFrame` just before the server closes the
+/// socket. Close codes: 4001 slow subscriber, 4002 `since_revision` compacted, 4003 the
+/// gateway's feed lost history, 4004 no pong within two ping intervals, 1001 shutdown. The
+/// server pings every `WS_PING_INTERVAL`; text the client sends is ignored.
 #[utoipa::path(
     get,
     path = "/api/v1/ws/telemetry",
-    params(WsParams),
+    operation_id = "ws_telemetry",
+    params(
+        WsParams,
+        ("Connection" = String, Header, description = "Must contain the token `upgrade`.",
+            pattern = "[Uu][Pp][Gg][Rr][Aa][Dd][Ee]", example = "Upgrade"),
+        ("Upgrade" = String, Header, description = "`websocket` (any case).",
+            pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$", example = "websocket"),
+        ("Sec-WebSocket-Version" = String, Header, description = "`13`.",
+            pattern = "^13$", example = "13"),
+        ("Sec-WebSocket-Key" = String, Header, description = "The client's handshake nonce (RFC 6455).",
+            example = "dGhlIHNhbXBsZSBub25jZQ=="),
+    ),
     responses(
-        (status = 101, description = "Switching to the WebSocket protocol; see the module docs for frames"),
-        (status = 400, description = "Bad parameter or not a WebSocket request", body = crate::error::ErrorBody),
-        (status = 406, description = "Unknown schema version", body = crate::error::ErrorBody),
-        (status = 503, description = "WS_MAX_CONNECTIONS subscribers are already connected", body = crate::error::ErrorBody),
+        (status = 101, description = "Switching to the WebSocket protocol: frames as described above"),
+        (status = 400, description = "Bad parameter, `since_revision` ahead of etcd, or not a WebSocket handshake", body = ErrorBody),
+        (status = 406, description = "Unknown schema version", body = ErrorBody),
+        (status = 503, description = "WS_MAX_CONNECTIONS subscribers are already connected, or etcd does not answer", body = ErrorBody),
     ),
     tag = "live"
 )]
@@ -100,39 +196,11 @@ pub async fn ws_telemetry(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-    let version = negotiate(params.schema.as_deref(), accept)?;
-    let since = match params.since_revision.as_deref().map(str::trim) {
-        None => None,
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) if n >= 0 => Some(n),
-            _ => {
-                return Err(ApiError::invalid(
-                    "since_revision",
-                    format!("{text:?} is not a revision (a whole number ≥ 0)"),
-                ));
-            }
-        },
-    };
-    if let Some(since) = since {
-        // A revision etcd has not reached yet (a typo, or one from another cluster) would make
-        // the client wait silently for history that is not this store's: refuse it.
-        let current = current_revision(app.store.client()).await?;
-        if since > current {
-            return Err(ApiError::invalid(
-                "since_revision",
-                format!(
-                    "{since} is ahead of etcd's current revision {current}; pass a revision this gateway sent"
-                ),
-            ));
-        }
-    }
-    let filter = Filter {
-        hostname: nonempty("hostname", params.hostname)?,
-        gpu_id: nonempty("gpu_id", params.gpu_id)?,
-        uuid: nonempty("uuid", params.uuid)?,
-        metric: nonempty("metric", params.metric)?,
-    };
+    let Subscribe {
+        filter,
+        version,
+        since,
+    } = Subscribe::parse(&app, params, &headers).await?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -141,7 +209,9 @@ pub async fn ws_telemetry(
         )
     })?;
     let Ok(permit) = app.ws_slots.clone().try_acquire_owned() else {
-        metrics::counter!("gateway_ws_refused_total").increment(1);
+        emit(UpgradeRefused {
+            limit: app.config.ws_max_connections,
+        });
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
@@ -170,8 +240,7 @@ pub async fn ws_telemetry(
 
 /// Why a session ends, and what the client is told.
 struct Close {
-    code: u16,
-    error: &'static str,
+    reason: CloseReason,
     detail: String,
 }
 
@@ -200,14 +269,14 @@ impl Session {
             .subscribe(self.filter.clone(), self.app.config.ws_buffer);
         let live_from = sub.start_revision;
         self.last_sent = since.unwrap_or(live_from);
-        let hello = serde_json::json!({
-            "type": "hello",
-            "revision": live_from,
-            "since_revision": since,
-            "schema_version": self.version.as_str(),
-            "filter": self.filter,
-        });
-        if !self.send_text(hello.to_string()).await {
+        let hello = HelloFrame {
+            r#type: HelloType::Hello,
+            revision: live_from,
+            since_revision: since,
+            schema_version: self.version.as_str(),
+            filter: self.filter.clone(),
+        };
+        if !self.send_json(&hello).await {
             return;
         }
         let outcome = match since {
@@ -242,8 +311,7 @@ impl Session {
                 update = follow.next(&shutdown) => match update {
                     None => return self.going_away(),
                     Some(Update::Compacted { compact_revision, .. }) => return Step::Close(Close {
-                        code: CLOSE_COMPACTED,
-                        error: "compacted",
+                        reason: CloseReason::Compacted,
                         detail: format!(
                             "revision {} is compacted (history starts at {compact_revision}); read the gap over REST, then reconnect without since_revision",
                             since + 1
@@ -294,8 +362,7 @@ impl Session {
                     None => return match sub.ended() {
                         Ended::Slow => self.slow(),
                         Ended::Gap { resumed_at } => Step::Close(Close {
-                            code: CLOSE_GAP,
-                            error: "gap",
+                            reason: CloseReason::Gap,
                             detail: format!(
                                 "the gateway's feed lost history before revision {resumed_at}; read the gap over REST, then reconnect"
                             ),
@@ -335,8 +402,7 @@ impl Session {
             _ = ping.tick() => {
                 if self.last_pong.elapsed() > self.app.config.ws_ping_interval * 2 {
                     return Step::Close(Close {
-                        code: CLOSE_PING_TIMEOUT,
-                        error: "ping_timeout",
+                        reason: CloseReason::PingTimeout,
                         detail: "no pong within two ping intervals".into(),
                     });
                 }
@@ -364,18 +430,22 @@ impl Session {
             .map(|e| e.payload(self.version))
             .collect();
         if !records.is_empty() {
-            let frame = format!(
-                "{{\"type\":\"telemetry\",\"revision\":{},\"records\":[{}]}}",
-                batch.revision,
-                records.join(",")
-            );
-            if !self.send_text(frame).await {
+            if !self.send_text(telemetry_frame(batch.revision, &records)).await {
                 return Step::Gone;
             }
-            metrics::counter!("gateway_ws_records_sent_total").increment(records.len() as u64);
+            emit(RecordsSent {
+                records: records.len(),
+            });
         }
         self.last_sent = batch.revision;
         Step::Continue
+    }
+
+    async fn send_json(&mut self, frame: &impl serde::Serialize) -> bool {
+        match serde_json::to_string(frame) {
+            Ok(text) => self.send_text(text).await,
+            Err(_) => false,
+        }
     }
 
     async fn send_text(&mut self, text: String) -> bool {
@@ -391,8 +461,7 @@ impl Session {
 
     fn slow(&self) -> Step {
         Step::Close(Close {
-            code: CLOSE_SLOW,
-            error: "slow_subscriber",
+            reason: CloseReason::SlowSubscriber,
             detail: format!(
                 "more than {} revisions were waiting for this socket; reconnect with since_revision={} to resume",
                 self.app.config.ws_buffer, self.last_sent
@@ -402,8 +471,7 @@ impl Session {
 
     fn going_away(&self) -> Step {
         Step::Close(Close {
-            code: CLOSE_GOING_AWAY,
-            error: "shutting_down",
+            reason: CloseReason::ShuttingDown,
             detail: format!(
                 "the gateway is shutting down; reconnect with since_revision={} to resume",
                 self.last_sent
@@ -412,17 +480,17 @@ impl Session {
     }
 
     async fn close(mut self, close: Close) {
-        let notice = serde_json::json!({
-            "type": "error",
-            "error": close.error,
-            "detail": close.detail,
-            "last_revision": self.last_sent,
-        });
-        let _ = self.send_text(notice.to_string()).await;
+        let notice = ErrorFrame {
+            r#type: ErrorType::Error,
+            error: close.reason,
+            detail: close.detail,
+            last_revision: self.last_sent,
+        };
+        let _ = self.send_json(&notice).await;
         // A close reason is at most 123 bytes.
-        let reason = format!("{} last_revision={}", close.error, self.last_sent);
+        let reason = format!("{} last_revision={}", close.reason.as_str(), self.last_sent);
         let frame = CloseFrame {
-            code: close.code,
+            code: close.reason.code(),
             reason: reason.into(),
         };
         let _ = tokio::time::timeout(

@@ -3,11 +3,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use telemetry_shared::{
     CommonConfig, ConfigError,
-    config::{RawCommonConfig, duration, duration_at_least},
+    config::{EnvSpec as _, EnvVar, LogConfig, RawCommonConfig, RawLogConfig, Setting},
     etcd::MIN_LEASE_TTL,
     keys::is_key_segment,
 };
@@ -41,32 +40,52 @@ pub struct StreamerConfig {
     pub partition_columns: Vec<String>,
     /// `PROGRESS_INTERVAL` (default 5s): how often progress is logged.
     pub progress_interval: Duration,
+    /// `RUST_LOG` and `LOG_FORMAT`.
+    pub log: LogConfig,
 }
 
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-struct RawStreamerConfig {
-    #[serde(flatten)]
-    common: RawCommonConfig,
-    csv_path: Option<String>,
-    workers: Option<u32>,
-    rate: Option<f64>,
-    #[serde(rename = "loop")]
-    loop_mode: Option<bool>,
-    batch_size: Option<u32>,
-    max_queue_depth: Option<u64>,
-    stream_id: Option<String>,
-    metrics_port: Option<u16>,
-    dedup_ttl: Option<String>,
-    partition_columns: Option<String>,
-    progress_interval: Option<String>,
+telemetry_shared::env_config! {
+    /// Every variable the streamer reads: envy's struct, and the table `--help` prints.
+    struct RawStreamerConfig {
+        flatten common: RawCommonConfig;
+        flatten log: RawLogConfig;
+        /// The CSV file to stream (--csv overrides it).
+        csv_path = Required;
+        /// Independent workers, 1 to 1024, each streaming the whole file as stream
+        /// {STREAM_ID}-w{i} (--workers overrides it).
+        workers = Value("1");
+        /// Messages per second per worker, fractional; 0 = unlimited (--rate overrides it).
+        rate = Value("1.0");
+        /// true: restart at end of file (each pass makes new messages); false: one pass, then
+        /// exit 0 (--once sets false).
+        r#loop = Value("true");
+        /// Rows held before a flush, 1 to 100000; one etcd transaction carries at most 63 of
+        /// them.
+        batch_size = Value("100");
+        /// Wait while the queue holds this many messages; 0 = no limit.
+        max_queue_depth = Value("10000");
+        /// Names the source for checkpoints: 1-200 characters without '/'.
+        stream_id = Computed("the CSV file's stem and a hash of its absolute path");
+        /// Port of Prometheus /metrics; 0 = off.
+        metrics_port = Value("0");
+        /// How long an enqueued idempotency key is remembered (at least 2s).
+        dedup_ttl = Value("24h");
+        /// Comma-separated columns whose values pick the queue partition, so one GPU's rows
+        /// stay in order.
+        partition_columns = Value("Hostname,gpu_id");
+        /// How often a progress line is logged.
+        progress_interval = Value("5s");
+    }
 }
 
 /// Command-line overrides, in the style of the original seed program.
 #[derive(Debug, Default, Clone, clap::Parser)]
 #[command(
     name = "telemetry-streamer",
+    version,
     about = "Streams CSV rows into the etcd telemetry queue exactly once. \
-Configured by environment variables (see README); these flags override them."
+Configured by the environment variables listed below; these flags override them.",
+    after_help = StreamerConfig::env_help()
 )]
 pub struct Flags {
     /// The CSV file (overrides CSV_PATH).
@@ -89,9 +108,19 @@ impl StreamerConfig {
         telemetry_shared::config::var_names::<RawStreamerConfig>()
     }
 
+    /// Every variable with its default and meaning (the same struct, for `--help`).
+    pub fn env_spec() -> Vec<EnvVar> {
+        RawStreamerConfig::vars()
+    }
+
+    /// The environment section of `--help`.
+    pub fn env_help() -> String {
+        telemetry_shared::config::env_help::<RawStreamerConfig>()
+    }
+
     /// Reads the process environment and applies `flags`.
     pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars(), flags)
+        Self::from_vars(telemetry_shared::config::process_vars(), flags)
     }
 
     /// Reads the given variables and applies `flags` (tests use this).
@@ -100,108 +129,28 @@ impl StreamerConfig {
         I: IntoIterator<Item = (String, String)>,
     {
         let mut raw: RawStreamerConfig = telemetry_shared::config::from_iter(vars)?;
-        if let Some(csv) = &flags.csv {
-            raw.csv_path = Some(csv.clone());
-        }
-        if flags.workers.is_some() {
-            raw.workers = flags.workers;
-        }
-        if flags.rate.is_some() {
-            raw.rate = flags.rate;
-        }
-        if flags.once {
-            raw.loop_mode = Some(false);
-        }
-        Self::validate(raw)
+        flags.apply(&mut raw);
+        Self::validate(&raw)
     }
 
-    fn validate(raw: RawStreamerConfig) -> Result<Self, ConfigError> {
-        let common = CommonConfig::try_from(raw.common)?;
-        let csv_path = PathBuf::from(
-            raw.csv_path
-                .ok_or_else(|| ConfigError::Missing("CSV_PATH".into()))?,
-        );
-        let workers = raw.workers.unwrap_or(1);
-        if !(1..=1024).contains(&workers) {
-            return Err(ConfigError::invalid(
-                "WORKERS",
-                workers.to_string(),
-                "must be between 1 and 1024",
-            ));
-        }
-        let rate = raw.rate.unwrap_or(1.0);
-        if !rate.is_finite() || rate < 0.0 {
-            return Err(ConfigError::invalid(
-                "RATE",
-                rate.to_string(),
-                "must be a non-negative number (0 = unlimited)",
-            ));
-        }
-        // Below one message a day the period would overflow any sane timer.
-        if rate > 0.0 && rate < 1.0 / 86_400.0 {
-            return Err(ConfigError::invalid(
-                "RATE",
-                rate.to_string(),
-                "must be at least 1/86400 (one a day) or 0",
-            ));
-        }
-        let batch_size = raw.batch_size.unwrap_or(100);
-        if !(1..=100_000).contains(&batch_size) {
-            return Err(ConfigError::invalid(
-                "BATCH_SIZE",
-                batch_size.to_string(),
-                "must be between 1 and 100000",
-            ));
-        }
-        let stream_id = match raw.stream_id {
-            Some(id) => {
-                if !is_key_segment(&id) || id.len() > 200 {
-                    return Err(ConfigError::invalid(
-                        "STREAM_ID",
-                        id,
-                        "must be 1-200 characters without '/' or control characters",
-                    ));
-                }
-                id
-            }
-            None => default_stream_id(&csv_path),
-        };
-        let partition_columns: Vec<String> = raw
-            .partition_columns
-            .as_deref()
-            .unwrap_or("Hostname,gpu_id")
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+    fn validate(raw: &RawStreamerConfig) -> Result<Self, ConfigError> {
+        let csv_path = PathBuf::from(raw.csv_path().text()?);
         Ok(StreamerConfig {
-            common,
+            common: CommonConfig::try_from(&raw.common)?,
+            workers: raw.workers().number(1..=1024)?,
+            rate: rate(&raw.rate())?,
+            loop_mode: raw.r#loop().boolean()?,
+            batch_size: raw.batch_size().number(1..=100_000)?,
+            max_queue_depth: raw
+                .max_queue_depth()
+                .parse_with("a whole number of messages (0 = no limit)", |t| t.parse().ok())?,
+            stream_id: stream_id(&raw.stream_id(), &csv_path)?,
             csv_path,
-            workers,
-            rate: (rate > 0.0).then_some(rate),
-            loop_mode: raw.loop_mode.unwrap_or(true),
-            batch_size: batch_size as usize,
-            max_queue_depth: raw.max_queue_depth.unwrap_or(10_000),
-            stream_id,
-            metrics_port: raw.metrics_port.unwrap_or(0),
-            dedup_ttl: duration_at_least(
-                "DEDUP_TTL",
-                raw.dedup_ttl.as_deref(),
-                Duration::from_secs(24 * 3600),
-                MIN_LEASE_TTL,
-            )?,
-            partition_columns,
-            progress_interval: {
-                let d = duration(
-                    "PROGRESS_INTERVAL",
-                    raw.progress_interval.as_deref(),
-                    Duration::from_secs(5),
-                )?;
-                if d.is_zero() {
-                    return Err(ConfigError::invalid("PROGRESS_INTERVAL", "0", "must be positive"));
-                }
-                d
-            },
+            metrics_port: raw.metrics_port().number(0..=u16::MAX)?,
+            dedup_ttl: raw.dedup_ttl().duration(MIN_LEASE_TTL)?,
+            partition_columns: partition_columns(raw.partition_columns().text()?),
+            progress_interval: raw.progress_interval().duration(Duration::from_millis(1))?,
+            log: LogConfig::try_from(&raw.log)?,
         })
     }
 
@@ -209,6 +158,56 @@ impl StreamerConfig {
     pub fn worker_stream_id(&self, index: u32) -> String {
         format!("{}-w{index}", self.stream_id)
     }
+}
+
+impl Flags {
+    /// Writes the flags given over the variables they override, so that they are validated
+    /// (and named in errors) like the variables.
+    fn apply(&self, raw: &mut RawStreamerConfig) {
+        if let Some(csv) = &self.csv {
+            raw.csv_path = Some(csv.clone());
+        }
+        if let Some(workers) = self.workers {
+            raw.workers = Some(workers.to_string());
+        }
+        if let Some(rate) = self.rate {
+            raw.rate = Some(rate.to_string());
+        }
+        if self.once {
+            raw.r#loop = Some("false".into());
+        }
+    }
+}
+
+/// `RATE`: `None` for 0 (unlimited); otherwise at least one message a day, since a longer
+/// period would overflow any sane timer.
+fn rate(setting: &Setting<'_>) -> Result<Option<f64>, ConfigError> {
+    let rate: f64 = setting.parse_with(
+        "a number of messages per second: 0 (unlimited) or from 1/86400 (one a day) up",
+        |t| {
+            t.parse::<f64>()
+                .ok()
+                .filter(|r| *r == 0.0 || (r.is_finite() && *r >= 1.0 / 86_400.0))
+        },
+    )?;
+    Ok((rate > 0.0).then_some(rate))
+}
+
+/// `STREAM_ID`, or the default derived from the CSV path.
+fn stream_id(setting: &Setting<'_>, csv_path: &std::path::Path) -> Result<String, ConfigError> {
+    match setting.value() {
+        None => Ok(default_stream_id(csv_path)),
+        Some(id) if is_key_segment(id) && id.len() <= 200 => Ok(id.to_string()),
+        Some(_) => Err(setting.invalid("must be 1-200 characters without '/' or control characters")),
+    }
+}
+
+/// `PARTITION_COLUMNS`: comma-separated, blanks ignored.
+fn partition_columns(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// The default stream id: the file's stem plus a short hash of its absolute path, so two files
@@ -257,29 +256,54 @@ mod tests {
     }
 
     #[test]
-    fn every_bad_variable_is_named() {
-        let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[], "CSV_PATH"),
-            (&[("CSV_PATH", "a"), ("WORKERS", "two")], "WORKERS"),
-            (&[("CSV_PATH", "a"), ("WORKERS", "0")], "WORKERS"),
-            (&[("CSV_PATH", "a"), ("RATE", "-1")], "RATE"),
-            (&[("CSV_PATH", "a"), ("RATE", "fast")], "RATE"),
-            (&[("CSV_PATH", "a"), ("LOOP", "yes")], "LOOP"),
-            (&[("CSV_PATH", "a"), ("BATCH_SIZE", "0")], "BATCH_SIZE"),
-            (&[("CSV_PATH", "a"), ("MAX_QUEUE_DEPTH", "-5")], "MAX_QUEUE_DEPTH"),
-            (&[("CSV_PATH", "a"), ("STREAM_ID", "a/b")], "STREAM_ID"),
-            (&[("CSV_PATH", "a"), ("METRICS_PORT", "70000")], "METRICS_PORT"),
-            (&[("CSV_PATH", "a"), ("DEDUP_TTL", "1s")], "DEDUP_TTL"),
-            (&[("CSV_PATH", "a"), ("DEDUP_TTL", "soon")], "DEDUP_TTL"),
-            (
-                &[("CSV_PATH", "a"), ("ETCD_ENDPOINTS", "nohost")],
-                "ETCD_ENDPOINTS",
-            ),
+    fn every_bad_variable_is_named_with_what_is_accepted() {
+        let err = load(&[]).expect_err("no CSV_PATH");
+        assert_eq!(err.to_string(), "CSV_PATH is required but not set");
+        let cases: &[(&str, &str)] = &[
+            ("WORKERS", "two"),
+            ("WORKERS", "0"),
+            ("WORKERS", "2000"),
+            ("RATE", "-1"),
+            ("RATE", "fast"),
+            ("RATE", "NaN"),
+            ("RATE", "0.000001"),
+            ("LOOP", "yes"),
+            ("BATCH_SIZE", "0"),
+            ("MAX_QUEUE_DEPTH", "-5"),
+            ("STREAM_ID", "a/b"),
+            ("METRICS_PORT", "70000"),
+            ("DEDUP_TTL", "1s"),
+            ("DEDUP_TTL", "soon"),
+            ("PROGRESS_INTERVAL", "0s"),
+            ("ETCD_ENDPOINTS", "nohost"),
+            ("ETCD_NAMESPACE", "a b"),
+            ("LOG_FORMAT", "pretty"),
+            ("RUST_LOG", "info,x=loud"),
         ];
-        for (vars, name) in cases {
-            let err = load(vars).expect_err(name);
-            assert!(err.to_string().contains(name), "{name}: {err}");
+        for (var, value) in cases {
+            let err = load(&[("CSV_PATH", "a"), (var, value)])
+                .expect_err(var)
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{var}={value:?} is invalid: must ")),
+                "{err}"
+            );
         }
+        // Free text: any path (a missing file is reported when opened), any column list.
+        let free = ["CSV_PATH", "PARTITION_COLUMNS"];
+        for var in StreamerConfig::env_vars() {
+            let tested = cases.iter().any(|(v, _)| *v == var) || free.contains(&var.as_str());
+            assert!(tested, "no rejection of {var} tested");
+        }
+    }
+
+    #[test]
+    fn every_variable_read_is_documented() {
+        let mut documented: Vec<String> = StreamerConfig::env_spec().into_iter().map(|v| v.name).collect();
+        documented.sort();
+        assert_eq!(documented, StreamerConfig::env_vars());
+        assert!(documented.contains(&"LOOP".to_string()));
+        assert!(StreamerConfig::env_help().contains("  CSV_PATH [required]\n"));
     }
 
     #[test]

@@ -44,7 +44,15 @@ use telemetry_tests::bench::{
 };
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks the telemetry pipeline against raw etcd in the same run")]
+#[command(
+    name = "telemetry-bench",
+    version,
+    about = "Benchmarks the telemetry pipeline against raw etcd in the same run",
+    after_help = format!(
+        "{}\n\nETCD_BIN picks the etcd binary (default: the vendored etcd 3.7.2, else etcd on PATH).",
+        telemetry_shared::config::env_help::<telemetry_shared::config::RawLogConfig>()
+    )
+)]
 struct Args {
     /// Rows of the generated CSV for the streamer phases (the sample repeated) [default: 49400,
     /// --quick 9880].
@@ -506,12 +514,13 @@ async fn load_ws(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let log = telemetry_shared::config::LogConfig::load().unwrap_or_else(|err| err.exit());
     let plan = Plan::new(&args);
     // Fail before any phase runs, not after minutes of them.
     limits::ensure_open_files(plan.open_files_needed())?;
     let bin_dir = limits::service_bin_dir()?;
     // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
-    telemetry_shared::observe::init_tracing();
+    telemetry_shared::observe::init_tracing(&log);
     let mut bench = Bench::start(plan, bin_dir).await?;
     if !args.gateway_only {
         pipeline_phases(&mut bench).await?;

@@ -8,7 +8,11 @@ use telemetry_tests::chaos::{ChaosOptions, run};
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Exactly-once under faults: the real services on a 3-member etcd, faults on a seeded schedule, then an audit"
+    name = "telemetry-chaos",
+    version,
+    about = "Exactly-once under faults: the real services on a 3-member etcd, faults on a seeded schedule, then an audit",
+    after_help = "Environment variables:\n  ETCD_BIN [default: the vendored etcd 3.7.2, else etcd on PATH]\n          The etcd \
+binary the cluster runs.\n\nThe services it starts get only the variables the run sets."
 )]
 struct Args {
     /// Rows of generated input (the DCGM sample repeated).

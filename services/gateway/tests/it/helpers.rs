@@ -4,11 +4,17 @@
 use std::{path::PathBuf, time::Duration};
 
 use etcd_client::Client;
+use futures::StreamExt as _;
+use serde_json::Value;
 use telemetry_collector::CollectorConfig;
 use telemetry_gateway::GatewayConfig;
 use telemetry_harness::{EtcdServer, count};
 use telemetry_shared::Keyspace;
 use telemetry_streamer::{Flags, StreamerConfig};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{Message, protocol::CloseFrame},
+};
 use tokio_util::sync::CancellationToken;
 
 pub const NS: &str = "/g";
@@ -53,11 +59,24 @@ pub async fn stream_csv(server: &EtcdServer, client: &Client, csv: &std::path::P
 
 /// A collector running in process until the token is cancelled.
 pub fn spawn_collector(server: &EtcdServer, client: &Client) -> CancellationToken {
+    spawn_collector_task(server, client).0
+}
+
+/// A collector running in process until the token is cancelled, and its task.
+fn spawn_collector_task(
+    server: &EtcdServer,
+    client: &Client,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
     let config = CollectorConfig::from_vars(vars(server, &[("COLLECTOR_ID", "c1"), ("LEASE_TTL", "3s")]))
         .expect("collector config");
-    tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
-    stop
+    let task = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let _ = telemetry_collector::run(config, client, stop).await;
+        }
+    });
+    (stop, task)
 }
 
 /// Waits until `n` records are stored and the queue is empty.
@@ -70,12 +89,14 @@ pub async fn wait_stored(client: &Client, n: i64) {
     assert!(ok, "the sample was not collected in time");
 }
 
-/// Streams and collects the whole sample, then stops the collector.
+/// Streams and collects the whole sample, then stops the collector (and waits for it, so
+/// nothing of the pipeline runs in the process any more).
 pub async fn load_sample(server: &EtcdServer, client: &Client) {
-    let stop = spawn_collector(server, client);
+    let (stop, task) = spawn_collector_task(server, client);
     stream_sample(server, client, "dcgm").await;
     wait_stored(client, 2470).await;
     stop.cancel();
+    task.await.expect("collector stops");
 }
 
 /// A gateway served in process.
@@ -146,4 +167,69 @@ pub async fn validator(http: &reqwest::Client, base: &str, version: &str) -> jso
 pub fn assert_valid(validator: &jsonschema::Validator, item: &serde_json::Value) {
     let errors: Vec<String> = validator.iter_errors(item).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "{item} does not validate: {errors:?}");
+}
+
+/// A WebSocket client connection.
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub enum Frame {
+    Json(Value),
+    Closed(Option<CloseFrame>),
+}
+
+pub async fn connect(url: &str) -> (Socket, Value) {
+    let (mut socket, _) = connect_async(url).await.expect("websocket connects");
+    match next(&mut socket).await {
+        Frame::Json(hello) => {
+            assert_eq!(hello["type"], "hello", "{hello}");
+            (socket, hello)
+        }
+        Frame::Closed(close) => panic!("closed before hello: {close:?}"),
+    }
+}
+
+pub async fn next(socket: &mut Socket) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a frame within 30 s");
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                return Frame::Json(serde_json::from_str(&text).expect("frames are JSON"));
+            }
+            Some(Ok(Message::Close(close))) => return Frame::Closed(close),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Frame::Closed(None),
+        }
+    }
+}
+
+/// The sample's header: `metric_name`, `gpu_id`, `uuid` and `Hostname` are the columns the
+/// pipeline keys and filters by.
+pub const CSV_HEADER: &str =
+    "timestamp,metric_name,gpu_id,device,uuid,modelName,Hostname,container,pod,namespace,value,labels_raw";
+
+/// A CSV file with the sample's header and one row per `(metric, gpu_id, uuid, host, labels)`.
+pub fn csv_file(rows: &[(&str, &str, &str, &str, &str)]) -> tempfile::NamedTempFile {
+    use std::io::Write as _;
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    writeln!(file, "{CSV_HEADER}").expect("write");
+    for (i, (metric, gpu_id, uuid, host, labels)) in rows.iter().enumerate() {
+        writeln!(
+            file,
+            "\"2025-07-18T20:42:34Z\",\"{metric}\",\"{gpu_id}\",\"nvidia{gpu_id}\",\"{uuid}\",\"NVIDIA H100 80GB HBM3\",\"{host}\",\"\",\"\",\"\",\"{i}\",\"{labels}\""
+        )
+        .expect("write");
+    }
+    file.flush().expect("flush");
+    file
+}
+
+/// Streams `csv` through the real streamer and collector and waits until its rows are stored.
+pub async fn load_csv(server: &EtcdServer, client: &Client, csv: &std::path::Path, rows: i64) {
+    let (stop, task) = spawn_collector_task(server, client);
+    assert_eq!(stream_csv(server, client, csv, "csv").await, rows as u64);
+    wait_stored(client, rows).await;
+    stop.cancel();
+    task.await.expect("collector stops");
 }

@@ -2,6 +2,10 @@
 //! collector wrote.
 
 mod dashboard;
+mod filters;
 mod helpers;
+mod large_values;
+mod metrics;
+mod openapi;
 mod rest;
 mod ws;

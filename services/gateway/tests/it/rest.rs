@@ -317,7 +317,7 @@ async fn documents(http: &reqwest::Client, base: &str) {
         assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
     }
     let docs = http.get(format!("{base}/docs/")).send().await.expect("docs");
-    assert_eq!(docs.status().as_u16(), 200);
+    assert_eq!(docs.status().as_u16(), 200, "{:?}", docs.headers());
     assert!(docs.text().await.expect("html").contains("swagger"));
     let metrics = http.get(format!("{base}/metrics")).send().await.expect("metrics");
     let text = metrics.text().await.expect("text");

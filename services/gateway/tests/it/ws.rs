@@ -5,46 +5,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
-    tungstenite::{Message, protocol::CloseFrame},
-};
+use tokio_tungstenite::{connect_async, tungstenite::Message};
 
 use crate::helpers::*;
-
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
-enum Frame {
-    Json(Value),
-    Closed(Option<CloseFrame>),
-}
-
-async fn connect(url: &str) -> (Socket, Value) {
-    let (mut socket, _) = connect_async(url).await.expect("websocket connects");
-    match next(&mut socket).await {
-        Frame::Json(hello) => {
-            assert_eq!(hello["type"], "hello", "{hello}");
-            (socket, hello)
-        }
-        Frame::Closed(close) => panic!("closed before hello: {close:?}"),
-    }
-}
-
-async fn next(socket: &mut Socket) -> Frame {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("a frame within 30 s");
-        match msg {
-            Some(Ok(Message::Text(text))) => {
-                return Frame::Json(serde_json::from_str(&text).expect("frames are JSON"));
-            }
-            Some(Ok(Message::Close(close))) => return Frame::Closed(close),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return Frame::Closed(None),
-        }
-    }
-}
 
 /// Records received on one connection: id → revision, asserting no id twice and revisions
 /// increasing.
