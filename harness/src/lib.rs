@@ -41,7 +41,7 @@ pub use env::Env;
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
 pub use metrics::{promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
-pub use process::{ProcessSpec, ServiceProcess};
+pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use proxy::{ProxyMode, TcpProxy};
 
 /// Errors starting or controlling etcd and service processes.

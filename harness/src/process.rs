@@ -49,19 +49,19 @@ pub struct ProcessSpec {
     binary: PathBuf,
     args: Vec<String>,
     env: Env,
-    rust_log: String,
+    rust_log: Option<String>,
     log: LogTo,
 }
 
 impl ProcessSpec {
-    /// The binary at `binary`, with an empty environment, `RUST_LOG=info` and its log in a
-    /// temporary file.
+    /// The binary at `binary`, with no arguments, an empty environment (so the service's own
+    /// defaults apply, `RUST_LOG` included) and its log in a temporary file.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         ProcessSpec {
             binary: binary.into(),
             args: Vec::new(),
             env: Env::new(),
-            rust_log: "info".into(),
+            rust_log: None,
             log: LogTo::Temp,
         }
     }
@@ -88,9 +88,9 @@ impl ProcessSpec {
         self
     }
 
-    /// `RUST_LOG` of the process (default `info`).
+    /// Sets `RUST_LOG` (unset by default: the services log at `info`).
     pub fn rust_log(mut self, filter: &str) -> Self {
-        self.rust_log = filter.into();
+        self.rust_log = Some(filter.into());
         self
     }
 
@@ -121,12 +121,8 @@ impl ProcessSpec {
             });
         }
         let (stderr, log, dir) = self.open_log()?;
-        let child = Command::new(&self.binary)
-            .args(&self.args)
-            .env_clear()
-            .envs(self.env.vars().iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", &self.rust_log)
-            .stdin(Stdio::null())
+        let child = self
+            .command()
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -139,6 +135,62 @@ impl ProcessSpec {
             log,
             _dir: dir,
         })
+    }
+
+    /// Runs it to its end with its output captured (in files, so that a chatty process never
+    /// blocks on a full pipe). If it runs longer than `limit` it is SIGKILLed and the result
+    /// is [`HarnessError::Timeout`]. Blocks the calling thread (short runs such as `--help` or a
+    /// configuration error; in an async test, inside `spawn_blocking`).
+    pub fn run_within(&self, limit: Duration) -> Result<Finished, HarnessError> {
+        let dir = tempfile::tempdir().map_err(io("creating an output dir"))?;
+        let create =
+            |name: &str| std::fs::File::create(dir.path().join(name)).map_err(io(format!("creating {name}")));
+        let mut child = self
+            .command()
+            .stdout(create("stdout")?)
+            .stderr(create("stderr")?)
+            .spawn()
+            .map_err(io(format!("starting {}", self.binary.display())))?;
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(io("waiting"))? {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError::Timeout(format!(
+                    "{} {:?} still running after {limit:?}",
+                    self.binary.display(),
+                    self.args
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let read = |name: &str| {
+            std::fs::read(dir.path().join(name))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(io(format!("reading {name}")))
+        };
+        Ok(Finished {
+            status,
+            stdout: read("stdout")?,
+            stderr: read("stderr")?,
+        })
+    }
+
+    /// The command: arguments, exactly the environment given, standard input closed.
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(&self.args)
+            .env_clear()
+            .envs(self.env.vars().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null());
+        if let Some(filter) = &self.rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        command
     }
 
     fn name(&self) -> String {
@@ -168,6 +220,17 @@ impl ProcessSpec {
         let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
         Ok((Stdio::from(file), Some(path), dir))
     }
+}
+
+/// A process that ran to its end ([`ProcessSpec::run_within`]).
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Its standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Its standard error (lossy UTF-8).
+    pub stderr: String,
 }
 
 /// A running (or exited) service process. SIGKILLed when dropped.
@@ -300,6 +363,21 @@ impl ServiceProcess {
             .unwrap_or_default()
     }
 
+    /// Waits up to `timeout` until its log satisfies `condition` (polled every 20 ms); returns
+    /// whether it did.
+    pub async fn wait_for_log(&self, timeout: Duration, condition: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if condition(&self.log()) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Its peak resident set (`VmHWM`) in KiB, while it runs (`None` once it has exited).
     /// `VmHWM` only grows, so the last reading before a stop is the peak.
     pub fn peak_rss_kib(&mut self) -> Option<u64> {
@@ -369,6 +447,32 @@ mod tests {
         assert!(
             nix::sys::signal::kill(pid, None).is_err(),
             "a paused process is gone after drop"
+        );
+    }
+
+    #[test]
+    fn run_within_captures_both_streams_and_gives_up_at_the_limit() {
+        let out = sh("echo out; echo err >&2; exit 2")
+            .run_within(Duration::from_secs(5))
+            .expect("runs");
+        assert_eq!(
+            (out.status.code(), out.stdout.as_str(), out.stderr.as_str()),
+            (Some(2), "out\n", "err\n")
+        );
+        let slow = sh("exec sleep 30").run_within(Duration::from_millis(200));
+        assert!(matches!(slow, Err(HarnessError::Timeout(_))), "{slow:?}");
+    }
+
+    #[tokio::test]
+    async fn wait_for_log_sees_lines_as_they_are_written() {
+        let p = sh("echo ready >&2; exec sleep 30").start().expect("starts");
+        assert!(
+            p.wait_for_log(Duration::from_secs(5), |log| log.contains("ready"))
+                .await
+        );
+        assert!(
+            !p.wait_for_log(Duration::from_millis(100), |log| log.contains("never"))
+                .await
         );
     }
 
