@@ -27,6 +27,11 @@
 //! marker), so the pipeline's is `e2e_msgs_per_s * 4 / raw_128op_keys_per_s`, against the best
 //! raw rate measured. Figures on these machines move by ±25 %
 //! between runs; only ratios within one run are meaningful.
+//!
+//! This file is the plan and one small function per phase (`raw_txns`, `raw_puts`,
+//! `streamer_only`, `end_to_end`, `enqueue_to_commit`, `service_rss`, `gateway_last_100`,
+//! `ws_delivery`, `load_rest`, `load_ws`), each adding its figures to one [`Table`]; the
+//! measurements themselves are in `telemetry_tests::bench`.
 
 use std::{
     path::{Path, PathBuf},
