@@ -22,7 +22,9 @@ use etcd_client::{Client, ConnectOptions};
 use thiserror::Error;
 
 pub mod proxy;
+pub mod records;
 pub use proxy::{ProxyMode, TcpProxy};
+pub use records::{queued_messages, stored_records};
 
 /// Errors starting or controlling etcd.
 #[derive(Debug, Error)]

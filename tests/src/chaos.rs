@@ -27,7 +27,7 @@ use nix::{
     unistd::Pid,
 };
 use telemetry_harness::{EtcdCluster, EtcdOptions, ProxyMode, TcpProxy, free_port};
-use telemetry_shared::{Keyspace, Message, etcd::range_prefix};
+use telemetry_shared::Keyspace;
 
 const NS: &str = "/chaos";
 const LEASE_TTL_S: u64 = 3;
@@ -535,12 +535,10 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     gateway.stop().await;
 
     // Audit.
-    let (records, _) = range_prefix(&client, &keys.data_prefix(), 2000).await?;
+    let records = telemetry_harness::stored_records(&client, &keys).await?;
     let mut rows: HashMap<u64, usize> = HashMap::new();
-    for (key, value) in &records {
-        let message: Message =
-            serde_json::from_slice(value).with_context(|| format!("stored record {key} is not v1"))?;
-        let source = message.source.context("stored record without source")?;
+    for (key, message) in &records {
+        let source = message.source.clone().context("stored record without source")?;
         if source.stream_id != "chaos-w0" || source.pass != 0 {
             anyhow::bail!("stored record {key} has an unexpected source {source:?}");
         }

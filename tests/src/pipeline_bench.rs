@@ -17,7 +17,7 @@ use etcd_client::Client;
 use futures::StreamExt as _;
 use telemetry_harness::count;
 use telemetry_shared::{
-    Keyspace, Message,
+    Keyspace,
     watch::{Follow, Update},
 };
 use telemetry_streamer::{Flags, StreamerConfig};
@@ -143,9 +143,13 @@ pub async fn enqueue_to_commit(
                 let arrived = chrono::Utc::now();
                 let mut batch = Vec::new();
                 for change in changes {
-                    let message: Message = serde_json::from_slice(&change.value)
-                        .with_context(|| format!("stored record {}", change.key_str()))?;
-                    let micros = (arrived - message.timestamp.as_datetime())
+                    // The record's key carries its processing time.
+                    let key = change.key_str();
+                    let written = keys
+                        .parse_data_record(&key)
+                        .and_then(|parts| telemetry_shared::Timestamp::parse(parts.timestamp).ok())
+                        .with_context(|| format!("stored record {key}"))?;
+                    let micros = (arrived - written.as_datetime())
                         .num_microseconds()
                         .unwrap_or(i64::MAX);
                     batch.push(micros as f64 / 1000.0);

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, DeleteOptions};
-use telemetry_harness::{EtcdOptions, EtcdServer, count, eventually, range_all};
-use telemetry_shared::{Keyspace, Message};
+use telemetry_harness::{EtcdOptions, EtcdServer, count, eventually};
+use telemetry_shared::Keyspace;
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "/q";
@@ -123,8 +123,11 @@ async fn a_full_backend_stalls_the_pipeline_without_loss_until_space_is_freed() 
         "the collector drains the queue after the alarm is disarmed"
     );
     let mut rows: BTreeMap<u64, usize> = BTreeMap::new();
-    for (_, value) in range_all(&client, &keys.data_prefix()).await.expect("range") {
-        let message: Message = serde_json::from_slice(&value).expect("v1");
+    for message in telemetry_harness::stored_records(&client, &keys)
+        .await
+        .expect("records decode")
+        .into_values()
+    {
         *rows.entry(message.source.expect("source").row).or_default() += 1;
     }
     assert_eq!(rows.len(), 2470);

@@ -260,10 +260,112 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
     );
     stop.cancel();
     let _ = task.await;
-    let stored = telemetry_harness::range_all(&client, &keys.data_prefix())
+    let stored = telemetry_harness::stored_records(&client, &keys)
         .await
-        .expect("range");
-    let message: serde_json::Value = serde_json::from_slice(&stored[0].1).expect("record");
-    assert_eq!(message["fields"]["pad"].as_str().map(str::len), Some(200 * 1024));
+        .expect("records");
+    let message = stored.values().next().expect("one record");
+    assert_eq!(message.fields["pad"].as_str().map(str::len), Some(200 * 1024));
     assert_eq!(count(&client, &keys.deadletter_prefix()).await.expect("count"), 0);
+}
+
+/// Rows the streamer enqueued (each holding its dedup marker) are dead-lettered because the host
+/// column has another name; after the collector is told the right column, replay moves each
+/// message's marker to the replayed entry and every row is stored once. A dead letter whose
+/// idempotency key another message took meanwhile is refused, not stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
+    let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd");
+    let client = server.client().await.expect("client");
+    let keys = Keyspace::new(NS);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("hosts.csv");
+    let mut rows = String::from("host,gpu_id,uuid,metric_name,value\n");
+    for i in 0..5 {
+        rows.push_str(&format!("h-{i},0,GPU-{i},DCGM_FI_DEV_GPU_UTIL,{i}\n"));
+    }
+    std::fs::write(&csv, rows).expect("csv");
+    let config = telemetry_streamer::StreamerConfig::from_vars(
+        vars(
+            &server,
+            &[
+                ("CSV_PATH", &csv.display().to_string()),
+                ("RATE", "0"),
+                ("LOOP", "false"),
+                ("STREAM_ID", "hosts"),
+            ],
+        ),
+        &telemetry_streamer::Flags::default(),
+    )
+    .expect("streamer config");
+    telemetry_streamer::run(config, client.clone(), CancellationToken::new())
+        .await
+        .expect("streamer");
+    let (stop, task) = collector(&server, &client);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            count(&client, &keys.deadletter_prefix()).await.unwrap_or(0) == 5
+        })
+        .await
+    );
+    stop.cancel();
+    let _ = task.await;
+    let letters = telemetry_admin::dead_letters(&client, &keys, 10)
+        .await
+        .expect("list");
+    // Another message takes the first letter's idempotency key (its marker is rewritten).
+    let taken = &letters[0];
+    let marker = keys.dedup_marker(taken.letter.idempotency_key.as_deref().expect("key known"));
+    client.clone().put(marker.as_str(), "", None).await.expect("put");
+    let err = telemetry_admin::replay(&client, &keys, &taken.id)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("stored since"), "{err}");
+
+    let stop = CancellationToken::new();
+    let config = telemetry_collector::CollectorConfig::from_vars(vars(
+        &server,
+        &[
+            ("COLLECTOR_ID", "admin-c3"),
+            ("LEASE_TTL", "3s"),
+            ("HOSTNAME_COLUMN", "host"),
+        ],
+    ))
+    .expect("collector config");
+    let task = tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
+    for letter in &letters[1..] {
+        telemetry_admin::replay(&client, &keys, &letter.id)
+            .await
+            .expect("replay");
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&client, &keys.data_prefix()).await.unwrap_or(0) == 4
+                && count(&client, &keys.queue_prefix()).await.unwrap_or(1) == 0
+        })
+        .await
+    );
+    stop.cancel();
+    let _ = task.await;
+    let stored = telemetry_harness::stored_records(&client, &keys)
+        .await
+        .expect("records");
+    let mut rows: Vec<u64> = stored
+        .values()
+        .filter_map(|m| m.source.as_ref().map(|s| s.row))
+        .collect();
+    rows.sort();
+    let expected: Vec<u64> = letters[1..]
+        .iter()
+        .map(|l| {
+            let (_, id) = keys.parse_queue_entry(&l.letter.queue_key).expect("queue key");
+            stored
+                .values()
+                .find(|m| m.id.to_string() == id)
+                .and_then(|m| m.source.as_ref().map(|s| s.row))
+                .expect("replayed message stored")
+        })
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    assert_eq!(rows, expected, "each replayed row once");
 }

@@ -18,6 +18,8 @@ use telemetry_shared::{
     etcd::EtcdError,
     model::PartitionStats,
     observe::emit,
+    profiles::ProfileCache,
+    record::ProfileBook,
     retry::{Backoff, Policy},
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -59,6 +61,8 @@ pub(crate) struct PartitionContext {
     pub collector_id: String,
     /// The process's counters.
     pub counters: Arc<crate::Counters>,
+    /// Profiles read or written so far (lean entries name them).
+    pub profiles: ProfileCache,
     /// Per partition: Unix ms of its oldest pending message (0 = none), for the lag gauge.
     pub oldest: Arc<[AtomicI64]>,
 }
@@ -79,6 +83,8 @@ struct State {
     stats: PartitionStats,
     stats_rev: i64,
     known: Known,
+    /// Profiles for messages that arrive as JSON.
+    book: ProfileBook,
     /// The last commit attempt ended without a known outcome.
     uncertain: bool,
 }
@@ -216,6 +222,7 @@ async fn load(ctx: &PartitionContext, partition: u32) -> Result<State, LoadError
         stats,
         stats_rev,
         known: Known::default(),
+        book: ProfileBook::new(),
         uncertain: false,
     })
 }
@@ -270,19 +277,35 @@ async fn commit_next(
     lease: i64,
     state: &mut State,
 ) -> Result<Option<Exit>, CommitError> {
+    // The profiles the next batch's lean entries name (written by their producer with them).
+    let heads = state.pending.values().take(ctx.batch_size);
+    ctx.profiles
+        .load(
+            &ctx.client,
+            &ctx.keys,
+            heads.filter_map(|p| ProfileCache::needs(&p.value)),
+        )
+        .await?;
     let transform = Transform {
         keys: &ctx.keys,
         columns: &ctx.columns,
         collector_id: &ctx.collector_id,
         batch_size: ctx.batch_size,
+        profiles: &ctx.profiles,
     };
-    let batch = batch::select(&state.pending, &state.known, &transform, Instant::now());
+    let batch = batch::select(
+        &state.pending,
+        &state.known,
+        &transform,
+        &mut state.book,
+        Instant::now(),
+    );
     let submitted: Vec<(String, i64)> = batch
         .items
         .iter()
         .map(|i| (i.queue_key().to_string(), i.revision()))
         .collect();
-    let index = batch.index.clone();
+    let (index, profiles) = (batch.index.clone(), batch.profiles.clone());
     let sub = SubBatch {
         partition,
         lease,
@@ -290,6 +313,7 @@ async fn commit_next(
         stats_rev: state.stats_rev,
         items: batch.items,
         index: batch.index,
+        profiles: batch.profiles,
         uncertain: state.uncertain,
     };
     let started = Instant::now();
@@ -307,6 +331,9 @@ async fn commit_next(
             state.stats_rev = stats_rev;
             state.settled(&submitted);
             state.known.landed(index, Instant::now());
+            for (id, profile) in profiles {
+                ctx.profiles.insert(id, profile);
+            }
             ctx.counters.add(&effects);
             emit(events::BatchCommitted {
                 partition,

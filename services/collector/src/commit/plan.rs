@@ -7,9 +7,13 @@
 //! - **compares** that the partition's owner key still carries the batch's lease (the fence), that
 //!   the partition's stats counter is at the revision the batch's base was read at, that every
 //!   queue entry is still there at the revision it was read at (so an entry a lost-reply attempt
-//!   already settled is never settled again), and that no record's processed marker exists yet;
-//! - **then** writes each record (data key, processed marker, queue delete), each dead letter (dead
-//!   letter, queue delete), each duplicate (queue delete), the index entries and the counter;
+//!   already settled is never settled again), and that each record holds its idempotency key's
+//!   dedup marker: the marker the streamer wrote with the entry still has the entry's revision
+//!   ([`MarkerMode::Held`]), or, for a producer that writes no markers, none exists yet
+//!   ([`MarkerMode::Claim`]);
+//! - **then** writes each record (data key, queue delete, and the marker when claiming), each dead
+//!   letter (dead letter, queue delete), each duplicate (queue delete), new profiles, the index
+//!   entries and the counter;
 //! - **else** reads one key per compare, in the same order, so a failed attempt tells in the same
 //!   round trip which compare failed.
 
@@ -19,6 +23,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpRespon
 use telemetry_shared::{Keyspace, etcd::BoundedTxn, model::PartitionStats};
 
 use super::{Item, SubBatch};
+use crate::validate::MarkerMode;
 
 /// The bucket leases a commit attaches keys to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,9 +97,14 @@ pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: 
             txn.otherwise(TxnOp::get(queue_key, Some(GetOptions::new().with_keys_only())));
             reads.push(Read::Entry { sub: i, item: n });
             match item {
-                Item::Record { record, .. } => {
-                    let marker = keys.processed_marker(&record.message.idempotency_key);
-                    txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
+                Item::Record { record, revision, .. } => {
+                    let marker = keys.dedup_marker(&record.message.idempotency_key);
+                    txn.compare(match record.marker {
+                        MarkerMode::Held => {
+                            Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision)
+                        }
+                        MarkerMode::Claim => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+                    });
                     txn.otherwise(TxnOp::get(
                         marker.as_str(),
                         Some(GetOptions::new().with_keys_only()),
@@ -105,11 +115,13 @@ pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: 
                         record.encoded.clone(),
                         Some(PutOptions::new().with_lease(leases.retention)),
                     ));
-                    txn.then(TxnOp::put(
-                        marker,
-                        record.message.id.to_string(),
-                        Some(PutOptions::new().with_lease(leases.dedup)),
-                    ));
+                    if record.marker == MarkerMode::Claim {
+                        txn.then(TxnOp::put(
+                            marker,
+                            Vec::new(),
+                            Some(PutOptions::new().with_lease(leases.dedup)),
+                        ));
+                    }
                 }
                 Item::Dead { dead_key, letter, .. } => {
                     txn.then(TxnOp::put(
@@ -121,6 +133,12 @@ pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: 
                 Item::Duplicate { .. } => {}
             }
             txn.then(TxnOp::delete(queue_key, None));
+        }
+        for (id, profile) in &sub.profiles {
+            let key = keys.profile(*id);
+            if index_keys.insert(key.clone()) {
+                txn.then(TxnOp::put(key, profile.encode(), None));
+            }
         }
         for gpu in &sub.index.gpus {
             let key = keys.gpu_index(&gpu.uuid);
@@ -182,6 +200,9 @@ pub(crate) struct Repair {
     pub gone: Vec<usize>,
     /// Records whose idempotency key another message already stored: absorbed as duplicates.
     pub duplicates: Vec<usize>,
+    /// Records whose marker was found otherwise than expected: held by them after all (the
+    /// entry's revision), or not there (expired, or never written).
+    pub markers: Vec<(usize, MarkerMode)>,
 }
 
 /// A stats counter that is not readable: committing on a guessed base would corrupt it.
@@ -242,12 +263,20 @@ impl Reads {
                         repair.gone.push(item);
                     }
                 }
-                Read::Marker { item, .. } => {
-                    if found.is_some()
-                        && let Some((_, repair, _)) = repairs.last_mut()
-                        && !repair.gone.contains(&item)
-                    {
-                        repair.duplicates.push(item);
+                Read::Marker { sub, item } => {
+                    let Some((_, repair, _)) = repairs.last_mut() else {
+                        continue;
+                    };
+                    if repair.gone.contains(&item) {
+                        continue;
+                    }
+                    let entry_revision = subs[sub].items[item].revision();
+                    match found {
+                        Some(f) if f.mod_revision == entry_revision => {
+                            repair.markers.push((item, MarkerMode::Held))
+                        }
+                        Some(_) => repair.duplicates.push(item),
+                        None => repair.markers.push((item, MarkerMode::Claim)),
                     }
                 }
             }
@@ -300,6 +329,20 @@ impl Repair {
                 Item::Record {
                     queue_key, revision, ..
                 } if self.duplicates.contains(&n) => Item::Duplicate { queue_key, revision },
+                Item::Record {
+                    queue_key,
+                    revision,
+                    mut record,
+                } => {
+                    if let Some((_, mode)) = self.markers.iter().find(|(i, _)| *i == n) {
+                        record.marker = *mode;
+                    }
+                    Item::Record {
+                        queue_key,
+                        revision,
+                        record,
+                    }
+                }
                 other => other,
             };
             sub.items.push(item);
@@ -331,7 +374,8 @@ mod tests {
         let plan = build(&keys(), &[sub], &[0], LEASES);
         // owner + stats + 3 entries + 2 markers.
         assert_eq!(plan.reads.0.len(), 7);
-        // 3 data/marker/delete for records... 2 records × 3 + dead 2 + stats 1.
+        // Claimed records (the test data is JSON): data + marker + delete; the dead letter:
+        // letter + delete; the counter.
         assert_eq!(plan.txn.ops(), 9);
         assert!(plan.txn.build().is_ok());
     }
@@ -384,6 +428,7 @@ mod tests {
             (repair.gone.clone(), repair.duplicates.clone()),
             (vec![0], vec![])
         );
+        assert!(repair.markers.is_empty());
     }
 
     #[test]
@@ -402,6 +447,7 @@ mod tests {
             stats_rev: 40,
             gone: vec![0, 1, 2],
             duplicates: vec![],
+            markers: vec![],
         };
         let dropped = repair.apply(&mut sub);
         assert_eq!(

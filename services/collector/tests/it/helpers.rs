@@ -133,12 +133,9 @@ pub async fn wait_drained(client: &Client, n: i64, timeout: Duration) {
 
 /// Every stored record, by data key.
 pub async fn records(client: &Client) -> BTreeMap<String, Message> {
-    range_all(client, &keys().data_prefix())
+    telemetry_harness::stored_records(client, &keys())
         .await
-        .expect("range")
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::from_slice(&v).expect("data value is v1")))
-        .collect()
+        .expect("records decode")
 }
 
 /// Asserts every row of the sample is stored exactly once.

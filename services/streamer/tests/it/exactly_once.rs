@@ -30,7 +30,7 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
     let markers = client
         .clone()
         .get(
-            format!("{NS}/dedup/enqueued/"),
+            keys.dedup_prefix(),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await

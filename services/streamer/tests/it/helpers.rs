@@ -37,18 +37,9 @@ pub fn config(server: &EtcdServer, csv: &Path, extra: &[(&str, &str)]) -> Stream
 
 /// Every queued message, by key.
 pub async fn queue(client: &Client) -> BTreeMap<String, Message> {
-    let keys = Keyspace::new(NS);
-    telemetry_harness::range_all(client, &keys.queue_prefix())
+    telemetry_harness::queued_messages(client, &Keyspace::new(NS))
         .await
-        .expect("range")
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                k,
-                serde_json::from_slice(&v).expect("queue value is a v1 message"),
-            )
-        })
-        .collect()
+        .expect("queue entries decode")
 }
 
 pub async fn queue_depth(client: &Client) -> i64 {
