@@ -270,7 +270,7 @@ async fn streamer_rate(
 /// flight, so the producer side runs as many as a real deployment would (e.g. 2 streamers x 8).
 const E2E_WORKERS: usize = 16;
 
-/// End to end: `collectors` collectors drain while a 4-worker streamer enqueues; returns
+/// End to end: `collectors` collectors drain while a streamer of `E2E_WORKERS` workers enqueues; returns
 /// messages per second from the streamer's start until the queue is empty and all are stored.
 async fn e2e_rate(
     server: &EtcdServer,

@@ -152,9 +152,13 @@ fn scrape(port: u16) -> String {
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).expect("response");
-    body
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    // The body, after the status line and headers.
+    match response.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => response,
+    }
 }
 
 #[tokio::test]
@@ -185,8 +189,14 @@ async fn the_collector_binary_serves_prometheus_metrics() {
         "collector_dead_lettered_total",
         "collector_lag_seconds",
         "collector_partitions_owned",
-        "collector_commit_seconds",
+        "collector_commit_seconds_bucket",
+        "collector_build_info",
+        "# HELP collector_processed_total",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    // Every metric has help and type, histograms have buckets: what promtool checks.
+    if let Err(complaints) = telemetry_harness::promtool_check_metrics(&body) {
+        panic!("promtool check metrics:\n{complaints}\n{body}");
     }
 }
