@@ -19,7 +19,7 @@ use telemetry_shared::{
     model::PartitionStats,
     observe::emit,
     profiles::ProfileCache,
-    record::ProfileBook,
+    record::{Profile, ProfileBook, ProfileId},
     retry::{Backoff, Policy},
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     batch::{self, Known, Pending, Transform},
-    commit::{Combiner, CommitError, Outcome, SubBatch, UnreadableStats, parse_stats},
+    commit::{Combiner, CommitError, IndexUpdates, Outcome, SubBatch, UnreadableStats, parse_stats},
     config::Columns,
     events,
     feed::{self, QueueEvent},
@@ -320,7 +320,37 @@ async fn commit_next(
     let outcome = ctx.combiner.commit(sub).await;
     // Errors that reach here were not applied, except an attempt cut short by shutdown.
     state.uncertain = matches!(outcome, Err(CommitError::Cancelled));
-    match outcome? {
+    Ok(landed(
+        ctx,
+        partition,
+        state,
+        outcome?,
+        Landed {
+            submitted,
+            index,
+            profiles,
+            started,
+        },
+    ))
+}
+
+/// What a batch carried, for bookkeeping once it is settled.
+struct Landed {
+    submitted: Vec<(String, i64)>,
+    index: IndexUpdates,
+    profiles: Vec<(ProfileId, Arc<Profile>)>,
+    started: Instant,
+}
+
+/// Updates the partition's state after a commit; `Some(exit)` when the partition is lost.
+fn landed(
+    ctx: &PartitionContext,
+    partition: u32,
+    state: &mut State,
+    outcome: Outcome,
+    batch: Landed,
+) -> Option<Exit> {
+    match outcome {
         Outcome::Committed {
             stats,
             stats_rev,
@@ -329,9 +359,9 @@ async fn commit_next(
         } => {
             state.stats = stats;
             state.stats_rev = stats_rev;
-            state.settled(&submitted);
-            state.known.landed(index, Instant::now());
-            for (id, profile) in profiles {
+            state.settled(&batch.submitted);
+            state.known.landed(batch.index, Instant::now());
+            for (id, profile) in batch.profiles {
                 ctx.profiles.insert(id, profile);
             }
             ctx.counters.add(&effects);
@@ -339,14 +369,14 @@ async fn commit_next(
                 partition,
                 effects,
                 dead_letters: &dead_letters,
-                elapsed: started.elapsed(),
+                elapsed: batch.started.elapsed(),
             });
-            Ok(None)
+            None
         }
         Outcome::FenceLost => {
             ctx.counters.fence_refusals.fetch_add(1, Ordering::Relaxed);
             emit(events::FenceRefused { partition });
-            Ok(Some(Exit::FenceLost))
+            Some(Exit::FenceLost)
         }
     }
 }

@@ -68,99 +68,106 @@ pub(crate) struct Plan {
 
 /// Builds the transaction for the batches `live` of `subs`.
 pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: Leases) -> Plan {
-    let mut txn = BoundedTxn::new();
-    let mut reads = Vec::new();
-    // Index keys can be shared between partitions (one host's GPUs hash to several): etcd
-    // refuses a transaction that writes a key twice.
-    let mut index_keys = HashSet::new();
+    let mut builder = Builder {
+        keys,
+        leases,
+        txn: BoundedTxn::new(),
+        reads: Vec::new(),
+        shared_keys: HashSet::new(),
+    };
     for &i in live {
-        let sub = &subs[i];
-        let owner = keys.owner(sub.partition);
-        txn.compare(Compare::lease(owner.as_str(), CompareOp::Equal, sub.lease));
-        txn.otherwise(TxnOp::get(owner.as_str(), None));
-        reads.push(Read::Owner { sub: i });
-        let stats = keys.partition_stats(sub.partition);
-        txn.compare(Compare::mod_revision(
-            stats.as_str(),
-            CompareOp::Equal,
-            sub.stats_rev,
-        ));
-        txn.otherwise(TxnOp::get(stats.as_str(), None));
-        reads.push(Read::Stats { sub: i });
-        for (n, item) in sub.items.iter().enumerate() {
-            let queue_key = item.queue_key();
-            txn.compare(Compare::mod_revision(
-                queue_key,
-                CompareOp::Equal,
-                item.revision(),
-            ));
-            txn.otherwise(TxnOp::get(queue_key, Some(GetOptions::new().with_keys_only())));
-            reads.push(Read::Entry { sub: i, item: n });
-            match item {
-                Item::Record { record, revision, .. } => {
-                    let marker = keys.dedup_marker(&record.message.idempotency_key);
-                    txn.compare(match record.marker {
-                        MarkerMode::Held => {
-                            Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision)
-                        }
-                        MarkerMode::Claim => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
-                    });
-                    txn.otherwise(TxnOp::get(
-                        marker.as_str(),
-                        Some(GetOptions::new().with_keys_only()),
-                    ));
-                    reads.push(Read::Marker { sub: i, item: n });
-                    txn.then(TxnOp::put(
-                        record.data_key.as_str(),
-                        record.encoded.clone(),
-                        Some(PutOptions::new().with_lease(leases.retention)),
-                    ));
-                    if record.marker == MarkerMode::Claim {
-                        txn.then(TxnOp::put(
-                            marker,
-                            Vec::new(),
-                            Some(PutOptions::new().with_lease(leases.dedup)),
-                        ));
-                    }
-                }
-                Item::Dead { dead_key, letter, .. } => {
-                    txn.then(TxnOp::put(
-                        dead_key.as_str(),
-                        serde_json::to_vec(letter).unwrap_or_default(),
-                        None,
-                    ));
-                }
-                Item::Duplicate { .. } => {}
-            }
-            txn.then(TxnOp::delete(queue_key, None));
-        }
-        for (id, profile) in &sub.profiles {
-            let key = keys.profile(*id);
-            if index_keys.insert(key.clone()) {
-                txn.then(TxnOp::put(key, profile.encode(), None));
-            }
-        }
-        for gpu in &sub.index.gpus {
-            let key = keys.gpu_index(&gpu.uuid);
-            if index_keys.insert(key.clone()) {
-                txn.then(TxnOp::put(key, serde_json::to_vec(gpu).unwrap_or_default(), None));
-            }
-        }
-        for host in &sub.index.hosts {
-            let key = keys.host_index(host);
-            if index_keys.insert(key.clone()) {
-                txn.then(TxnOp::put(key, host.as_str(), None));
-            }
-        }
-        txn.then(TxnOp::put(
-            stats,
-            serde_json::to_vec(&sub.stats_after()).unwrap_or_default(),
-            None,
-        ));
+        builder.batch(i, &subs[i]);
     }
     Plan {
-        txn,
-        reads: Reads(reads),
+        txn: builder.txn,
+        reads: Reads(builder.reads),
+    }
+}
+
+/// A transaction being assembled, with the meaning of each failure-branch read.
+struct Builder<'a> {
+    keys: &'a Keyspace,
+    leases: Leases,
+    txn: BoundedTxn,
+    reads: Vec<Read>,
+    /// Index and profile keys already written: several partitions' records can need the same
+    /// one (a host's GPUs hash to several partitions), and etcd refuses a transaction that
+    /// writes a key twice.
+    shared_keys: HashSet<String>,
+}
+
+impl Builder<'_> {
+    /// Compares `cmp` and reads `key` (keys only, unless `full`) if it fails.
+    fn guard(&mut self, cmp: Compare, key: &str, full: bool, read: Read) {
+        self.txn.compare(cmp);
+        let options = (!full).then(|| GetOptions::new().with_keys_only());
+        self.txn.otherwise(TxnOp::get(key, options));
+        self.reads.push(read);
+    }
+
+    /// Puts `key` unless an earlier batch of this transaction did.
+    fn put_shared(&mut self, key: String, value: Vec<u8>) {
+        if self.shared_keys.insert(key.clone()) {
+            self.txn.then(TxnOp::put(key, value, None));
+        }
+    }
+
+    fn batch(&mut self, i: usize, sub: &SubBatch) {
+        let owner = self.keys.owner(sub.partition);
+        let fence = Compare::lease(owner.as_str(), CompareOp::Equal, sub.lease);
+        self.guard(fence, &owner, true, Read::Owner { sub: i });
+        let stats = self.keys.partition_stats(sub.partition);
+        let base = Compare::mod_revision(stats.as_str(), CompareOp::Equal, sub.stats_rev);
+        self.guard(base, &stats, true, Read::Stats { sub: i });
+        for (n, item) in sub.items.iter().enumerate() {
+            self.item(i, n, item);
+        }
+        for (id, profile) in &sub.profiles {
+            self.put_shared(self.keys.profile(*id), profile.encode());
+        }
+        for gpu in &sub.index.gpus {
+            self.put_shared(
+                self.keys.gpu_index(&gpu.uuid),
+                serde_json::to_vec(gpu).unwrap_or_default(),
+            );
+        }
+        for host in &sub.index.hosts {
+            self.put_shared(self.keys.host_index(host), host.as_bytes().to_vec());
+        }
+        let counter = serde_json::to_vec(&sub.stats_after()).unwrap_or_default();
+        self.txn.then(TxnOp::put(stats, counter, None));
+    }
+
+    fn item(&mut self, i: usize, n: usize, item: &Item) {
+        let queue_key = item.queue_key();
+        let entry = Compare::mod_revision(queue_key, CompareOp::Equal, item.revision());
+        self.guard(entry, queue_key, false, Read::Entry { sub: i, item: n });
+        match item {
+            Item::Record { record, revision, .. } => {
+                let marker = self.keys.dedup_marker(&record.message.idempotency_key);
+                let held = match record.marker {
+                    MarkerMode::Held => Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision),
+                    MarkerMode::Claim => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+                };
+                self.guard(held, &marker, false, Read::Marker { sub: i, item: n });
+                let retention = PutOptions::new().with_lease(self.leases.retention);
+                self.txn.then(TxnOp::put(
+                    record.data_key.as_str(),
+                    record.encoded.clone(),
+                    Some(retention),
+                ));
+                if record.marker == MarkerMode::Claim {
+                    let dedup = PutOptions::new().with_lease(self.leases.dedup);
+                    self.txn.then(TxnOp::put(marker, Vec::new(), Some(dedup)));
+                }
+            }
+            Item::Dead { dead_key, letter, .. } => {
+                let letter = serde_json::to_vec(letter).unwrap_or_default();
+                self.txn.then(TxnOp::put(dead_key.as_str(), letter, None));
+            }
+            Item::Duplicate { .. } => {}
+        }
+        self.txn.then(TxnOp::delete(queue_key, None));
     }
 }
 
