@@ -12,10 +12,12 @@
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
 //! - [`watch`]: following a prefix in revision order, exactly once;
 //! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
+//! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
 
 pub mod config;
 pub mod etcd;
+pub mod exposition;
 pub mod keys;
 pub mod message;
 pub mod model;
