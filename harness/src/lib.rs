@@ -16,6 +16,8 @@
 //!   an environment and a log file, signalled, awaited and read; killed when dropped.
 //! - [`probe`]: [`Probe`], the pipeline's keys in one namespace (queue, records, counters,
 //!   checkpoints, owners) read for assertions, and waits such as [`Probe::wait_drained`].
+//! - [`records`]: queued messages and stored records decoded in either form (lean, with their
+//!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
 //!
 //! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod proxy;
+pub mod records;
 pub mod sample;
 
 pub use env::Env;
@@ -43,6 +46,7 @@ pub use metrics::{promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use proxy::{ProxyMode, TcpProxy};
+pub use records::{queued_messages, stored_records};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

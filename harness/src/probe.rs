@@ -77,26 +77,18 @@ impl Probe {
         self.count(&self.keys.deadletter_prefix()).await
     }
 
-    /// Every queued message, by queue key (each value must decode as a v1 message).
+    /// Every queued message, decoded (lean or earlier JSON), by queue key.
     pub async fn queue(&self) -> BTreeMap<String, Message> {
-        self.messages(&self.keys.queue_prefix()).await
-    }
-
-    /// Every stored record, by data key (each value must decode as a v1 message).
-    pub async fn records(&self) -> BTreeMap<String, Message> {
-        self.messages(&self.keys.data_prefix()).await
-    }
-
-    async fn messages(&self, prefix: &str) -> BTreeMap<String, Message> {
-        self.range(prefix)
+        crate::queued_messages(&self.client, &self.keys)
             .await
-            .into_iter()
-            .map(|(k, v)| {
-                let message =
-                    serde_json::from_slice(&v).unwrap_or_else(|e| panic!("{k} is not a v1 message: {e}"));
-                (k, message)
-            })
-            .collect()
+            .unwrap_or_else(|e| panic!("reading the queue: {e}"))
+    }
+
+    /// Every stored record, decoded (lean with its profile, or earlier JSON), by data key.
+    pub async fn records(&self) -> BTreeMap<String, Message> {
+        crate::stored_records(&self.client, &self.keys)
+            .await
+            .unwrap_or_else(|e| panic!("reading the records: {e}"))
     }
 
     /// The partition counters, summed over every partition.

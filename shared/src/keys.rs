@@ -6,15 +6,15 @@
 //!
 //! | key | value | written by |
 //! |---|---|---|
-//! | `{ns}/queue/telemetry/{pp}/{ULID}` | message JSON | streamer (enqueue) |
-//! | `{ns}/dedup/enqueued/{idempotency_key}` | message id, leased | streamer, same txn as the queue entry |
-//! | `{ns}/dedup/processed/{idempotency_key}` | message id, leased | collector, same txn as the data |
+//! | `{ns}/queue/telemetry/{pp}/{ULID}` | lean record ([`crate::record`]) or message JSON | streamer (enqueue) |
+//! | `{ns}/dedup/{base64url(idempotency_key)}` | empty, leased | streamer, same txn as the queue entry (collector for other producers) |
 //! | `{ns}/streams/{stream_id}/checkpoint` | [`crate::message::Checkpoint`] JSON | streamer, same txn as each batch |
-//! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | v1 message JSON | collector |
+//! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | lean record (v1 JSON before the lean release) | collector |
 //! | `{ns}/deadletter/{ULID}` | [`crate::model::DeadLetter`] JSON | collector, same txn as the queue removal |
 //! | `{ns}/collectors/members/{collector_id}` | [`crate::model::Member`] JSON, session lease | collector |
 //! | `{ns}/collectors/owners/{pp}` | owning collector id, session lease | collector |
 //! | `{ns}/index/gpus/{uuid}` | [`crate::model::GpuInfo`] JSON | collector, in commit txns |
+//! | `{ns}/index/profiles/{id}` | [`crate::record::Profile`] JSON, id from its content | streamer or collector, with the first record that uses it |
 //! | `{ns}/index/hosts/{hostname}` | hostname | collector, in commit txns |
 //! | `{ns}/stats/partitions/{pp}` | [`crate::model::PartitionStats`] JSON | partition owner, in commit txns |
 //!
@@ -80,14 +80,34 @@ impl Keyspace {
         (partition < QUEUE_PARTITIONS && !id.is_empty() && !id.contains('/')).then_some((partition, id))
     }
 
-    /// The streamer's dedup marker: present while an idempotency key has been enqueued recently.
-    pub fn enqueued_marker(&self, idempotency_key: &str) -> String {
-        self.key(format_args!("/dedup/enqueued/{idempotency_key}"))
+    /// The dedup marker of an idempotency key (64 hex digits): present, with an empty value,
+    /// while a message with that key is enqueued or was stored recently. It is written in the
+    /// transaction that enqueues the message (or, for a producer that does not write markers, in
+    /// the one that stores it), and the key is the SHA-256 in base64url (43 characters instead
+    /// of 64).
+    pub fn dedup_marker(&self, idempotency_key: &str) -> String {
+        use base64::Engine as _;
+        let encoded = match hex::decode(idempotency_key) {
+            Ok(bytes) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+            // Not hex: used as it is (validation refuses such keys before they get here).
+            Err(_) => idempotency_key.to_string(),
+        };
+        self.key(format_args!("/dedup/{encoded}"))
     }
 
-    /// The collector's processed-set marker for an idempotency key.
-    pub fn processed_marker(&self, idempotency_key: &str) -> String {
-        self.key(format_args!("/dedup/processed/{idempotency_key}"))
+    /// Prefix of all dedup markers.
+    pub fn dedup_prefix(&self) -> String {
+        self.key(format_args!("/dedup/"))
+    }
+
+    /// Prefix of the record profiles (see [`crate::record`]).
+    pub fn profiles_prefix(&self) -> String {
+        self.key(format_args!("/index/profiles/"))
+    }
+
+    /// A record profile, by id.
+    pub fn profile(&self, id: crate::record::ProfileId) -> String {
+        self.key(format_args!("/index/profiles/{id}"))
     }
 
     /// A stream's checkpoint (last committed pass and row).
@@ -316,7 +336,10 @@ mod tests {
         let ks = Keyspace::new("/test-1/");
         assert_eq!(ks.queue_prefix(), "/test-1/queue/telemetry/");
         assert_eq!(ks.stream_checkpoint("s"), "/test-1/streams/s/checkpoint");
-        assert_eq!(ks.enqueued_marker("ab"), "/test-1/dedup/enqueued/ab");
+        assert_eq!(
+            ks.dedup_marker(&"00".repeat(32)),
+            format!("/test-1/dedup/{}", "A".repeat(43))
+        );
     }
 
     #[test]

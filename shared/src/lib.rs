@@ -6,18 +6,24 @@
 //! - [`version`]: the schema versions and their JSON Schemas;
 //! - [`message`]: the message model (current schema version);
 //! - [`schema`]: the older wire forms, validation and migration;
+//! - [`record`]: lean records (profiles plus what varies per message) on the queue and in the
+//!   store;
 //! - [`model`]: the index, stats and dead-letter records beside the telemetry;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
 //! - [`watch`]: following a prefix in revision order, exactly once;
 //! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
+//! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
 
 pub mod config;
 pub mod etcd;
+pub mod exposition;
 pub mod keys;
 pub mod message;
 pub mod model;
 pub mod observe;
+pub mod profiles;
+pub mod record;
 pub mod retry;
 pub mod schema;
 pub mod version;

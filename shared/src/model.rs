@@ -72,6 +72,14 @@ pub struct DeadLetter {
     pub failed_at: Timestamp,
     /// Which collector rejected it.
     pub collector: String,
+    /// The queue entry's `mod_revision` when it was dead-lettered (0: unknown). A dedup marker
+    /// written with the entry has this revision, which is how a replay knows the marker is the
+    /// message's own.
+    #[serde(default)]
+    pub entry_revision: i64,
+    /// The message's idempotency key, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Largest payload a dead letter keeps whole; etcd accepts at most 1.5 MiB per request, and the
@@ -117,6 +125,8 @@ impl DeadLetter {
             payload_truncated: truncated,
             failed_at: Timestamp::now(),
             collector: collector.to_string(),
+            entry_revision: 0,
+            idempotency_key: None,
         }
     }
 

@@ -63,6 +63,10 @@ pub struct MetricDef {
     pub kind: MetricKind,
     /// One sentence for `# HELP`.
     pub help: &'static str,
+    /// True when the metric always carries labels (then it appears with its first update);
+    /// an unlabelled counter is registered at zero at start-up, so it is there from the first
+    /// scrape.
+    pub labeled: bool,
 }
 
 impl MetricDef {
@@ -72,6 +76,7 @@ impl MetricDef {
             name,
             kind: MetricKind::Counter,
             help,
+            labeled: false,
         }
     }
 
@@ -81,7 +86,14 @@ impl MetricDef {
             name,
             kind: MetricKind::Gauge,
             help,
+            labeled: false,
         }
+    }
+
+    /// The same metric, always with labels.
+    pub const fn labeled(mut self) -> Self {
+        self.labeled = true;
+        self
     }
 
     /// A histogram.
@@ -90,6 +102,7 @@ impl MetricDef {
             name,
             kind: MetricKind::Histogram,
             help,
+            labeled: false,
         }
     }
 }
@@ -145,7 +158,12 @@ fn describe(service: &'static str, version: &'static str, defs: &[MetricDef]) {
     metrics::gauge!(build_info, "version" => version).set(1.0);
     for def in SHARED_METRICS.iter().chain(defs) {
         match def.kind {
-            MetricKind::Counter => metrics::describe_counter!(def.name, def.help),
+            MetricKind::Counter => {
+                metrics::describe_counter!(def.name, def.help);
+                if !def.labeled {
+                    metrics::counter!(def.name).increment(0);
+                }
+            }
             MetricKind::Gauge => metrics::describe_gauge!(def.name, def.help),
             MetricKind::Histogram => metrics::describe_histogram!(def.name, def.help),
         }

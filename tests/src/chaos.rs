@@ -24,7 +24,7 @@ use nix::sys::signal::Signal;
 use telemetry_harness::{
     Env, EtcdCluster, EtcdOptions, ProcessSpec, ProxyMode, ServiceProcess, TcpProxy, free_port, sample,
 };
-use telemetry_shared::{Keyspace, Message, etcd::range_prefix};
+use telemetry_shared::Keyspace;
 
 const NS: &str = "/chaos";
 const LEASE_TTL_S: u64 = 3;
@@ -609,12 +609,10 @@ async fn audit_records(
     opts: &ChaosOptions,
     report: &mut ChaosReport,
 ) -> anyhow::Result<()> {
-    let (records, _) = range_prefix(&cluster.client, &cluster.keys.data_prefix(), 2000).await?;
+    let records = telemetry_harness::stored_records(&cluster.client, &cluster.keys).await?;
     let mut rows: HashMap<u64, usize> = HashMap::new();
-    for (key, value) in &records {
-        let message: Message =
-            serde_json::from_slice(value).with_context(|| format!("stored record {key} is not v1"))?;
-        let source = message.source.context("stored record without source")?;
+    for (key, message) in &records {
+        let source = message.source.clone().context("stored record without source")?;
         if source.stream_id != "chaos-w0" || source.pass != 0 {
             anyhow::bail!("stored record {key} has an unexpected source {source:?}");
         }

@@ -183,40 +183,84 @@ pub async fn show_dead_letter(
     Ok(read_dead_letter(client, keys, id).await?.0)
 }
 
-/// Puts a dead letter's payload back on the queue, under its original queue key, and removes
-/// the dead letter, in one transaction: it lands only if the dead letter is unchanged since it
-/// was read and the queue key is free, so two operators replaying at once replay it once. The
-/// collector's processed markers absorb it if its effect somehow exists already.
+/// Puts a dead letter's payload back on the queue, byte for byte, under its original queue key,
+/// and removes the dead letter, in one transaction: it lands only if the dead letter is
+/// unchanged since it was read and the queue key is free, so two operators replaying at once
+/// replay it once.
+///
+/// The message's dedup marker decides whether it may be stored: a marker that still has the
+/// dead-lettered entry's revision is the message's own and is moved to the replayed entry (in
+/// the same transaction); no marker lets the collector claim one; a marker of another message
+/// means the key was stored since, and the replay is refused instead of storing it twice.
 pub async fn replay(client: &Client, keys: &Keyspace, id: &str) -> Result<String, AdminError> {
     let (stored, revision) = read_dead_letter(client, keys, id).await?;
-    let queue_key = stored.letter.queue_key.clone();
+    let letter = &stored.letter;
+    let queue_key = letter.queue_key.clone();
     if keys.parse_queue_entry(&queue_key).is_none() {
         return Err(AdminError::Corrupt(format!(
             "dead letter {id} names {queue_key:?}, which is not a queue key of this namespace"
         )));
     }
-    let payload = stored
-        .letter
+    let payload = letter
         .payload_bytes()
         .map_err(|e| AdminError::Corrupt(format!("dead letter {id} cannot be replayed: {e}")))?;
     let dead_key = keys.deadletter(id);
-    let txn = Txn::new()
-        .when(vec![
-            Compare::mod_revision(dead_key.as_bytes(), CompareOp::Equal, revision),
-            Compare::create_revision(queue_key.as_bytes(), CompareOp::Equal, 0),
-        ])
-        .and_then(vec![
-            TxnOp::delete(dead_key.as_bytes(), None),
-            TxnOp::put(queue_key.as_bytes(), payload, None),
-        ]);
-    let resp = client.clone().txn(txn).await?;
+    let mut compares = vec![
+        Compare::mod_revision(dead_key.as_bytes(), CompareOp::Equal, revision),
+        Compare::create_revision(queue_key.as_bytes(), CompareOp::Equal, 0),
+    ];
+    let mut ops = vec![
+        TxnOp::delete(dead_key.as_bytes(), None),
+        TxnOp::put(queue_key.as_bytes(), payload, None),
+    ];
+    if let Some(key) = &letter.idempotency_key {
+        let (compare, put) = marker_for_replay(client, keys, id, key, letter.entry_revision).await?;
+        compares.push(compare);
+        ops.extend(put);
+    }
+    let resp = client
+        .clone()
+        .txn(Txn::new().when(compares).and_then(ops))
+        .await?;
     if !resp.succeeded() {
         return Err(AdminError::Conflict(format!(
-            "dead letter {id} changed or its queue key {queue_key} is occupied; nothing was written \
-             (run `dead-letters show {id}` and try again)"
+            "dead letter {id}, its queue key {queue_key} or its dedup marker changed meanwhile; \
+             nothing was written (run `dead-letters show {id}` and try again)"
         )));
     }
     Ok(queue_key)
+}
+
+/// The compare (and the marker write, if any) a replay of a message with idempotency key `key`,
+/// dead-lettered from an entry at `entry_revision`, needs.
+async fn marker_for_replay(
+    client: &Client,
+    keys: &Keyspace,
+    id: &str,
+    key: &str,
+    entry_revision: i64,
+) -> Result<(Compare, Option<TxnOp>), AdminError> {
+    let marker = keys.dedup_marker(key);
+    let resp = client.clone().get(marker.as_str(), None).await?;
+    match resp.kvs().first() {
+        None => Ok((
+            Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+            None,
+        )),
+        Some(kv) if entry_revision > 0 && kv.mod_revision() == entry_revision => Ok((
+            Compare::mod_revision(marker.as_str(), CompareOp::Equal, entry_revision),
+            // Rewritten in the replay's transaction, the marker has the new entry's revision.
+            Some(TxnOp::put(
+                marker.as_str(),
+                Vec::new(),
+                Some(etcd_client::PutOptions::new().with_ignore_lease()),
+            )),
+        )),
+        Some(_) => Err(AdminError::Conflict(format!(
+            "a message with the same idempotency key as dead letter {id} has been stored since; \
+             replaying it would store it twice (purge it instead)"
+        ))),
+    }
 }
 
 /// Deletes the given dead letters (each only if it exists); returns how many were removed.

@@ -265,8 +265,82 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
     );
     stop.cancel();
     let _ = task.await;
-    let stored = probe.range(&keys.data_prefix()).await;
-    let message: serde_json::Value = serde_json::from_slice(&stored[0].1).expect("record");
-    assert_eq!(message["fields"]["pad"].as_str().map(str::len), Some(200 * 1024));
+    let stored = probe.records().await;
+    let message = stored.values().next().expect("one record");
+    assert_eq!(message.fields["pad"].as_str().map(str::len), Some(200 * 1024));
     assert_eq!(probe.dead_letter_count().await, 0);
+}
+
+/// Rows the streamer enqueued (each holding its dedup marker) are dead-lettered because the host
+/// column has another name; after the collector is told the right column, replay moves each
+/// message's marker to the replayed entry and every row is stored once. A dead letter whose
+/// idempotency key another message took meanwhile is refused, not stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
+    let (server, client, probe) = etcd().await;
+    let keys = Keyspace::new(NS);
+    let mut rows = String::from("host,gpu_id,uuid,metric_name,value\n");
+    for i in 0..5 {
+        rows.push_str(&format!("h-{i},0,GPU-{i},DCGM_FI_DEV_GPU_UTIL,{i}\n"));
+    }
+    let csv = sample::temp_csv(rows.as_bytes());
+    let config = telemetry_streamer::StreamerConfig::from_vars(
+        server.env(NS).streamer(csv.path(), "hosts"),
+        &telemetry_streamer::Flags::default(),
+    )
+    .expect("streamer config");
+    telemetry_streamer::run(config, client.clone(), CancellationToken::new())
+        .await
+        .expect("streamer");
+    let (stop, task) = collector(&server, &client, "admin-c1", &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            probe.dead_letter_count().await == 5
+        })
+        .await
+    );
+    stop.cancel();
+    let _ = task.await;
+    let letters = telemetry_admin::dead_letters(&client, &keys, 10)
+        .await
+        .expect("list");
+    // Another message takes the first letter's idempotency key (its marker is rewritten).
+    let taken = &letters[0];
+    let marker = keys.dedup_marker(taken.letter.idempotency_key.as_deref().expect("key known"));
+    client.clone().put(marker.as_str(), "", None).await.expect("put");
+    let err = telemetry_admin::replay(&client, &keys, &taken.id)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("stored since"), "{err}");
+
+    let (stop, task) = collector(&server, &client, "admin-c3", &[("HOSTNAME_COLUMN", "host")]);
+    for letter in &letters[1..] {
+        telemetry_admin::replay(&client, &keys, &letter.id)
+            .await
+            .expect("replay");
+    }
+    probe.wait_drained(4, Duration::from_secs(30)).await;
+    assert_eq!(probe.data_count().await, 4);
+    stop.cancel();
+    let _ = task.await;
+    let stored = probe.records().await;
+    let mut rows: Vec<u64> = stored
+        .values()
+        .filter_map(|m| m.source.as_ref().map(|s| s.row))
+        .collect();
+    rows.sort();
+    let expected: Vec<u64> = letters[1..]
+        .iter()
+        .map(|l| {
+            let (_, id) = keys.parse_queue_entry(&l.letter.queue_key).expect("queue key");
+            stored
+                .values()
+                .find(|m| m.id.to_string() == id)
+                .and_then(|m| m.source.as_ref().map(|s| s.row))
+                .expect("replayed message stored")
+        })
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    assert_eq!(rows, expected, "each replayed row once");
 }

@@ -7,16 +7,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use telemetry_shared::{
     Keyspace,
     etcd::{MAX_TXN_BYTES, MAX_TXN_OPS},
+    message::is_idempotency_key,
     model::{DeadLetter, GpuInfo},
+    profiles::ProfileCache,
+    record::{self, Profile, ProfileBook, ProfileId},
 };
 
 use crate::{
     commit::{IndexUpdates, Item},
     config::Columns,
-    validate::{Record, validate},
+    validate::{Context, Record, validate},
 };
 
 /// A queue entry waiting in an owned partition.
@@ -77,15 +82,19 @@ pub(crate) struct Transform<'a> {
     pub collector_id: &'a str,
     /// Most items per batch (`BATCH_SIZE`).
     pub batch_size: usize,
+    /// Profiles known to be stored (read from etcd, or written by this collector).
+    pub profiles: &'a ProfileCache,
 }
 
-/// The next batch: items in key order, and the index entries they need.
+/// The next batch: items in key order, and the index entries and profiles they need.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     /// What to do with each entry.
     pub items: Vec<Item>,
     /// Index entries to write with them.
     pub index: IndexUpdates,
+    /// Profiles to store with them (new ones, for messages that arrived as JSON).
+    pub profiles: Vec<(ProfileId, Arc<Profile>)>,
 }
 
 /// Operation budget of one partition batch: two compares are the fence and the counter, one
@@ -99,6 +108,7 @@ pub(crate) fn select(
     pending: &BTreeMap<String, Pending>,
     known: &Known,
     transform: &Transform<'_>,
+    book: &mut ProfileBook,
     now: Instant,
 ) -> Batch {
     let mut batch = Batch::default();
@@ -107,13 +117,25 @@ pub(crate) fn select(
         if batch.items.len() == transform.batch_size {
             break;
         }
-        let item = to_item(queue_key, entry, transform);
+        let item = to_item(queue_key, entry, transform, book);
         let (gpu, host) = match &item {
             Item::Record { record, .. } => index_needs(record, known, &batch.index, now),
             _ => (None, None),
         };
-        let cost = item.ops() + usize::from(gpu.is_some()) + usize::from(host.is_some());
-        let size = entry.value.len();
+        let profile = match &item {
+            Item::Record { record, .. }
+                if transform.profiles.get(record.profile.0).is_none()
+                    && !batch.profiles.iter().any(|(id, _)| *id == record.profile.0) =>
+            {
+                Some(record.profile.clone())
+            }
+            _ => None,
+        };
+        let cost = item.ops()
+            + usize::from(gpu.is_some())
+            + usize::from(host.is_some())
+            + usize::from(profile.is_some());
+        let size = entry.value.len() + profile.as_ref().map_or(0, |(_, p)| p.encode().len());
         if compares + item.compares() > COMPARE_BUDGET
             || ops + cost > OP_BUDGET
             || (!batch.items.is_empty() && bytes + size > MAX_BATCH_BYTES)
@@ -125,6 +147,7 @@ pub(crate) fn select(
         bytes += size;
         batch.index.gpus.extend(gpu);
         batch.index.hosts.extend(host);
+        batch.profiles.extend(profile);
         batch.items.push(item);
     }
     refresh_last_seen(&mut batch);
@@ -132,28 +155,45 @@ pub(crate) fn select(
 }
 
 /// A pending entry as an item: a validated record, or a dead letter with the reason.
-fn to_item(queue_key: &str, entry: &Pending, transform: &Transform<'_>) -> Item {
+fn to_item(queue_key: &str, entry: &Pending, transform: &Transform<'_>, book: &mut ProfileBook) -> Item {
     let queue_id = queue_key.rsplit('/').next().unwrap_or_default();
-    match validate(&entry.value, queue_id, transform.keys, transform.columns) {
+    let mut ctx = Context {
+        keys: transform.keys,
+        columns: transform.columns,
+        profiles: transform.profiles,
+        book,
+    };
+    match validate(&entry.value, queue_id, &mut ctx) {
         Ok(record) => Item::Record {
             queue_key: queue_key.to_string(),
             revision: entry.revision,
             record: Box::new(record),
         },
-        Err(reason) => Item::Dead {
-            queue_key: queue_key.to_string(),
-            revision: entry.revision,
-            dead_key: transform
-                .keys
-                .deadletter(&transform.keys.dead_letter_id(queue_key)),
-            letter: Box::new(DeadLetter::new(
-                queue_key,
-                reason,
-                &entry.value,
-                transform.collector_id,
-            )),
-        },
+        Err(reason) => {
+            let mut letter = DeadLetter::new(queue_key, reason, &entry.value, transform.collector_id);
+            letter.entry_revision = entry.revision;
+            letter.idempotency_key = idempotency_key_of(&entry.value);
+            Item::Dead {
+                queue_key: queue_key.to_string(),
+                revision: entry.revision,
+                dead_key: transform
+                    .keys
+                    .deadletter(&transform.keys.dead_letter_id(queue_key)),
+                letter: Box::new(letter),
+            }
+        }
     }
+}
+
+/// The idempotency key of an entry that failed validation, if it can be read (a lean queue
+/// entry carries it in its header; a JSON one may still parse).
+fn idempotency_key_of(payload: &[u8]) -> Option<String> {
+    if record::is_lean(payload) {
+        return record::header(payload).ok()?.explicit_key;
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let key = value.get("idempotency_key")?.as_str()?;
+    is_idempotency_key(key).then(|| key.to_string())
 }
 
 /// The index entries `record` needs that neither the index (as `known`) nor the batch so far
@@ -212,79 +252,82 @@ mod tests {
             .collect()
     }
 
-    fn transform<'a>(keys: &'a Keyspace, columns: &'a Columns, batch_size: usize) -> Transform<'a> {
-        Transform {
-            keys,
-            columns,
+    fn select_from(pending: &BTreeMap<String, Pending>, known: &Known, batch_size: usize) -> Batch {
+        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
+        let profiles = ProfileCache::new();
+        let transform = Transform {
+            keys: &keys,
+            columns: &columns,
             collector_id: "c",
             batch_size,
-        }
+            profiles: &profiles,
+        };
+        select(
+            pending,
+            known,
+            &transform,
+            &mut ProfileBook::new(),
+            Instant::now(),
+        )
     }
 
     #[test]
     fn a_batch_respects_batch_size_and_the_operation_budget() {
-        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
         let entries: Vec<(String, Vec<u8>)> = (0..100u128)
             .map(|n| message_payload(n, "host-1", n as u32 % 8))
             .collect();
         let refs: Vec<(&str, Vec<u8>)> = entries.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
         let pending = pending(&refs);
-        let batch = select(
-            &pending,
-            &Known::default(),
-            &transform(&keys, &columns, 10),
-            Instant::now(),
+        assert_eq!(select_from(&pending, &Known::default(), 10).items.len(), 10);
+        // JSON records claim their markers (3 operations, 2 compares); the 8 GPUs, their 8 new
+        // profiles and the host cost one operation each.
+        let batch = select_from(&pending, &Known::default(), 100);
+        let ops: usize =
+            batch.items.iter().map(Item::ops).sum::<usize>() + batch.index.ops() + batch.profiles.len();
+        assert!(ops <= OP_BUDGET && ops + 3 > OP_BUDGET, "{ops}");
+        assert_eq!(
+            (
+                batch.index.gpus.len(),
+                batch.index.hosts.len(),
+                batch.profiles.len()
+            ),
+            (8, 1, 8)
         );
-        assert_eq!(batch.items.len(), 10);
-        // Records cost 3 operations and 2 compares, the 8 GPUs and 1 host one operation each.
-        let batch = select(
-            &pending,
-            &Known::default(),
-            &transform(&keys, &columns, 100),
-            Instant::now(),
-        );
-        let ops: usize = batch.items.iter().map(Item::ops).sum::<usize>() + batch.index.ops();
-        assert!(ops <= OP_BUDGET, "{ops}");
-        assert_eq!(batch.items.len(), (OP_BUDGET - 9) / 3);
-        assert_eq!((batch.index.gpus.len(), batch.index.hosts.len()), (8, 1));
     }
 
     #[test]
     fn known_gpus_and_hosts_are_not_written_again() {
-        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
         let (id, value) = message_payload(1, "host-1", 0);
         let pending = pending(&[(&id, value)]);
-        let t = transform(&keys, &columns, 10);
-        let first = select(&pending, &Known::default(), &t, Instant::now());
+        let first = select_from(&pending, &Known::default(), 10);
         let mut known = Known::default();
         known.landed(first.index, Instant::now());
-        let again = select(&pending, &known, &t, Instant::now());
+        let again = select_from(&pending, &known, 10);
         assert_eq!(again.index, IndexUpdates::default());
     }
 
     #[test]
     fn an_invalid_entry_becomes_a_dead_letter_with_its_whole_payload() {
-        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
-        let payload =
-            format!("{{\"not\": \"a message\", \"pad\": \"{}\"}}", "x".repeat(100_000)).into_bytes();
+        let payload = format!(
+            "{{\"schema_version\": \"v9\", \"idempotency_key\": \"{}\", \"pad\": \"{}\"}}",
+            "ab".repeat(32),
+            "x".repeat(100_000)
+        )
+        .into_bytes();
         let id = ulid::Ulid::from_parts(1, 1).to_string();
         let pending = pending(&[(&id, payload.clone())]);
-        let batch = select(
-            &pending,
-            &Known::default(),
-            &transform(&keys, &columns, 10),
-            Instant::now(),
-        );
+        let batch = select_from(&pending, &Known::default(), 10);
         let Item::Dead { letter, dead_key, .. } = &batch.items[0] else {
             panic!("dead letter expected");
         };
-        assert_eq!(dead_key, &keys.deadletter(&id));
+        assert_eq!(dead_key, &Keyspace::new("/t").deadletter(&id));
         assert_eq!(letter.payload_bytes(), Ok(payload));
+        assert_eq!(letter.entry_revision, 10);
+        assert_eq!(letter.idempotency_key.as_deref(), Some("ab".repeat(32).as_str()));
     }
 
     #[test]
     fn large_entries_go_one_per_batch() {
-        let (keys, columns) = (Keyspace::new("/t"), Columns::default());
         let big: Vec<(String, Vec<u8>)> = (0..3u128)
             .map(|n| {
                 let (id, _) = message_payload(n, "h", 0);
@@ -292,12 +335,6 @@ mod tests {
             })
             .collect();
         let refs: Vec<(&str, Vec<u8>)> = big.iter().map(|(id, v)| (id.as_str(), v.clone())).collect();
-        let batch = select(
-            &pending(&refs),
-            &Known::default(),
-            &transform(&keys, &columns, 42),
-            Instant::now(),
-        );
-        assert_eq!(batch.items.len(), 1);
+        assert_eq!(select_from(&pending(&refs), &Known::default(), 42).items.len(), 1);
     }
 }

@@ -11,9 +11,11 @@ use telemetry_shared::{
     keys::is_key_segment,
 };
 
-/// Most messages one commit transaction can carry: three operations each (data put, processed
-/// marker put, queue delete) within etcd's 128, leaving room for the stats counter.
-pub const MAX_BATCH: usize = 42;
+/// Most messages one commit transaction can carry: two compares each (the queue entry's and
+/// the dedup marker's revisions) plus the fence and the counter within etcd's 128. Each record
+/// is two writes (data put, queue delete; three when it claims its marker), and a batch is cut
+/// earlier when its writes would not fit.
+pub const MAX_BATCH: usize = 63;
 
 /// The collector's settings, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +27,7 @@ pub struct CollectorConfig {
     /// `LEASE_TTL` (default 30s, at least 2s): session lease; a crashed collector's partitions
     /// move after about this long.
     pub lease_ttl: Duration,
-    /// `BATCH_SIZE` (default 42, at most 42): messages per commit transaction.
+    /// `BATCH_SIZE` (default 63, at most 63): messages per commit transaction.
     pub batch_size: usize,
     /// `DEDUP_TTL` (default 24h): how long a processed idempotency key is remembered.
     pub dedup_ttl: Duration,
@@ -51,10 +53,11 @@ telemetry_shared::env_config! {
         /// Session lease (at least 2s): a crashed collector's partitions move after about this
         /// long.
         lease_ttl = Value("30s");
-        /// Most messages per commit transaction (three etcd operations each, within etcd's
-        /// 128-operation limit; this default is the most).
+        /// Most messages per commit transaction (two compares each within etcd's 128-operation
+        /// limit; this default is the most).
         batch_size = Value(MAX_BATCH.to_string());
-        /// How long a processed idempotency key is remembered (at least 2s).
+        /// How long a dedup marker the collector writes (for producers that write none) is kept
+        /// (at least 2s).
         dedup_ttl = Value("24h");
         /// How long telemetry records are kept (leases per time bucket, never one per record).
         retention = Value("24h");

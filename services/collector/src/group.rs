@@ -9,9 +9,9 @@
 //! its partitions move after about one lease TTL; a collector that shuts down revokes its lease,
 //! so they move at once.
 //!
-//! One watch on `/collectors/` follows membership and ownership; one watch on the queue feeds
-//! the partition tasks. Both are re-created from the last seen revision when they break; a
-//! queue watch that fell behind a compaction makes every partition range again.
+//! One watch on `/collectors/` (a shared `Follow`) follows membership and ownership; each owned
+//! partition has its own watch (see `feed`). A watch that breaks is re-created from the last
+//! complete revision; one that fell behind a compaction reloads what it follows.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -123,6 +123,7 @@ pub async fn run(
         batch_size: config.batch_size,
         collector_id: config.collector_id.clone(),
         counters: counters.clone(),
+        profiles: telemetry_shared::profiles::ProfileCache::new(),
         oldest: oldest.clone(),
     });
     let reporter = tokio::spawn(report(

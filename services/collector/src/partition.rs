@@ -18,6 +18,8 @@ use telemetry_shared::{
     etcd::EtcdError,
     model::PartitionStats,
     observe::emit,
+    profiles::ProfileCache,
+    record::{Profile, ProfileBook, ProfileId},
     retry::{Backoff, Policy},
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -25,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     batch::{self, Known, Pending, Transform},
-    commit::{Combiner, CommitError, Outcome, SubBatch, UnreadableStats, parse_stats},
+    commit::{Combiner, CommitError, IndexUpdates, Outcome, SubBatch, UnreadableStats, parse_stats},
     config::Columns,
     events,
     feed::{self, QueueEvent},
@@ -59,6 +61,8 @@ pub(crate) struct PartitionContext {
     pub collector_id: String,
     /// The process's counters.
     pub counters: Arc<crate::Counters>,
+    /// Profiles read or written so far (lean entries name them).
+    pub profiles: ProfileCache,
     /// Per partition: Unix ms of its oldest pending message (0 = none), for the lag gauge.
     pub oldest: Arc<[AtomicI64]>,
 }
@@ -79,6 +83,8 @@ struct State {
     stats: PartitionStats,
     stats_rev: i64,
     known: Known,
+    /// Profiles for messages that arrive as JSON.
+    book: ProfileBook,
     /// The last commit attempt ended without a known outcome.
     uncertain: bool,
 }
@@ -216,6 +222,7 @@ async fn load(ctx: &PartitionContext, partition: u32) -> Result<State, LoadError
         stats,
         stats_rev,
         known: Known::default(),
+        book: ProfileBook::new(),
         uncertain: false,
     })
 }
@@ -270,19 +277,35 @@ async fn commit_next(
     lease: i64,
     state: &mut State,
 ) -> Result<Option<Exit>, CommitError> {
+    // The profiles the next batch's lean entries name (written by their producer with them).
+    let heads = state.pending.values().take(ctx.batch_size);
+    ctx.profiles
+        .load(
+            &ctx.client,
+            &ctx.keys,
+            heads.filter_map(|p| ProfileCache::needs(&p.value)),
+        )
+        .await?;
     let transform = Transform {
         keys: &ctx.keys,
         columns: &ctx.columns,
         collector_id: &ctx.collector_id,
         batch_size: ctx.batch_size,
+        profiles: &ctx.profiles,
     };
-    let batch = batch::select(&state.pending, &state.known, &transform, Instant::now());
+    let batch = batch::select(
+        &state.pending,
+        &state.known,
+        &transform,
+        &mut state.book,
+        Instant::now(),
+    );
     let submitted: Vec<(String, i64)> = batch
         .items
         .iter()
         .map(|i| (i.queue_key().to_string(), i.revision()))
         .collect();
-    let index = batch.index.clone();
+    let (index, profiles) = (batch.index.clone(), batch.profiles.clone());
     let sub = SubBatch {
         partition,
         lease,
@@ -290,13 +313,44 @@ async fn commit_next(
         stats_rev: state.stats_rev,
         items: batch.items,
         index: batch.index,
+        profiles: batch.profiles,
         uncertain: state.uncertain,
     };
     let started = Instant::now();
     let outcome = ctx.combiner.commit(sub).await;
     // Errors that reach here were not applied, except an attempt cut short by shutdown.
     state.uncertain = matches!(outcome, Err(CommitError::Cancelled));
-    match outcome? {
+    Ok(landed(
+        ctx,
+        partition,
+        state,
+        outcome?,
+        Landed {
+            submitted,
+            index,
+            profiles,
+            started,
+        },
+    ))
+}
+
+/// What a batch carried, for bookkeeping once it is settled.
+struct Landed {
+    submitted: Vec<(String, i64)>,
+    index: IndexUpdates,
+    profiles: Vec<(ProfileId, Arc<Profile>)>,
+    started: Instant,
+}
+
+/// Updates the partition's state after a commit; `Some(exit)` when the partition is lost.
+fn landed(
+    ctx: &PartitionContext,
+    partition: u32,
+    state: &mut State,
+    outcome: Outcome,
+    batch: Landed,
+) -> Option<Exit> {
+    match outcome {
         Outcome::Committed {
             stats,
             stats_rev,
@@ -305,21 +359,24 @@ async fn commit_next(
         } => {
             state.stats = stats;
             state.stats_rev = stats_rev;
-            state.settled(&submitted);
-            state.known.landed(index, Instant::now());
+            state.settled(&batch.submitted);
+            state.known.landed(batch.index, Instant::now());
+            for (id, profile) in batch.profiles {
+                ctx.profiles.insert(id, profile);
+            }
             ctx.counters.add(&effects);
             emit(events::BatchCommitted {
                 partition,
                 effects,
                 dead_letters: &dead_letters,
-                elapsed: started.elapsed(),
+                elapsed: batch.started.elapsed(),
             });
-            Ok(None)
+            None
         }
         Outcome::FenceLost => {
             ctx.counters.fence_refusals.fetch_add(1, Ordering::Relaxed);
             emit(events::FenceRefused { partition });
-            Ok(Some(Exit::FenceLost))
+            Some(Exit::FenceLost)
         }
     }
 }

@@ -6,12 +6,20 @@
 //! needs a host name, a GPU id and a GPU UUID from its fields (column names are configurable);
 //! a missing or unusable one is a validation error, never "unknown". Old source timestamps are
 //! fine: the record is keyed by the message's processing time.
+//!
+//! A lean queue entry (the streamer's) is decoded with its profile; a JSON one (another
+//! producer, or an older release) is given a profile here. Either way the stored record is the
+//! lean form against that profile.
+
+use std::sync::Arc;
 
 use serde_json::Value;
 use telemetry_shared::{
     Keyspace, Message,
     keys::is_key_segment,
     message::{field_text, is_idempotency_key},
+    profiles::ProfileCache,
+    record::{self, Form, Profile, ProfileBook, ProfileId},
     schema,
 };
 
@@ -34,8 +42,34 @@ pub(crate) struct Record {
     pub model: Option<String>,
     /// The data key it will be stored under.
     pub data_key: String,
-    /// The `v1` JSON stored there.
+    /// The lean record stored there.
     pub encoded: Vec<u8>,
+    /// The profile the record names.
+    pub profile: (ProfileId, Arc<Profile>),
+    /// How its dedup marker is expected to be found.
+    pub marker: MarkerMode,
+}
+
+/// How a record's dedup marker is settled in its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MarkerMode {
+    /// The producer wrote the marker with the queue entry (the streamer does): the commit
+    /// compares that the marker still has the entry's revision, i.e. this message holds it.
+    Held,
+    /// No marker was written (another producer): the commit writes it, if it does not exist.
+    Claim,
+}
+
+/// What validation needs besides the payload.
+pub(crate) struct Context<'a> {
+    /// Key layout.
+    pub keys: &'a Keyspace,
+    /// Which fields identify a GPU.
+    pub columns: &'a Columns,
+    /// Profiles read so far (a lean entry's must be here).
+    pub profiles: &'a ProfileCache,
+    /// Profiles for messages that arrive as JSON.
+    pub book: &'a mut ProfileBook,
 }
 
 /// A field value as a key segment (see [`field_text`]): a missing, null or non-scalar value, or
@@ -67,13 +101,21 @@ fn optional(fields: &telemetry_shared::Fields, column: &str) -> Option<String> {
 /// Validates and migrates one queued payload. `queue_id` is the id part of its queue key, which
 /// must match the message id (a mismatch means the entry was not written by a producer that
 /// follows the layout).
-pub(crate) fn validate(
-    payload: &[u8],
-    queue_id: &str,
-    keys: &Keyspace,
-    columns: &Columns,
-) -> Result<Record, String> {
-    let (message, _) = schema::decode(payload).map_err(|e| e.to_string())?;
+pub(crate) fn validate(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
+    let (message, lean_profile) = if record::is_lean(payload) {
+        let id = queue_id
+            .parse()
+            .map_err(|_| format!("queue key id {queue_id:?} is not a ULID"))?;
+        let head = record::header(payload).map_err(|e| e.to_string())?;
+        let profile = ctx
+            .profiles
+            .get(head.profile)
+            .ok_or_else(|| record::RecordError::UnknownProfile(head.profile).to_string())?;
+        let message = record::decode(payload, &profile, id, None).map_err(|e| e.to_string())?;
+        (message, Some((head.profile, profile)))
+    } else {
+        (schema::decode(payload).map_err(|e| e.to_string())?.0, None)
+    };
     if message.id.to_string() != queue_id {
         return Err(format!(
             "message id {} does not match its queue key ({queue_id})",
@@ -83,23 +125,37 @@ pub(crate) fn validate(
     if !is_idempotency_key(&message.idempotency_key) {
         return Err("idempotency_key must be 64 lower-case hex digits".into());
     }
-    let hostname = segment(&message.fields, &columns.hostname)?;
-    let gpu_id = segment(&message.fields, &columns.gpu_id)?;
-    let uuid = segment(&message.fields, &columns.uuid)?;
-    let device = optional(&message.fields, &columns.device);
-    let model = optional(&message.fields, &columns.model);
-    let id = message.id.to_string();
-    let data_key = keys.data_record(&hostname, &gpu_id, &message.timestamp.to_string(), &id);
-    let encoded = serde_json::to_vec(&message).map_err(|e| format!("cannot encode: {e}"))?;
+    let hostname = segment(&message.fields, &ctx.columns.hostname)?;
+    let gpu_id = segment(&message.fields, &ctx.columns.gpu_id)?;
+    let uuid = segment(&message.fields, &ctx.columns.uuid)?;
+    let (profile, marker) = match lean_profile {
+        Some(profile) => (profile, MarkerMode::Held),
+        // A JSON message gets a profile of its GPU's messages.
+        None => {
+            let choice = ctx
+                .book
+                .choose(format!("{hostname}/{gpu_id}").as_bytes(), &message);
+            ((choice.id, choice.profile), MarkerMode::Claim)
+        }
+    };
+    let encoded = record::encode(&message, &profile.1, profile.0, Form::Stored).map_err(|e| e.to_string())?;
+    let data_key = ctx.keys.data_record(
+        &hostname,
+        &gpu_id,
+        &message.timestamp.to_string(),
+        &message.id.to_string(),
+    );
     Ok(Record {
+        device: optional(&message.fields, &ctx.columns.device),
+        model: optional(&message.fields, &ctx.columns.model),
         message,
         hostname,
         gpu_id,
         uuid,
-        device,
-        model,
         data_key,
         encoded,
+        profile,
+        marker,
     })
 }
 
@@ -120,6 +176,22 @@ mod tests {
         }
     }
 
+    fn check(payload: &[u8], id: &str, columns: &Columns) -> Result<Record, String> {
+        let keys = Keyspace::new("");
+        let profiles = ProfileCache::new();
+        let mut book = ProfileBook::new();
+        validate(
+            payload,
+            id,
+            &mut Context {
+                keys: &keys,
+                columns,
+                profiles: &profiles,
+                book: &mut book,
+            },
+        )
+    }
+
     fn dcgm_fields() -> Fields {
         let mut f = Fields::new();
         f.insert("Hostname".into(), json!("host-1"));
@@ -132,12 +204,12 @@ mod tests {
 
     #[test]
     fn valid_messages_of_every_version_become_records() {
-        let keys = Keyspace::new("");
         let msg = message(dcgm_fields());
         let id = msg.id.to_string();
         for version in SchemaVersion::ALL {
             let payload = serde_json::to_vec(&msg.to_version(version)).expect("json");
-            let rec = validate(&payload, &id, &keys, &Columns::default()).expect("valid");
+            let rec = check(&payload, &id, &Columns::default()).expect("valid");
+            assert_eq!(rec.marker, MarkerMode::Claim);
             assert_eq!(
                 (rec.hostname.as_str(), rec.gpu_id.as_str(), rec.uuid.as_str()),
                 ("host-1", "3", "GPU-abc")
@@ -147,20 +219,19 @@ mod tests {
                 format!("/telemetry/data/host-1/3/2026-11-23T08:00:00.000000Z_{id}")
             );
             assert_eq!(rec.model.as_deref(), Some("H100"));
-            let stored: Message = serde_json::from_slice(&rec.encoded).expect("v1");
-            assert_eq!(stored.schema_version, SchemaVersion::V1);
+            let stored =
+                record::decode(&rec.encoded, &rec.profile.1, msg.id, Some(msg.timestamp)).expect("lean");
+            assert_eq!(stored, rec.message);
         }
     }
 
     #[test]
     fn invalid_messages_say_why() {
-        let keys = Keyspace::new("");
         let cols = Columns::default();
         let msg = message(dcgm_fields());
         let id = msg.id.to_string();
-        let reason = |m: &Message| {
-            validate(&serde_json::to_vec(m).expect("json"), &id, &keys, &cols).expect_err("invalid")
-        };
+        let reason =
+            |m: &Message| check(&serde_json::to_vec(m).expect("json"), &id, &cols).expect_err("invalid");
         let mut m = msg.clone();
         m.fields.shift_remove("Hostname");
         assert!(reason(&m).contains("missing field \"Hostname\""));
@@ -171,15 +242,44 @@ mod tests {
         m.fields.insert("Hostname".into(), json!("a/b"));
         assert!(reason(&m).contains("cannot be used in a key"));
         assert!(
-            validate(b"garbage", &id, &keys, &cols)
+            check(b"garbage", &id, &cols)
                 .expect_err("not json")
                 .contains("not JSON")
         );
         let payload = serde_json::to_vec(&msg).expect("json");
         assert!(
-            validate(&payload, "01OTHER", &keys, &cols)
+            check(&payload, "01OTHER", &cols)
                 .expect_err("id")
                 .contains("does not match")
+        );
+    }
+
+    #[test]
+    fn a_lean_entry_is_decoded_with_its_profile_or_refused_without_it() {
+        let msg = message(dcgm_fields());
+        let profile = Arc::new(Profile::of(&msg));
+        let id = profile.id();
+        let payload = record::encode(&msg, &profile, id, Form::Queue).expect("fits");
+        let err = check(&payload, &msg.id.to_string(), &Columns::default()).expect_err("unknown profile");
+        assert!(err.contains("does not exist"), "{err}");
+        let keys = Keyspace::new("");
+        let profiles = ProfileCache::new();
+        profiles.insert(id, profile);
+        let mut book = ProfileBook::new();
+        let rec = validate(
+            &payload,
+            &msg.id.to_string(),
+            &mut Context {
+                keys: &keys,
+                columns: &Columns::default(),
+                profiles: &profiles,
+                book: &mut book,
+            },
+        )
+        .expect("valid");
+        assert_eq!(
+            (rec.marker, rec.profile.0, rec.message),
+            (MarkerMode::Held, id, msg)
         );
     }
 }

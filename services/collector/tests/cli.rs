@@ -46,7 +46,7 @@ fn help_lists_every_variable_with_its_default_and_starts_nothing() {
         }
         for line in [
             "LEASE_TTL [default: 30s]",
-            "BATCH_SIZE [default: 42]",
+            "BATCH_SIZE [default: 63]",
             "LOG_FORMAT [default: text]",
         ] {
             assert!(help.contains(line), "{line}");

@@ -28,8 +28,9 @@ pub(crate) const METRICS: &[MetricDef] = &[
     MetricDef::counter(
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route and status.",
-    ),
-    MetricDef::histogram(HTTP_DURATION, "HTTP request latency, by route."),
+    )
+    .labeled(),
+    MetricDef::histogram(HTTP_DURATION, "HTTP request latency, by route.").labeled(),
     MetricDef::counter(
         UNREADABLE,
         "Stored records, index entries or counters that could not be read.",

@@ -23,7 +23,9 @@ use telemetry_shared::{
     etcd::{EtcdError, current_revision},
     message::field_text,
     observe::emit,
-    watch::{Follow, Update},
+    profiles::ProfileCache,
+    retry::{Backoff, Policy, Stopped},
+    watch::{Change, Follow, Update},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -52,16 +54,10 @@ pub struct Event {
 impl Event {
     /// Reads a record written under the data prefix at `revision`; `None` (logged and counted)
     /// if the key or value is not one.
-    pub fn decode(
-        keys: &Keyspace,
-        columns: &Columns,
-        key: &[u8],
-        value: &[u8],
-        revision: i64,
-    ) -> Option<Event> {
+    pub fn decode(decoder: &Decoder, key: &[u8], value: &[u8], revision: i64) -> Option<Event> {
         let key = String::from_utf8_lossy(key);
-        let parts = keys.parse_data_record(&key)?;
-        let message: Message = match serde_json::from_slice(value) {
+        let parts = decoder.keys.parse_data_record(&key)?;
+        let message: Message = match decoder.profiles.decode_stored(&parts, value) {
             Ok(m) => m,
             Err(error) => {
                 emit(UnreadableSkipped {
@@ -72,6 +68,7 @@ impl Event {
                 return None;
             }
         };
+        let columns = &decoder.columns;
         let text = |column: &str| {
             message
                 .fields
@@ -168,8 +165,39 @@ struct Inner {
     next_id: AtomicU64,
     /// The last revision broadcast (every record up to it has been offered to subscribers).
     delivered: AtomicI64,
-    keys: Keyspace,
-    columns: Columns,
+    decoder: Decoder,
+}
+
+/// What records are decoded with: the key layout, the columns the filters read, and the
+/// profiles of lean records (shared with the REST store).
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    /// Key layout.
+    pub keys: Keyspace,
+    /// Which fields the filters read.
+    pub columns: Columns,
+    /// Profiles read so far.
+    pub profiles: ProfileCache,
+}
+
+impl Decoder {
+    /// Reads the profiles `changes` name that are not cached yet, retrying while etcd is
+    /// unavailable; `Err` only at shutdown.
+    pub async fn prepare(
+        &self,
+        client: &Client,
+        changes: &[Change],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let mut backoff = Backoff::new(Policy::ETCD, "reading record profiles");
+        loop {
+            let ids = changes.iter().filter_map(|c| ProfileCache::needs(&c.value));
+            match self.profiles.load(client, &self.keys, ids).await {
+                Ok(()) => return Ok(()),
+                Err(err) => backoff.retry_after(&err, shutdown).await?,
+            }
+        }
+    }
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -228,8 +256,7 @@ impl Hub {
     /// Reads the current revision and starts the watch task from just after it.
     pub async fn start(
         client: Client,
-        keys: Keyspace,
-        columns: Columns,
+        decoder: Decoder,
         shutdown: CancellationToken,
     ) -> Result<Hub, EtcdError> {
         let revision = current_revision(&client).await?;
@@ -238,8 +265,7 @@ impl Hub {
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 delivered: AtomicI64::new(revision),
-                keys,
-                columns,
+                decoder,
             }),
         };
         tokio::spawn(hub.clone().watch(client, shutdown));
@@ -256,9 +282,9 @@ impl Hub {
         self.inner.subscribers.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// The key layout and columns the hub decodes with (replays use the same).
-    pub fn decoder(&self) -> (&Keyspace, &Columns) {
-        (&self.inner.keys, &self.inner.columns)
+    /// What the hub decodes records with (replays use the same).
+    pub fn decoder(&self) -> &Decoder {
+        &self.inner.decoder
     }
 
     /// Attaches a subscriber with a buffer of `buffer` batches.
@@ -346,15 +372,26 @@ impl Hub {
 
     async fn watch(self, client: Client, shutdown: CancellationToken) {
         // Retention expiry deletes records; the feed carries writes only.
-        let mut follow =
-            Follow::new(&client, self.inner.keys.data_prefix(), self.delivered() + 1).without_deletes();
+        let mut follow = Follow::new(
+            &client,
+            self.inner.decoder.keys.data_prefix(),
+            self.delivered() + 1,
+        )
+        .without_deletes();
         while let Some(update) = follow.next(&shutdown).await {
             match update {
                 Update::Changes { changes, through } => {
-                    let (keys, columns) = self.decoder();
+                    if self
+                        .decoder()
+                        .prepare(&client, &changes, &shutdown)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                     let events = changes
                         .iter()
-                        .filter_map(|c| Event::decode(keys, columns, &c.key, &c.value, c.mod_revision))
+                        .filter_map(|c| Event::decode(self.decoder(), &c.key, &c.value, c.mod_revision))
                         .map(Arc::new)
                         .collect();
                     self.broadcast(group(events), through);
@@ -414,8 +451,11 @@ mod tests {
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 delivered: AtomicI64::new(10),
-                keys: Keyspace::new("/t"),
-                columns: Columns::default(),
+                decoder: Decoder {
+                    keys: Keyspace::new("/t"),
+                    columns: Columns::default(),
+                    profiles: ProfileCache::new(),
+                },
             }),
         }
     }

@@ -140,15 +140,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let keys = Keyspace::new(&config.common.etcd_namespace);
-    let hub = hub::Hub::start(
-        client.clone(),
-        keys.clone(),
-        config.columns.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let store = store::Store::new(client.clone(), keys.clone());
+    let decoder = hub::Decoder {
+        keys,
+        columns: config.columns.clone(),
+        profiles: store.profiles().clone(),
+    };
+    let hub = hub::Hub::start(client, decoder, shutdown.clone()).await?;
     let state = Arc::new(AppState {
-        store: store::Store::new(client, keys),
+        store,
         hub,
         ws_slots: Arc::new(Semaphore::new(config.ws_max_connections)),
         shutdown: shutdown.clone(),

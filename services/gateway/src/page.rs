@@ -60,10 +60,13 @@ pub(crate) struct Page {
     pub scanned: usize,
 }
 
+/// Reads one stored record from its key and value (lean or JSON), or says why it cannot.
+pub(crate) type Decode<'q> = &'q (dyn Fn(&str, &[u8]) -> Result<Message, String> + Sync);
+
 /// The state of one page's scan over a GPU's key range.
-#[derive(Debug)]
 pub(crate) struct Scan<'q> {
     query: &'q TelemetryQuery,
+    decode: Decode<'q>,
     prefix: &'q str,
     metric_column: &'q str,
     /// What is left to read.
@@ -82,10 +85,16 @@ pub(crate) struct Scan<'q> {
 impl<'q> Scan<'q> {
     /// A scan for `query` over the records under `prefix` (a GPU's data prefix), matching the
     /// metric filter against `metric_column`.
-    pub(crate) fn new(query: &'q TelemetryQuery, prefix: &'q str, metric_column: &'q str) -> Self {
+    pub(crate) fn new(
+        query: &'q TelemetryQuery,
+        prefix: &'q str,
+        metric_column: &'q str,
+        decode: Decode<'q>,
+    ) -> Self {
         let (lo, hi) = query.key_range(prefix);
         Scan {
             query,
+            decode,
             prefix,
             metric_column,
             lo,
@@ -166,7 +175,7 @@ impl<'q> Scan<'q> {
     fn examine(&mut self, key: &[u8], value: &[u8]) {
         self.scanned += 1;
         let key = String::from_utf8_lossy(key).into_owned();
-        match serde_json::from_slice::<Message>(value) {
+        match (self.decode)(&key, value) {
             Ok(message) if self.matches(&message) => self.matched.push((key.clone(), message)),
             Ok(_) => {}
             Err(error) => telemetry_shared::observe::emit(UnreadableSkipped {
@@ -232,6 +241,10 @@ mod tests {
         }
     }
 
+    fn json(_: &str, value: &[u8]) -> Result<Message, String> {
+        serde_json::from_slice(value).map_err(|e| e.to_string())
+    }
+
     /// Record `i`: key `{PREFIX}{i:06}`, metric `A` for even i and the number 7 for odd i.
     fn record(i: usize) -> (Vec<u8>, Vec<u8>) {
         let mut fields = Fields::new();
@@ -256,7 +269,7 @@ mod tests {
     /// Runs a scan over `total` records, answering each read like etcd would (ascending keys).
     fn run(q: &TelemetryQuery, total: usize) -> (Page, Vec<usize>) {
         let store: Vec<(Vec<u8>, Vec<u8>)> = (0..total).map(record).collect();
-        let mut scan = Scan::new(q, PREFIX, "metric_name");
+        let mut scan = Scan::new(q, PREFIX, "metric_name", &json);
         let mut reads = Vec::new();
         while let Some(read) = scan.next_read() {
             reads.push(read.n);
@@ -339,7 +352,7 @@ mod tests {
     #[test]
     fn reads_shrink_after_a_response_too_large() {
         let q = query(100, 0, None, Order::Asc);
-        let mut scan = Scan::new(&q, PREFIX, "metric_name");
+        let mut scan = Scan::new(&q, PREFIX, "metric_name", &json);
         let first = scan.next_read().map(|r| r.n);
         assert_eq!(first, Some(101));
         assert!(scan.shrink_reads(101));
@@ -357,7 +370,7 @@ mod tests {
     #[test]
     fn unreadable_records_are_skipped() {
         let q = query(5, 0, None, Order::Asc);
-        let mut scan = Scan::new(&q, PREFIX, "metric_name");
+        let mut scan = Scan::new(&q, PREFIX, "metric_name", &json);
         let (good_key, good) = record(1);
         let bad_key = format!("{PREFIX}000000").into_bytes();
         scan.absorb(

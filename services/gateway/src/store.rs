@@ -16,10 +16,11 @@ use std::{
 use etcd_client::{Client, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use telemetry_shared::{
-    Keyspace, Timestamp,
+    Keyspace, Message, Timestamp,
     etcd::{self, EtcdError, is_retryable, is_too_large, range_prefix},
     model::{GpuInfo, PartitionStats},
     observe::emit,
+    profiles::ProfileCache,
     retry::{Policy, retry},
 };
 use tokio::sync::RwLock;
@@ -104,6 +105,8 @@ pub(crate) struct Store {
     kv: KvClient,
     keys: Keyspace,
     directory: RwLock<Option<(Instant, Arc<Vec<GpuInfo>>)>>,
+    /// Profiles of the lean records read so far (shared with the live feed).
+    profiles: ProfileCache,
 }
 
 impl std::fmt::Debug for Store {
@@ -137,7 +140,24 @@ impl Store {
             client,
             keys,
             directory: RwLock::new(None),
+            profiles: ProfileCache::new(),
         }
+    }
+
+    /// The profiles of lean records read so far.
+    pub(crate) fn profiles(&self) -> &ProfileCache {
+        &self.profiles
+    }
+
+    /// Reads one stored record (lean, with its cached profile, or JSON).
+    fn decode(&self, key: &str, value: &[u8]) -> Result<Message, String> {
+        let parts = self
+            .keys
+            .parse_data_record(key)
+            .ok_or_else(|| "not a telemetry record key".to_string())?;
+        self.profiles
+            .decode_stored(&parts, value)
+            .map_err(|e| e.to_string())
     }
 
     /// The etcd client (the live feed and replays watch through it).
@@ -255,7 +275,8 @@ impl Store {
         metric_column: &str,
     ) -> Result<(Page, i64), EtcdError> {
         let prefix = self.keys.gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
-        let mut scan = Scan::new(query, &prefix, metric_column);
+        let decode = |key: &str, value: &[u8]| self.decode(key, value);
+        let mut scan = Scan::new(query, &prefix, metric_column, &decode);
         let mut revision = 0;
         while let Some(read) = scan.next_read() {
             let n = read.n;
@@ -263,7 +284,14 @@ impl Store {
                 .page(&prefix, query.order, Some(gpu.last_seen), read, &mut revision)
                 .await
             {
-                Ok(page) => scan.absorb(page.records.iter().map(|kv| (kv.key(), kv.value())), page.more),
+                Ok(page) => {
+                    let lean = page
+                        .records
+                        .iter()
+                        .filter_map(|kv| ProfileCache::needs(kv.value()));
+                    self.profiles.load(&self.client, &self.keys, lean).await?;
+                    scan.absorb(page.records.iter().map(|kv| (kv.key(), kv.value())), page.more)
+                }
                 Err(EtcdError::Client(err)) if is_too_large(&err) && scan.shrink_reads(n) => {}
                 Err(err) => return Err(err),
             }

@@ -297,10 +297,9 @@ impl Session {
     /// Replays revisions `(since, live_from]` from etcd, then returns to the live feed (which
     /// has been buffering everything after `live_from`).
     async fn replay(&mut self, since: i64, live_from: i64, sub: &Subscription) -> Step {
-        let (keys, columns) = self.app.hub.decoder();
-        let (keys, columns) = (keys.clone(), columns.clone());
+        let decoder = self.app.hub.decoder().clone();
         let mut follow =
-            Follow::new(self.app.store.client(), keys.data_prefix(), since + 1).without_deletes();
+            Follow::new(self.app.store.client(), decoder.keys.data_prefix(), since + 1).without_deletes();
         let mut ping = self.ping_timer();
         let shutdown = self.app.shutdown.clone();
         loop {
@@ -317,11 +316,14 @@ impl Session {
                             since + 1
                         ),
                     }),
-                    Some(Update::Changes { changes, through }) => {
+                                        Some(Update::Changes { changes, through }) => {
+                        if decoder.prepare(self.app.store.client(), &changes, &shutdown).await.is_err() {
+                            return self.going_away();
+                        }
                         let events = changes
                             .iter()
                             .take_while(|c| c.mod_revision <= live_from)
-                            .filter_map(|c| Event::decode(&keys, &columns, &c.key, &c.value, c.mod_revision))
+                            .filter_map(|c| Event::decode(&decoder, &c.key, &c.value, c.mod_revision))
                             .map(Arc::new)
                             .collect();
                         for batch in group(events) {

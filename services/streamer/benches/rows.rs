@@ -1,5 +1,5 @@
 //! Criterion benchmark of the streamer's CPU path: parse the DCGM sample, type each row, build
-//! its message (idempotency key, ULID, timestamp) and encode it as JSON. No etcd involved; the
+//! its message (idempotency key, ULID, timestamp) and its lean queue entry. No etcd involved; the
 //! end-to-end enqueue rate is measured by `scripts/bench`.
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
@@ -10,12 +10,12 @@ use telemetry_streamer::{
     transform::MessageBuilder,
 };
 
-fn rows_to_json(c: &mut Criterion) {
+fn rows_to_entries(c: &mut Criterion) {
     let path = telemetry_harness::sample::path();
     let types = ColumnTypes::scan(&path).expect("sample readable");
     let mut group = c.benchmark_group("streamer");
     group.throughput(Throughput::Elements(types.data_rows()));
-    group.bench_function("dcgm_sample_rows_to_json", |b| {
+    group.bench_function("dcgm_sample_rows_to_lean_entries", |b| {
         b.iter(|| {
             let mut source = CsvSource::open(&path).expect("open");
             let mut builder = MessageBuilder::new(
@@ -27,7 +27,7 @@ fn rows_to_json(c: &mut Criterion) {
             while let Some(item) = source.next_item().expect("read") {
                 if let SourceItem::Row(row) = item {
                     let prepared = builder.build("bench", 0, row.row, &row.values);
-                    bytes += serde_json::to_vec(&prepared.message).expect("encode").len();
+                    bytes += prepared.encoded.len();
                 }
             }
             bytes
@@ -36,5 +36,5 @@ fn rows_to_json(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rows_to_json);
+criterion_group!(benches, rows_to_entries);
 criterion_main!(benches);

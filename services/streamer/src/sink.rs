@@ -18,7 +18,12 @@
 //! What is decided is pure and unit-tested without etcd: [`plan_txn`] builds the transaction,
 //! [`classify`] reads its reply. [`Sink::commit`] only sends, retries and applies the verdict.
 
-use std::{fmt::Display, sync::Arc, time::Instant};
+use std::{
+    collections::HashSet,
+    fmt::Display,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
@@ -30,6 +35,7 @@ use telemetry_shared::{
         is_lease_not_found, is_retryable,
     },
     observe::emit,
+    record::{Profile, ProfileId},
     retry::{Backoff, Policy, Stopped},
 };
 use tokio_util::sync::CancellationToken;
@@ -40,7 +46,7 @@ use crate::{
 };
 
 /// Most messages per transaction: two puts each plus the checkpoint put must fit etcd's
-/// 128-operation limit.
+/// 128-operation limit (fewer when the transaction also stores new profiles).
 pub(crate) const MAX_ROWS_PER_TXN: usize = (MAX_TXN_OPS - 1) / 2;
 
 /// Largest single encoded message; a bigger row is skipped as malformed.
@@ -54,9 +60,9 @@ const _: () = assert!(MAX_MESSAGE_BYTES <= MAX_TXN_BYTES);
 pub(crate) struct Pending {
     /// Source row number.
     pub row: u64,
-    /// The message and its partition.
+    /// The message, its partition and its profile.
     pub prepared: Prepared,
-    /// The message as JSON.
+    /// The lean queue entry.
     pub encoded: Vec<u8>,
 }
 
@@ -136,6 +142,8 @@ pub(crate) struct TxnPlan {
     pub writes: Vec<EntryWrite>,
     /// The lease the dedup markers are attached to.
     pub lease: i64,
+    /// Profiles the entries name that are not known to be stored: (key, value).
+    pub profiles: Vec<(String, Vec<u8>)>,
 }
 
 /// What one message writes: its queue entry and its dedup marker.
@@ -143,16 +151,17 @@ pub(crate) struct TxnPlan {
 pub(crate) struct EntryWrite {
     /// The queue entry's key.
     pub queue_key: String,
-    /// The message JSON.
+    /// The lean queue entry.
     pub value: Vec<u8>,
-    /// The dedup marker's key (must not exist yet).
+    /// The dedup marker's key (must not exist yet). Its value is empty: the marker written in
+    /// the same transaction as the entry has the entry's revision, which is what the collector
+    /// and a lost-reply check compare.
     pub marker_key: String,
-    /// The marker's value: the message id, so a lost reply can be told from a duplicate.
-    pub message_id: String,
 }
 
 /// Plans the transaction that enqueues `entries` and moves the checkpoint at `checkpoint_key`
-/// from `expected_rev` to `checkpoint_value`, with markers on `lease`.
+/// from `expected_rev` to `checkpoint_value`, with markers on `lease`, storing the `profiles`
+/// the entries name that are not known to be stored.
 pub(crate) fn plan_txn(
     keys: &Keyspace,
     checkpoint_key: &str,
@@ -160,17 +169,16 @@ pub(crate) fn plan_txn(
     checkpoint_value: &[u8],
     entries: &[&Pending],
     lease: i64,
+    profiles: &[(ProfileId, Arc<Profile>)],
 ) -> TxnPlan {
     let writes = entries
         .iter()
         .map(|pending| {
             let message = &pending.prepared.message;
-            let message_id = message.id.to_string();
             EntryWrite {
-                queue_key: keys.queue_entry(pending.prepared.partition, &message_id),
+                queue_key: keys.queue_entry(pending.prepared.partition, &message.id.to_string()),
                 value: pending.encoded.clone(),
-                marker_key: keys.enqueued_marker(&message.idempotency_key),
-                message_id,
+                marker_key: keys.dedup_marker(&message.idempotency_key),
             }
         })
         .collect();
@@ -180,7 +188,26 @@ pub(crate) fn plan_txn(
         checkpoint_value: checkpoint_value.to_vec(),
         writes,
         lease,
+        profiles: profiles
+            .iter()
+            .map(|(id, p)| (keys.profile(*id), p.encode()))
+            .collect(),
     }
+}
+
+/// The distinct profiles `entries` name that `written` does not hold, in first-use order.
+pub(crate) fn profiles_to_store(
+    entries: &[&Pending],
+    written: impl Fn(ProfileId) -> bool,
+) -> Vec<(ProfileId, Arc<Profile>)> {
+    let mut out: Vec<(ProfileId, Arc<Profile>)> = Vec::new();
+    for pending in entries {
+        let (id, profile) = &pending.prepared.profile;
+        if !written(*id) && !out.iter().any(|(o, _)| o == id) {
+            out.push((*id, profile.clone()));
+        }
+    }
+    out
 }
 
 impl TxnPlan {
@@ -204,13 +231,16 @@ impl TxnPlan {
             txn.then(TxnOp::put(write.queue_key.as_str(), write.value.clone(), None));
             txn.then(TxnOp::put(
                 write.marker_key.as_str(),
-                write.message_id.as_str(),
+                Vec::new(),
                 Some(PutOptions::new().with_lease(self.lease)),
             ));
             txn.otherwise(TxnOp::get(
                 write.marker_key.as_str(),
                 Some(GetOptions::new().with_keys_only()),
             ));
+        }
+        for (key, value) in &self.profiles {
+            txn.then(TxnOp::put(key.as_str(), value.clone(), None));
         }
         txn.then(TxnOp::put(
             self.checkpoint_key.as_str(),
@@ -369,6 +399,8 @@ pub(crate) struct Sink {
     keys: Keyspace,
     markers: Arc<BucketedLease>,
     shutdown: CancellationToken,
+    /// Profiles known to be stored (written by a transaction that landed, by any worker).
+    written: Arc<Mutex<HashSet<ProfileId>>>,
 }
 
 impl Sink {
@@ -384,6 +416,18 @@ impl Sink {
             keys,
             markers,
             shutdown,
+            written: Arc::default(),
+        }
+    }
+
+    /// Is profile `id` known to be stored?
+    pub(crate) fn is_written(&self, id: ProfileId) -> bool {
+        self.written.lock().is_ok_and(|w| w.contains(&id))
+    }
+
+    fn mark_written(&self, profiles: &[(ProfileId, Arc<Profile>)]) {
+        if let Ok(mut written) = self.written.lock() {
+            written.extend(profiles.iter().map(|(id, _)| *id));
         }
     }
 
@@ -416,20 +460,25 @@ impl Sink {
             checkpoint_value: encode_checkpoint(stream_id, target)?,
         };
         let mut live: Vec<&Pending> = entries.to_vec();
+        // Every profile the chunk names is stored with it, even one a duplicate named: later
+        // entries may name it too.
+        let profiles = profiles_to_store(&live, |id| self.is_written(id));
         let mut duplicates = Vec::new();
         // Whether an earlier attempt may have been applied although its reply was lost.
         let mut uncertain = false;
         let mut backoff = Backoff::new(Policy::FAST, "enqueue transaction");
         loop {
             let Some(reply) = self
-                .attempt(&request, &live, &mut backoff, &mut uncertain)
+                .attempt(&request, &live, &profiles, &mut backoff, &mut uncertain)
                 .await?
             else {
                 continue;
             };
             let revision = match classify(reply, stream_id, expected_rev, target, uncertain)? {
                 Verdict::Committed { revision } => revision,
-                Verdict::PossiblyOurs { mod_revision } if self.landed(live.first().copied()).await? => {
+                Verdict::PossiblyOurs { mod_revision }
+                    if self.landed(live.first().copied(), mod_revision).await? =>
+                {
                     mod_revision
                 }
                 Verdict::PossiblyOurs { mod_revision } => {
@@ -460,6 +509,7 @@ impl Sink {
                     continue;
                 }
             };
+            self.mark_written(&profiles);
             return Ok(CommitOutcome::Committed {
                 revision,
                 enqueued: live.len(),
@@ -475,6 +525,7 @@ impl Sink {
         &self,
         request: &Request<'_>,
         live: &[&Pending],
+        profiles: &[(ProfileId, Arc<Profile>)],
         backoff: &mut Backoff,
         uncertain: &mut bool,
     ) -> Result<Option<Reply>, SinkError> {
@@ -493,6 +544,7 @@ impl Sink {
             &request.checkpoint_value,
             live,
             lease,
+            profiles,
         )
         .build()?;
         match self.send(request.stream_id, live.len(), txn).await {
@@ -532,19 +584,19 @@ impl Sink {
         result.map(|resp| Reply::from_response(&resp))
     }
 
-    /// Is `pending`'s dedup marker present and ours (its value is our message id)? With no
+    /// Did our earlier attempt land? The checkpoint holds our target at `checkpoint_rev`; it did
+    /// if `pending`'s dedup marker was written by that same transaction (same revision). With no
     /// message (a checkpoint-only commit) the checkpoint alone says it landed.
-    async fn landed(&self, pending: Option<&Pending>) -> Result<bool, SinkError> {
+    async fn landed(&self, pending: Option<&Pending>, checkpoint_rev: i64) -> Result<bool, SinkError> {
         let Some(pending) = pending else {
             return Ok(true);
         };
-        let message = &pending.prepared.message;
-        let marker = self.keys.enqueued_marker(&message.idempotency_key);
+        let marker = self.keys.dedup_marker(&pending.prepared.message.idempotency_key);
         let resp = self.get(&marker, "dedup marker read").await?;
         Ok(resp
             .kvs()
             .first()
-            .is_some_and(|kv| kv.value() == message.id.to_string().as_bytes()))
+            .is_some_and(|kv| kv.mod_revision() == checkpoint_rev))
     }
 
     /// Reads `key`, retrying while etcd is unavailable.
@@ -621,7 +673,22 @@ pub(crate) mod tests {
         let keys = Keyspace::new("/t");
         let entries = [pending(1, 10), pending(2, 20)];
         let refs: Vec<&Pending> = entries.iter().collect();
-        let plan = plan_txn(&keys, "/t/streams/s-w0/checkpoint", 42, b"{}", &refs, 7);
+        let profiles = profiles_to_store(&refs, |_| false);
+        // These test messages have no partition columns, so each is its own group and profile.
+        assert_eq!(profiles.len(), 2);
+        let twice: Vec<&Pending> = vec![&entries[0], &entries[0]];
+        assert_eq!(profiles_to_store(&twice, |_| false).len(), 1, "each profile once");
+        let plan = plan_txn(
+            &keys,
+            "/t/streams/s-w0/checkpoint",
+            42,
+            b"{}",
+            &refs,
+            7,
+            &profiles,
+        );
+        assert_eq!(plan.profiles.len(), 2);
+        assert!(profiles_to_store(&refs, |_| true).is_empty());
         assert_eq!(
             (plan.checkpoint_key.as_str(), plan.expected_rev, plan.lease),
             ("/t/streams/s-w0/checkpoint", 42, 7)
@@ -629,13 +696,12 @@ pub(crate) mod tests {
         assert_eq!(plan.writes.len(), 2);
         for (write, entry) in plan.writes.iter().zip(&entries) {
             let message = &entry.prepared.message;
-            assert_eq!(write.message_id, message.id.to_string());
             assert_eq!(write.value, entry.encoded);
             assert_eq!(
                 write.queue_key,
                 keys.queue_entry(entry.prepared.partition, &message.id.to_string())
             );
-            assert_eq!(write.marker_key, keys.enqueued_marker(&message.idempotency_key));
+            assert_eq!(write.marker_key, keys.dedup_marker(&message.idempotency_key));
         }
         plan.build().expect("two messages fit");
     }
@@ -645,9 +711,9 @@ pub(crate) mod tests {
         let keys = Keyspace::new("/t");
         let entries: Vec<Pending> = (1..=MAX_ROWS_PER_TXN as u64 + 1).map(|r| pending(r, 1)).collect();
         let refs: Vec<&Pending> = entries.iter().collect();
-        let full = plan_txn(&keys, "/cp", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1);
+        let full = plan_txn(&keys, "/cp", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1, &[]);
         full.build().expect("63 messages: 127 operations");
-        let over = plan_txn(&keys, "/cp", 0, b"{}", &refs, 1);
+        let over = plan_txn(&keys, "/cp", 0, b"{}", &refs, 1, &[]);
         assert!(matches!(over.build(), Err(EtcdError::TxnTooLarge { ops: 129 })));
     }
 

@@ -5,9 +5,14 @@
 
 use std::time::SystemTime;
 
+use std::sync::Arc;
+
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use telemetry_shared::{Fields, Message, SchemaVersion, SourcePosition, Timestamp, keys::partition_of};
+use telemetry_shared::{
+    Fields, Message, SchemaVersion, SourcePosition, Timestamp,
+    keys::partition_of,
+    record::{self, Profile, ProfileBook, ProfileId, derive_key},
+};
 use ulid::Ulid;
 
 use crate::source::{ColumnKind, ColumnTypes};
@@ -38,40 +43,14 @@ fn parse_number(raw: &str) -> Option<f64> {
     raw.parse::<f64>().ok().filter(|n| n.is_finite())
 }
 
-/// The idempotency key of a row: hex SHA-256 over a versioned, length-prefixed encoding of its
-/// source position (stream, pass, row) and its content (column names and raw values). The
-/// message id and the processing time are deliberately not part of it, so a retried or re-sent
-/// row gets the same key.
-pub(crate) fn idempotency_key(
-    stream_id: &str,
-    pass: u64,
-    row: u64,
-    headers: &[String],
-    values: &[String],
-) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(b"telemetry-row/v1\0");
-    let mut field = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    field(stream_id.as_bytes());
-    field(&pass.to_be_bytes());
-    field(&row.to_be_bytes());
-    for (name, value) in headers.iter().zip(values) {
-        field(name.as_bytes());
-        field(value.as_bytes());
-    }
-    hex::encode(hasher.finalize())
-}
-
-/// Builds messages for one stream: holds the column typing, the partition columns and a
-/// monotonic ULID generator.
+/// Builds messages for one stream: holds the column typing, the partition columns, a
+/// monotonic ULID generator and the stream's profiles (what rows of one GPU have in common).
 pub struct MessageBuilder {
     headers: Vec<String>,
     types: ColumnTypes,
     partition_columns: Option<Vec<usize>>,
     ids: ulid::Generator,
+    profiles: ProfileBook,
 }
 
 /// A message ready to enqueue.
@@ -81,6 +60,10 @@ pub struct Prepared {
     pub message: Message,
     /// Its queue partition.
     pub partition: u32,
+    /// The profile its lean form names (stored with the first transaction that needs it).
+    pub profile: (ProfileId, Arc<Profile>),
+    /// The lean queue entry.
+    pub encoded: Vec<u8>,
 }
 
 impl MessageBuilder {
@@ -98,6 +81,7 @@ impl MessageBuilder {
             types,
             partition_columns,
             ids: ulid::Generator::new(),
+            profiles: ProfileBook::new(),
         }
     }
 
@@ -107,14 +91,15 @@ impl MessageBuilder {
         self.partition_columns.is_some()
     }
 
-    /// The message for data row `row` of pass `pass` of stream `stream_id`.
+    /// The message for data row `row` of pass `pass` of stream `stream_id`, with its lean form.
     pub fn build(&mut self, stream_id: &str, pass: u64, row: u64, values: &[String]) -> Prepared {
-        let key = idempotency_key(stream_id, pass, row, &self.headers, values);
         let mut fields = Fields::with_capacity(self.headers.len());
         for (i, (name, raw)) in self.headers.iter().zip(values).enumerate() {
             fields.insert(name.clone(), typed_value(raw, self.types.kind(i)));
         }
-        let partition = match &self.partition_columns {
+        let key = derive_key(stream_id, pass, row, fields.iter());
+        // The partition key (by default `Hostname/gpu_id`) also groups rows for their profiles.
+        let group = match &self.partition_columns {
             Some(cols) => {
                 let mut pk = Vec::with_capacity(64);
                 for (n, &i) in cols.iter().enumerate() {
@@ -123,29 +108,36 @@ impl MessageBuilder {
                     }
                     pk.extend_from_slice(values[i].as_bytes());
                 }
-                partition_of(&pk)
+                pk
             }
-            None => partition_of(key.as_bytes()),
+            None => key.as_bytes().to_vec(),
         };
         // The generator only fails after 2^80 ids within one millisecond.
         let id = self
             .ids
             .generate()
             .unwrap_or_else(|_| Ulid::from_datetime(SystemTime::now()));
+        let message = Message {
+            schema_version: SchemaVersion::CURRENT,
+            id,
+            timestamp: Timestamp::now(),
+            idempotency_key: key,
+            source: Some(SourcePosition {
+                stream_id: stream_id.to_string(),
+                pass,
+                row,
+            }),
+            fields,
+        };
+        let choice = self.profiles.choose(&group, &message);
+        // The profile was made from this stream's messages, so the message fits it.
+        let encoded =
+            record::encode(&message, &choice.profile, choice.id, record::Form::Queue).unwrap_or_default();
         Prepared {
-            message: Message {
-                schema_version: SchemaVersion::CURRENT,
-                id,
-                timestamp: Timestamp::now(),
-                idempotency_key: key,
-                source: Some(SourcePosition {
-                    stream_id: stream_id.to_string(),
-                    pass,
-                    row,
-                }),
-                fields,
-            },
-            partition,
+            partition: partition_of(&group),
+            profile: (choice.id, choice.profile),
+            encoded,
+            message,
         }
     }
 }
@@ -175,21 +167,36 @@ mod tests {
     }
 
     #[test]
-    fn key_depends_on_position_and_content_only() {
-        let h = vec!["a".to_string(), "b".to_string()];
+    fn key_depends_on_position_and_typed_content_only() {
+        let mut b = MessageBuilder::new(vec!["a".into(), "b".into()], ColumnTypes::all_auto(2), &[]);
         let v = vec!["1".to_string(), "x".to_string()];
-        let k = idempotency_key("s", 0, 1, &h, &v);
+        let k = b.build("s", 0, 1, &v).message.idempotency_key;
         assert_eq!(k.len(), 64);
-        assert_eq!(k, idempotency_key("s", 0, 1, &h, &v));
-        assert_ne!(k, idempotency_key("s", 1, 1, &h, &v));
-        assert_ne!(k, idempotency_key("s", 0, 2, &h, &v));
-        assert_ne!(k, idempotency_key("t", 0, 1, &h, &v));
+        assert_eq!(k, b.build("s", 0, 1, &v).message.idempotency_key);
+        assert_ne!(k, b.build("s", 1, 1, &v).message.idempotency_key);
+        assert_ne!(k, b.build("s", 0, 2, &v).message.idempotency_key);
+        assert_ne!(k, b.build("t", 0, 1, &v).message.idempotency_key);
         let v2 = vec!["1x".to_string(), "".to_string()];
         assert_ne!(
             k,
-            idempotency_key("s", 0, 1, &h, &v2),
+            b.build("s", 0, 1, &v2).message.idempotency_key,
             "length prefixes keep fields apart"
         );
+    }
+
+    #[test]
+    fn the_queue_entry_decodes_to_the_message() {
+        let headers = vec!["Hostname".to_string(), "gpu_id".to_string(), "value".to_string()];
+        let mut b = MessageBuilder::new(
+            headers,
+            ColumnTypes::all_auto(3),
+            &["Hostname".into(), "gpu_id".into()],
+        );
+        for row in 1..=3u64 {
+            let p = b.build("s", 0, row, &["h1".into(), "0".into(), row.to_string()]);
+            let back = record::decode(&p.encoded, &p.profile.1, p.message.id, None).expect("decodes");
+            assert_eq!(back, p.message);
+        }
     }
 
     #[test]

@@ -14,7 +14,12 @@
 use std::{num::NonZeroU32, path::Path, sync::Arc, time::Duration};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use telemetry_shared::{Checkpoint, etcd::MAX_TXN_BYTES, observe::emit};
+use telemetry_shared::{
+    Checkpoint,
+    etcd::{MAX_TXN_BYTES, MAX_TXN_OPS},
+    observe::emit,
+    record::ProfileId,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -122,29 +127,43 @@ struct Chunk {
 }
 
 /// The next transaction for `entries` (the held rows after `committed_row`, in order) of
-/// `pass`: as many entries as fit [`MAX_ROWS_PER_TXN`] messages and [`MAX_TXN_BYTES`], but at
-/// least one message. With `complete_at = Some(last_row)` the transaction that takes the last
-/// entry also marks the pass complete, even with no entries. `None`: nothing to commit.
+/// `pass`: as many entries as fit etcd's operation limit (two per message, one per profile not
+/// yet `written`, one for the checkpoint) and [`MAX_TXN_BYTES`], but at least one message.
+/// With `complete_at = Some(last_row)` the transaction that takes the last entry also marks the
+/// pass complete, even with no entries. `None`: nothing to commit.
 fn next_chunk(
     entries: &[Entry],
     pass: u64,
     committed_row: u64,
     complete_at: Option<u64>,
     fingerprint: &str,
+    written: &dyn Fn(ProfileId) -> bool,
 ) -> Option<Chunk> {
     if entries.is_empty() && complete_at.is_none() {
         return None;
     }
     let (mut messages, mut bytes, mut take) = (0, 0, 0);
+    let mut profiles: Vec<ProfileId> = Vec::new();
     for entry in entries {
         if let Some(p) = entry.message() {
+            let (id, profile) = &p.prepared.profile;
+            let new_profile = !written(*id) && !profiles.contains(id);
+            let extra_bytes = if new_profile { profile.encode().len() } else { 0 };
+            let ops = 2 * (messages + 1) + profiles.len() + usize::from(new_profile) + 1;
             // At least one message per chunk, whatever its size (it is under
             // MAX_MESSAGE_BYTES), so that a flush always makes progress.
-            if messages > 0 && (messages == MAX_ROWS_PER_TXN || bytes + p.encoded.len() > MAX_TXN_BYTES) {
+            if messages > 0
+                && (messages == MAX_ROWS_PER_TXN
+                    || ops > MAX_TXN_OPS
+                    || bytes + p.encoded.len() + extra_bytes > MAX_TXN_BYTES)
+            {
                 break;
             }
             messages += 1;
-            bytes += p.encoded.len();
+            bytes += p.encoded.len() + extra_bytes;
+            if new_profile {
+                profiles.push(*id);
+            }
         }
         take += 1;
     }
@@ -368,8 +387,8 @@ impl Pass<'_> {
                 return Ok(Entry::Skip(bad.row));
             }
         };
-        let prepared = builder.build(self.stream_id, self.pass, row.row, &row.values);
-        let encoded = serde_json::to_vec(&prepared.message).map_err(StreamerError::Encode)?;
+        let mut prepared = builder.build(self.stream_id, self.pass, row.row, &row.values);
+        let encoded = std::mem::take(&mut prepared.encoded);
         if encoded.len() > MAX_MESSAGE_BYTES {
             emit(RowSkipped {
                 stream: self.stream_id,
@@ -403,6 +422,7 @@ impl Pass<'_> {
                 self.committed_row,
                 complete_at,
                 &self.shared.fingerprint,
+                &|id| self.shared.sink.is_written(id),
             ) else {
                 return Ok(None);
             };
@@ -592,7 +612,7 @@ mod tests {
     fn a_chunk_takes_at_most_63_messages_and_skips_ride_along() {
         let mut entries: Vec<Entry> = (2..=71).map(|r| message(r, 100)).collect();
         entries.insert(0, Entry::Skip(1));
-        let chunk = next_chunk(&entries, 1, 0, None, FP).expect("a chunk");
+        let chunk = next_chunk(&entries, 1, 0, None, FP, &|_| true).expect("a chunk");
         assert_eq!(chunk.take, 1 + MAX_ROWS_PER_TXN);
         assert_eq!(
             chunk.target,
@@ -605,33 +625,41 @@ mod tests {
         );
         // A skip after the 63rd message still fits: it writes nothing but the checkpoint.
         let entries: Vec<Entry> = (1..=63).map(|r| message(r, 1)).chain([Entry::Skip(64)]).collect();
-        assert_eq!(next_chunk(&entries, 0, 0, None, FP).expect("chunk").take, 64);
+        assert_eq!(
+            next_chunk(&entries, 0, 0, None, FP, &|_| true)
+                .expect("chunk")
+                .take,
+            64
+        );
     }
 
     #[test]
     fn a_chunk_stays_under_the_byte_limit_but_always_takes_one_message() {
         let big = MAX_MESSAGE_BYTES;
         let entries = vec![message(1, big), message(2, big), message(3, big)];
-        let chunk = next_chunk(&entries, 0, 0, None, FP).expect("chunk");
+        let chunk = next_chunk(&entries, 0, 0, None, FP, &|_| true).expect("chunk");
         assert_eq!(chunk.take, 2, "two of 512 KiB fill 1 MiB");
         let huge = vec![message(1, MAX_TXN_BYTES + 1), message(2, 1)];
-        assert_eq!(next_chunk(&huge, 0, 0, None, FP).expect("chunk").take, 1);
+        assert_eq!(
+            next_chunk(&huge, 0, 0, None, FP, &|_| true).expect("chunk").take,
+            1
+        );
     }
 
     #[test]
     fn the_last_chunk_of_a_pass_marks_it_complete() {
-        assert_eq!(next_chunk(&[], 0, 5, None, FP), None, "nothing to do");
-        let end = next_chunk(&[], 0, 5, Some(9), FP).expect("checkpoint-only commit");
+        assert_eq!(next_chunk(&[], 0, 5, None, FP, &|_| true), None, "nothing to do");
+        let end = next_chunk(&[], 0, 5, Some(9), FP, &|_| true).expect("checkpoint-only commit");
         assert_eq!((end.take, end.target.row, end.target.pass_complete), (0, 9, true));
         let entries = vec![message(6, 1), Entry::Skip(7)];
-        let last = next_chunk(&entries, 0, 5, Some(7), FP).expect("chunk");
+        let last = next_chunk(&entries, 0, 5, Some(7), FP, &|_| true).expect("chunk");
         assert_eq!(
             (last.take, last.target.row, last.target.pass_complete),
             (2, 7, true)
         );
         // Not the last chunk: the pass is not complete yet.
         let entries: Vec<Entry> = (6..=80).map(|r| message(r, 1)).collect();
-        let first = next_chunk(&entries, 0, 5, Some(80), FP).expect("chunk");
+        let first = next_chunk(&entries, 0, 5, Some(80), FP, &|_| true).expect("chunk");
         assert_eq!((first.target.row, first.target.pass_complete), (68, false));
         assert_eq!(first.target.source_fingerprint.as_deref(), Some(FP));
     }

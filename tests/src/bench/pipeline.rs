@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use etcd_client::Client;
 use telemetry_shared::{
-    Message,
+    Keyspace,
     watch::{Follow, Update},
 };
 use tokio::task::JoinHandle;
@@ -134,7 +134,7 @@ pub async fn enqueue_to_commit(
 }
 
 /// A watch on the data prefix that records, for every stored record, the milliseconds from
-/// its message `timestamp` to the arrival of its watch event.
+/// the timestamp in its key to the arrival of its watch event.
 struct LatencyWatch {
     samples: Arc<Mutex<Vec<f64>>>,
     seen: Arc<AtomicU64>,
@@ -155,6 +155,7 @@ impl LatencyWatch {
         );
         let task = tokio::spawn(Self::follow(
             follow,
+            pipeline.keys().clone(),
             Arc::clone(&samples),
             Arc::clone(&seen),
             stop.clone(),
@@ -169,6 +170,7 @@ impl LatencyWatch {
 
     async fn follow(
         mut follow: Follow,
+        keys: Keyspace,
         samples: Arc<Mutex<Vec<f64>>>,
         seen: Arc<AtomicU64>,
         stop: CancellationToken,
@@ -182,9 +184,13 @@ impl LatencyWatch {
             let arrived = chrono::Utc::now();
             let mut batch = Vec::new();
             for change in changes {
-                let message: Message = serde_json::from_slice(&change.value)
-                    .with_context(|| format!("stored record {}", change.key_str()))?;
-                let micros = (arrived - message.timestamp.as_datetime())
+                // The record's key carries its processing time.
+                let key = change.key_str();
+                let written = keys
+                    .parse_data_record(&key)
+                    .and_then(|parts| telemetry_shared::Timestamp::parse(parts.timestamp).ok())
+                    .with_context(|| format!("stored record {key}"))?;
+                let micros = (arrived - written.as_datetime())
                     .num_microseconds()
                     .unwrap_or(i64::MAX);
                 batch.push(micros as f64 / 1000.0);

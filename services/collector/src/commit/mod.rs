@@ -23,11 +23,15 @@ use telemetry_shared::{
     },
     model::{DeadLetter, GpuInfo, PartitionStats},
     observe::emit,
+    record::{Profile, ProfileId},
     retry::{Backoff, Policy},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{events, validate::Record};
+use crate::{
+    events,
+    validate::{MarkerMode, Record},
+};
 pub(crate) use plan::{Found, UnreadableStats, parse_stats};
 
 /// What to do with one queue entry, read at `revision`.
@@ -84,8 +88,8 @@ impl Item {
     /// Success-branch operations this item needs.
     pub(crate) fn ops(&self) -> usize {
         match self {
-            Item::Record { .. } => 3,
-            Item::Dead { .. } => 2,
+            Item::Record { record, .. } if record.marker == MarkerMode::Claim => 3,
+            Item::Record { .. } | Item::Dead { .. } => 2,
             Item::Duplicate { .. } => 1,
         }
     }
@@ -145,6 +149,9 @@ pub(crate) struct SubBatch {
     pub items: Vec<Item>,
     /// Index entries to write.
     pub index: IndexUpdates,
+    /// Profiles the records name that are not known to be stored (a JSON message's new
+    /// profile): written in the same transaction as the first record that names them.
+    pub profiles: Vec<(ProfileId, Arc<Profile>)>,
     /// True when an earlier attempt with these entries ended with an unknown outcome: entries
     /// found gone were then settled by that attempt (and count as this batch's effects).
     pub uncertain: bool,
@@ -157,14 +164,16 @@ impl SubBatch {
         2 + self.items.iter().map(Item::compares).sum::<usize>()
     }
 
-    /// Success-branch operations (items, index, stats counter).
+    /// Success-branch operations (items, index, profiles, stats counter).
     pub(crate) fn success_ops(&self) -> usize {
-        self.items.iter().map(Item::ops).sum::<usize>() + self.index.ops() + 1
+        self.items.iter().map(Item::ops).sum::<usize>() + self.index.ops() + self.profiles.len() + 1
     }
 
     /// Value bytes the sub-batch writes.
     pub(crate) fn bytes(&self) -> usize {
-        self.items.iter().map(Item::bytes).sum::<usize>() + 512 * (self.index.ops() + 1)
+        self.items.iter().map(Item::bytes).sum::<usize>()
+            + 512 * (self.index.ops() + 1)
+            + self.profiles.iter().map(|(_, p)| p.encode().len()).sum::<usize>()
     }
 
     /// The partition's counter once this batch has landed.

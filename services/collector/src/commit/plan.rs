@@ -7,9 +7,13 @@
 //! - **compares** that the partition's owner key still carries the batch's lease (the fence), that
 //!   the partition's stats counter is at the revision the batch's base was read at, that every
 //!   queue entry is still there at the revision it was read at (so an entry a lost-reply attempt
-//!   already settled is never settled again), and that no record's processed marker exists yet;
-//! - **then** writes each record (data key, processed marker, queue delete), each dead letter (dead
-//!   letter, queue delete), each duplicate (queue delete), the index entries and the counter;
+//!   already settled is never settled again), and that each record holds its idempotency key's
+//!   dedup marker: the marker the streamer wrote with the entry still has the entry's revision
+//!   ([`MarkerMode::Held`]), or, for a producer that writes no markers, none exists yet
+//!   ([`MarkerMode::Claim`]);
+//! - **then** writes each record (data key, queue delete, and the marker when claiming), each dead
+//!   letter (dead letter, queue delete), each duplicate (queue delete), new profiles, the index
+//!   entries and the counter;
 //! - **else** reads one key per compare, in the same order, so a failed attempt tells in the same
 //!   round trip which compare failed.
 
@@ -19,6 +23,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpRespon
 use telemetry_shared::{Keyspace, etcd::BoundedTxn, model::PartitionStats};
 
 use super::{Item, SubBatch};
+use crate::validate::MarkerMode;
 
 /// The bucket leases a commit attaches keys to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,86 +68,106 @@ pub(crate) struct Plan {
 
 /// Builds the transaction for the batches `live` of `subs`.
 pub(crate) fn build(keys: &Keyspace, subs: &[SubBatch], live: &[usize], leases: Leases) -> Plan {
-    let mut txn = BoundedTxn::new();
-    let mut reads = Vec::new();
-    // Index keys can be shared between partitions (one host's GPUs hash to several): etcd
-    // refuses a transaction that writes a key twice.
-    let mut index_keys = HashSet::new();
+    let mut builder = Builder {
+        keys,
+        leases,
+        txn: BoundedTxn::new(),
+        reads: Vec::new(),
+        shared_keys: HashSet::new(),
+    };
     for &i in live {
-        let sub = &subs[i];
-        let owner = keys.owner(sub.partition);
-        txn.compare(Compare::lease(owner.as_str(), CompareOp::Equal, sub.lease));
-        txn.otherwise(TxnOp::get(owner.as_str(), None));
-        reads.push(Read::Owner { sub: i });
-        let stats = keys.partition_stats(sub.partition);
-        txn.compare(Compare::mod_revision(
-            stats.as_str(),
-            CompareOp::Equal,
-            sub.stats_rev,
-        ));
-        txn.otherwise(TxnOp::get(stats.as_str(), None));
-        reads.push(Read::Stats { sub: i });
-        for (n, item) in sub.items.iter().enumerate() {
-            let queue_key = item.queue_key();
-            txn.compare(Compare::mod_revision(
-                queue_key,
-                CompareOp::Equal,
-                item.revision(),
-            ));
-            txn.otherwise(TxnOp::get(queue_key, Some(GetOptions::new().with_keys_only())));
-            reads.push(Read::Entry { sub: i, item: n });
-            match item {
-                Item::Record { record, .. } => {
-                    let marker = keys.processed_marker(&record.message.idempotency_key);
-                    txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
-                    txn.otherwise(TxnOp::get(
-                        marker.as_str(),
-                        Some(GetOptions::new().with_keys_only()),
-                    ));
-                    reads.push(Read::Marker { sub: i, item: n });
-                    txn.then(TxnOp::put(
-                        record.data_key.as_str(),
-                        record.encoded.clone(),
-                        Some(PutOptions::new().with_lease(leases.retention)),
-                    ));
-                    txn.then(TxnOp::put(
-                        marker,
-                        record.message.id.to_string(),
-                        Some(PutOptions::new().with_lease(leases.dedup)),
-                    ));
-                }
-                Item::Dead { dead_key, letter, .. } => {
-                    txn.then(TxnOp::put(
-                        dead_key.as_str(),
-                        serde_json::to_vec(letter).unwrap_or_default(),
-                        None,
-                    ));
-                }
-                Item::Duplicate { .. } => {}
-            }
-            txn.then(TxnOp::delete(queue_key, None));
-        }
-        for gpu in &sub.index.gpus {
-            let key = keys.gpu_index(&gpu.uuid);
-            if index_keys.insert(key.clone()) {
-                txn.then(TxnOp::put(key, serde_json::to_vec(gpu).unwrap_or_default(), None));
-            }
-        }
-        for host in &sub.index.hosts {
-            let key = keys.host_index(host);
-            if index_keys.insert(key.clone()) {
-                txn.then(TxnOp::put(key, host.as_str(), None));
-            }
-        }
-        txn.then(TxnOp::put(
-            stats,
-            serde_json::to_vec(&sub.stats_after()).unwrap_or_default(),
-            None,
-        ));
+        builder.batch(i, &subs[i]);
     }
     Plan {
-        txn,
-        reads: Reads(reads),
+        txn: builder.txn,
+        reads: Reads(builder.reads),
+    }
+}
+
+/// A transaction being assembled, with the meaning of each failure-branch read.
+struct Builder<'a> {
+    keys: &'a Keyspace,
+    leases: Leases,
+    txn: BoundedTxn,
+    reads: Vec<Read>,
+    /// Index and profile keys already written: several partitions' records can need the same
+    /// one (a host's GPUs hash to several partitions), and etcd refuses a transaction that
+    /// writes a key twice.
+    shared_keys: HashSet<String>,
+}
+
+impl Builder<'_> {
+    /// Compares `cmp` and reads `key` (keys only, unless `full`) if it fails.
+    fn guard(&mut self, cmp: Compare, key: &str, full: bool, read: Read) {
+        self.txn.compare(cmp);
+        let options = (!full).then(|| GetOptions::new().with_keys_only());
+        self.txn.otherwise(TxnOp::get(key, options));
+        self.reads.push(read);
+    }
+
+    /// Puts `key` unless an earlier batch of this transaction did.
+    fn put_shared(&mut self, key: String, value: Vec<u8>) {
+        if self.shared_keys.insert(key.clone()) {
+            self.txn.then(TxnOp::put(key, value, None));
+        }
+    }
+
+    fn batch(&mut self, i: usize, sub: &SubBatch) {
+        let owner = self.keys.owner(sub.partition);
+        let fence = Compare::lease(owner.as_str(), CompareOp::Equal, sub.lease);
+        self.guard(fence, &owner, true, Read::Owner { sub: i });
+        let stats = self.keys.partition_stats(sub.partition);
+        let base = Compare::mod_revision(stats.as_str(), CompareOp::Equal, sub.stats_rev);
+        self.guard(base, &stats, true, Read::Stats { sub: i });
+        for (n, item) in sub.items.iter().enumerate() {
+            self.item(i, n, item);
+        }
+        for (id, profile) in &sub.profiles {
+            self.put_shared(self.keys.profile(*id), profile.encode());
+        }
+        for gpu in &sub.index.gpus {
+            self.put_shared(
+                self.keys.gpu_index(&gpu.uuid),
+                serde_json::to_vec(gpu).unwrap_or_default(),
+            );
+        }
+        for host in &sub.index.hosts {
+            self.put_shared(self.keys.host_index(host), host.as_bytes().to_vec());
+        }
+        let counter = serde_json::to_vec(&sub.stats_after()).unwrap_or_default();
+        self.txn.then(TxnOp::put(stats, counter, None));
+    }
+
+    fn item(&mut self, i: usize, n: usize, item: &Item) {
+        let queue_key = item.queue_key();
+        let entry = Compare::mod_revision(queue_key, CompareOp::Equal, item.revision());
+        self.guard(entry, queue_key, false, Read::Entry { sub: i, item: n });
+        match item {
+            Item::Record { record, revision, .. } => {
+                let marker = self.keys.dedup_marker(&record.message.idempotency_key);
+                let held = match record.marker {
+                    MarkerMode::Held => Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision),
+                    MarkerMode::Claim => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+                };
+                self.guard(held, &marker, false, Read::Marker { sub: i, item: n });
+                let retention = PutOptions::new().with_lease(self.leases.retention);
+                self.txn.then(TxnOp::put(
+                    record.data_key.as_str(),
+                    record.encoded.clone(),
+                    Some(retention),
+                ));
+                if record.marker == MarkerMode::Claim {
+                    let dedup = PutOptions::new().with_lease(self.leases.dedup);
+                    self.txn.then(TxnOp::put(marker, Vec::new(), Some(dedup)));
+                }
+            }
+            Item::Dead { dead_key, letter, .. } => {
+                let letter = serde_json::to_vec(letter).unwrap_or_default();
+                self.txn.then(TxnOp::put(dead_key.as_str(), letter, None));
+            }
+            Item::Duplicate { .. } => {}
+        }
+        self.txn.then(TxnOp::delete(queue_key, None));
     }
 }
 
@@ -182,6 +207,9 @@ pub(crate) struct Repair {
     pub gone: Vec<usize>,
     /// Records whose idempotency key another message already stored: absorbed as duplicates.
     pub duplicates: Vec<usize>,
+    /// Records whose marker was found otherwise than expected: held by them after all (the
+    /// entry's revision), or not there (expired, or never written).
+    pub markers: Vec<(usize, MarkerMode)>,
 }
 
 /// A stats counter that is not readable: committing on a guessed base would corrupt it.
@@ -242,12 +270,20 @@ impl Reads {
                         repair.gone.push(item);
                     }
                 }
-                Read::Marker { item, .. } => {
-                    if found.is_some()
-                        && let Some((_, repair, _)) = repairs.last_mut()
-                        && !repair.gone.contains(&item)
-                    {
-                        repair.duplicates.push(item);
+                Read::Marker { sub, item } => {
+                    let Some((_, repair, _)) = repairs.last_mut() else {
+                        continue;
+                    };
+                    if repair.gone.contains(&item) {
+                        continue;
+                    }
+                    let entry_revision = subs[sub].items[item].revision();
+                    match found {
+                        Some(f) if f.mod_revision == entry_revision => {
+                            repair.markers.push((item, MarkerMode::Held))
+                        }
+                        Some(_) => repair.duplicates.push(item),
+                        None => repair.markers.push((item, MarkerMode::Claim)),
                     }
                 }
             }
@@ -300,6 +336,20 @@ impl Repair {
                 Item::Record {
                     queue_key, revision, ..
                 } if self.duplicates.contains(&n) => Item::Duplicate { queue_key, revision },
+                Item::Record {
+                    queue_key,
+                    revision,
+                    mut record,
+                } => {
+                    if let Some((_, mode)) = self.markers.iter().find(|(i, _)| *i == n) {
+                        record.marker = *mode;
+                    }
+                    Item::Record {
+                        queue_key,
+                        revision,
+                        record,
+                    }
+                }
                 other => other,
             };
             sub.items.push(item);
@@ -331,7 +381,8 @@ mod tests {
         let plan = build(&keys(), &[sub], &[0], LEASES);
         // owner + stats + 3 entries + 2 markers.
         assert_eq!(plan.reads.0.len(), 7);
-        // 3 data/marker/delete for records... 2 records × 3 + dead 2 + stats 1.
+        // Claimed records (the test data is JSON): data + marker + delete; the dead letter:
+        // letter + delete; the counter.
         assert_eq!(plan.txn.ops(), 9);
         assert!(plan.txn.build().is_ok());
     }
@@ -384,6 +435,7 @@ mod tests {
             (repair.gone.clone(), repair.duplicates.clone()),
             (vec![0], vec![])
         );
+        assert!(repair.markers.is_empty());
     }
 
     #[test]
@@ -402,6 +454,7 @@ mod tests {
             stats_rev: 40,
             gone: vec![0, 1, 2],
             duplicates: vec![],
+            markers: vec![],
         };
         let dropped = repair.apply(&mut sub);
         assert_eq!(

@@ -10,7 +10,10 @@ use telemetry_shared::{Fields, Keyspace, Message, SchemaVersion, Timestamp, mode
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::{config::Columns, validate::validate};
+use crate::{
+    config::Columns,
+    validate::{Context, Record, validate},
+};
 
 /// A `v1` message of GPU `gpu` on `host` as queued JSON, with id number `n`.
 pub(crate) fn message_payload(n: u128, host: &str, gpu: u32) -> (String, Vec<u8>) {
@@ -32,6 +35,19 @@ pub(crate) fn message_payload(n: u128, host: &str, gpu: u32) -> (String, Vec<u8>
     (id.to_string(), serde_json::to_vec(&message).unwrap_or_default())
 }
 
+/// Validates a JSON payload as the collector does.
+pub(crate) fn validated(payload: &[u8], id: &str, keys: &Keyspace) -> Record {
+    let profiles = telemetry_shared::profiles::ProfileCache::new();
+    let mut book = telemetry_shared::record::ProfileBook::new();
+    let mut ctx = Context {
+        keys,
+        columns: &Columns::default(),
+        profiles: &profiles,
+        book: &mut book,
+    };
+    validate(payload, id, &mut ctx).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn number(name: &str) -> u128 {
     name.bytes()
         .fold(7u128, |h, b| h.wrapping_mul(31).wrapping_add(u128::from(b)))
@@ -42,7 +58,7 @@ fn number(name: &str) -> u128 {
 pub(crate) fn record_item(name: &str, revision: i64) -> Item {
     let keys = Keyspace::new("/t");
     let (id, payload) = message_payload(number(name), "host-1", 0);
-    let record = validate(&payload, &id, &keys, &Columns::default()).unwrap_or_else(|e| panic!("{e}"));
+    let record = validated(&payload, &id, &keys);
     Item::Record {
         queue_key: keys.queue_entry(1, &id),
         revision,
@@ -72,6 +88,7 @@ pub(crate) fn sub_batch(partition: u32, items: Vec<Item>) -> SubBatch {
         stats_rev: 0,
         items,
         index: IndexUpdates::default(),
+        profiles: Vec::new(),
         uncertain: false,
     }
 }
@@ -110,7 +127,7 @@ async fn enqueue(client: &Client, partition: u32, id: &str, payload: Vec<u8>) ->
 /// Queues a valid message and returns it as a record item.
 async fn queued_record(client: &Client, partition: u32, n: u128, host: &str) -> Item {
     let (id, payload) = message_payload(n, host, (n % 8) as u32);
-    let record = validate(&payload, &id, &keys(), &Columns::default()).expect("valid");
+    let record = validated(&payload, &id, &keys());
     let (queue_key, revision) = enqueue(client, partition, &id, payload).await;
     Item::Record {
         queue_key,
@@ -267,8 +284,7 @@ async fn a_commit_retried_after_a_lost_reply_counts_nothing_twice() {
     let mut twin = r.message.clone();
     twin.id = ulid::Ulid::from_parts(1_800_000_000_000, 9);
     let twin_payload = serde_json::to_vec(&twin).expect("json");
-    let twin_record =
-        validate(&twin_payload, &twin.id.to_string(), &keys(), &Columns::default()).expect("valid");
+    let twin_record = validated(&twin_payload, &twin.id.to_string(), &keys());
     let (twin_key, twin_rev) = enqueue(&client, 5, &twin.id.to_string(), twin_payload).await;
     let dead_id = ulid::Ulid::from_parts(1_800_000_000_001, 10).to_string();
     let (dead_key_q, dead_rev) = enqueue(&client, 5, &dead_id, b"not json".to_vec()).await;

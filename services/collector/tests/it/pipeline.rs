@@ -155,8 +155,14 @@ async fn the_collector_binary_serves_prometheus_metrics() {
         "collector_dead_lettered_total",
         "collector_lag_seconds",
         "collector_partitions_owned",
-        "collector_commit_seconds",
+        "collector_commit_seconds_bucket",
+        "collector_build_info",
+        "# HELP collector_processed_total",
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    // Every metric has help and type, histograms have buckets: what promtool checks.
+    if let Err(complaints) = telemetry_harness::promtool_check_metrics(&body) {
+        panic!("promtool check metrics:\n{complaints}\n{body}");
     }
 }

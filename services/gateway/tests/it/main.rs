@@ -5,6 +5,7 @@ mod dashboard;
 mod filters;
 mod helpers;
 mod large_values;
+mod lean;
 mod metrics;
 mod openapi;
 mod rest;

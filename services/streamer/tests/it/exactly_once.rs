@@ -29,7 +29,7 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
     let markers = client
         .clone()
         .get(
-            format!("{NS}/dedup/enqueued/"),
+            probe.keys().dedup_prefix(),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await
