@@ -21,8 +21,10 @@ use std::{
 use etcd_client::{Client, ConnectOptions};
 use thiserror::Error;
 
+pub mod prometheus;
 pub mod proxy;
 pub mod records;
+pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
 
