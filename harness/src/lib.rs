@@ -19,6 +19,7 @@
 //! - [`records`]: queued messages and stored records decoded in either form (lean, with their
 //!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
+//! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
 //!
 //! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
 //! every service crate dev-depends on it. The pipeline started in process (streamer, collectors
@@ -36,6 +37,7 @@ pub mod etcd;
 pub mod metrics;
 pub mod probe;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod records;
 pub mod sample;
@@ -45,6 +47,7 @@ pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary,
 pub use metrics::{promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};
+pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
 
