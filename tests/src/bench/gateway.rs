@@ -113,9 +113,60 @@ async fn write_index(client: &Client, keys: &Keyspace, now: Timestamp) -> anyhow
     Ok(())
 }
 
+/// Where a gateway read comes from: its in-memory window, or etcd (`Cache-Control: no-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The window (the default read).
+    Memory,
+    /// etcd, asked for with `Cache-Control: no-cache`.
+    Etcd,
+}
+
+impl Source {
+    fn header(self) -> &'static str {
+        match self {
+            Source::Memory => "memory",
+            Source::Etcd => "etcd",
+        }
+    }
+}
+
+/// `GET url` from `source`; checks the answer is 100 points from that source.
+async fn get_last_100(http: &reqwest::Client, url: &str, source: Source) -> anyhow::Result<()> {
+    let mut request = http.get(url);
+    if source == Source::Etcd {
+        request = request.header("cache-control", "no-cache");
+    }
+    let resp = request.send().await?;
+    let status = resp.status();
+    let served = resp
+        .headers()
+        .get("x-telemetry-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body: serde_json::Value = resp.json().await?;
+    anyhow::ensure!(status.is_success(), "{url}: {status} {body}");
+    anyhow::ensure!(
+        body["count"] == 100,
+        "{url}: expected 100 points, got {}",
+        body["count"]
+    );
+    anyhow::ensure!(
+        served == source.header(),
+        "{url}: served from {served:?}, wanted {source:?}"
+    );
+    Ok(())
+}
+
 /// p50/p99 of `GET /api/v1/gpus/{uuid}/telemetry?limit=100` (newest first) over `requests`
-/// requests for GPUs in turn, from `clients` concurrent clients.
-pub async fn last_100_latency(addr: &str, requests: usize, clients: usize) -> anyhow::Result<Percentiles> {
+/// requests for GPUs in turn, from `clients` concurrent clients, read from `source`.
+pub async fn last_100_latency(
+    addr: &str,
+    requests: usize,
+    clients: usize,
+    source: Source,
+) -> anyhow::Result<Percentiles> {
     let http = reqwest::Client::new();
     let samples = Arc::new(Mutex::new(Vec::with_capacity(requests)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -126,15 +177,72 @@ pub async fn last_100_latency(addr: &str, requests: usize, clients: usize) -> an
                 let (_, _, uuid) = gpu((r * 7) % GPUS);
                 let url = format!("http://{addr}/api/v1/gpus/{uuid}/telemetry?limit=100");
                 let started = Instant::now();
-                let resp = http.get(&url).send().await?;
-                let status = resp.status();
-                let body: serde_json::Value = resp.json().await?;
+                get_last_100(&http, &url, source).await?;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
-                anyhow::ensure!(status.is_success(), "{url}: {status} {body}");
+                samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(ms);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let samples = std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(percentiles(samples))
+}
+
+/// The first key of each GPU's newest 100 records (read once through the gateway), for
+/// [`etcd_range_latency`].
+pub async fn newest_100_starts(addr: &str, keys: &Keyspace) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let http = reqwest::Client::new();
+    let mut starts = Vec::with_capacity(GPUS);
+    for i in 0..GPUS {
+        let (host, gpu_id, uuid) = gpu(i);
+        let url = format!("http://{addr}/api/v1/gpus/{uuid}/telemetry?limit=100");
+        let body: serde_json::Value = http.get(&url).send().await?.json().await?;
+        let oldest = &body["items"][99];
+        let (Some(ts), Some(id)) = (oldest["timestamp"].as_str(), oldest["id"].as_str()) else {
+            anyhow::bail!("{url}: no 100th record");
+        };
+        let prefix = keys.gpu_data_prefix(&host, &gpu_id);
+        starts.push((
+            keys.data_record(&host, &gpu_id, ts, id),
+            telemetry_shared::keys::prefix_end(&prefix),
+        ));
+    }
+    Ok(starts)
+}
+
+/// p50/p99 of a direct etcd range read of the same 100 keys the gateway's "last 100" returns
+/// (values included), over `requests` reads for GPUs in turn, from `clients` concurrent clients.
+pub async fn etcd_range_latency(
+    client: &Client,
+    starts: &[(String, Vec<u8>)],
+    requests: usize,
+    clients: usize,
+) -> anyhow::Result<Percentiles> {
+    let starts = Arc::new(starts.to_vec());
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(requests)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (mut kv, samples, starts) = (
+            telemetry_shared::etcd::kv(client),
+            samples.clone(),
+            starts.clone(),
+        );
+        tasks.spawn(async move {
+            for r in (c..requests).step_by(clients) {
+                let (start, end) = &starts[(r * 7) % starts.len()];
+                let options = etcd_client::GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(100);
+                let started = Instant::now();
+                let resp = kv.get(start.as_str(), Some(options)).await?;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
                 anyhow::ensure!(
-                    body["count"] == 100,
-                    "{url}: expected 100 points, got {}",
-                    body["count"]
+                    resp.kvs().len() == 100,
+                    "expected 100 keys, got {}",
+                    resp.kvs().len()
                 );
                 samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(ms);
             }
@@ -188,7 +296,12 @@ fn lock<T>(m: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
 /// sending `per_client` requests for "the last 100 points of one GPU" over its own kept-alive
 /// connection. Failures (transport errors, non-2xx, a page without 100 points) are counted,
 /// not fatal.
-pub async fn rest_load(addr: &str, clients: usize, per_client: usize) -> anyhow::Result<LoadOutcome> {
+pub async fn rest_load(
+    addr: &str,
+    clients: usize,
+    per_client: usize,
+    source: Source,
+) -> anyhow::Result<LoadOutcome> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .timeout(Duration::from_secs(120))
@@ -206,15 +319,7 @@ pub async fn rest_load(addr: &str, clients: usize, per_client: usize) -> anyhow:
                 let (_, _, uuid) = gpu((c * 7 + r * 13) % GPUS);
                 let url = format!("http://{addr}/api/v1/gpus/{uuid}/telemetry?limit=100");
                 let started = Instant::now();
-                let outcome = async {
-                    let resp = http.get(&url).send().await?;
-                    let status = resp.status();
-                    let body: serde_json::Value = resp.json().await?;
-                    anyhow::ensure!(status.is_success(), "{status} {body}");
-                    anyhow::ensure!(body["count"] == 100, "expected 100 points, got {}", body["count"]);
-                    anyhow::Ok(())
-                }
-                .await;
+                let outcome = get_last_100(&http, &url, source).await;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 match outcome {
                     Ok(()) => lock(&samples)?.push(ms),

@@ -6,6 +6,7 @@
 //! - [`pipeline`]: the streamer alone, end to end through collectors, enqueue-to-commit latency;
 //! - [`rss`]: peak memory of each service run as a real process;
 //! - [`gateway`]: "last 100 points", WebSocket delivery, and the REST and WebSocket load tests;
+//! - [`ideal`]: the reference exactly-once design, and etcd's CPU time;
 //! - [`limits`]: the open-file limit the load tests need, and where the service binaries are.
 //!
 //! Every figure is a [`Measure`] in one [`Table`], printed once and written to
@@ -16,6 +17,7 @@ use std::path::Path;
 use serde::Serialize;
 
 pub mod gateway;
+pub mod ideal;
 pub mod limits;
 pub mod pipeline;
 pub mod raw;

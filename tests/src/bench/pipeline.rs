@@ -29,6 +29,19 @@ pub struct Target {
     pub endpoint: String,
     /// The shared client.
     pub client: Client,
+    /// The etcd process, for its CPU time.
+    pub pid: u32,
+}
+
+/// What an end-to-end run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct E2eRun {
+    /// Messages per second, from the streamer's start until all are stored.
+    pub rate: f64,
+    /// Messages enqueued (and stored).
+    pub messages: u64,
+    /// etcd CPU seconds the run took.
+    pub etcd_cpu: f64,
 }
 
 impl Target {
@@ -61,7 +74,7 @@ pub const E2E_WORKERS: usize = 16;
 /// End to end: `collectors` collectors drain while a [`E2E_WORKERS`]-worker streamer enqueues
 /// `csv`; returns messages per second from the streamer's start until the queue is empty and
 /// all are stored, and the messages enqueued.
-pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow::Result<(f64, u64)> {
+pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow::Result<E2eRun> {
     let pipeline = target
         .pipeline(&format!("/e2e{collectors}"))
         .collectors(collectors)
@@ -75,6 +88,7 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         .streamer_env_for(csv, "e2e")
         .set("WORKERS", E2E_WORKERS)
         .set("PROGRESS_INTERVAL", "1h");
+    let cpu_before = super::ideal::cpu_seconds(target.pid)?;
     let started = Instant::now();
     let totals = pipeline.stream(env).await?;
     // Polls only the (small) queue while draining; a count over the growing data prefix would
@@ -83,6 +97,7 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         .wait_drained(i64::try_from(totals.enqueued)?, Duration::from_secs(3600))
         .await;
     let secs = started.elapsed().as_secs_f64();
+    let etcd_cpu = super::ideal::cpu_seconds(target.pid)? - cpu_before;
     let stopped = pipeline.shutdown().await?;
     eprintln!(
         "  {collectors} collector(s): {} records in {} commits ({:.1} per commit)",
@@ -90,7 +105,67 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         stopped.commits(),
         stopped.processed() as f64 / stopped.commits().max(1) as f64
     );
-    Ok((totals.enqueued as f64 / secs, totals.enqueued))
+    Ok(E2eRun {
+        rate: totals.enqueued as f64 / secs,
+        messages: totals.enqueued,
+        etcd_cpu,
+    })
+}
+
+/// What the storage phase measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Footprint {
+    /// Records stored.
+    pub records: u64,
+    /// etcd's backend size before the run (compacted and defragmented), bytes.
+    pub before: i64,
+    /// Its size after the run, once the queue was empty, compacted and defragmented.
+    pub after: i64,
+}
+
+impl Footprint {
+    /// Backend bytes per stored record.
+    pub fn per_record(&self) -> f64 {
+        (self.after - self.before) as f64 / self.records.max(1) as f64
+    }
+}
+
+/// Compacts etcd at its current revision and defragments it; returns the backend's size.
+pub async fn compacted_size(client: &Client) -> anyhow::Result<i64> {
+    let mut client = client.clone();
+    let revision = telemetry_shared::etcd::current_revision(&client).await?;
+    client.compact(revision, None).await?;
+    client.defragment().await?;
+    Ok(client.status().await?.db_size())
+}
+
+/// etcd backend bytes per stored record: `csv` through one streamer worker and `collectors`
+/// collectors; the backend size after the queue is empty, compaction and defragmentation, minus
+/// the size before, divided by the records stored (markers, profiles, indexes and counters
+/// included).
+pub async fn footprint(target: &Target, csv: &Path, collectors: usize) -> anyhow::Result<Footprint> {
+    let before = compacted_size(&target.client).await?;
+    let pipeline = target
+        .pipeline("/footprint")
+        .collectors(collectors)
+        .collector_ids("bench-")
+        .start()
+        .await?;
+    let env = pipeline
+        .streamer_env_for(csv, "footprint")
+        .set("PROGRESS_INTERVAL", "1h");
+    let totals = pipeline.stream(env).await?;
+    pipeline
+        .wait_drained(i64::try_from(totals.enqueued)?, Duration::from_secs(3600))
+        .await;
+    let records = pipeline.probe().data_count().await;
+    pipeline.shutdown().await?;
+    let after = compacted_size(&target.client).await?;
+    Ok(Footprint {
+        records: u64::try_from(records).unwrap_or(0),
+        before,
+        after,
+    })
 }
 
 /// Enqueue-to-commit latency: `collectors` in-process collectors drain while a streamer with

@@ -288,3 +288,38 @@ impl Subscribers {
         self.complete(expected)
     }
 }
+
+/// The gateway run as a process from `bin_dir` over the namespace `ns` of `target` (where the
+/// gateway phases stored their points): once its read window is loaded (`/health` reports the
+/// window's revision), its peak RSS with the window full. Returns (MiB, records held, bytes
+/// held).
+pub async fn gateway_window_rss(
+    target: &Target,
+    bin_dir: &Path,
+    ns: &str,
+) -> anyhow::Result<(f64, u64, u64)> {
+    let port = free_port()?;
+    let env = Env::etcd(&target.endpoint, ns).gateway(port);
+    let mut gateway = Tracked::start(bin_dir, "telemetry-gateway", env)?;
+    let url = format!("http://127.0.0.1:{port}/health");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let window = loop {
+        gateway.check()?;
+        if let Ok(resp) = http.get(&url).send().await
+            && let Ok(body) = resp.json::<serde_json::Value>().await
+            && body["window"]["revision"].is_i64()
+        {
+            break body["window"].clone();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway's window did not load within 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    gateway.stop().await?;
+    let records = window["records"].as_u64().unwrap_or(0);
+    let bytes = window["bytes"].as_u64().unwrap_or(0);
+    Ok((gateway.peak_mib(), records, bytes))
+}

@@ -42,7 +42,7 @@ use clap::Parser;
 use etcd_client::Client;
 use telemetry_harness::{EtcdOptions, EtcdServer, sample};
 use telemetry_tests::bench::{
-    Table, gateway as gw, limits,
+    Table, gateway as gw, ideal, limits,
     pipeline::{self, E2E_WORKERS, Target},
     raw::{self, reset},
     rss,
@@ -147,6 +147,8 @@ const LATENCY_RATE: f64 = 200.0;
 const PHASE_COLLECTORS: usize = 2;
 /// Streamer workers in the RSS phase (each streams `rows / 4` rows).
 const RSS_WORKERS: usize = 4;
+/// Rows of the storage phase: the sample repeated (issue 12 measures at least 24,700).
+const FOOTPRINT_ROWS: usize = 24_700;
 
 /// What every phase shares: the plan, the etcd (its client waits up to 5 minutes: resetting a
 /// store of hundreds of MB takes longer than a service's request timeout), the generated inputs'
@@ -183,10 +185,11 @@ impl Bench {
         })
     }
 
-    fn target(&self) -> Target {
+    fn target(&mut self) -> Target {
         Target {
             endpoint: self.server.endpoint(),
             client: self.client.clone(),
+            pid: self.server.member().pid().unwrap_or(0),
         }
     }
 
@@ -298,35 +301,100 @@ async fn streamer_only(b: &mut Bench, raw: &RawRates) -> anyhow::Result<()> {
 }
 
 /// End to end with 1, 2 and 4 collectors; the pipeline's efficiency against the best raw rate.
-async fn end_to_end(b: &mut Bench, raw_best: f64) -> anyhow::Result<()> {
+/// Returns the 2-collector run (the one compared with the ideal design).
+async fn end_to_end(b: &mut Bench, raw_best: f64) -> anyhow::Result<pipeline::E2eRun> {
     let e2e_rows = (b.plan.rows / E2E_WORKERS).max(1);
     let csv = b.csv("e2e.csv", e2e_rows)?;
-    let mut rates = Vec::new();
+    let mut runs = Vec::new();
     for collectors in [1, 2, 4] {
         b.reset().await?;
         eprintln!(
             "end to end, {E2E_WORKERS} streamer workers x {e2e_rows} rows, {collectors} collector(s) ..."
         );
-        rates.push((
-            collectors,
-            pipeline::e2e_rate(&b.target(), &csv, collectors).await?,
-        ));
+        let target = b.target();
+        runs.push((collectors, pipeline::e2e_rate(&target, &csv, collectors).await?));
     }
-    for (collectors, (rate, n)) in &rates {
+    for (collectors, run) in &runs {
         let plural = if *collectors == 1 { "" } else { "s" };
-        let note = format!("{n} messages, streamer {E2E_WORKERS} workers");
+        let note = format!("{} messages, streamer {E2E_WORKERS} workers", run.messages);
         b.table.push(
             format!("e2e_{collectors}_collector{plural}"),
-            *rate,
+            run.rate,
             "msgs/s",
             note,
         );
     }
-    for (collectors, (rate, _)) in &rates {
+    for (collectors, run) in &runs {
         let note = format!("e2e msgs/s * 4 / {raw_best:.0} raw 128-op keys/s (best of 1/4/16 clients)");
         let name = format!("ratio_e2e_{collectors}c_x4_vs_raw_best");
-        b.table.push(name, rate * 4.0 / raw_best, "ratio", note);
+        b.table.push(name, run.rate * 4.0 / raw_best, "ratio", note);
     }
+    runs.into_iter()
+        .find(|(c, _)| *c == 2)
+        .map(|(_, run)| run)
+        .ok_or_else(|| anyhow::anyhow!("no 2-collector run"))
+}
+
+/// The ideal exactly-once design (issue 12's reference: no parsing, no services) on the same
+/// etcd, with as many messages as the 2-collector end-to-end run; the pipeline against it, and
+/// etcd CPU-seconds per 1,000 messages of each.
+async fn ideal_design(b: &mut Bench, e2e: pipeline::E2eRun) -> anyhow::Result<()> {
+    b.reset().await?;
+    let (messages, len) = (e2e.messages as usize, b.value_len);
+    eprintln!(
+        "ideal design: {} producers x {} consumers, {messages} messages of {len} bytes ...",
+        ideal::WORKERS,
+        ideal::WORKERS
+    );
+    let pid = b.target().pid;
+    let cpu_before = ideal::cpu_seconds(pid)?;
+    let run = ideal::run(&b.client, "/ideal", messages, len).await?;
+    let ideal_cpu = ideal::cpu_seconds(pid)? - cpu_before;
+    let t = &mut b.table;
+    let note = format!(
+        "{} messages of {len} bytes: {} producers x 64-message txns (queue put + dedup marker, create_revision == 0), {} consumers x 63-message txns (data put + queue delete) fenced by their owner key's lease",
+        run.messages,
+        ideal::WORKERS,
+        ideal::WORKERS
+    );
+    t.push("ideal_design", run.rate, "msgs/s", note);
+    let note = format!(
+        "e2e with 2 collectors and {E2E_WORKERS} streamer workers / the ideal design, same etcd, same run"
+    );
+    t.push("ratio_e2e_2c_vs_ideal", e2e.rate / run.rate, "ratio", note);
+    let per_1000 = |cpu: f64, n: u64| cpu * 1000.0 / n.max(1) as f64;
+    t.push(
+        "etcd_cpu_per_1000_e2e_2c",
+        per_1000(e2e.etcd_cpu, e2e.messages),
+        "cpu-s",
+        "etcd user+system CPU seconds per 1,000 messages, pipeline with 2 collectors (/proc)",
+    );
+    t.push(
+        "etcd_cpu_per_1000_ideal",
+        per_1000(ideal_cpu, run.messages),
+        "cpu-s",
+        "etcd user+system CPU seconds per 1,000 messages, ideal design (/proc)",
+    );
+    Ok(())
+}
+
+/// etcd backend bytes per stored record: the sample repeated to `FOOTPRINT_ROWS` rows through
+/// one streamer and 2 collectors, measured after compaction and defragmentation.
+async fn bytes_per_record(b: &mut Bench) -> anyhow::Result<()> {
+    b.reset().await?;
+    let rows = FOOTPRINT_ROWS;
+    let csv = b.csv("footprint.csv", rows)?;
+    eprintln!(
+        "storage: {rows} rows through 1 streamer and {PHASE_COLLECTORS} collectors, then compact and defragment ..."
+    );
+    let target = b.target();
+    let f = pipeline::footprint(&target, &csv, PHASE_COLLECTORS).await?;
+    let note = format!(
+        "{} records: backend {} bytes after (queue empty, compacted, defragmented) - {} before, / records (markers, profiles, indexes, counters included)",
+        f.records, f.after, f.before
+    );
+    b.table
+        .push("etcd_bytes_per_record", f.per_record(), "bytes", note);
     Ok(())
 }
 
@@ -392,7 +460,9 @@ async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     let raw = raw_txns(b).await?;
     raw_puts(b).await?;
     streamer_only(b, &raw).await?;
-    end_to_end(b, raw.best()).await?;
+    let e2e = end_to_end(b, raw.best()).await?;
+    ideal_design(b, e2e).await?;
+    bytes_per_record(b).await?;
     b.reset().await?;
     enqueue_to_commit(b).await?;
     b.reset().await?;
@@ -418,25 +488,89 @@ async fn gateway_phases(b: &mut Bench) -> anyhow::Result<Vec<String>> {
         .start()
         .await?;
     let addr = gateway.gateway_addr().to_string();
-    gateway_last_100(b, &addr).await?;
+    gateway_last_100(b, &addr, &keys).await?;
     ws_delivery(b, &addr, &keys).await?;
     let mut failures = load_rest(b, &addr).await?;
     failures.extend(load_ws(b, &addr, &keys).await?);
     gateway.shutdown().await?;
+    gateway_window_rss(b, ns).await?;
     Ok(failures)
 }
 
-/// "Last 100 points of one GPU" (newest first), p50/p99 from 1 and from 8 clients.
-async fn gateway_last_100(b: &mut Bench, addr: &str) -> anyhow::Result<()> {
-    // Warm up connections and caches.
-    gw::last_100_latency(addr, 100, 1).await?;
+/// "Last 100 points of one GPU" (newest first), p50/p99 from 1 and from 8 clients, from the
+/// gateway's window; and a direct etcd range read of the same 100 keys from 8 clients.
+async fn gateway_last_100(
+    b: &mut Bench,
+    addr: &str,
+    keys: &telemetry_shared::Keyspace,
+) -> anyhow::Result<()> {
+    // Warm up connections and caches (and wait until the window is loaded: until then reads
+    // come from etcd).
+    wait_for_window(addr).await?;
+    gw::last_100_latency(addr, 100, 1, gw::Source::Memory).await?;
+    let mut memory_8 = None;
     for clients in [1usize, 8] {
         eprintln!("gateway: last 100 points of one GPU, {clients} client(s) ...");
-        let p = gw::last_100_latency(addr, b.plan.requests, clients).await?;
-        let note = format!("{} requests, {} points stored", p.n, b.plan.points);
+        let p = gw::last_100_latency(addr, b.plan.requests, clients, gw::Source::Memory).await?;
+        let note = format!(
+            "{} requests, {} points stored, from the gateway's window",
+            p.n, b.plan.points
+        );
         b.table
             .push_percentiles(&format!("gateway_last100_{clients}c"), &p, &note);
+        memory_8 = Some(p.p99);
     }
+    eprintln!("etcd: a range read of the same 100 keys, 8 clients ...");
+    let starts = gw::newest_100_starts(addr, keys).await?;
+    let etcd = gw::etcd_range_latency(&b.client, &starts, b.plan.requests, 8).await?;
+    let note = format!(
+        "{} direct etcd range reads of a GPU's newest 100 keys (values included)",
+        etcd.n
+    );
+    b.table.push_percentiles("etcd_range100_8c", &etcd, &note);
+    let note = "gateway last-100 p99 / direct etcd range p99, 8 clients each (goal: at most 1)";
+    b.table.push(
+        "ratio_last100_8c_p99_vs_etcd_range",
+        memory_8.unwrap_or(0.0) / etcd.p99,
+        "ratio",
+        note,
+    );
+    Ok(())
+}
+
+/// Waits (up to 5 minutes) until the gateway's window is loaded.
+async fn wait_for_window(addr: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let body: serde_json::Value = http
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if body["window"]["revision"].is_i64() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the gateway's window did not load"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Peak RSS of the gateway (as a real process) with its window full over the stored points.
+async fn gateway_window_rss(b: &mut Bench, ns: &str) -> anyhow::Result<()> {
+    eprintln!("gateway RSS with its window full ...");
+    let target = b.target();
+    let (mib, records, bytes) = rss::gateway_window_rss(&target, &b.bin_dir, ns).await?;
+    let note = format!(
+        "peak RSS (VmHWM) of the gateway process once its window was loaded: {records} records, {:.1} MiB of records' JSON, {} points stored",
+        bytes as f64 / (1024.0 * 1024.0),
+        b.plan.points
+    );
+    b.table.push("rss_gateway_window_full", mib, "MiB", note);
     Ok(())
 }
 
@@ -450,39 +584,54 @@ async fn ws_delivery(b: &mut Bench, addr: &str, keys: &telemetry_shared::Keyspac
     Ok(())
 }
 
-/// `--rest-clients` concurrent REST clients x 5 requests. Returns its failure, if any.
+/// `--rest-clients` concurrent REST clients x 5 requests, from the window and then from etcd
+/// (`Cache-Control: no-cache`), and the ratio of their rates. Returns failures, if any.
 async fn load_rest(b: &mut Bench, addr: &str) -> anyhow::Result<Vec<String>> {
     let (clients, per) = (b.plan.rest_clients, b.plan.rest_requests_per_client);
-    eprintln!("gateway load: {clients} concurrent REST clients x {per} requests (last 100 points) ...");
-    let rest = gw::rest_load(addr, clients, per).await?;
-    let prefix = format!("gateway_load_rest_{clients}c");
-    let note = format!(
-        "{} requests from {clients} concurrent clients, {} points stored",
-        rest.latency.n, b.plan.points
-    );
-    let t = &mut b.table;
-    t.push_percentiles(&prefix, &rest.latency, &note);
-    let note = format!("{} requests in {:.1} s", clients * per, rest.seconds);
-    t.push(
-        format!("{prefix}_rate"),
-        (clients * per) as f64 / rest.seconds,
-        "req/s",
+    let mut rates = Vec::new();
+    let mut failures = Vec::new();
+    for (source, label) in [(gw::Source::Memory, ""), (gw::Source::Etcd, "_etcd")] {
+        eprintln!(
+            "gateway load: {clients} concurrent REST clients x {per} requests (last 100 points, {source:?}) ..."
+        );
+        let rest = gw::rest_load(addr, clients, per, source).await?;
+        let prefix = format!("gateway_load_rest_{clients}c{label}");
+        let note = format!(
+            "{} requests from {clients} concurrent clients, {} points stored, read from {source:?}",
+            rest.latency.n, b.plan.points
+        );
+        let t = &mut b.table;
+        t.push_percentiles(&prefix, &rest.latency, &note);
+        let rate = (clients * per) as f64 / rest.seconds;
+        t.push(
+            format!("{prefix}_rate"),
+            rate,
+            "req/s",
+            format!("{} requests in {:.1} s", clients * per, rest.seconds),
+        );
+        t.push(
+            format!("{prefix}_errors"),
+            rest.errors.len() as f64,
+            "count",
+            "failed requests (must be 0)",
+        );
+        rates.push(rate);
+        if let Some(first) = rest.errors.first() {
+            failures.push(format!(
+                "{} of {} REST requests ({source:?}) failed under load; the first: {first}",
+                rest.errors.len(),
+                clients * per
+            ));
+        }
+    }
+    let note = "REST load req/s from the window / from etcd, same run (goal: at least 10)";
+    b.table.push(
+        "ratio_load_rest_memory_vs_etcd",
+        rates[0] / rates[1],
+        "ratio",
         note,
     );
-    let note = "failed requests (must be 0)";
-    t.push(
-        format!("{prefix}_errors"),
-        rest.errors.len() as f64,
-        "count",
-        note,
-    );
-    Ok(rest.errors.first().map_or_else(Vec::new, |first| {
-        vec![format!(
-            "{} of {} REST requests failed under load; the first: {first}",
-            rest.errors.len(),
-            clients * per
-        )]
-    }))
+    Ok(failures)
 }
 
 /// `--ws-load-subscribers` subscribers at once receiving 200 writes. Returns its failure, if
