@@ -4,7 +4,8 @@
 //! until it answers, and kills it and removes the dir when dropped. [`EtcdCluster`] starts a
 //! 3-member (or any size) cluster on loopback whose members can be killed, paused and restarted,
 //! for leader-failure tests. [`TcpProxy`] sits between a client and a member to cut it off
-//! (stall or refuse) without signals. Nothing here mocks etcd: it runs the real binary.
+//! (stall or refuse) without signals. [`Tsdb`] starts a real Prometheus or VictoriaMetrics for
+//! the exporter's tests. Nothing here mocks etcd or a TSDB: it runs the real binaries.
 //!
 //! The binary is, in order: `$ETCD_BIN`; the etcd 3.7.2 vendored by the `etcd-bin-vendored`
 //! crate; an `etcd` on `PATH`.
@@ -23,8 +24,10 @@ use thiserror::Error;
 
 pub mod proxy;
 pub mod records;
+pub mod tsdb;
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
+pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
 
 /// Errors starting or controlling etcd.
 #[derive(Debug, Error)]
@@ -59,7 +62,7 @@ pub enum HarnessError {
     NoLeader,
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
     let context = context.into();
     move |source| HarnessError::Io { context, source }
 }
@@ -215,7 +218,7 @@ impl Drop for Member {
     }
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let mut text = String::new();
     if let Ok(mut file) = File::open(path) {
         let _ = file.read_to_string(&mut text);

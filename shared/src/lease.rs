@@ -48,13 +48,7 @@ impl KeptLease {
             lost: None,
         }));
         let lost = CancellationToken::new();
-        let keeper = tokio::spawn(keep_alive(
-            client.clone(),
-            id,
-            ttl,
-            state.clone(),
-            lost.clone(),
-        ));
+        let keeper = tokio::spawn(keep_alive(client.clone(), id, ttl, state.clone(), lost.clone()));
         Ok(KeptLease {
             id,
             ttl,
@@ -129,7 +123,10 @@ async fn keep_alive(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let confirmed = state.lock().map(|s| s.confirmed).unwrap_or_else(|_| Instant::now());
+        let confirmed = state
+            .lock()
+            .map(|s| s.confirmed)
+            .unwrap_or_else(|_| Instant::now());
         // Checked before renewing: after a pause longer than the TTL the lease is gone even if
         // a renewal would now be answered.
         if confirmed.elapsed() >= ttl {

@@ -76,7 +76,9 @@ pub(crate) fn advances(
             let Some((_, reason)) = refused.next() else { break };
             current.rejected += 1;
             step.push((
-                context.keys.exporter_rejected(context.name, item.revision, &item.key),
+                context
+                    .keys
+                    .exporter_rejected(context.name, item.revision, &item.key),
                 RejectedRecord {
                     key: item.key.clone(),
                     revision: item.revision,
@@ -124,7 +126,11 @@ pub(crate) struct AdvanceContext<'a> {
     pub now: Timestamp,
 }
 
-fn finish(current: &ExportCheckpoint, rejected: Vec<(String, RejectedRecord)>, context: &AdvanceContext<'_>) -> Advance {
+fn finish(
+    current: &ExportCheckpoint,
+    rejected: Vec<(String, RejectedRecord)>,
+    context: &AdvanceContext<'_>,
+) -> Advance {
     let mut checkpoint = current.clone();
     checkpoint.updated_at = Some(context.now);
     checkpoint.exporter = context.exporter.to_string();
@@ -294,7 +300,13 @@ mod tests {
         assert_eq!(steps.len(), 1);
         let cp = &steps[0].checkpoint;
         assert_eq!(
-            (cp.records, cp.samples, cp.rejected, cp.revision, cp.key.as_deref()),
+            (
+                cp.records,
+                cp.samples,
+                cp.rejected,
+                cp.revision,
+                cp.key.as_deref()
+            ),
             (2, 2, 1, 6, Some("c"))
         );
         assert_eq!(steps[0].rejected.len(), 1);
@@ -307,7 +319,13 @@ mod tests {
         let keys = Keyspace::new("/t");
         let items: Vec<Item> = (0..150).map(|i| item(7, &format!("k{i:03}"), false)).collect();
         let rejected: Vec<(usize, String)> = (0..150).map(|i| (i, "bad".to_string())).collect();
-        let steps = advances(&ExportCheckpoint::default(), &items, &rejected, &[], &context(&keys));
+        let steps = advances(
+            &ExportCheckpoint::default(),
+            &items,
+            &rejected,
+            &[],
+            &context(&keys),
+        );
         assert_eq!(steps.len(), 3);
         assert_eq!(steps[0].rejected.len(), MAX_REJECTED_PER_TXN);
         assert_eq!(steps[0].checkpoint.key.as_deref(), Some("k059"));
@@ -349,7 +367,13 @@ mod tests {
         let keys = Keyspace::new("/t");
         let items = vec![item(5, "a", false), item(6, "b", false)];
         let rejected = vec![(0, "x".to_string()), (1, "y".to_string())];
-        let steps = advances(&ExportCheckpoint::default(), &items, &rejected, &[], &context(&keys));
+        let steps = advances(
+            &ExportCheckpoint::default(),
+            &items,
+            &rejected,
+            &[],
+            &context(&keys),
+        );
         let mut listed: BTreeSet<String> = ["/t/exporters/e/rejected/0".to_string()].into();
         plan(&keys, "e", 42, 0, &steps[0], &mut listed, 2).expect("within limits");
         assert_eq!(listed.len(), 2, "the oldest was evicted");

@@ -128,7 +128,12 @@ mod tests {
         };
         Record {
             revision: 7,
-            key: keys.data_record("h1", "0", "2026-01-01T00:00:00.000000Z", &ulid::Ulid::nil().to_string()),
+            key: keys.data_record(
+                "h1",
+                "0",
+                "2026-01-01T00:00:00.000000Z",
+                &ulid::Ulid::nil().to_string(),
+            ),
             value: serde_json::to_vec(&message).expect("json"),
         }
     }
@@ -157,7 +162,11 @@ mod tests {
         assert_eq!(item.outcome, Err("field \"value\" is not a number".into()));
         let mut bad = record(1.0.into());
         bad.value = b"{not json".to_vec();
-        assert!(convert_one(bad).outcome.is_err_and(|e| e.starts_with("unreadable record")));
+        assert!(
+            convert_one(bad)
+                .outcome
+                .is_err_and(|e| e.starts_with("unreadable record"))
+        );
         let mut stray = record(1.0.into());
         stray.key = "/t/telemetry/data/oops".into();
         assert_eq!(

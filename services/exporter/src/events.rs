@@ -83,7 +83,11 @@ pub(crate) struct ServerChecked<'a> {
 
 impl InternalEvent for ServerChecked<'_> {
     fn emit(self) {
-        tracing::info!(url = self.url, server = self.server, "remote-write server checked");
+        tracing::info!(
+            url = self.url,
+            server = self.server,
+            "remote-write server checked"
+        );
         for warning in self.warnings {
             tracing::warn!(url = self.url, server = self.server, "{warning}");
         }

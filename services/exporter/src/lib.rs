@@ -107,16 +107,22 @@ impl Progress {
             batch::Pending::Record(item) => Some(item.time.map_or(0, |t| t.unix_millis())),
             batch::Pending::Mark(_) => None,
         });
-        self.oldest_pending_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
-        self.caught_up.store(live && pending.is_empty(), Ordering::Relaxed);
+        self.oldest_pending_ms
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
+        self.caught_up
+            .store(live && pending.is_empty(), Ordering::Relaxed);
     }
 
     /// Adds what moved between two checkpoints to the totals.
     fn add(&self, old: &ExportCheckpoint, new: &ExportCheckpoint) {
-        self.records.fetch_add(new.records - old.records, Ordering::Relaxed);
-        self.samples.fetch_add(new.samples - old.samples, Ordering::Relaxed);
-        self.rejected.fetch_add(new.rejected - old.rejected, Ordering::Relaxed);
-        self.expired.fetch_add(new.expired - old.expired, Ordering::Relaxed);
+        self.records
+            .fetch_add(new.records - old.records, Ordering::Relaxed);
+        self.samples
+            .fetch_add(new.samples - old.samples, Ordering::Relaxed);
+        self.rejected
+            .fetch_add(new.rejected - old.rejected, Ordering::Relaxed);
+        self.expired
+            .fetch_add(new.expired - old.expired, Ordering::Relaxed);
     }
 
     fn totals(&self) -> Totals {
@@ -142,7 +148,11 @@ struct Context {
 /// name (or stands by until it can), and exports from the checkpoint. On shutdown it finishes
 /// the request in flight and its checkpoint, and revokes its lease so a standby takes over at
 /// once.
-pub async fn run(config: ExporterConfig, client: Client, shutdown: CancellationToken) -> Result<Totals, ExporterError> {
+pub async fn run(
+    config: ExporterConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<Totals, ExporterError> {
     let sender = send::Sender::new(config.remote_write_url.clone(), config.request_timeout)?;
     check_server(&config, &sender).await?;
     let ctx = Arc::new(Context {
@@ -165,7 +175,11 @@ pub async fn run(config: ExporterConfig, client: Client, shutdown: CancellationT
 }
 
 /// One ownership after another until shutdown.
-async fn serve(ctx: &Arc<Context>, client: &Client, shutdown: &CancellationToken) -> Result<(), ExporterError> {
+async fn serve(
+    ctx: &Arc<Context>,
+    client: &Client,
+    shutdown: &CancellationToken,
+) -> Result<(), ExporterError> {
     let config = &ctx.config;
     loop {
         let Some(lease) = owner::acquire(

@@ -133,14 +133,10 @@ mod tests {
                 timestamp: 1_795_996_800_500
             }]
         );
-        assert!(
-            series
-                .labels
-                .contains(&Label {
-                    name: "__name__".into(),
-                    value: "DCGM_FI_DEV_GPU_UTIL".into()
-                })
-        );
+        assert!(series.labels.contains(&Label {
+            name: "__name__".into(),
+            value: "DCGM_FI_DEV_GPU_UTIL".into()
+        }));
     }
 
     #[test]

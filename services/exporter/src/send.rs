@@ -9,6 +9,9 @@
 //!   own, and a refused half is split again, until the refused records stand alone. They are
 //!   rejected (counted, logged, listed); the rest lands. A poison record costs about
 //!   2·log2(n) requests and never blocks the stream.
+//! - **500 "too old sample"**: Prometheus 2.x before 2.45 answers 500 for a sample older than
+//!   its out-of-order window; it is refused for its content like a 400 (later releases say 400),
+//!   since retrying would stall the stream for ever.
 //! - **Other 4xx** (401, 403, 404, 405, 415, …) say the exporter or the server is
 //!   misconfigured (wrong URL, receiver disabled, authentication): rejecting records would
 //!   reject all of them, so these are retried with backoff, and logged as errors, like an
@@ -61,6 +64,7 @@ pub(crate) fn classify(status: u16, body: &str) -> Outcome {
     match status {
         200..=299 => Outcome::Landed,
         400 | 413 | 422 => Outcome::Refused(reason),
+        500 if body.contains("too old sample") => Outcome::Refused(reason),
         429 | 500..=599 => Outcome::Retry(reason),
         _ => Outcome::Misconfigured(reason),
     }
@@ -188,6 +192,7 @@ mod tests {
         assert!(matches!(classify(413, ""), Outcome::Refused(_)));
         assert!(matches!(classify(429, ""), Outcome::Retry(_)));
         assert!(matches!(classify(500, "too old"), Outcome::Retry(_)));
+        assert!(matches!(classify(500, "too old sample"), Outcome::Refused(_)));
         assert!(matches!(classify(503, ""), Outcome::Retry(_)));
         for status in [401, 403, 404, 405, 415] {
             assert!(

@@ -108,7 +108,10 @@ pub(crate) fn base_url(write_url: &reqwest::Url) -> Option<reqwest::Url> {
 /// such an answer.
 pub(crate) fn prometheus_receiver(body: &str) -> Option<bool> {
     let json: serde_json::Value = serde_json::from_str(body).ok()?;
-    let flag = json.get("data")?.get("web.enable-remote-write-receiver")?.as_str()?;
+    let flag = json
+        .get("data")?
+        .get("web.enable-remote-write-receiver")?
+        .as_str()?;
     Some(flag == "true")
 }
 
@@ -163,7 +166,10 @@ pub(crate) async fn detect(http: &reqwest::Client, write_url: &reqwest::Url) -> 
         .ok()
         .and_then(|b| prometheus_receiver(&b))
     {
-        return match get("api/v1/status/config").await.and_then(|b| prometheus_window(&b)) {
+        return match get("api/v1/status/config")
+            .await
+            .and_then(|b| prometheus_window(&b))
+        {
             Ok(out_of_order_window) => Server::Prometheus {
                 out_of_order_window,
                 receiver,
@@ -176,7 +182,9 @@ pub(crate) async fn detect(http: &reqwest::Client, write_url: &reqwest::Url) -> 
             Some(dedup) => Server::VictoriaMetrics { dedup },
             None => Server::Unknown("/flags answers, but not like VictoriaMetrics".into()),
         },
-        Err(why) => Server::Unknown(format!("neither Prometheus' nor VictoriaMetrics' status answers ({why})")),
+        Err(why) => Server::Unknown(format!(
+            "neither Prometheus' nor VictoriaMetrics' status answers ({why})"
+        )),
     }
 }
 
@@ -239,9 +247,21 @@ mod tests {
         };
         let f = judge(&none, DAY);
         assert_eq!((f.unsafe_.len(), f.warnings.len()), (0, 2));
-        let vm = judge(&Server::VictoriaMetrics { dedup: Duration::ZERO }, DAY);
+        let vm = judge(
+            &Server::VictoriaMetrics {
+                dedup: Duration::ZERO,
+            },
+            DAY,
+        );
         assert_eq!(vm.unsafe_.len(), 1);
-        assert!(judge(&Server::VictoriaMetrics { dedup: Duration::from_millis(1) }, DAY) == Findings::default());
+        assert!(
+            judge(
+                &Server::VictoriaMetrics {
+                    dedup: Duration::from_millis(1)
+                },
+                DAY
+            ) == Findings::default()
+        );
         assert_eq!(judge(&Server::Unknown("x".into()), DAY).warnings.len(), 1);
     }
 }

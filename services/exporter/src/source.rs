@@ -158,10 +158,18 @@ async fn follow(
 
 /// Loads the profiles `records` name (retrying while etcd is unreachable), then converts them.
 /// `None` at shutdown.
-async fn convert_all(ctx: &SourceContext, records: Vec<Record>, stop: &CancellationToken) -> Option<Vec<Item>> {
+async fn convert_all(
+    ctx: &SourceContext,
+    records: Vec<Record>,
+    stop: &CancellationToken,
+) -> Option<Vec<Item>> {
     let needed = convert::profiles_needed(&records);
     let mut backoff = Backoff::new(Policy::ETCD, "exporter profile read");
-    while let Err(err) = ctx.profiles.load(&ctx.client, &ctx.keys, needed.iter().copied()).await {
+    while let Err(err) = ctx
+        .profiles
+        .load(&ctx.client, &ctx.keys, needed.iter().copied())
+        .await
+    {
         backoff.retry_after(&err, stop).await.ok()?;
     }
     Some(
@@ -207,7 +215,9 @@ async fn catch_up(
         revision: read_at,
         gap,
     };
-    tx.send(Chunk::Mark(mark)).await.map_err(|_| EtcdError::Cancelled)?;
+    tx.send(Chunk::Mark(mark))
+        .await
+        .map_err(|_| EtcdError::Cancelled)?;
     *delivered = true;
     Ok(read_at)
 }
@@ -273,7 +283,11 @@ async fn written_at(client: &Client, keys: &Keyspace, revision: i64) -> Result<O
 }
 
 /// The values of `listed` keys at `revision` (one transaction; at most 128 keys).
-async fn read_values(client: &Client, listed: &[(i64, String)], revision: i64) -> Result<Vec<Record>, EtcdError> {
+async fn read_values(
+    client: &Client,
+    listed: &[(i64, String)],
+    revision: i64,
+) -> Result<Vec<Record>, EtcdError> {
     let ops: Vec<TxnOp> = listed
         .iter()
         .map(|(_, key)| TxnOp::get(key.as_str(), Some(GetOptions::new().with_revision(revision))))
