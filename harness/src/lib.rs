@@ -1,35 +1,61 @@
-//! Real etcd servers for tests, benchmarks and scripts.
+//! Test support for the telemetry pipeline, in one place: real etcd servers and clusters, the
+//! sample data and its known facts, service environments, service binaries run as processes,
+//! reads of what the pipeline stored, and `promtool`. Tests, the benchmark, the chaos run and
+//! scripts use it; nothing here mocks etcd.
 //!
-//! [`EtcdServer`] starts one etcd member on free loopback ports with a temporary data dir, waits
-//! until it answers, and kills it and removes the dir when dropped. [`EtcdCluster`] starts a
-//! 3-member (or any size) cluster on loopback whose members can be killed, paused and restarted,
-//! for leader-failure tests. [`TcpProxy`] sits between a client and a member to cut it off
-//! (stall or refuse) without signals. [`Tsdb`] starts a real Prometheus or VictoriaMetrics for
-//! the exporter's tests. Nothing here mocks etcd or a TSDB: it runs the real binaries.
+//! # Layout
+//! - [`etcd`]: [`EtcdServer`] (one member), [`EtcdCluster`] (members that can be killed, paused
+//!   and restarted), [`strict_etcd`] (the etcd every service test starts), [`range_all`] and
+//!   [`count`].
+//! - [`proxy`]: [`TcpProxy`], which cuts one client off from etcd without signals.
+//! - [`sample`]: `data/dcgm_sample.csv`, what is known about it (2,470 rows, 247 GPUs, 31
+//!   hosts, 10 metrics), generated inputs built from it and temporary CSV files.
+//! - [`env`]: [`Env`], the environment a service reads (`ETCD_ENDPOINTS`, `ETCD_NAMESPACE`, and
+//!   presets for the streamer, collector and gateway).
+//! - [`process`]: [`ProcessSpec`] and [`ServiceProcess`], a service binary started by path with
+//!   an environment and a log file, signalled, awaited and read; killed when dropped.
+//! - [`probe`]: [`Probe`], the pipeline's keys in one namespace (queue, records, counters,
+//!   checkpoints, owners) read for assertions, and waits such as [`Probe::wait_drained`].
+//! - [`records`]: queued messages and stored records decoded in either form (lean, with their
+//!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
+//! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
+//! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
+//! - [`tsdb`]: [`Tsdb`], a Prometheus (with its remote-write receiver) or a VictoriaMetrics
+//!   for the exporter, stopped and restarted on its port and data, and read back with PromQL.
 //!
-//! The binary is, in order: `$ETCD_BIN`; the etcd 3.7.2 vendored by the `etcd-bin-vendored`
-//! crate; an `etcd` on `PATH`.
+//! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
+//! every service crate dev-depends on it. The pipeline started in process (streamer, collectors
+//! and gateway together) is `telemetry_tests::Pipeline`, which may depend on all of them.
 
 use std::{
-    fs::File,
-    io::Read,
     net::{Ipv4Addr, TcpListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, ConnectOptions};
 use thiserror::Error;
 
+pub mod env;
+pub mod etcd;
+pub mod metrics;
+pub mod probe;
+pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod records;
+pub mod sample;
 pub mod tsdb;
+
+pub use env::Env;
+pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
+pub use metrics::{promtool_check_metrics, scrape_metrics};
+pub use probe::{Probe, assert_rows_exactly_once};
+pub use process::{Finished, ProcessSpec, ServiceProcess};
+pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
 pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
 
-/// Errors starting or controlling etcd.
+/// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]
 pub enum HarnessError {
     /// No etcd binary could be found.
@@ -60,30 +86,14 @@ pub enum HarnessError {
     /// No member reports itself leader.
     #[error("no leader among the running members")]
     NoLeader,
+    /// Something awaited did not happen in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
     let context = context.into();
     move |source| HarnessError::Io { context, source }
-}
-
-/// Finds the etcd binary: `$ETCD_BIN`, then the vendored one, then `etcd` on `PATH`.
-pub fn etcd_binary() -> Result<PathBuf, HarnessError> {
-    if let Some(path) = std::env::var_os("ETCD_BIN").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    if let Ok(path) = etcd_bin_vendored::etcd_bin_path()
-        && path.exists()
-    {
-        return Ok(path.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("etcd"))
-                .find(|candidate| candidate.is_file())
-        })
-        .ok_or(HarnessError::NoBinary)
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; callers retry if another process takes it).
@@ -92,434 +102,18 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(listener.local_addr().map_err(io("reading a bound port"))?.port())
 }
 
-/// How to run the members.
-#[derive(Debug, Clone)]
-pub struct EtcdOptions {
-    /// Skip fsync (`--unsafe-no-fsync`): much faster on slow disks, loses durability across a
-    /// machine crash. Fine for tests that kill services, not for tests that kill etcd itself.
-    pub unsafe_no_fsync: bool,
-    /// Backend quota in bytes (`--quota-backend-bytes`), if not etcd's default of 2 GiB.
-    pub quota_backend_bytes: Option<u64>,
-    /// Extra command-line flags.
-    pub extra_args: Vec<String>,
-    /// How long to wait for the member(s) to become healthy.
-    pub start_timeout: Duration,
-}
-
-impl Default for EtcdOptions {
-    fn default() -> Self {
-        EtcdOptions {
-            unsafe_no_fsync: false,
-            quota_backend_bytes: None,
-            extra_args: Vec::new(),
-            start_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl EtcdOptions {
-    /// Options for fast tests: no fsync.
-    pub fn fast() -> Self {
-        EtcdOptions {
-            unsafe_no_fsync: true,
-            ..Self::default()
-        }
-    }
-}
-
-/// One member's fixed identity: name, ports, data dir. Kept across restarts.
-#[derive(Debug, Clone)]
-struct MemberSpec {
-    name: String,
-    client_port: u16,
-    peer_port: u16,
-    data_dir: PathBuf,
-    log_path: PathBuf,
-}
-
-impl MemberSpec {
-    fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
-    }
-}
-
-/// A running (or stopped) etcd member process.
-#[derive(Debug)]
-pub struct Member {
-    spec: MemberSpec,
-    child: Option<Child>,
-}
-
-impl Member {
-    /// The member's client endpoint, `127.0.0.1:port`.
-    pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.spec.client_port)
-    }
-
-    /// The member's name.
-    pub fn name(&self) -> &str {
-        &self.spec.name
-    }
-
-    /// The OS process id while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Is the process running (started and not exited)?
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// SIGKILLs the member and waits for it to exit. Its data dir is kept for a restart.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGSTOPs the member (it stops answering but keeps its sockets).
-    pub fn pause(&self) -> Result<(), HarnessError> {
-        self.signal(nix::sys::signal::Signal::SIGSTOP)
-    }
-
-    /// SIGCONTs a paused member.
-    pub fn resume(&self) -> Result<(), HarnessError> {
-        self.signal(nix::sys::signal::Signal::SIGCONT)
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), HarnessError> {
-        let pid = self.pid().ok_or_else(|| HarnessError::Io {
-            context: format!("signalling {}", self.spec.name),
-            source: std::io::Error::other("member is not running"),
-        })?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-        nix::sys::signal::kill(pid, signal).map_err(|e| HarnessError::Io {
-            context: format!("signalling {}", self.spec.name),
-            source: std::io::Error::from(e),
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&self.spec.log_path)
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub(crate) fn log_tail(path: &Path) -> String {
-    let mut text = String::new();
-    if let Ok(mut file) = File::open(path) {
-        let _ = file.read_to_string(&mut text);
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn spawn_member(
-    binary: &Path,
-    spec: &MemberSpec,
-    initial_cluster: &str,
-    cluster_token: &str,
-    state: &str,
-    options: &EtcdOptions,
-) -> Result<Child, HarnessError> {
-    std::fs::create_dir_all(&spec.data_dir).map_err(io("creating the etcd data dir"))?;
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(&spec.log_path)
-        .map_err(io("opening the etcd log"))?;
-    let log_err = log.try_clone().map_err(io("opening the etcd log"))?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("--name")
-        .arg(&spec.name)
-        .arg("--data-dir")
-        .arg(&spec.data_dir)
-        .arg("--listen-client-urls")
-        .arg(spec.client_url())
-        .arg("--advertise-client-urls")
-        .arg(spec.client_url())
-        .arg("--listen-peer-urls")
-        .arg(spec.peer_url())
-        .arg("--initial-advertise-peer-urls")
-        .arg(spec.peer_url())
-        .arg("--initial-cluster")
-        .arg(initial_cluster)
-        .arg("--initial-cluster-token")
-        .arg(cluster_token)
-        .arg("--initial-cluster-state")
-        .arg(state)
-        .arg("--log-level")
-        .arg("warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_err));
-    if options.unsafe_no_fsync {
-        cmd.arg("--unsafe-no-fsync");
-    }
-    if let Some(bytes) = options.quota_backend_bytes {
-        cmd.arg("--quota-backend-bytes").arg(bytes.to_string());
-    }
-    cmd.args(&options.extra_args);
-    cmd.spawn().map_err(io(format!(
-        "starting {} (ETCD_BIN overrides it)",
-        binary.display()
-    )))
-}
-
-async fn connect_to(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
-    Client::connect(endpoints, Some(options)).await
-}
-
-/// A cluster of etcd members on loopback, each with its own ports and data dir below one
-/// temporary directory (removed on drop, after the members are killed).
-#[derive(Debug)]
-pub struct EtcdCluster {
-    binary: PathBuf,
-    options: EtcdOptions,
-    initial_cluster: String,
-    token: String,
-    members: Vec<Member>,
-    // Declared last: dropped after the members, so processes die before their dir is removed.
-    _dir: tempfile::TempDir,
-}
-
-impl EtcdCluster {
-    /// Starts `size` members and waits until the cluster has a leader and every member answers.
-    /// Retries with new ports if a port was taken in between (tests run in parallel).
-    pub async fn start(size: usize, options: EtcdOptions) -> Result<Self, HarnessError> {
-        let mut last_err = None;
-        for _ in 0..3 {
-            match Self::try_start(size, options.clone()).await {
-                Ok(cluster) => return Ok(cluster),
-                Err(err) => last_err = Some(err),
-            }
-        }
-        Err(last_err.unwrap_or(HarnessError::NoBinary))
-    }
-
-    async fn try_start(size: usize, options: EtcdOptions) -> Result<Self, HarnessError> {
-        let binary = etcd_binary()?;
-        let dir = tempfile::Builder::new()
-            .prefix("telemetry-etcd-")
-            .tempdir()
-            .map_err(io("creating a temporary dir"))?;
-        let mut specs = Vec::with_capacity(size);
-        for i in 0..size {
-            let name = format!("m{i}");
-            specs.push(MemberSpec {
-                data_dir: dir.path().join(format!("{name}.etcd")),
-                log_path: dir.path().join(format!("{name}.log")),
-                name,
-                client_port: free_port()?,
-                peer_port: free_port()?,
-            });
-        }
-        let initial_cluster = specs
-            .iter()
-            .map(|s| format!("{}={}", s.name, s.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
-        let token = format!(
-            "telemetry-{}-{}",
-            std::process::id(),
-            dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("x")
-        );
-        let mut members = Vec::with_capacity(size);
-        for spec in specs {
-            let child = spawn_member(&binary, &spec, &initial_cluster, &token, "new", &options)?;
-            members.push(Member {
-                spec,
-                child: Some(child),
-            });
-        }
-        let mut cluster = EtcdCluster {
-            binary,
-            options,
-            initial_cluster,
-            token,
-            members,
-            _dir: dir,
-        };
-        let indices: Vec<usize> = (0..size).collect();
-        cluster.wait_healthy(&indices).await?;
-        Ok(cluster)
-    }
-
-    async fn wait_healthy(&mut self, indices: &[usize]) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + self.options.start_timeout;
-        for &i in indices {
-            loop {
-                let member = &mut self.members[i];
-                if !member.is_running() {
-                    return Err(HarnessError::NotHealthy {
-                        name: member.spec.name.clone(),
-                        reason: "the process exited".into(),
-                        log_tail: member.log_tail(),
-                    });
-                }
-                let endpoint = vec![member.endpoint()];
-                let healthy = match connect_to(&endpoint).await {
-                    // A member answers status once it has joined; a KV read also needs a leader.
-                    Ok(mut client) => {
-                        client.status().await.is_ok() && client.get("health", None).await.is_ok()
-                    }
-                    Err(_) => false,
-                };
-                if healthy {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let member = &self.members[i];
-                    return Err(HarnessError::NotHealthy {
-                        name: member.spec.name.clone(),
-                        reason: format!("not healthy after {:?}", self.options.start_timeout),
-                        log_tail: member.log_tail(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// Client endpoints of all members (running or not), `127.0.0.1:port`.
-    pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(Member::endpoint).collect()
-    }
-
-    /// Client endpoints joined with commas, as `ETCD_ENDPOINTS` takes them.
-    pub fn endpoints_env(&self) -> String {
-        self.endpoints().join(",")
-    }
-
-    /// A client connected to every member.
-    pub async fn client(&self) -> Result<Client, HarnessError> {
-        Ok(connect_to(&self.endpoints()).await?)
-    }
-
-    /// The members, for killing, pausing and inspecting.
-    pub fn members(&mut self) -> &mut [Member] {
-        &mut self.members
-    }
-
-    /// Index of the current leader, asking each running member.
-    pub async fn leader(&mut self) -> Result<usize, HarnessError> {
-        for i in 0..self.members.len() {
-            if !self.members[i].is_running() {
-                continue;
-            }
-            let Ok(mut client) = connect_to(&[self.members[i].endpoint()]).await else {
-                continue;
-            };
-            let Ok(status) = client.status().await else {
-                continue;
-            };
-            if status.leader() != 0 && status.leader() == status.header().map_or(0, |h| h.member_id()) {
-                return Ok(i);
-            }
-        }
-        Err(HarnessError::NoLeader)
-    }
-
-    /// SIGKILLs member `i` (its data is kept).
-    pub fn kill(&mut self, i: usize) {
-        self.members[i].kill();
-    }
-
-    /// Restarts a killed member with its data and ports, and waits until it is healthy.
-    pub async fn restart(&mut self, i: usize) -> Result<(), HarnessError> {
-        self.members[i].kill();
-        let spec = self.members[i].spec.clone();
-        let child = spawn_member(
-            &self.binary,
-            &spec,
-            &self.initial_cluster,
-            &self.token,
-            "existing",
-            &self.options,
-        )?;
-        self.members[i].child = Some(child);
-        self.wait_healthy(&[i]).await
-    }
-}
-
-/// A single-member etcd: the common case for tests.
-#[derive(Debug)]
-pub struct EtcdServer {
-    cluster: EtcdCluster,
-}
-
-impl EtcdServer {
-    /// Starts one member with default (durable) options.
-    pub async fn start() -> Result<Self, HarnessError> {
-        Self::start_with(EtcdOptions::default()).await
-    }
-
-    /// Starts one member with the given options.
-    pub async fn start_with(options: EtcdOptions) -> Result<Self, HarnessError> {
-        Ok(EtcdServer {
-            cluster: EtcdCluster::start(1, options).await?,
-        })
-    }
-
-    /// The client endpoint, `127.0.0.1:port`.
-    pub fn endpoint(&self) -> String {
-        self.cluster.members[0].endpoint()
-    }
-
-    /// A client connected to it.
-    pub async fn client(&self) -> Result<Client, HarnessError> {
-        self.cluster.client().await
-    }
-
-    /// The member, for killing and pausing.
-    pub fn member(&mut self) -> &mut Member {
-        &mut self.cluster.members[0]
-    }
-
-    /// Restarts a killed server with its data.
-    pub async fn restart(&mut self) -> Result<(), HarnessError> {
-        self.cluster.restart(0).await
-    }
-}
-
-/// Every key/value under `prefix`, read in pages at one revision (a single range over a large
-/// prefix can exceed gRPC's 4 MiB message limit).
-pub async fn range_all(client: &Client, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, HarnessError> {
-    match telemetry_shared::etcd::range_prefix(client, prefix, 1000).await {
-        Ok((entries, _)) => Ok(entries),
-        Err(telemetry_shared::etcd::EtcdError::Client(err)) => Err(HarnessError::Client(err)),
-        Err(other) => Err(HarnessError::Io {
-            context: format!("ranging over {prefix}"),
-            source: std::io::Error::other(other.to_string()),
-        }),
-    }
-}
-
-/// Number of keys under `prefix` (count-only range).
-pub async fn count(client: &Client, prefix: &str) -> Result<i64, HarnessError> {
-    let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
-    Ok(client.clone().get(prefix, Some(options)).await?.count())
-}
-
 /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+pub async fn eventually<F, Fut>(timeout: Duration, condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_every(Duration::from_millis(50), timeout, condition).await
+}
+
+/// Polls `condition` every `interval` until it holds or `timeout` passes; returns whether it
+/// held. A longer interval keeps the polling itself from loading etcd in a measurement.
+pub async fn eventually_every<F, Fut>(interval: Duration, timeout: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -532,122 +126,13 @@ where
         if Instant::now() > deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(interval).await;
     }
-}
-
-/// An etcd for service tests: one fast member (no fsync) started with `--max-txn-ops 128`.
-/// That is etcd's default, stated so that any transaction over the limit fails the test that
-/// makes it. Returns the server and a connected client.
-pub async fn strict_etcd() -> Result<(EtcdServer, Client), HarnessError> {
-    let options = EtcdOptions {
-        extra_args: vec!["--max-txn-ops".into(), "128".into()],
-        ..EtcdOptions::fast()
-    };
-    let server = EtcdServer::start_with(options).await?;
-    let client = server.client().await?;
-    Ok((server, client))
 }
 
 /// The environment of a service under test: `ETCD_ENDPOINTS` of `server`, `ETCD_NAMESPACE`,
-/// then `extra`, whose entries replace earlier ones of the same name.
+/// then `extra`, whose entries replace earlier ones of the same name. The same as
+/// `server.env(namespace).with(extra).into_vars()`.
 pub fn service_env(server: &EtcdServer, namespace: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = vec![
-        ("ETCD_ENDPOINTS".into(), server.endpoint()),
-        ("ETCD_NAMESPACE".into(), namespace.into()),
-    ];
-    for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push((k.to_string(), v.to_string()));
-    }
-    vars
-}
-
-/// Runs `promtool check metrics` (Debian's `prometheus` package; `PROMTOOL_BIN` overrides) on a
-/// Prometheus text exposition. `Ok` when promtool finds nothing to complain about; otherwise
-/// its complaints (or why it could not run).
-pub fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
-    use std::io::Write as _;
-    let bin = std::env::var("PROMTOOL_BIN").unwrap_or_else(|_| "promtool".into());
-    let mut child = std::process::Command::new(&bin)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {bin} (install Debian's prometheus package): {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(exposition.as_bytes())
-            .map_err(|e| format!("writing to promtool: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for promtool: {e}"))?;
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() && complaints.trim().is_empty() {
-        Ok(())
-    } else {
-        Err(complaints)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn single_member_starts_serves_and_cleans_up() {
-        let server = EtcdServer::start_with(EtcdOptions::fast())
-            .await
-            .expect("etcd starts");
-        let mut client = server.client().await.expect("connects");
-        client.put("k", "v", None).await.expect("put");
-        let got = client.get("k", None).await.expect("get");
-        assert_eq!(got.kvs()[0].value(), b"v");
-        let dir = server.cluster._dir.path().to_path_buf();
-        drop(client);
-        drop(server);
-        assert!(!dir.exists(), "data dir removed on drop");
-    }
-
-    #[tokio::test]
-    async fn cluster_survives_leader_kill_and_restart() {
-        let mut cluster = EtcdCluster::start(3, EtcdOptions::fast())
-            .await
-            .expect("cluster starts");
-        let mut client = cluster.client().await.expect("connects");
-        client.put("a", "1", None).await.expect("put");
-        let leader = cluster.leader().await.expect("has a leader");
-        cluster.kill(leader);
-        // The remaining two elect a new leader and keep serving writes.
-        let mut ok = false;
-        for _ in 0..100 {
-            if client.put("b", "2", None).await.is_ok() {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(ok, "writes continue after the leader is killed");
-        cluster.restart(leader).await.expect("restarts");
-        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()])
-            .await
-            .expect("connects");
-        let mut seen = false;
-        for _ in 0..100 {
-            if let Ok(resp) = member_client.get("b", None).await
-                && !resp.kvs().is_empty()
-            {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(seen, "restarted member catches up");
-    }
+    server.env(namespace).with(extra).into_vars()
 }

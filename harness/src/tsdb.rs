@@ -1,7 +1,7 @@
-//! Real time-series databases for the exporter's tests: a Prometheus (with its remote-write
-//! receiver on) or a VictoriaMetrics, started on a free loopback port with a generated
-//! configuration and a temporary data dir, stopped (SIGKILL) and removed when dropped. They can
-//! be stopped and started again on the same port and data, like an etcd member.
+//! Real time-series databases for the exporter's tests: a Prometheus with its remote-write
+//! receiver on ([`PrometheusServer`]), or a VictoriaMetrics, on a free loopback port with a
+//! temporary data dir, killed and removed when dropped. Either can be killed and started again
+//! on the same port and data, and read back with PromQL.
 //!
 //! The binaries are Debian's (`apt-get install prometheus victoria-metrics`); `PROMETHEUS_BIN`
 //! and `VICTORIA_METRICS_BIN` override them.
@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{HarnessError, free_port, io};
+use crate::{HarnessError, PrometheusOptions, PrometheusServer, free_port, io};
 
 /// Which server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +20,8 @@ pub enum TsdbKind {
     /// Prometheus; `out_of_order_window` is its `storage.tsdb.out_of_order_time_window`
     /// (`None`: not set).
     Prometheus {
-        /// e.g. `"1h"`.
-        out_of_order_window: Option<String>,
+        /// The window.
+        out_of_order_window: Option<Duration>,
     },
     /// VictoriaMetrics; `dedup` is its `-dedup.minScrapeInterval` (`None`: not set).
     VictoriaMetrics {
@@ -34,7 +34,7 @@ impl TsdbKind {
     /// Prometheus with a one-hour out-of-order window: what the exporter needs.
     pub fn prometheus() -> Self {
         TsdbKind::Prometheus {
-            out_of_order_window: Some("1h".into()),
+            out_of_order_window: Some(Duration::from_secs(3600)),
         }
     }
 
@@ -46,14 +46,25 @@ impl TsdbKind {
     }
 }
 
-/// A running (or stopped) TSDB; see the module docs.
+/// A running (or killed) TSDB; see the module docs.
 #[derive(Debug)]
 pub struct Tsdb {
-    kind: TsdbKind,
+    server: Server,
+    http: reqwest::Client,
+}
+
+#[derive(Debug)]
+enum Server {
+    Prometheus(PrometheusServer),
+    Victoria(Victoria),
+}
+
+/// A VictoriaMetrics process.
+#[derive(Debug)]
+struct Victoria {
+    dedup: Option<String>,
     port: u16,
     child: Option<Child>,
-    log: PathBuf,
-    http: reqwest::Client,
     // Declared last: removed after the process is killed.
     dir: tempfile::TempDir,
 }
@@ -64,79 +75,48 @@ fn binary(var: &str, default: &str) -> PathBuf {
         .map_or_else(|| PathBuf::from(default), PathBuf::from)
 }
 
-impl Tsdb {
-    /// Starts a server of `kind` and waits until it is ready.
-    pub async fn start(kind: TsdbKind) -> Result<Self, HarnessError> {
-        let dir = tempfile::Builder::new()
-            .prefix("telemetry-tsdb-")
-            .tempdir()
-            .map_err(io("creating a temporary dir"))?;
-        let mut tsdb = Tsdb {
-            kind,
-            port: free_port()?,
-            child: None,
-            log: dir.path().join("tsdb.log"),
-            http: reqwest::Client::new(),
-            dir,
-        };
-        tsdb.start_again().await?;
-        Ok(tsdb)
+impl Victoria {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("victoria-metrics.log")
     }
 
-    /// Starts the server again (after [`Tsdb::stop`] or [`Tsdb::kill`]) on its port, with its
-    /// data, and waits until it is ready.
-    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn spawn(&mut self, http: &reqwest::Client) -> Result<(), HarnessError> {
         self.kill();
-        let data = self.dir.path().join("data");
-        let (mut cmd, ready) = match &self.kind {
-            TsdbKind::Prometheus { out_of_order_window } => {
-                let config = self.dir.path().join("prometheus.yml");
-                let mut text = String::from("global:\n  scrape_interval: 1h\n");
-                if let Some(window) = out_of_order_window {
-                    text.push_str(&format!(
-                        "storage:\n  tsdb:\n    out_of_order_time_window: {window}\n"
-                    ));
-                }
-                std::fs::write(&config, text).map_err(io("writing the Prometheus config"))?;
-                let mut cmd = Command::new(binary("PROMETHEUS_BIN", "prometheus"));
-                cmd.arg(format!("--config.file={}", config.display()))
-                    .arg(format!("--storage.tsdb.path={}", data.display()))
-                    .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
-                    .arg("--web.enable-remote-write-receiver")
-                    .arg("--log.level=warn");
-                (cmd, "/-/ready")
-            }
-            TsdbKind::VictoriaMetrics { dedup } => {
-                let mut cmd = Command::new(binary("VICTORIA_METRICS_BIN", "victoria-metrics"));
-                cmd.arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
-                    .arg(format!("-storageDataPath={}", data.display()))
-                    .arg("-retentionPeriod=100y")
-                    .arg("-search.latencyOffset=0s")
-                    .arg("-loggerLevel=WARN");
-                if let Some(dedup) = dedup {
-                    cmd.arg(format!("-dedup.minScrapeInterval={dedup}"));
-                }
-                (cmd, "/health")
-            }
-        };
+        let mut cmd = Command::new(binary("VICTORIA_METRICS_BIN", "victoria-metrics"));
+        cmd.arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            .arg(format!(
+                "-storageDataPath={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg("-retentionPeriod=100y")
+            .arg("-search.latencyOffset=0s")
+            .arg("-loggerLevel=WARN");
+        if let Some(dedup) = &self.dedup {
+            cmd.arg(format!("-dedup.minScrapeInterval={dedup}"));
+        }
         let log = std::fs::File::options()
             .create(true)
             .append(true)
-            .open(&self.log)
-            .map_err(io("opening the TSDB log"))?;
-        let log_err = log.try_clone().map_err(io("opening the TSDB log"))?;
+            .open(self.log_path())
+            .map_err(io("opening the VictoriaMetrics log"))?;
+        let log_err = log.try_clone().map_err(io("opening the VictoriaMetrics log"))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
-        let child = cmd.spawn().map_err(io(format!(
-            "starting {:?} (install Debian's prometheus / victoria-metrics packages)",
-            cmd.get_program()
-        )))?;
-        self.child = Some(child);
-        self.wait_ready(ready).await
-    }
-
-    async fn wait_ready(&mut self, path: &str) -> Result<(), HarnessError> {
+        self.child = Some(cmd.spawn().map_err(io(
+            "starting victoria-metrics (install Debian's victoria-metrics; VICTORIA_METRICS_BIN overrides it)",
+        ))?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut()
@@ -144,8 +124,8 @@ impl Tsdb {
             {
                 return Err(self.not_ready(format!("the process exited ({status})")));
             }
-            let url = format!("{}{path}", self.base_url());
-            if let Ok(resp) = self.http.get(&url).send().await
+            let url = format!("{}/health", self.base_url());
+            if let Ok(resp) = http.get(&url).send().await
                 && resp.status().is_success()
             {
                 return Ok(());
@@ -158,29 +138,73 @@ impl Tsdb {
     }
 
     fn not_ready(&self, reason: String) -> HarnessError {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         HarnessError::Io {
-            context: format!(
-                "{:?} did not start: {reason}; log:\n{}",
-                self.kind,
-                self.log_tail()
+            context: format!("VictoriaMetrics did not start: {reason}; log:\n{log}"),
+            source: std::io::Error::other("not ready"),
+        }
+    }
+}
+
+impl Drop for Victoria {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Tsdb {
+    /// Starts a server of `kind` and waits until it is ready.
+    pub async fn start(kind: TsdbKind) -> Result<Self, HarnessError> {
+        let http = reqwest::Client::new();
+        let server = match kind {
+            TsdbKind::Prometheus { out_of_order_window } => Server::Prometheus(
+                PrometheusServer::start(PrometheusOptions {
+                    scrape_interval: Duration::from_secs(3600),
+                    remote_write_receiver: true,
+                    out_of_order_window,
+                    ..PrometheusOptions::default()
+                })
+                .await?,
             ),
-            source: std::io::Error::other("TSDB not ready"),
+            TsdbKind::VictoriaMetrics { dedup } => {
+                let mut victoria = Victoria {
+                    dedup,
+                    port: free_port()?,
+                    child: None,
+                    dir: tempfile::Builder::new()
+                        .prefix("telemetry-vm-")
+                        .tempdir()
+                        .map_err(io("creating a temporary dir"))?,
+                };
+                victoria.spawn(&http).await?;
+                Server::Victoria(victoria)
+            }
+        };
+        Ok(Tsdb { server, http })
+    }
+
+    /// Kills the server (SIGKILL); its data is kept.
+    pub fn kill(&mut self) {
+        match &mut self.server {
+            Server::Prometheus(p) => p.kill(),
+            Server::Victoria(v) => v.kill(),
         }
     }
 
-    /// The end of the server's log.
-    pub fn log_tail(&self) -> String {
-        crate::log_tail(&self.log)
-    }
-
-    /// The server's data dir.
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    /// Starts the server again on its port, with its data, and waits until it is ready.
+    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+        match &mut self.server {
+            Server::Prometheus(p) => p.restart().await,
+            Server::Victoria(v) => v.spawn(&self.http).await,
+        }
     }
 
     /// `http://127.0.0.1:{port}`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match &self.server {
+            Server::Prometheus(p) => p.url(),
+            Server::Victoria(v) => v.base_url(),
+        }
     }
 
     /// The remote-write URL, as `REMOTE_WRITE_URL` takes it.
@@ -188,41 +212,10 @@ impl Tsdb {
         format!("{}/api/v1/write", self.base_url())
     }
 
-    /// The OS process id while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILLs the server (its data is kept).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Stops the server with SIGTERM and waits for it (its data is kept).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
     /// Makes what was written visible to queries (VictoriaMetrics buffers recent samples for
     /// about a second; Prometheus needs nothing).
     pub async fn flush(&self) -> Result<(), HarnessError> {
-        if matches!(self.kind, TsdbKind::VictoriaMetrics { .. }) {
+        if matches!(self.server, Server::Victoria(_)) {
             let url = format!("{}/internal/force_flush", self.base_url());
             self.http.get(url).send().await.map_err(http_error)?;
         }
@@ -374,12 +367,6 @@ fn http_error(err: reqwest::Error) -> HarnessError {
     HarnessError::Io {
         context: "asking the TSDB".into(),
         source: std::io::Error::other(err.to_string()),
-    }
-}
-
-impl Drop for Tsdb {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

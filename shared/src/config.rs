@@ -398,6 +398,11 @@ impl<'a> Setting<'a> {
         })
     }
 
+    /// A size in bytes: a whole number, optionally with a unit `KiB`, `MiB` or `GiB` (`256MiB`).
+    pub fn bytes(&self) -> Result<usize, ConfigError> {
+        self.parse_with("a size like 1048576, 512KiB, 256MiB or 2GiB", parse_size)
+    }
+
     /// Text that is not blank (trimmed).
     pub fn non_blank(&self, what: &str) -> Result<String, ConfigError> {
         self.parse_with(&format!("{what} (not blank)"), |t| {
@@ -467,6 +472,21 @@ impl TryFrom<RawCommonConfig> for CommonConfig {
     fn try_from(raw: RawCommonConfig) -> Result<Self, ConfigError> {
         CommonConfig::try_from(&raw)
     }
+}
+
+/// A size in bytes with an optional binary unit (`KiB`, `MiB`, `GiB`).
+fn parse_size(text: &str) -> Option<usize> {
+    let units = [
+        ("GiB", 1usize << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ];
+    let (number, unit) = units
+        .iter()
+        .find_map(|(suffix, unit)| text.strip_suffix(suffix).map(|n| (n.trim(), *unit)))
+        .unwrap_or((text, 1));
+    number.parse::<usize>().ok()?.checked_mul(unit)
 }
 
 /// Parses `ETCD_ENDPOINTS`: comma-separated `host:port`, optionally with an `http://` scheme.

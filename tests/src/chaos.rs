@@ -15,18 +15,15 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
+use nix::sys::signal::Signal;
+use telemetry_harness::{
+    Env, EtcdCluster, EtcdOptions, ProcessSpec, ProxyMode, ServiceProcess, TcpProxy, free_port, sample,
 };
-use telemetry_harness::{EtcdCluster, EtcdOptions, ProxyMode, TcpProxy, free_port};
 use telemetry_shared::Keyspace;
 
 const NS: &str = "/chaos";
@@ -184,111 +181,369 @@ impl Rng {
 
 /// Writes the input: the DCGM sample repeated to `rows` rows, every [`DEAD_EVERY`]th with an
 /// empty host name. Returns how many rows are invalid.
-fn generate_input(path: &Path, rows: usize) -> anyhow::Result<usize> {
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dcgm_sample.csv");
-    let text = std::fs::read_to_string(&sample).with_context(|| format!("reading {}", sample.display()))?;
-    let (header, body) = text.split_once('\n').context("sample has a header")?;
-    let lines: Vec<&str> = body.lines().collect();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(out, "{header}")?;
+fn plant_input(path: &Path, rows: usize) -> anyhow::Result<usize> {
     let mut dead = 0;
-    for i in 0..rows {
-        let line = lines[i % lines.len()];
-        if i % DEAD_EVERY == DEAD_EVERY - 1 {
-            // Fields are quoted; the 7th is Hostname. Blank it (only that field).
-            let fields: Vec<&str> = line.splitn(8, "\",\"").collect();
-            anyhow::ensure!(fields.len() == 8, "unexpected sample line shape");
-            let mut blanked = fields.clone();
-            blanked[6] = "";
-            writeln!(out, "{}", blanked.join("\",\""))?;
-            dead += 1;
-        } else {
-            writeln!(out, "{line}")?;
+    sample::write_repeated_with(path, rows, |i, line| {
+        if i % DEAD_EVERY != DEAD_EVERY - 1 {
+            return Ok(None);
         }
-    }
-    out.flush()?;
+        // Fields are quoted; the 7th is Hostname. Blank it (only that field).
+        let mut fields: Vec<&str> = line.splitn(8, "\",\"").collect();
+        anyhow::ensure!(fields.len() == 8, "unexpected sample line shape");
+        fields[6] = "";
+        dead += 1;
+        Ok(Some(fields.join("\",\"")))
+    })?;
     Ok(dead)
 }
 
-/// One service process slot: how to (re)start it and the running child.
-struct Service {
-    name: String,
-    binary: PathBuf,
-    env: Vec<(String, String)>,
-    log_dir: PathBuf,
-    incarnation: u32,
-    child: Option<Child>,
-    id_var: Option<&'static str>,
+fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
+    for bin in ["telemetry-streamer", "telemetry-collector", "telemetry-gateway"] {
+        anyhow::ensure!(
+            bin_dir.join(bin).is_file(),
+            "{} is missing: build the services first (cargo build --release --bins)",
+            bin_dir.join(bin).display()
+        );
+    }
+    Ok(())
 }
 
-impl Service {
+/// One service process slot: how to (re)start it and the running process. Each start is a new
+/// incarnation `{name}-{n}` with its own log file (and, for collectors, its own id).
+struct Slot {
+    name: String,
+    spec: ProcessSpec,
+    log_dir: PathBuf,
+    incarnation: u32,
+    id_var: Option<&'static str>,
+    process: Option<ServiceProcess>,
+}
+
+impl Slot {
+    fn new(name: String, binary: PathBuf, env: Env, log_dir: &Path, id_var: Option<&'static str>) -> Self {
+        Slot {
+            name,
+            spec: ProcessSpec::new(binary).env(env),
+            log_dir: log_dir.to_path_buf(),
+            incarnation: 0,
+            id_var,
+            process: None,
+        }
+    }
+
     fn start(&mut self) -> anyhow::Result<()> {
         self.incarnation += 1;
         let id = format!("{}-{}", self.name, self.incarnation);
-        let log = std::fs::File::create(self.log_dir.join(format!("{id}.log")))?;
-        let mut cmd = Command::new(&self.binary);
-        cmd.env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
+        let mut spec = self.spec.clone().log_file(self.log_dir.join(format!("{id}.log")));
         if let Some(var) = self.id_var {
-            cmd.env(var, &id);
+            spec = spec.var(var, &id);
         }
-        self.child = Some(
-            cmd.spawn()
-                .with_context(|| format!("starting {}", self.binary.display()))?,
-        );
+        self.process = Some(spec.start()?);
         Ok(())
     }
 
-    fn pid(&self) -> Option<Pid> {
-        self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
-    }
-
     fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.pid() {
-            let _ = kill(pid, signal);
+        if let Some(process) = &self.process {
+            let _ = process.signal(signal);
         }
     }
 
     fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.as_mut().is_some_and(ServiceProcess::is_running)
     }
 
     fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
     }
 
-    async fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        for _ in 0..200 {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    async fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.stop(Duration::from_secs(10)).await;
         }
-        let _ = child.kill();
-        child.wait().ok()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.signal(Signal::SIGCONT);
-        self.kill9();
     }
 }
 
 async fn count(client: &etcd_client::Client, prefix: &str) -> i64 {
     telemetry_harness::count(client, prefix).await.unwrap_or(-1)
+}
+
+/// The etcd side: a 3-member cluster and a proxy in front of each member.
+struct Cluster {
+    etcd: EtcdCluster,
+    client: etcd_client::Client,
+    keys: Keyspace,
+    proxies: Vec<TcpProxy>,
+}
+
+async fn start_cluster() -> anyhow::Result<Cluster> {
+    let etcd = EtcdCluster::start(3, EtcdOptions::strict()).await?;
+    let client = etcd.client().await?;
+    let mut proxies = Vec::new();
+    for endpoint in etcd.endpoints() {
+        proxies.push(TcpProxy::start(endpoint.parse().context("member address")?).await?);
+    }
+    Ok(Cluster {
+        etcd,
+        client,
+        keys: Keyspace::new(NS),
+        proxies,
+    })
+}
+
+/// The services: one streamer, three collectors (the third through the proxies), a gateway.
+struct Services {
+    streamer: Slot,
+    collectors: Vec<Slot>,
+    gateway: Slot,
+    gateway_port: u16,
+}
+
+impl Services {
+    fn start(cluster: &Cluster, opts: &ChaosOptions, input: &Path, rate: f64) -> anyhow::Result<Self> {
+        let direct = cluster.etcd.env(NS);
+        let proxied = Env::etcd(
+            cluster
+                .proxies
+                .iter()
+                .map(TcpProxy::endpoint)
+                .collect::<Vec<_>>()
+                .join(","),
+            NS,
+        );
+        let bin = |name: &str| opts.bin_dir.join(name);
+        let streamer_env = direct
+            .clone()
+            .streamer(input, "chaos")
+            .set("RATE", format!("{rate:.1}"))
+            .set("MAX_QUEUE_DEPTH", 20_000);
+        let collectors = (1..=3)
+            .map(|i| {
+                // The third reaches etcd only through the proxies, so it can be cut off.
+                let env = if i == 3 { &proxied } else { &direct };
+                let env = env.clone().set("LEASE_TTL", format!("{LEASE_TTL_S}s"));
+                let name = format!("collector{i}");
+                Slot::new(
+                    name,
+                    bin("telemetry-collector"),
+                    env,
+                    &opts.work_dir,
+                    Some("COLLECTOR_ID"),
+                )
+            })
+            .collect();
+        let gateway_port = free_port()?;
+        let gateway_env = direct.clone().gateway(gateway_port);
+        let mut services = Services {
+            streamer: Slot::new(
+                "streamer".into(),
+                bin("telemetry-streamer"),
+                streamer_env,
+                &opts.work_dir,
+                None,
+            ),
+            collectors,
+            gateway: Slot::new(
+                "gateway".into(),
+                bin("telemetry-gateway"),
+                gateway_env,
+                &opts.work_dir,
+                None,
+            ),
+            gateway_port,
+        };
+        for c in &mut services.collectors {
+            c.start()?;
+        }
+        services.gateway.start()?;
+        services.streamer.start()?;
+        Ok(services)
+    }
+
+    /// Collectors and gateway, gracefully (the streamer has ended by now).
+    async fn stop(&mut self) {
+        for c in &mut self.collectors {
+            c.stop().await;
+        }
+        self.gateway.stop().await;
+    }
+}
+
+/// Each round is the five faults in a seeded order.
+fn schedule(rng: &mut Rng, rounds: usize) -> Vec<Fault> {
+    let mut plan = Vec::new();
+    for _ in 0..rounds {
+        let mut kinds = Fault::ALL.to_vec();
+        for i in (1..kinds.len()).rev() {
+            kinds.swap(i, rng.below(i + 1));
+        }
+        plan.extend(kinds);
+    }
+    plan
+}
+
+/// Injects `plan`, one fault every `gap_s` seconds, each recorded in the report's schedule.
+async fn run_faults(
+    plan: Vec<Fault>,
+    cluster: &mut Cluster,
+    services: &mut Services,
+    rng: &mut Rng,
+    opts: &ChaosOptions,
+    started: Instant,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for fault in plan {
+        let at = started.elapsed().as_secs_f64();
+        let line = inject(fault, cluster, services, rng).await?;
+        *report.faults.entry(fault.name()).or_default() += 1;
+        report.schedule.push(format!("t+{at:.1}s {line}"));
+        eprintln!("chaos: t+{at:.1}s {line}");
+        tokio::time::sleep(Duration::from_secs_f64(opts.gap_s)).await;
+    }
+    Ok(())
+}
+
+/// Injects one fault and says what was done.
+async fn inject(
+    fault: Fault,
+    cluster: &mut Cluster,
+    services: &mut Services,
+    rng: &mut Rng,
+) -> anyhow::Result<String> {
+    let ttl = Duration::from_secs(LEASE_TTL_S);
+    match fault {
+        Fault::KillCollector => {
+            let c = &mut services.collectors[rng.below(3)];
+            c.kill9();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            c.start()?;
+            Ok(format!("SIGKILL {}, restarted 2 s later", c.name))
+        }
+        Fault::KillStreamer => {
+            let streamer = &mut services.streamer;
+            if !streamer.running() {
+                return Ok("streamer already finished (no kill)".to_string());
+            }
+            streamer.kill9();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            streamer.start()?;
+            Ok("SIGKILL streamer, restarted 1 s later with the same STREAM_ID".to_string())
+        }
+        Fault::KillLeader => {
+            let leader = cluster.etcd.leader().await?;
+            cluster.etcd.kill(leader);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            cluster.etcd.restart(leader).await?;
+            Ok(format!(
+                "SIGKILL etcd leader (member {leader}), restarted 4 s later"
+            ))
+        }
+        Fault::StopCollector => {
+            let c = &services.collectors[rng.below(2)];
+            c.signal(Signal::SIGSTOP);
+            tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+            c.signal(Signal::SIGCONT);
+            let held = LEASE_TTL_S + 3;
+            Ok(format!(
+                "SIGSTOP {} for {held} s (TTL {LEASE_TTL_S} s), then SIGCONT",
+                c.name
+            ))
+        }
+        Fault::CutCollector => {
+            cluster
+                .proxies
+                .iter()
+                .for_each(|p| p.set(ProxyMode::StallRequests));
+            tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+            cluster.proxies.iter().for_each(|p| p.set(ProxyMode::Pass));
+            let held = LEASE_TTL_S + 3;
+            Ok(format!(
+                "cut collector3's requests off from etcd for {held} s (held, then delivered late)"
+            ))
+        }
+    }
+}
+
+/// Lets the streamer finish, however long a loaded machine makes that take, as long as records
+/// keep landing.
+async fn await_streamer(
+    streamer: &mut Slot,
+    cluster: &Cluster,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let data = cluster.keys.data_prefix();
+    let mut last_progress = (count(&cluster.client, &data).await, Instant::now());
+    loop {
+        match streamer.process.as_mut().and_then(ServiceProcess::try_status) {
+            Some(status) if status.success() => return Ok(()),
+            Some(status) => {
+                report.problems.push(format!("the streamer exited with {status}"));
+                return Ok(());
+            }
+            None => {}
+        }
+        let stored = count(&cluster.client, &data).await;
+        if stored > last_progress.0 {
+            last_progress = (stored, Instant::now());
+        }
+        anyhow::ensure!(
+            last_progress.1.elapsed() < Duration::from_secs(180),
+            "no record stored for 3 minutes while the streamer runs ({stored} stored)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits (up to 300 s) for an empty queue and every row stored or dead-lettered.
+async fn drain(cluster: &Cluster, opts: &ChaosOptions, report: &mut ChaosReport) {
+    let (client, keys) = (&cluster.client, &cluster.keys);
+    let stream_done = Instant::now();
+    let expected_stored = (opts.rows - report.expected_dead) as i64;
+    let drained = telemetry_harness::eventually(Duration::from_secs(300), || async {
+        count(client, &keys.queue_prefix()).await == 0
+            && count(client, &keys.data_prefix()).await + count(client, &keys.deadletter_prefix()).await
+                >= opts.rows as i64
+    })
+    .await;
+    report.drain_s = stream_done.elapsed().as_secs_f64();
+    if !drained {
+        report.problems.push(format!(
+            "not drained in 300 s: queue {}, data {}, expected {expected_stored}",
+            count(client, &keys.queue_prefix()).await,
+            count(client, &keys.data_prefix()).await
+        ));
+    }
+}
+
+/// The gateway's `/api/v1/stats` (retried while it is not available yet).
+async fn gateway_stats(port: u16) -> anyhow::Result<serde_json::Value> {
+    let stats_url = format!("http://127.0.0.1:{port}/api/v1/stats");
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..20 {
+        let resp = reqwest::get(&stats_url).await.context("gateway stats")?;
+        let ok = resp.status().is_success();
+        stats = resp.json().await.context("gateway stats JSON")?;
+        if ok {
+            break;
+        }
+        eprintln!("chaos: gateway stats not available yet: {stats}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(stats)
+}
+
+/// Every member must be running at the audit (each killed leader was restarted).
+fn check_members(cluster: &mut Cluster, report: &mut ChaosReport) {
+    for (i, member) in cluster.etcd.members().iter_mut().enumerate() {
+        if !member.is_running() {
+            report
+                .problems
+                .push(format!("etcd member {i} was not running at the audit"));
+        }
+    }
 }
 
 /// Runs the whole scenario and audits it.
@@ -302,240 +557,59 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     let mut rng = Rng(opts.seed.max(1));
     std::fs::create_dir_all(&opts.work_dir)?;
     let input = opts.work_dir.join("input.csv");
-    report.expected_dead = generate_input(&input, opts.rows)?;
-    for bin in ["telemetry-streamer", "telemetry-collector", "telemetry-gateway"] {
-        anyhow::ensure!(
-            opts.bin_dir.join(bin).is_file(),
-            "{} is missing: build the services first (cargo build --release --bins)",
-            opts.bin_dir.join(bin).display()
-        );
-    }
-
-    let mut cluster = EtcdCluster::start(
-        3,
-        EtcdOptions {
-            extra_args: vec!["--max-txn-ops".into(), "128".into()],
-            ..EtcdOptions::fast()
-        },
-    )
-    .await?;
-    let client = cluster.client().await?;
-    let keys = Keyspace::new(NS);
-    let mut proxies = Vec::new();
-    for endpoint in cluster.endpoints() {
-        proxies.push(TcpProxy::start(endpoint.parse().context("member address")?).await?);
-    }
-    let direct = cluster.endpoints_env();
-    let proxied: String = proxies
-        .iter()
-        .map(TcpProxy::endpoint)
-        .collect::<Vec<_>>()
-        .join(",");
-    let common = |endpoints: &str| {
-        vec![
-            ("ETCD_ENDPOINTS".to_string(), endpoints.to_string()),
-            ("ETCD_NAMESPACE".to_string(), NS.to_string()),
-        ]
-    };
+    report.expected_dead = plant_input(&input, opts.rows)?;
+    check_binaries(&opts.bin_dir)?;
+    let mut cluster = start_cluster().await?;
     let rate = opts.rows as f64 / (opts.rounds as f64 * Fault::ALL.len() as f64 * opts.gap_s + 8.0);
-    let mut streamer = Service {
-        name: "streamer".into(),
-        binary: opts.bin_dir.join("telemetry-streamer"),
-        env: [
-            common(&direct),
-            vec![
-                ("CSV_PATH".into(), input.display().to_string()),
-                ("RATE".into(), format!("{rate:.1}")),
-                ("LOOP".into(), "false".into()),
-                ("STREAM_ID".into(), "chaos".into()),
-                ("MAX_QUEUE_DEPTH".into(), "20000".into()),
-            ],
-        ]
-        .concat(),
-        log_dir: opts.work_dir.clone(),
-        incarnation: 0,
-        child: None,
-        id_var: None,
-    };
-    let mut collectors: Vec<Service> = (1..=3)
-        .map(|i| Service {
-            name: format!("collector{i}"),
-            binary: opts.bin_dir.join("telemetry-collector"),
-            // The third reaches etcd only through the proxies, so it can be cut off.
-            env: [
-                common(if i == 3 { &proxied } else { &direct }),
-                vec![("LEASE_TTL".into(), format!("{LEASE_TTL_S}s"))],
-            ]
-            .concat(),
-            log_dir: opts.work_dir.clone(),
-            incarnation: 0,
-            child: None,
-            id_var: Some("COLLECTOR_ID"),
-        })
-        .collect();
-    let gateway_port = free_port()?;
-    let mut gateway = Service {
-        name: "gateway".into(),
-        binary: opts.bin_dir.join("telemetry-gateway"),
-        env: [
-            common(&direct),
-            vec![
-                ("GATEWAY_HOST".into(), "127.0.0.1".into()),
-                ("GATEWAY_PORT".into(), gateway_port.to_string()),
-            ],
-        ]
-        .concat(),
-        log_dir: opts.work_dir.clone(),
-        incarnation: 0,
-        child: None,
-        id_var: None,
-    };
-    for c in &mut collectors {
-        c.start()?;
-    }
-    gateway.start()?;
-    streamer.start()?;
+    let mut services = Services::start(&cluster, opts, &input, rate)?;
     report.schedule.push(format!(
         "{} rows at {rate:.0} rows/s; {} round(s) of faults, one every {:.0} s; lease TTL {LEASE_TTL_S} s",
         opts.rows, opts.rounds, opts.gap_s
     ));
-
-    // The schedule: each round is the five faults in a seeded order.
-    let ttl = Duration::from_secs(LEASE_TTL_S);
-    let mut plan = Vec::new();
-    for _ in 0..opts.rounds {
-        let mut kinds = Fault::ALL.to_vec();
-        for i in (1..kinds.len()).rev() {
-            kinds.swap(i, rng.below(i + 1));
-        }
-        plan.extend(kinds);
-    }
-    let gap = Duration::from_secs_f64(opts.gap_s);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for fault in plan {
-        let at = started.elapsed().as_secs_f64();
-        let line = match fault {
-            Fault::KillCollector => {
-                let i = rng.below(3);
-                collectors[i].kill9();
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                collectors[i].start()?;
-                format!("SIGKILL {}, restarted 2 s later", collectors[i].name)
-            }
-            Fault::KillStreamer => {
-                if streamer.running() {
-                    streamer.kill9();
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    streamer.start()?;
-                    "SIGKILL streamer, restarted 1 s later with the same STREAM_ID".to_string()
-                } else {
-                    "streamer already finished (no kill)".to_string()
-                }
-            }
-            Fault::KillLeader => {
-                let leader = cluster.leader().await?;
-                cluster.kill(leader);
-                tokio::time::sleep(Duration::from_secs(4)).await;
-                cluster.restart(leader).await?;
-                format!("SIGKILL etcd leader (member {leader}), restarted 4 s later")
-            }
-            Fault::StopCollector => {
-                let i = rng.below(2);
-                collectors[i].signal(Signal::SIGSTOP);
-                tokio::time::sleep(ttl + Duration::from_secs(3)).await;
-                collectors[i].signal(Signal::SIGCONT);
-                format!(
-                    "SIGSTOP {} for {} s (TTL {LEASE_TTL_S} s), then SIGCONT",
-                    collectors[i].name,
-                    LEASE_TTL_S + 3
-                )
-            }
-            Fault::CutCollector => {
-                for p in &proxies {
-                    p.set(ProxyMode::StallRequests);
-                }
-                tokio::time::sleep(ttl + Duration::from_secs(3)).await;
-                for p in &proxies {
-                    p.set(ProxyMode::Pass);
-                }
-                format!(
-                    "cut collector3's requests off from etcd for {} s (held, then delivered late)",
-                    LEASE_TTL_S + 3
-                )
-            }
-        };
-        *report.faults.entry(fault.name()).or_default() += 1;
-        report.schedule.push(format!("t+{at:.1}s {line}"));
-        eprintln!("chaos: t+{at:.1}s {line}");
-        tokio::time::sleep(gap).await;
-    }
-
-    // Let the streamer finish, however long a loaded machine makes that take, as long as
-    // records keep landing; then drain.
-    let mut last_progress = (count(&client, &keys.data_prefix()).await, Instant::now());
-    loop {
-        match streamer.child.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(status))) if status.success() => break,
-            Some(Ok(Some(status))) => {
-                report.problems.push(format!("the streamer exited with {status}"));
-                break;
-            }
-            _ => {}
-        }
-        let stored = count(&client, &keys.data_prefix()).await;
-        if stored > last_progress.0 {
-            last_progress = (stored, Instant::now());
-        }
-        anyhow::ensure!(
-            last_progress.1.elapsed() < Duration::from_secs(180),
-            "no record stored for 3 minutes while the streamer runs ({stored} stored)"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let stream_done = Instant::now();
-    let expected_stored = (opts.rows - report.expected_dead) as i64;
-    let drained = telemetry_harness::eventually(Duration::from_secs(300), || async {
-        count(&client, &keys.queue_prefix()).await == 0
-            && count(&client, &keys.data_prefix()).await + count(&client, &keys.deadletter_prefix()).await
-                >= opts.rows as i64
-    })
-    .await;
-    report.drain_s = stream_done.elapsed().as_secs_f64();
-    if !drained {
-        report.problems.push(format!(
-            "not drained in 300 s: queue {}, data {}, expected {expected_stored}",
-            count(&client, &keys.queue_prefix()).await,
-            count(&client, &keys.data_prefix()).await
-        ));
-    }
-
+    let plan = schedule(&mut rng, opts.rounds);
+    run_faults(
+        plan,
+        &mut cluster,
+        &mut services,
+        &mut rng,
+        opts,
+        started,
+        &mut report,
+    )
+    .await?;
+    await_streamer(&mut services.streamer, &cluster, &mut report).await?;
+    drain(&cluster, opts, &mut report).await;
     // The gateway's view, then a graceful stop of everything.
-    let stats_url = format!("http://127.0.0.1:{gateway_port}/api/v1/stats");
-    let mut stats = serde_json::Value::Null;
-    for _ in 0..20 {
-        let resp = reqwest::get(&stats_url).await.context("gateway stats")?;
-        let ok = resp.status().is_success();
-        stats = resp.json().await.context("gateway stats JSON")?;
-        if ok {
-            break;
-        }
-        eprintln!("chaos: gateway stats not available yet: {stats}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    for (i, member) in cluster.members().iter_mut().enumerate() {
-        if !member.is_running() {
-            report
-                .problems
-                .push(format!("etcd member {i} was not running at the audit"));
-        }
-    }
-    for c in &mut collectors {
-        c.stop().await;
-    }
-    gateway.stop().await;
+    let stats = gateway_stats(services.gateway_port).await?;
+    check_members(&mut cluster, &mut report);
+    services.stop().await;
+    audit(&cluster, opts, &stats, &mut report).await?;
+    report.total_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
 
-    // Audit.
-    let records = telemetry_harness::stored_records(&client, &keys).await?;
+/// The audit: every valid row stored once, the expected dead letters, no claims left, an empty
+/// queue, the fence seen at work, and the gateway agreeing.
+async fn audit(
+    cluster: &Cluster,
+    opts: &ChaosOptions,
+    stats: &serde_json::Value,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    audit_records(cluster, opts, report).await?;
+    audit_keys(cluster, report).await;
+    report.fence_refusals = fence_refusals(&opts.work_dir)?;
+    judge(stats, report);
+    Ok(())
+}
+
+/// Counts stored, duplicated and lost rows, and dead letters.
+async fn audit_records(
+    cluster: &Cluster,
+    opts: &ChaosOptions,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let records = telemetry_harness::stored_records(&cluster.client, &cluster.keys).await?;
     let mut rows: HashMap<u64, usize> = HashMap::new();
     for (key, message) in &records {
         let source = message.source.clone().context("stored record without source")?;
@@ -549,21 +623,35 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     report.lost = (1..=opts.rows as u64)
         .filter(|row| !(*row as usize).is_multiple_of(DEAD_EVERY) && !rows.contains_key(row))
         .count();
-    report.dead_letters = count(&client, &keys.deadletter_prefix()).await.max(0) as usize;
+    report.dead_letters = count(&cluster.client, &cluster.keys.deadletter_prefix())
+        .await
+        .max(0) as usize;
+    Ok(())
+}
+
+/// No partition claim may outlive the collectors, and the queue must be empty.
+async fn audit_keys(cluster: &Cluster, report: &mut ChaosReport) {
+    let (client, keys) = (&cluster.client, &cluster.keys);
+    let ttl = Duration::from_secs(LEASE_TTL_S);
     let claims_gone = telemetry_harness::eventually(ttl * 3, || async {
-        count(&client, &keys.owners_prefix()).await == 0
+        count(client, &keys.owners_prefix()).await == 0
     })
     .await;
     if !claims_gone {
         report.problems.push(format!(
             "{} partition claims left after every collector stopped",
-            count(&client, &keys.owners_prefix()).await
+            count(client, &keys.owners_prefix()).await
         ));
     }
-    if count(&client, &keys.queue_prefix()).await != 0 {
+    if count(client, &keys.queue_prefix()).await != 0 {
         report.problems.push("the queue is not empty".into());
     }
-    for dir_entry in std::fs::read_dir(&opts.work_dir)? {
+}
+
+/// Commits refused by the fence, from every collector incarnation's log.
+fn fence_refusals(work_dir: &Path) -> anyhow::Result<usize> {
+    let mut refusals = 0;
+    for dir_entry in std::fs::read_dir(work_dir)? {
         let path = dir_entry?.path();
         let is_collector_log = path
             .file_name()
@@ -571,29 +659,33 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
             .is_some_and(|n| n.starts_with("collector") && n.ends_with(".log"));
         if is_collector_log {
             let log = std::fs::read_to_string(&path)?;
-            report.fence_refusals += log.matches("commit refused by the fence").count();
+            refusals += log.matches("commit refused by the fence").count();
         }
     }
+    Ok(refusals)
+}
+
+/// Turns the counts into problems.
+fn judge(stats: &serde_json::Value, report: &mut ChaosReport) {
+    let mut problems = Vec::new();
     if report.lost > 0 {
-        report.problems.push(format!("{} rows lost", report.lost));
+        problems.push(format!("{} rows lost", report.lost));
     }
     if report.duplicated > 0 {
-        report.problems.push(format!("{} duplicates", report.duplicated));
+        problems.push(format!("{} duplicates", report.duplicated));
     }
     if report.dead_letters != report.expected_dead {
-        report.problems.push(format!(
+        problems.push(format!(
             "{} dead letters, expected {}",
             report.dead_letters, report.expected_dead
         ));
     }
     if report.fence_refusals == 0 {
-        report
-            .problems
-            .push("the fence never refused a commit: this run did not test it".into());
+        problems.push("the fence never refused a commit: this run did not test it".into());
     }
     let stat = |name: &str| stats[name].as_u64().unwrap_or(u64::MAX);
     if stat("total_records") != report.stored as u64 || stat("queue_depth") != 0 {
-        report.problems.push(format!(
+        problems.push(format!(
             "gateway stats disagree with the audit: total_records {} vs {} stored, queue_depth {}",
             stat("total_records"),
             report.stored,
@@ -601,12 +693,11 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
         ));
     }
     if stat("dead_letters") != report.expected_dead as u64 {
-        report.problems.push(format!(
+        problems.push(format!(
             "gateway stats count {} dead letters, expected {}",
             stat("dead_letters"),
             report.expected_dead
         ));
     }
-    report.total_s = started.elapsed().as_secs_f64();
-    Ok(report)
+    report.problems.extend(problems);
 }

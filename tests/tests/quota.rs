@@ -2,24 +2,13 @@
 //! small quota is filled until its NOSPACE alarm fires, the streamer and a collector run into
 //! it, then space is freed and the alarm disarmed, and every row of the sample is stored once.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, DeleteOptions};
-use telemetry_harness::{EtcdOptions, EtcdServer, count, eventually};
-use telemetry_shared::Keyspace;
-use tokio_util::sync::CancellationToken;
+use telemetry_harness::{EtcdOptions, EtcdServer, assert_rows_exactly_once, sample};
+use telemetry_tests::Pipeline;
 
-const NS: &str = "/q";
 const QUOTA: u64 = 24 * 1024 * 1024;
-
-fn vars(server: &EtcdServer, extra: &[(&str, String)]) -> Vec<(String, String)> {
-    let mut v = vec![
-        ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
-        ("ETCD_NAMESPACE".to_string(), NS.to_string()),
-    ];
-    v.extend(extra.iter().map(|(k, val)| (k.to_string(), val.clone())));
-    v
-}
 
 /// Writes 256 KiB values until etcd refuses for lack of space.
 async fn fill(client: &mut Client) -> usize {
@@ -48,47 +37,30 @@ async fn a_full_backend_stalls_the_pipeline_without_loss_until_space_is_freed() 
     .await
     .expect("etcd");
     let mut client = server.client().await.expect("client");
-    let keys = Keyspace::new(NS);
     let junk = fill(&mut client).await;
     assert!(junk > 0);
 
-    let stop = CancellationToken::new();
-    let collector_config = telemetry_collector::CollectorConfig::from_vars(vars(
-        &server,
-        &[("COLLECTOR_ID", "quota-c1".into()), ("LEASE_TTL", "3s".into())],
-    ))
-    .expect("collector config");
-    let collector = tokio::spawn(telemetry_collector::run(
-        collector_config,
-        client.clone(),
-        stop.clone(),
-    ));
-    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dcgm_sample.csv");
-    let streamer_config = telemetry_streamer::StreamerConfig::from_vars(
-        vars(
-            &server,
-            &[
-                ("CSV_PATH", csv.display().to_string()),
-                ("RATE", "0".into()),
-                ("LOOP", "false".into()),
-                ("STREAM_ID", "dcgm".into()),
-                ("MAX_QUEUE_DEPTH", "0".into()),
-            ],
-        ),
-        &telemetry_streamer::Flags::default(),
-    )
-    .expect("streamer config");
-    let streamer = tokio::spawn(telemetry_streamer::run(
-        streamer_config,
-        client.clone(),
-        CancellationToken::new(),
-    ));
+    let pipeline = Pipeline::builder()
+        .etcd(server)
+        .namespace("/q")
+        .collectors(1)
+        .start()
+        .await
+        .expect("the pipeline starts");
+    let streamer = pipeline
+        .spawn_stream(pipeline.streamer_env())
+        .expect("streamer config");
+    let probe = pipeline.probe();
 
     // While the alarm is raised nothing can be written, and neither service gives up.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(count(&client, &keys.data_prefix()).await.expect("count"), 0);
+    assert_eq!(probe.data_count().await, 0);
     assert!(!streamer.is_finished(), "the streamer must wait, not fail");
-    assert!(!collector.is_finished(), "the collector must wait, not fail");
+    assert_eq!(
+        pipeline.running_collectors(),
+        1,
+        "the collector must wait, not fail"
+    );
 
     // The operator frees space: delete, compact, defragment, disarm.
     client
@@ -112,26 +84,13 @@ async fn a_full_backend_stalls_the_pipeline_without_loss_until_space_is_freed() 
         .expect("the streamer finishes after the alarm is disarmed")
         .expect("joins")
         .expect("streamer ran");
-    assert_eq!(totals.enqueued, 2470);
-    let drained = eventually(Duration::from_secs(60), || async {
-        count(&client, &keys.data_prefix()).await.unwrap_or(0) >= 2470
-            && count(&client, &keys.queue_prefix()).await.unwrap_or(1) == 0
-    })
-    .await;
-    assert!(
-        drained,
-        "the collector drains the queue after the alarm is disarmed"
-    );
-    let mut rows: BTreeMap<u64, usize> = BTreeMap::new();
-    for message in telemetry_harness::stored_records(&client, &keys)
-        .await
-        .expect("records decode")
-        .into_values()
-    {
-        *rows.entry(message.source.expect("source").row).or_default() += 1;
-    }
-    assert_eq!(rows.len(), 2470);
-    assert!(rows.values().all(|n| *n == 1), "a row stored twice");
-    stop.cancel();
-    collector.await.expect("joins").expect("collector ran");
+    assert_eq!(totals.enqueued, sample::ROWS);
+    // The collector drains the queue after the alarm is disarmed.
+    pipeline
+        .wait_drained(sample::ROWS as i64, Duration::from_secs(60))
+        .await;
+    let records = probe.records().await;
+    assert_rows_exactly_once(records.values(), "dcgm-w0", 0, sample::ROWS);
+    assert_eq!(records.len() as u64, sample::ROWS, "a row stored twice");
+    pipeline.shutdown().await.expect("the collector ran");
 }

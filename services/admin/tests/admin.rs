@@ -5,29 +5,30 @@ use std::{process::Command, time::Duration};
 
 use etcd_client::Client;
 use telemetry_admin::AdminError;
-use telemetry_harness::{EtcdOptions, EtcdServer, count, eventually};
+use telemetry_harness::{EtcdServer, Probe, eventually, sample};
 use telemetry_shared::Keyspace;
 use tokio_util::sync::CancellationToken;
 
 const NS: &str = "/a";
 const BAD_ID: &str = "01J00000000000000000000000";
 
-fn vars(server: &EtcdServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v = vec![
-        ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
-        ("ETCD_NAMESPACE".to_string(), NS.to_string()),
-    ];
-    v.extend(extra.iter().map(|(k, val)| (k.to_string(), val.to_string())));
-    v
+/// A strict etcd, a client, and a probe of the test namespace.
+async fn etcd() -> (EtcdServer, Client, Probe) {
+    let (server, client) = telemetry_harness::strict_etcd().await.expect("etcd starts");
+    let probe = Probe::new(&client, NS);
+    (server, client, probe)
 }
 
-fn collector(server: &EtcdServer, client: &Client) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+/// Collector `id` in process, then `extra`; stopped by the token.
+fn collector(
+    server: &EtcdServer,
+    client: &Client,
+    id: &str,
+    extra: &[(&str, &str)],
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let config = telemetry_collector::CollectorConfig::from_vars(vars(
-        server,
-        &[("COLLECTOR_ID", "admin-c1"), ("LEASE_TTL", "3s")],
-    ))
-    .expect("collector config");
+    let config = telemetry_collector::CollectorConfig::from_vars(server.env(NS).collector(id).with(extra))
+        .expect("collector config");
     let task = tokio::spawn({
         let (client, stop) = (client.clone(), stop.clone());
         async move {
@@ -37,9 +38,9 @@ fn collector(server: &EtcdServer, client: &Client) -> (CancellationToken, tokio:
     (stop, task)
 }
 
-async fn dead_letter_present(client: &Client, keys: &Keyspace) -> bool {
+async fn dead_letter_present(probe: &Probe) -> bool {
     eventually(Duration::from_secs(20), || async {
-        count(client, &keys.deadletter_prefix()).await.unwrap_or(0) == 1
+        probe.dead_letter_count().await == 1
     })
     .await
 }
@@ -47,7 +48,7 @@ async fn dead_letter_present(client: &Client, keys: &Keyspace) -> bool {
 fn admin(server: &EtcdServer, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_telemetry-admin"))
         .env_clear()
-        .envs(vars(server, &[]))
+        .envs(server.env(NS))
         .args(args)
         .output()
         .expect("admin runs")
@@ -55,21 +56,30 @@ fn admin(server: &EtcdServer, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_dead_letters_audit_and_status() {
-    let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd");
-    let client = server.client().await.expect("client");
+    let (server, client, probe) = etcd().await;
     let keys = Keyspace::new(NS);
-    let (stop, task) = collector(&server, &client);
-    let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv");
+    let (stop, task) = collector(&server, &client, "admin-c1", &[]);
+    store_the_sample_and_one_bad_message(&server, &client, &probe).await;
+    status_shows_one_collector_owning_every_partition(&client, &keys).await;
+    audit_tells_the_truth_about_the_sample(&client, &keys).await;
+    dead_letters_are_listed_and_shown(&client, &keys).await;
+    // Replay with the collector stopped, so that the replayed message stays queued.
+    stop.cancel();
+    task.await.expect("collector stops");
+    concurrent_replays_put_the_message_back_once(&client, &keys, &probe).await;
+    // The collector dead-letters it again.
+    let (stop, task) = collector(&server, &client, "admin-c1", &[]);
+    assert!(dead_letter_present(&probe).await);
+    purge_removes_a_dead_letter_once(&client, &keys).await;
+    the_binary_exits_with_meaningful_codes(&server);
+    stop.cancel();
+    task.await.expect("collector stops");
+}
+
+/// The sample as the real streamer and collector store it, plus one message that is not JSON.
+async fn store_the_sample_and_one_bad_message(server: &EtcdServer, client: &Client, probe: &Probe) {
     let config = telemetry_streamer::StreamerConfig::from_vars(
-        vars(
-            &server,
-            &[
-                ("CSV_PATH", &csv.display().to_string()),
-                ("RATE", "0"),
-                ("LOOP", "false"),
-                ("STREAM_ID", "dcgm"),
-            ],
-        ),
+        server.env(NS).streamer(sample::path(), sample::STREAM_ID),
         &telemetry_streamer::Flags::default(),
     )
     .expect("streamer config");
@@ -78,43 +88,51 @@ async fn queue_dead_letters_audit_and_status() {
         .expect("streamer");
     client
         .clone()
-        .put(keys.queue_entry(0, BAD_ID), "this is not JSON", None)
+        .put(probe.keys().queue_entry(0, BAD_ID), "this is not JSON", None)
         .await
         .expect("put");
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            count(&client, &keys.data_prefix()).await.unwrap_or(0) == 2470
-                && count(&client, &keys.queue_prefix()).await.unwrap_or(1) == 0
-        })
-        .await
-    );
-    assert!(dead_letter_present(&client, &keys).await);
+    probe
+        .wait_drained(sample::ROWS as i64, Duration::from_secs(30))
+        .await;
+    assert_eq!(probe.data_count().await as u64, sample::ROWS);
+    assert!(dead_letter_present(probe).await);
+}
 
-    // status: one collector owning every partition.
-    let status = telemetry_admin::status(&client, &keys).await.expect("status");
+async fn status_shows_one_collector_owning_every_partition(client: &Client, keys: &Keyspace) {
+    let status = telemetry_admin::status(client, keys).await.expect("status");
     assert_eq!(status.collectors.len(), 1);
     assert_eq!(status.collectors[0].id, "admin-c1");
     assert_eq!(status.collectors[0].partitions.len(), 32);
     assert!(status.collectors[0].ttl_s > 0);
     assert!(status.unowned.is_empty());
+}
 
-    // audit: the truth for the sample.
-    let audit = telemetry_admin::audit(&client, &keys, Some(2470))
+async fn audit_tells_the_truth_about_the_sample(client: &Client, keys: &Keyspace) {
+    let audit = telemetry_admin::audit(client, keys, Some(sample::ROWS))
         .await
         .expect("audit");
-    assert_eq!(audit.data_keys, 2470);
-    assert_eq!(audit.counted_records, 2470);
-    assert_eq!((audit.gpus_with_data, audit.indexed_gpus), (247, 247));
-    assert!(audit.gpus.iter().all(|g| g.records == 10 && g.indexed));
+    assert_eq!(audit.data_keys, sample::ROWS);
+    assert_eq!(audit.counted_records, sample::ROWS);
+    assert_eq!(
+        (audit.gpus_with_data, audit.indexed_gpus),
+        (sample::GPUS, sample::GPUS)
+    );
+    assert!(
+        audit
+            .gpus
+            .iter()
+            .all(|g| g.records == sample::METRICS as u64 && g.indexed)
+    );
     assert!(audit.problems.is_empty(), "{:?}", audit.problems);
     assert_eq!(audit.dead_letters, 1);
-    let wrong = telemetry_admin::audit(&client, &keys, Some(2471))
+    let wrong = telemetry_admin::audit(client, keys, Some(sample::ROWS + 1))
         .await
         .expect("audit");
     assert_eq!(wrong.problems.len(), 1);
+}
 
-    // dead letters: list and show.
-    let letters = telemetry_admin::dead_letters(&client, &keys, 10)
+async fn dead_letters_are_listed_and_shown(client: &Client, keys: &Keyspace) {
+    let letters = telemetry_admin::dead_letters(client, keys, 10)
         .await
         .expect("list");
     assert_eq!(letters.len(), 1);
@@ -124,69 +142,69 @@ async fn queue_dead_letters_audit_and_status() {
         "{}",
         letters[0].letter.reason
     );
-    let shown = telemetry_admin::show_dead_letter(&client, &keys, BAD_ID)
+    let shown = telemetry_admin::show_dead_letter(client, keys, BAD_ID)
         .await
         .expect("show");
     assert_eq!(shown.letter.payload.as_deref(), Some("this is not JSON"));
     assert!(matches!(
-        telemetry_admin::show_dead_letter(&client, &keys, "NOPE").await,
+        telemetry_admin::show_dead_letter(client, keys, "NOPE").await,
         Err(AdminError::NotFound(_))
     ));
+}
 
-    // replay, exactly once: with the collector stopped, two concurrent replays put it back once.
-    stop.cancel();
-    task.await.expect("collector stops");
+/// Two concurrent replays: exactly one lands, and a third finds nothing to replay.
+async fn concurrent_replays_put_the_message_back_once(client: &Client, keys: &Keyspace, probe: &Probe) {
     let (a, b) = tokio::join!(
-        telemetry_admin::replay(&client, &keys, BAD_ID),
-        telemetry_admin::replay(&client, &keys, BAD_ID)
+        telemetry_admin::replay(client, keys, BAD_ID),
+        telemetry_admin::replay(client, keys, BAD_ID)
     );
     assert_eq!(
         [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
         1,
         "exactly one replay lands: {a:?} {b:?}"
     );
-    assert_eq!(count(&client, &keys.queue_prefix()).await.expect("count"), 1);
-    assert_eq!(count(&client, &keys.deadletter_prefix()).await.expect("count"), 0);
-    let queue = telemetry_admin::queue(&client, &keys).await.expect("queue");
+    assert_eq!(probe.queue_depth().await, 1);
+    assert_eq!(probe.dead_letter_count().await, 0);
+    let queue = telemetry_admin::queue(client, keys).await.expect("queue");
     assert_eq!(queue.depth, 1);
     assert_eq!(queue.partitions[0].depth, 1);
     assert!(queue.lag_s.is_some());
     assert!(matches!(
-        telemetry_admin::replay(&client, &keys, BAD_ID).await,
+        telemetry_admin::replay(client, keys, BAD_ID).await,
         Err(AdminError::NotFound(_))
     ));
+}
 
-    // The collector dead-letters it again; purge removes it, once.
-    let (stop, task) = collector(&server, &client);
-    assert!(dead_letter_present(&client, &keys).await);
+async fn purge_removes_a_dead_letter_once(client: &Client, keys: &Keyspace) {
     assert_eq!(
-        telemetry_admin::purge(&client, &keys, &[BAD_ID.to_string()])
+        telemetry_admin::purge(client, keys, &[BAD_ID.to_string()])
             .await
             .expect("purge"),
         1
     );
     assert!(matches!(
-        telemetry_admin::purge(&client, &keys, &[BAD_ID.to_string()]).await,
+        telemetry_admin::purge(client, keys, &[BAD_ID.to_string()]).await,
         Err(AdminError::NotFound(_))
     ));
     assert_eq!(
-        telemetry_admin::purge_all(&client, &keys)
-            .await
-            .expect("purge all"),
+        telemetry_admin::purge_all(client, keys).await.expect("purge all"),
         0
     );
+}
 
-    // The binary: exit codes and messages.
-    let out = admin(&server, &["audit", "--expect", "2470"]);
+/// Exit codes and messages of the binary.
+fn the_binary_exits_with_meaningful_codes(server: &EtcdServer) {
+    let expect = sample::ROWS.to_string();
+    let out = admin(server, &["audit", "--expect", &expect]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = admin(&server, &["--json", "status"]);
+    let out = admin(server, &["--json", "status"]);
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON status");
     assert_eq!(json["collectors"][0]["id"], "admin-c1");
-    let out = admin(&server, &["dead-letters", "show", "NOPE"]);
+    let out = admin(server, &["dead-letters", "show", "NOPE"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter with id NOPE"));
-    let out = admin(&server, &["dead-letters", "purge"]);
+    let out = admin(server, &["dead-letters", "purge"]);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -200,8 +218,6 @@ async fn queue_dead_letters_audit_and_status() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2), "a configuration error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ETCD_ENDPOINTS"));
-    stop.cancel();
-    task.await.expect("collector stops");
 }
 
 /// Defect: dead letters cut payloads at 64 KiB and replay re-enqueued the cut text, so a dead
@@ -210,8 +226,7 @@ async fn queue_dead_letters_audit_and_status() {
 /// replayed message is stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
-    let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd");
-    let client = server.client().await.expect("client");
+    let (server, client, probe) = etcd().await;
     let keys = Keyspace::new(NS);
     let id = ulid::Ulid::from_parts(1_800_000_000_000, 7);
     let pad = "p".repeat(200 * 1024);
@@ -228,8 +243,8 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
         .put(keys.queue_entry(0, &id.to_string()), bytes.clone(), None)
         .await
         .expect("put");
-    let (stop, task) = collector(&server, &client);
-    assert!(dead_letter_present(&client, &keys).await);
+    let (stop, task) = collector(&server, &client, "admin-c1", &[]);
+    assert!(dead_letter_present(&probe).await);
     stop.cancel();
     let _ = task.await;
     let shown = telemetry_admin::show_dead_letter(&client, &keys, &id.to_string())
@@ -238,34 +253,22 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
     assert_eq!(shown.letter.payload_bytes(), Ok(bytes), "kept whole");
 
     // Reconfigured to read the host from `host`, the collector accepts the replayed message.
-    let stop = CancellationToken::new();
-    let config = telemetry_collector::CollectorConfig::from_vars(vars(
-        &server,
-        &[
-            ("COLLECTOR_ID", "admin-c2"),
-            ("LEASE_TTL", "3s"),
-            ("HOSTNAME_COLUMN", "host"),
-        ],
-    ))
-    .expect("collector config");
-    let task = tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
+    let (stop, task) = collector(&server, &client, "admin-c2", &[("HOSTNAME_COLUMN", "host")]);
     telemetry_admin::replay(&client, &keys, &id.to_string())
         .await
         .expect("replay");
     assert!(
         eventually(Duration::from_secs(30), || async {
-            count(&client, &keys.data_prefix()).await.unwrap_or(0) == 1
+            probe.data_count().await == 1
         })
         .await
     );
     stop.cancel();
     let _ = task.await;
-    let stored = telemetry_harness::stored_records(&client, &keys)
-        .await
-        .expect("records");
+    let stored = probe.records().await;
     let message = stored.values().next().expect("one record");
     assert_eq!(message.fields["pad"].as_str().map(str::len), Some(200 * 1024));
-    assert_eq!(count(&client, &keys.deadletter_prefix()).await.expect("count"), 0);
+    assert_eq!(probe.dead_letter_count().await, 0);
 }
 
 /// Rows the streamer enqueued (each holding its dedup marker) are dead-lettered because the host
@@ -274,36 +277,25 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
 /// idempotency key another message took meanwhile is refused, not stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
-    let server = EtcdServer::start_with(EtcdOptions::fast()).await.expect("etcd");
-    let client = server.client().await.expect("client");
+    let (server, client, probe) = etcd().await;
     let keys = Keyspace::new(NS);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let csv = dir.path().join("hosts.csv");
     let mut rows = String::from("host,gpu_id,uuid,metric_name,value\n");
     for i in 0..5 {
         rows.push_str(&format!("h-{i},0,GPU-{i},DCGM_FI_DEV_GPU_UTIL,{i}\n"));
     }
-    std::fs::write(&csv, rows).expect("csv");
+    let csv = sample::temp_csv(rows.as_bytes());
     let config = telemetry_streamer::StreamerConfig::from_vars(
-        vars(
-            &server,
-            &[
-                ("CSV_PATH", &csv.display().to_string()),
-                ("RATE", "0"),
-                ("LOOP", "false"),
-                ("STREAM_ID", "hosts"),
-            ],
-        ),
+        server.env(NS).streamer(csv.path(), "hosts"),
         &telemetry_streamer::Flags::default(),
     )
     .expect("streamer config");
     telemetry_streamer::run(config, client.clone(), CancellationToken::new())
         .await
         .expect("streamer");
-    let (stop, task) = collector(&server, &client);
+    let (stop, task) = collector(&server, &client, "admin-c1", &[]);
     assert!(
         eventually(Duration::from_secs(20), || async {
-            count(&client, &keys.deadletter_prefix()).await.unwrap_or(0) == 5
+            probe.dead_letter_count().await == 5
         })
         .await
     );
@@ -321,34 +313,17 @@ async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
         .expect_err("refused");
     assert!(err.to_string().contains("stored since"), "{err}");
 
-    let stop = CancellationToken::new();
-    let config = telemetry_collector::CollectorConfig::from_vars(vars(
-        &server,
-        &[
-            ("COLLECTOR_ID", "admin-c3"),
-            ("LEASE_TTL", "3s"),
-            ("HOSTNAME_COLUMN", "host"),
-        ],
-    ))
-    .expect("collector config");
-    let task = tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
+    let (stop, task) = collector(&server, &client, "admin-c3", &[("HOSTNAME_COLUMN", "host")]);
     for letter in &letters[1..] {
         telemetry_admin::replay(&client, &keys, &letter.id)
             .await
             .expect("replay");
     }
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            count(&client, &keys.data_prefix()).await.unwrap_or(0) == 4
-                && count(&client, &keys.queue_prefix()).await.unwrap_or(1) == 0
-        })
-        .await
-    );
+    probe.wait_drained(4, Duration::from_secs(30)).await;
+    assert_eq!(probe.data_count().await, 4);
     stop.cancel();
     let _ = task.await;
-    let stored = telemetry_harness::stored_records(&client, &keys)
-        .await
-        .expect("records");
+    let stored = probe.records().await;
     let mut rows: Vec<u64> = stored
         .values()
         .filter_map(|m| m.source.as_ref().map(|s| s.row))

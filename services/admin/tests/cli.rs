@@ -2,45 +2,23 @@
 //! and connect to nothing; an invalid variable is one line on stderr and exit status 2; an
 //! unreachable etcd is one line (JSON with `LOG_FORMAT=json`) and status 1.
 
-use std::{
-    net::TcpListener,
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, time::Duration};
+
+use telemetry_harness::{Env, Finished, ProcessSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_telemetry-admin");
 
 /// The binary with these arguments and exactly these variables (nothing leaks in from the
 /// test's environment, `RUST_BACKTRACE` included).
-fn command(args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null());
-    cmd
+fn command(args: &[&str], vars: &[(&str, &str)]) -> ProcessSpec {
+    ProcessSpec::new(BIN)
+        .args(args.iter().copied())
+        .env(Env::new().with(vars))
 }
 
 /// Runs `cmd` to its end, failing the test if that takes longer than `limit`.
-fn run_within(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn run_within(cmd: ProcessSpec, limit: Duration) -> Finished {
+    cmd.run_within(limit).expect("runs to its end in time")
 }
 
 #[test]
@@ -52,7 +30,7 @@ fn help_lists_the_commands_and_every_variable_and_connects_to_nothing() {
         Duration::from_secs(1),
     );
     assert_eq!(out.status.code(), Some(0));
-    let help = text(&out.stdout);
+    let help = out.stdout.clone();
     for line in [
         "queue",
         "dead-letters",
@@ -76,7 +54,7 @@ fn version_prints_the_version() {
     let out = run_within(command(&["--version"], &[]), Duration::from_secs(1));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         format!("telemetry-admin {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
@@ -89,7 +67,7 @@ fn an_invalid_variable_is_one_line_and_status_2() {
         ("LOG_FORMAT", "xml"),
     ] {
         let out = run_within(command(&["queue"], &[(var, value)]), Duration::from_secs(5));
-        let stderr = text(&out.stderr);
+        let stderr = out.stderr.clone();
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(
@@ -108,7 +86,7 @@ fn an_unreachable_etcd_is_one_line_and_status_1() {
         command(&["status"], &[("ETCD_ENDPOINTS", &endpoint)]),
         Duration::from_secs(20),
     );
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr.clone();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
@@ -125,7 +103,7 @@ fn an_unreachable_etcd_is_one_line_and_status_1() {
         Duration::from_secs(20),
     );
     assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr.clone();
     for line in stderr.lines() {
         let value: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));

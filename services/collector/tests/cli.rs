@@ -2,49 +2,24 @@
 //! and start nothing; an invalid variable is one line on stderr and exit status 2; with
 //! `LOG_FORMAT=json` every stderr line is a JSON object, the final error included.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    net::TcpListener,
-    process::{Command, Output, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, time::Duration};
 
 use telemetry_collector::CollectorConfig;
+use telemetry_harness::{Env, Finished, ProcessSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_telemetry-collector");
 
 /// The binary with these arguments and exactly these variables (nothing leaks in from the
 /// test's environment, `RUST_BACKTRACE` included).
-fn command(args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null());
-    cmd
+fn command(args: &[&str], vars: &[(&str, &str)]) -> ProcessSpec {
+    ProcessSpec::new(BIN)
+        .args(args.iter().copied())
+        .env(Env::new().with(vars))
 }
 
 /// Runs `cmd` to its end, failing the test if that takes longer than `limit`.
-fn run_within(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn run_within(cmd: ProcessSpec, limit: Duration) -> Finished {
+    cmd.run_within(limit).expect("runs to its end in time")
 }
 
 #[test]
@@ -58,8 +33,8 @@ fn help_lists_every_variable_with_its_default_and_starts_nothing() {
             Duration::from_secs(1),
         );
         assert_eq!(out.status.code(), Some(0), "{flag}");
-        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
-        let help = text(&out.stdout);
+        assert!(out.stderr.is_empty(), "{}", out.stderr.clone());
+        let help = out.stdout.clone();
         let spec = CollectorConfig::env_spec();
         assert_eq!(spec.len(), CollectorConfig::env_vars().len());
         for var in &spec {
@@ -90,7 +65,7 @@ fn version_prints_the_version() {
     let out = run_within(command(&["--version"], &[]), Duration::from_secs(1));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         format!("telemetry-collector {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
@@ -110,7 +85,7 @@ fn an_invalid_variable_is_one_line_and_status_2() {
             Duration::from_secs(5),
         );
         assert_eq!(out.status.code(), Some(2), "{var}");
-        let stderr = text(&out.stderr);
+        let stderr = out.stderr.clone();
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{stderr}");
         assert!(
@@ -123,31 +98,25 @@ fn an_invalid_variable_is_one_line_and_status_2() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
 }
 
-#[test]
-fn json_logs_are_one_object_per_line_up_to_the_final_error() {
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_up_to_the_final_error() {
     let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
     let endpoint = closed.local_addr().expect("addr").to_string();
     drop(closed);
     let mut child = command(&[], &[("ETCD_ENDPOINTS", &endpoint), ("LOG_FORMAT", "json")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+        .start()
+        .expect("starts");
     // The first line is the warning that etcd cannot be reached; then ask it to stop (a moment
     // later, so that its signal handler is surely installed).
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("a log line");
-    std::thread::sleep(Duration::from_millis(300));
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let status = child.wait().expect("wait");
-    let lines: Vec<String> = std::iter::once(first).chain(rx.iter()).collect();
+    let first_line = child
+        .wait_for_log(Duration::from_secs(20), |log| log.contains('\n'))
+        .await;
+    assert!(first_line, "a log line");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.terminate().expect("SIGTERM");
+    let status = child.wait().await;
+    let log = child.log();
+    let lines: Vec<&str> = log.lines().collect();
     assert_eq!(status.code(), Some(1), "{lines:#?}");
     let objects: Vec<serde_json::Map<String, serde_json::Value>> = lines
         .iter()

@@ -10,8 +10,6 @@
   ];
   const METRIC_NAMES = new Set(METRICS.map((m) => m.name));
   const STATS_INTERVAL_MS = 2000;
-  const FILL_LIMIT = 40;
-  const FILL_CONCURRENCY = 8;
   const RECONNECT_MS = 1000;
   const REFRESH_DEBOUNCE_MS = 1000;
   const UNKNOWN_RETRY_MS = 10000;
@@ -79,24 +77,6 @@
   function formatValue(v) {
     if (Number.isInteger(v)) return String(v);
     return String(Math.round(v * 10) / 10);
-  }
-
-  // Runs fn over items with at most `limit` calls in flight; returns the errors.
-  async function pool(items, limit, fn) {
-    const failures = [];
-    let next = 0;
-    const worker = async () => {
-      while (next < items.length) {
-        const item = items[next++];
-        try {
-          await fn(item);
-        } catch (err) {
-          failures.push(err);
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-    return failures;
   }
 
   // ---- cards --------------------------------------------------------------------------------
@@ -255,25 +235,35 @@
     return renderGpus(Array.isArray(body.gpus) ? body.gpus : []);
   }
 
-  async function fillLatest(uuid) {
-    const url = `/api/v1/gpus/${encodeURIComponent(uuid)}/telemetry?limit=${FILL_LIMIT}`;
-    const body = await fetchJSON(url);
-    const newest = new Map();
-    for (const rec of body.items || []) {
-      const r = readRecord(rec);
-      if (!r || r.uuid !== uuid) continue;
-      const best = newest.get(r.metric);
-      if (!best || r.micros > best.micros) newest.set(r.metric, r);
-    }
-    for (const r of newest.values()) applyValue(uuid, r.metric, r.value, r.micros, false);
-  }
-
+  // The latest value of every GPU's metrics in one request (/api/v1/gpus/latest), instead of
+  // one request per GPU. While the gateway's window is still loading it answers 503 with
+  // Retry-After: try again a few times.
   async function fillAll(uuids) {
-    const failures = await pool(uuids, FILL_CONCURRENCY, fillLatest);
-    if (failures.length) {
-      showError('fill', `${failures.length} of ${uuids.length} GPUs: latest values failed to load (${failures[0].message})`);
-    } else {
+    const wanted = new Set(uuids);
+    for (let attempt = 0; attempt < 20; attempt += 1) {
+      let body;
+      try {
+        body = await fetchJSON('/api/v1/gpus/latest');
+      } catch (err) {
+        if (/ 503 /.test(err.message) && attempt < 19) {
+          await new Promise((r) => setTimeout(r, 500));
+          continue;
+        }
+        showError('fill', `Latest values failed to load (${err.message})`);
+        return;
+      }
+      for (const gpu of body.gpus || []) {
+        if (!wanted.has(gpu.uuid)) continue;
+        for (const [metric, latest] of Object.entries(gpu.metrics || {})) {
+          if (!METRIC_NAMES.has(metric)) continue;
+          const value = Number(latest.value);
+          const micros = parseMicros(latest.timestamp);
+          if (Number.isNaN(value) || Number.isNaN(micros)) continue;
+          applyValue(gpu.uuid, metric, value, micros, false);
+        }
+      }
       clearError('fill');
+      return;
     }
   }
 

@@ -42,6 +42,13 @@ pub struct GatewayConfig {
     pub cors_origins: CorsOrigins,
     /// `GATEWAY_REQUEST_TIMEOUT` (default 10s): a REST request taking longer gets a 503.
     pub request_timeout: Duration,
+    /// `WINDOW_POINTS` (default 256; 0 = off): records kept in memory per GPU for reads.
+    pub window_points: usize,
+    /// `WINDOW_BYTES` (default 256MiB): most memory the window may use (records' JSON size).
+    pub window_bytes: usize,
+    /// `GPU_METRICS_MAX_AGE` (default 5m): a GPU whose newest record is older is left out of
+    /// `/metrics/gpus` (it stopped reporting; Prometheus marks its series stale).
+    pub gpu_metrics_max_age: Duration,
     /// Column names of the GPU identity and the metric (shared with the collector).
     pub columns: Columns,
     /// `RUST_LOG` and `LOG_FORMAT`.
@@ -73,6 +80,13 @@ telemetry_shared::env_config! {
         gateway_cors_origins = Value("");
         /// A REST request taking longer gets a 503 JSON error (at least 100ms).
         gateway_request_timeout = Value("10s");
+        /// Records kept in memory per GPU (the newest), to answer reads without etcd; 0 turns
+        /// the window off.
+        window_points = Value("256");
+        /// Most memory the window may use, counted as the records' JSON size (e.g. 256MiB).
+        window_bytes = Value("256MiB");
+        /// /metrics/gpus leaves out a GPU whose newest record is older than this (at least 1s).
+        gpu_metrics_max_age = Value("5m");
     }
 }
 
@@ -115,6 +129,9 @@ impl GatewayConfig {
             ws_send_timeout: raw.ws_send_timeout().duration(MIN_INTERVAL)?,
             cors_origins: parse_origins(&raw.gateway_cors_origins())?,
             request_timeout: raw.gateway_request_timeout().duration(MIN_INTERVAL)?,
+            window_points: raw.window_points().number(0..=1_000_000u32)? as usize,
+            window_bytes: raw.window_bytes().bytes()?,
+            gpu_metrics_max_age: raw.gpu_metrics_max_age().duration(Duration::from_secs(1))?,
             columns: Columns::try_from(&raw.columns)?,
             log: LogConfig::try_from(&raw.log)?,
         })
@@ -193,6 +210,9 @@ mod tests {
             ("WS_SEND_TIMEOUT", "never"),
             ("GATEWAY_CORS_ORIGINS", "example.com"),
             ("GATEWAY_REQUEST_TIMEOUT", "soon"),
+            ("WINDOW_POINTS", "-1"),
+            ("WINDOW_BYTES", "a lot"),
+            ("GPU_METRICS_MAX_AGE", "10ms"),
             ("HOSTNAME_COLUMN", " "),
             ("GPU_ID_COLUMN", " "),
             ("UUID_COLUMN", " "),
@@ -226,5 +246,20 @@ mod tests {
         documented.sort();
         assert_eq!(documented, GatewayConfig::env_vars());
         assert!(GatewayConfig::env_help().contains("  GATEWAY_PORT [default: 8080]\n"));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn window_sizes_take_binary_units() {
+        let cfg =
+            GatewayConfig::from_vars([("WINDOW_BYTES".to_string(), "2GiB".to_string())]).expect("valid");
+        assert_eq!(cfg.window_bytes, 2 << 30);
+        let cfg =
+            GatewayConfig::from_vars([("WINDOW_BYTES".to_string(), "1000".to_string())]).expect("valid");
+        assert_eq!((cfg.window_bytes, cfg.window_points), (1000, 256));
     }
 }

@@ -85,6 +85,29 @@ impl From<EtcdError> for ApiError {
     }
 }
 
+/// The error of a read at an explicit revision that etcd refused because of that revision: one
+/// it has compacted away (410) or not reached yet (400). `None` for any other failure.
+pub(crate) fn revision_refused(err: &EtcdError) -> Option<ApiError> {
+    let EtcdError::Client(etcd_client::Error::GRpcStatus(status)) = err else {
+        return None;
+    };
+    let message = status.message();
+    if message.contains("required revision has been compacted") {
+        Some(ApiError::new(
+            StatusCode::GONE,
+            "compacted",
+            "etcd has compacted that revision away; read without `revision` (or a newer one)",
+        ))
+    } else if message.contains("required revision is a future revision") {
+        Some(ApiError::invalid(
+            "revision",
+            "etcd has not reached that revision yet",
+        ))
+    } else {
+        None
+    }
+}
+
 impl From<etcd_client::Error> for ApiError {
     fn from(err: etcd_client::Error) -> Self {
         ApiError::from(EtcdError::from(err))

@@ -22,6 +22,10 @@ const WS_SUBSCRIBERS: &str = "gateway_ws_subscribers";
 const WS_SENT: &str = "gateway_ws_records_sent_total";
 const WS_REFUSED: &str = "gateway_ws_refused_total";
 const WS_SLOW: &str = "gateway_ws_slow_closed_total";
+const PAGES: &str = "gateway_telemetry_pages_total";
+const WINDOW_RECORDS: &str = "gateway_window_records";
+const WINDOW_BYTES: &str = "gateway_window_bytes";
+const WINDOW_LOADS: &str = "gateway_window_loads_total";
 
 /// Every metric of the gateway (the shared ones are added by `observe`).
 pub(crate) const METRICS: &[MetricDef] = &[
@@ -52,7 +56,81 @@ pub(crate) const METRICS: &[MetricDef] = &[
         WS_SLOW,
         "WebSocket subscribers closed because they read slower than telemetry arrived.",
     ),
+    MetricDef::counter(
+        PAGES,
+        "Telemetry pages answered, by source: the in-memory window or etcd.",
+    )
+    .labeled(),
+    MetricDef::gauge(WINDOW_RECORDS, "Records held in the in-memory read window."),
+    MetricDef::gauge(
+        WINDOW_BYTES,
+        "Bytes the in-memory read window holds (records' JSON size).",
+    ),
+    MetricDef::counter(
+        WINDOW_LOADS,
+        "Times the read window was loaded from etcd (at start, and after a compaction outran it).",
+    ),
 ];
+
+/// A telemetry page was answered, from memory or from etcd.
+#[derive(Debug)]
+pub(crate) struct PageServed {
+    /// `memory` or `etcd`.
+    pub source: &'static str,
+}
+
+impl InternalEvent for PageServed {
+    fn emit(self) {
+        metrics::counter!(PAGES, "source" => self.source).increment(1);
+    }
+}
+
+/// The read window was loaded.
+#[derive(Debug)]
+pub(crate) struct WindowLoaded {
+    /// The revision it was loaded at.
+    pub revision: i64,
+    /// GPUs loaded.
+    pub gpus: usize,
+    /// Records held now.
+    pub records: usize,
+    /// Bytes held now.
+    pub bytes: usize,
+}
+
+impl InternalEvent for WindowLoaded {
+    fn emit(self) {
+        tracing::info!(
+            revision = self.revision,
+            gpus = self.gpus,
+            records = self.records,
+            bytes = self.bytes,
+            "read window loaded"
+        );
+        metrics::counter!(WINDOW_LOADS).increment(1);
+        WindowSize {
+            records: self.records,
+            bytes: self.bytes,
+        }
+        .emit();
+    }
+}
+
+/// The read window's size, as sampled.
+#[derive(Debug)]
+pub(crate) struct WindowSize {
+    /// Records held.
+    pub records: usize,
+    /// Bytes held.
+    pub bytes: usize,
+}
+
+impl InternalEvent for WindowSize {
+    fn emit(self) {
+        metrics::gauge!(WINDOW_RECORDS).set(self.records as f64);
+        metrics::gauge!(WINDOW_BYTES).set(self.bytes as f64);
+    }
+}
 
 /// An HTTP request was answered (the trace layer logs the request itself).
 #[derive(Debug)]
@@ -278,6 +356,13 @@ mod tests {
             emit(RecordsSent { records: 2 });
             emit(UpgradeRefused { limit: 1 });
             emit(SlowSubscriberDropped { revision: 8 });
+            emit(PageServed { source: "memory" });
+            emit(WindowLoaded {
+                revision: 9,
+                gpus: 1,
+                records: 2,
+                bytes: 3,
+            });
         });
         handle.render()
     }

@@ -11,93 +11,24 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
 };
 
 use etcd_client::Client;
 use telemetry_shared::{
-    Keyspace, Message, SchemaVersion,
-    config::Columns,
-    etcd::{EtcdError, current_revision},
-    message::field_text,
+    etcd::current_revision,
     observe::emit,
-    profiles::ProfileCache,
-    retry::{Backoff, Policy, Stopped},
-    watch::{Change, Follow, Update},
+    watch::{ChangeKind, Follow, Update},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{
-    LiveBroadcast, LiveGap, SlowSubscriberDropped, Subscribed, UnreadableSkipped, Unsubscribed,
+use crate::{
+    events::{LiveBroadcast, LiveGap, SlowSubscriberDropped, Subscribed, Unsubscribed},
+    record::{Decoder, Record},
+    window::Window,
 };
-
-/// One stored record as the live feed carries it.
-#[derive(Debug)]
-pub struct Event {
-    /// The etcd revision of the write.
-    pub revision: i64,
-    /// Host, from the record's key.
-    pub hostname: String,
-    /// GPU id within the host, from the record's key.
-    pub gpu_id: String,
-    /// GPU UUID, from the record's fields.
-    pub uuid: Option<String>,
-    /// Metric name, from the record's fields.
-    pub metric: Option<String>,
-    /// The record (`v1`).
-    pub message: Message,
-    encoded: [OnceLock<String>; 3],
-}
-
-impl Event {
-    /// Reads a record written under the data prefix at `revision`; `None` (logged and counted)
-    /// if the key or value is not one.
-    pub fn decode(decoder: &Decoder, key: &[u8], value: &[u8], revision: i64) -> Option<Event> {
-        let key = String::from_utf8_lossy(key);
-        let parts = decoder.keys.parse_data_record(&key)?;
-        let message: Message = match decoder.profiles.decode_stored(&parts, value) {
-            Ok(m) => m,
-            Err(error) => {
-                emit(UnreadableSkipped {
-                    what: "telemetry record",
-                    key: &key,
-                    error: &error,
-                });
-                return None;
-            }
-        };
-        let columns = &decoder.columns;
-        let text = |column: &str| {
-            message
-                .fields
-                .get(column)
-                .and_then(field_text)
-                .map(|t| t.into_owned())
-        };
-        Some(Event {
-            revision,
-            hostname: parts.hostname.to_string(),
-            gpu_id: parts.gpu_id.to_string(),
-            uuid: text(&columns.uuid),
-            metric: text(&columns.metric),
-            encoded: Default::default(),
-            message,
-        })
-    }
-
-    /// The record as JSON in `version`, encoded once per version however many subscribers
-    /// want it.
-    pub fn payload(&self, version: SchemaVersion) -> &str {
-        let slot = match version {
-            SchemaVersion::V1 => 0,
-            SchemaVersion::V1beta2 => 1,
-            SchemaVersion::V1beta1 => 2,
-        };
-        self.encoded[slot].get_or_init(|| self.message.to_version(version).to_string())
-    }
-}
 
 /// All the records of one etcd revision.
 #[derive(Debug)]
@@ -105,7 +36,7 @@ pub struct Batch {
     /// The revision.
     pub revision: i64,
     /// Its records, in key order.
-    pub events: Vec<Arc<Event>>,
+    pub events: Vec<Arc<Record>>,
 }
 
 /// What a subscriber wants to see; every set field must match.
@@ -123,7 +54,7 @@ pub struct Filter {
 
 impl Filter {
     /// Does `event` pass?
-    pub fn matches(&self, event: &Event) -> bool {
+    pub fn matches(&self, event: &Record) -> bool {
         fn ok(want: &Option<String>, have: Option<&str>) -> bool {
             want.as_deref().is_none_or(|w| have == Some(w))
         }
@@ -166,38 +97,8 @@ struct Inner {
     /// The last revision broadcast (every record up to it has been offered to subscribers).
     delivered: AtomicI64,
     decoder: Decoder,
-}
-
-/// What records are decoded with: the key layout, the columns the filters read, and the
-/// profiles of lean records (shared with the REST store).
-#[derive(Debug, Clone)]
-pub struct Decoder {
-    /// Key layout.
-    pub keys: Keyspace,
-    /// Which fields the filters read.
-    pub columns: Columns,
-    /// Profiles read so far.
-    pub profiles: ProfileCache,
-}
-
-impl Decoder {
-    /// Reads the profiles `changes` name that are not cached yet, retrying while etcd is
-    /// unavailable; `Err` only at shutdown.
-    pub async fn prepare(
-        &self,
-        client: &Client,
-        changes: &[Change],
-        shutdown: &CancellationToken,
-    ) -> Result<(), Stopped> {
-        let mut backoff = Backoff::new(Policy::ETCD, "reading record profiles");
-        loop {
-            let ids = changes.iter().filter_map(|c| ProfileCache::needs(&c.value));
-            match self.profiles.load(client, &self.keys, ids).await {
-                Ok(()) => return Ok(()),
-                Err(err) => backoff.retry_after(&err, shutdown).await?,
-            }
-        }
-    }
+    /// Kept current from the same watch.
+    window: Arc<Window>,
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -253,23 +154,25 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// Reads the current revision and starts the watch task from just after it.
-    pub async fn start(
+    /// Starts the watch task from just after `revision`, keeping `window` current.
+    pub fn start(
         client: Client,
         decoder: Decoder,
+        window: Arc<Window>,
+        revision: i64,
         shutdown: CancellationToken,
-    ) -> Result<Hub, EtcdError> {
-        let revision = current_revision(&client).await?;
+    ) -> Hub {
         let hub = Hub {
             inner: Arc::new(Inner {
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 delivered: AtomicI64::new(revision),
                 decoder,
+                window,
             }),
         };
         tokio::spawn(hub.clone().watch(client, shutdown));
-        Ok(hub)
+        hub
     }
 
     /// The last revision broadcast.
@@ -371,13 +274,12 @@ impl Hub {
     }
 
     async fn watch(self, client: Client, shutdown: CancellationToken) {
-        // Retention expiry deletes records; the feed carries writes only.
+        // Deletes (retention expiry) keep the window exact; subscribers get writes only.
         let mut follow = Follow::new(
             &client,
             self.inner.decoder.keys.data_prefix(),
             self.delivered() + 1,
-        )
-        .without_deletes();
+        );
         while let Some(update) = follow.next(&shutdown).await {
             match update {
                 Update::Changes { changes, through } => {
@@ -389,15 +291,24 @@ impl Hub {
                     {
                         break;
                     }
-                    let events = changes
-                        .iter()
-                        .filter_map(|c| Event::decode(self.decoder(), &c.key, &c.value, c.mod_revision))
-                        .map(Arc::new)
-                        .collect();
-                    self.broadcast(group(events), through);
+                    let mut records = Vec::new();
+                    let mut deletes = Vec::new();
+                    for change in &changes {
+                        match change.kind {
+                            ChangeKind::Put => records.extend(self.decoder().decode(
+                                &change.key,
+                                &change.value,
+                                change.mod_revision,
+                            )),
+                            ChangeKind::Delete => deletes.push(change.key_str().into_owned()),
+                        }
+                    }
+                    self.inner.window.apply(&records, &deletes, through);
+                    self.broadcast(group(records), through);
                 }
                 Update::Compacted { compact_revision, .. } => {
                     let resumed_at = self.recover_from_compaction(&client, compact_revision).await;
+                    self.inner.window.reset(resumed_at);
                     follow.resume_from(resumed_at + 1);
                 }
             }
@@ -426,7 +337,7 @@ fn end(sub: &Subscriber, why: Ended) {
 }
 
 /// Splits events (in revision order) into one batch per revision.
-pub fn group(events: Vec<Arc<Event>>) -> Vec<Batch> {
+pub fn group(events: Vec<Arc<Record>>) -> Vec<Batch> {
     let mut batches: Vec<Batch> = Vec::new();
     for event in events {
         match batches.last_mut() {
@@ -443,7 +354,9 @@ pub fn group(events: Vec<Arc<Event>>) -> Vec<Batch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemetry_shared::{Fields, Timestamp};
+    use telemetry_shared::{
+        Fields, Keyspace, Message, SchemaVersion, Timestamp, config::Columns, profiles::ProfileCache,
+    };
 
     fn detached() -> Hub {
         Hub {
@@ -456,29 +369,35 @@ mod tests {
                     columns: Columns::default(),
                     profiles: ProfileCache::new(),
                 },
+                window: Arc::new(Window::new(crate::window::Limits {
+                    points_per_gpu: 0,
+                    max_bytes: 0,
+                })),
             }),
         }
     }
 
-    fn event(revision: i64, host: &str) -> Arc<Event> {
+    fn event(revision: i64, host: &str) -> Arc<Record> {
         let mut fields = Fields::new();
         fields.insert("metric_name".into(), "M".into());
-        Arc::new(Event {
+        fields.insert("uuid".into(), "GPU-1".into());
+        let message = Message {
+            schema_version: SchemaVersion::V1,
+            id: ulid::Ulid::from_parts(1, revision as u128),
+            timestamp: Timestamp::now(),
+            idempotency_key: "ab".repeat(32),
+            source: None,
+            fields,
+        };
+        let key = format!("/t/telemetry/data/{host}/0/x_{revision}");
+        Arc::new(Record::new(
+            key,
             revision,
-            hostname: host.into(),
-            gpu_id: "0".into(),
-            uuid: Some("GPU-1".into()),
-            metric: Some("M".into()),
-            message: Message {
-                schema_version: SchemaVersion::V1,
-                id: ulid::Ulid::from_parts(1, revision as u128),
-                timestamp: Timestamp::now(),
-                idempotency_key: "ab".repeat(32),
-                source: None,
-                fields,
-            },
-            encoded: Default::default(),
-        })
+            host,
+            "0",
+            message,
+            &Columns::default(),
+        ))
     }
 
     #[test]

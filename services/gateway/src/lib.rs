@@ -22,6 +22,7 @@ mod config;
 mod dashboard;
 mod error;
 mod events;
+mod fleet;
 mod frames;
 mod hub;
 mod negotiate;
@@ -29,8 +30,10 @@ mod openapi;
 mod page;
 mod params;
 mod query;
+mod record;
 mod rest;
 mod store;
+mod window;
 mod ws;
 
 use std::{sync::Arc, time::Instant};
@@ -45,7 +48,11 @@ use axum::{
 };
 use etcd_client::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
-use telemetry_shared::{Keyspace, etcd::EtcdError, observe};
+use telemetry_shared::{
+    Keyspace,
+    etcd::{EtcdError, current_revision},
+    observe,
+};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_http::{
@@ -67,7 +74,9 @@ pub(crate) struct AppState {
     /// The configuration.
     pub(crate) config: GatewayConfig,
     /// Reads from etcd.
-    pub(crate) store: store::Store,
+    pub(crate) store: Arc<store::Store>,
+    /// Recent records in memory.
+    pub(crate) window: Arc<window::Window>,
     /// The live feed.
     pub(crate) hub: hub::Hub,
     /// One permit per allowed WebSocket subscriber.
@@ -98,6 +107,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api", get(index))
         .route("/health", get(rest::health))
         .route("/api/v1/gpus", get(rest::list_gpus))
+        .route("/api/v1/gpus/latest", get(rest::fleet_latest))
+        .route("/metrics/gpus", get(rest::gpu_metrics))
         .route("/api/v1/gpus/{id}/telemetry", get(rest::gpu_telemetry))
         .route("/api/v1/stats", get(rest::stats))
         .route("/schemas/{file}", get(rest::schema_file))
@@ -139,16 +150,25 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let keys = Keyspace::new(&config.common.etcd_namespace);
-    let store = store::Store::new(client.clone(), keys.clone());
-    let decoder = hub::Decoder {
-        keys,
+    let decoder = record::Decoder {
+        keys: Keyspace::new(&config.common.etcd_namespace),
         columns: config.columns.clone(),
-        profiles: store.profiles().clone(),
+        profiles: telemetry_shared::profiles::ProfileCache::new(),
     };
-    let hub = hub::Hub::start(client, decoder, shutdown.clone()).await?;
+    let store = Arc::new(store::Store::new(client.clone(), decoder.clone()));
+    let window = Arc::new(window::Window::new(window::Limits {
+        points_per_gpu: config.window_points,
+        max_bytes: config.window_bytes,
+    }));
+    // The window is loaded at `revision`, and the live feed (which keeps it current) follows
+    // from just after it.
+    let revision = current_revision(&client).await?;
+    window.reset(revision);
+    tokio::spawn(window::maintain(window.clone(), store.clone(), shutdown.clone()));
+    let hub = hub::Hub::start(client, decoder, window.clone(), revision, shutdown.clone());
     let state = Arc::new(AppState {
         store,
+        window,
         hub,
         ws_slots: Arc::new(Semaphore::new(config.ws_max_connections)),
         shutdown: shutdown.clone(),

@@ -12,12 +12,11 @@
 //! reports unreadable records as events); `Store::telemetry_page` is the thin loop that
 //! performs the reads it asks for.
 
-use telemetry_shared::{Message, message::field_text};
+use std::sync::Arc;
 
-use crate::{
-    events::UnreadableSkipped,
-    query::{Cursor, Order, TelemetryQuery},
-};
+use crate::record::Record;
+
+use crate::query::{Cursor, Order, TelemetryQuery};
 
 /// Most records one telemetry request examines when a `metric` filter skips records; past it
 /// the page is returned short, with a cursor to continue.
@@ -27,16 +26,6 @@ pub(crate) const MAX_SCAN: usize = 20_000;
 const MIN_FILTERED_READ: usize = 256;
 /// Reads of a filtered scan: at most this many records.
 const MAX_FILTERED_READ: usize = 2000;
-
-/// Does a record's `column` hold `want`? Compared as text with [`field_text`], exactly as the
-/// WebSocket filter compares, so `?metric=7` finds a metric stored as the number 7.
-pub(crate) fn field_is(message: &Message, column: &str, want: &str) -> bool {
-    message
-        .fields
-        .get(column)
-        .and_then(field_text)
-        .is_some_and(|text| text == want)
-}
 
 /// The next read a [`Scan`] needs: up to `n` records of `[lo, hi)`, in the page's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,30 +39,25 @@ pub(crate) struct Read<'a> {
 }
 
 /// A finished page.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Page {
     /// The records, in page order.
-    pub records: Vec<Message>,
+    pub records: Vec<Arc<Record>>,
     /// Where the next page starts, if more records follow.
     pub next_cursor: Option<Cursor>,
     /// Records examined.
     pub scanned: usize,
 }
 
-/// Reads one stored record from its key and value (lean or JSON), or says why it cannot.
-pub(crate) type Decode<'q> = &'q (dyn Fn(&str, &[u8]) -> Result<Message, String> + Sync);
-
 /// The state of one page's scan over a GPU's key range.
 pub(crate) struct Scan<'q> {
     query: &'q TelemetryQuery,
-    decode: Decode<'q>,
     prefix: &'q str,
-    metric_column: &'q str,
     /// What is left to read.
     lo: Vec<u8>,
     hi: Vec<u8>,
     /// Matching records so far (key, record), in page order.
-    matched: Vec<(String, Message)>,
+    matched: Vec<Arc<Record>>,
     last_examined: Option<String>,
     scanned: usize,
     /// Largest read, lowered when a read's response was too large to receive.
@@ -83,20 +67,14 @@ pub(crate) struct Scan<'q> {
 }
 
 impl<'q> Scan<'q> {
-    /// A scan for `query` over the records under `prefix` (a GPU's data prefix), matching the
-    /// metric filter against `metric_column`.
-    pub(crate) fn new(
-        query: &'q TelemetryQuery,
-        prefix: &'q str,
-        metric_column: &'q str,
-        decode: Decode<'q>,
-    ) -> Self {
+    /// A scan for `query` over the records under `prefix` (a GPU's data prefix). The metric
+    /// filter compares each record's metric as text ([`Record::metric`]), exactly as the
+    /// WebSocket filter does, so `?metric=7` finds a metric stored as the number 7.
+    pub(crate) fn new(query: &'q TelemetryQuery, prefix: &'q str) -> Self {
         let (lo, hi) = query.key_range(prefix);
         Scan {
             query,
-            decode,
             prefix,
-            metric_column,
             lo,
             hi,
             matched: Vec::new(),
@@ -140,17 +118,18 @@ impl<'q> Scan<'q> {
         true
     }
 
-    /// Takes in one read's records (key, value), in page order; `range_has_more` says whether
-    /// the range held records beyond them.
-    pub(crate) fn absorb<'r>(
+    /// Takes in one read's records, in page order: each key with its record, or `None` for
+    /// one that could not be read (it counts as examined); `range_has_more` says whether the
+    /// range held records beyond them.
+    pub(crate) fn absorb(
         &mut self,
-        records: impl IntoIterator<Item = (&'r [u8], &'r [u8])>,
+        records: impl IntoIterator<Item = (String, Option<Arc<Record>>)>,
         range_has_more: bool,
     ) {
         let mut fetched = 0;
-        for (key, value) in records {
+        for (key, record) in records {
             fetched += 1;
-            self.examine(key, value);
+            self.examine(key, record);
             if self.matched.len() >= self.needed() {
                 self.done = Some(true);
                 return;
@@ -172,26 +151,21 @@ impl<'q> Scan<'q> {
         }
     }
 
-    fn examine(&mut self, key: &[u8], value: &[u8]) {
+    fn examine(&mut self, key: String, record: Option<Arc<Record>>) {
         self.scanned += 1;
-        let key = String::from_utf8_lossy(key).into_owned();
-        match (self.decode)(&key, value) {
-            Ok(message) if self.matches(&message) => self.matched.push((key.clone(), message)),
-            Ok(_) => {}
-            Err(error) => telemetry_shared::observe::emit(UnreadableSkipped {
-                what: "telemetry record",
-                key: &key,
-                error: &error,
-            }),
+        if let Some(record) = record
+            && self.matches(&record)
+        {
+            self.matched.push(record);
         }
         self.last_examined = Some(key);
     }
 
-    fn matches(&self, message: &Message) -> bool {
+    fn matches(&self, record: &Record) -> bool {
         self.query
             .metric
             .as_deref()
-            .is_none_or(|want| field_is(message, self.metric_column, want))
+            .is_none_or(|want| record.metric.as_deref() == Some(want))
     }
 
     /// The page: `limit` records after `offset`, and a cursor if more follow. The cursor points
@@ -200,9 +174,9 @@ impl<'q> Scan<'q> {
     pub(crate) fn finish(self) -> Page {
         let more = self.done.unwrap_or(false);
         let (limit, offset) = (self.query.limit, self.query.offset);
-        let returned: Vec<(String, Message)> = self.matched.into_iter().skip(offset).take(limit).collect();
+        let returned: Vec<Arc<Record>> = self.matched.into_iter().skip(offset).take(limit).collect();
         let boundary = if returned.len() == limit {
-            returned.last().map(|(key, _)| key.clone())
+            returned.last().map(|r| r.key.clone())
         } else {
             self.last_examined
         };
@@ -213,7 +187,7 @@ impl<'q> Scan<'q> {
             })
         });
         Page {
-            records: returned.into_iter().map(|(_, m)| m).collect(),
+            records: returned,
             next_cursor,
             scanned: self.scanned,
         }
@@ -222,7 +196,7 @@ impl<'q> Scan<'q> {
 
 #[cfg(test)]
 mod tests {
-    use telemetry_shared::{Fields, SchemaVersion, Timestamp};
+    use telemetry_shared::{Fields, Message, SchemaVersion, Timestamp, config::Columns};
 
     use super::*;
 
@@ -238,15 +212,12 @@ mod tests {
             offset,
             cursor: None,
             order,
+            at: None,
         }
     }
 
-    fn json(_: &str, value: &[u8]) -> Result<Message, String> {
-        serde_json::from_slice(value).map_err(|e| e.to_string())
-    }
-
     /// Record `i`: key `{PREFIX}{i:06}`, metric `A` for even i and the number 7 for odd i.
-    fn record(i: usize) -> (Vec<u8>, Vec<u8>) {
+    fn record(i: usize) -> (String, Option<Arc<Record>>) {
         let mut fields = Fields::new();
         let metric = if i.is_multiple_of(2) {
             "A".into()
@@ -262,37 +233,38 @@ mod tests {
             source: None,
             fields,
         };
-        let key = format!("{PREFIX}{i:06}").into_bytes();
-        (key, serde_json::to_vec(&message).expect("encodes"))
+        let key = format!("{PREFIX}{i:06}");
+        let record = Record::new(key.clone(), 1, "h", "0", message, &Columns::default());
+        (key, Some(Arc::new(record)))
     }
 
     /// Runs a scan over `total` records, answering each read like etcd would (ascending keys).
     fn run(q: &TelemetryQuery, total: usize) -> (Page, Vec<usize>) {
-        let store: Vec<(Vec<u8>, Vec<u8>)> = (0..total).map(record).collect();
-        let mut scan = Scan::new(q, PREFIX, "metric_name", &json);
+        let store: Vec<(String, Option<Arc<Record>>)> = (0..total).map(record).collect();
+        let mut scan = Scan::new(q, PREFIX);
         let mut reads = Vec::new();
         while let Some(read) = scan.next_read() {
             reads.push(read.n);
-            let mut inside: Vec<&(Vec<u8>, Vec<u8>)> = store
+            let mut inside: Vec<&(String, Option<Arc<Record>>)> = store
                 .iter()
-                .filter(|(k, _)| k.as_slice() >= read.lo && k.as_slice() < read.hi)
+                .filter(|(k, _)| k.as_bytes() >= read.lo && k.as_bytes() < read.hi)
                 .collect();
             if q.order == Order::Desc {
                 inside.reverse();
             }
             let more = inside.len() > read.n;
-            let batch: Vec<(&[u8], &[u8])> = inside
-                .into_iter()
-                .take(read.n)
-                .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                .collect();
+            let batch: Vec<(String, Option<Arc<Record>>)> =
+                inside.into_iter().take(read.n).cloned().collect();
             scan.absorb(batch, more);
         }
         (scan.finish(), reads)
     }
 
     fn suffixes(page: &Page) -> Vec<u128> {
-        page.records.iter().map(|m| u128::from(m.id) & 0xffff).collect()
+        page.records
+            .iter()
+            .map(|r| u128::from(r.message.id) & 0xffff)
+            .collect()
     }
 
     #[test]
@@ -352,7 +324,7 @@ mod tests {
     #[test]
     fn reads_shrink_after_a_response_too_large() {
         let q = query(100, 0, None, Order::Asc);
-        let mut scan = Scan::new(&q, PREFIX, "metric_name", &json);
+        let mut scan = Scan::new(&q, PREFIX);
         let first = scan.next_read().map(|r| r.n);
         assert_eq!(first, Some(101));
         assert!(scan.shrink_reads(101));
@@ -361,8 +333,7 @@ mod tests {
         assert_eq!(scan.next_read().map(|r| r.n), Some(1));
         assert!(!scan.shrink_reads(1), "nothing smaller than one record");
         // Small reads still assemble the whole page.
-        let records: Vec<(Vec<u8>, Vec<u8>)> = (0..3).map(record).collect();
-        scan.absorb(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())), false);
+        scan.absorb((0..3).map(record), false);
         assert_eq!(scan.next_read(), None);
         assert_eq!(suffixes(&scan.finish()), vec![0, 1, 2]);
     }
@@ -370,16 +341,9 @@ mod tests {
     #[test]
     fn unreadable_records_are_skipped() {
         let q = query(5, 0, None, Order::Asc);
-        let mut scan = Scan::new(&q, PREFIX, "metric_name", &json);
-        let (good_key, good) = record(1);
-        let bad_key = format!("{PREFIX}000000").into_bytes();
-        scan.absorb(
-            [
-                (bad_key.as_slice(), b"not json".as_slice()),
-                (good_key.as_slice(), good.as_slice()),
-            ],
-            false,
-        );
+        let mut scan = Scan::new(&q, PREFIX);
+        let bad_key = format!("{PREFIX}000000");
+        scan.absorb([(bad_key, None), record(1)], false);
         let page = scan.finish();
         assert_eq!((suffixes(&page), page.scanned), (vec![1], 2));
     }

@@ -119,6 +119,8 @@ pub struct RawTelemetryQuery {
     pub order: Option<String>,
     /// Payload schema version.
     pub schema: Option<String>,
+    /// Read as of this etcd revision.
+    pub revision: Option<String>,
 }
 
 impl IntoParams for RawTelemetryQuery {
@@ -167,6 +169,13 @@ impl IntoParams for RawTelemetryQuery {
                 "Payload schema version; wins over `Accept`. An unknown version is a 406.",
                 version_schema(),
             ),
+            query(
+                "revision",
+                "Read the page from etcd as it was at this revision (the `revision` of an earlier \
+                 page, say, to page through one consistent view). A revision etcd has not \
+                 reached is a 400; one it has compacted away is a 410.",
+                params::whole_schema(1, Some(i64::MAX as u64), None, 42),
+            ),
         ]
     }
 }
@@ -190,6 +199,8 @@ pub struct TelemetryQuery {
     pub cursor: Option<Cursor>,
     /// Page order.
     pub order: Order,
+    /// Read as of this revision (from etcd).
+    pub at: Option<i64>,
 }
 
 /// Where a page stopped: the key suffix (`{timestamp}_{ULID}`) of the last record examined.
@@ -280,6 +291,8 @@ impl TelemetryQuery {
             offset: count("offset", raw.offset.as_deref(), 0..=MAX_OFFSET, 0)?,
             cursor,
             order,
+            at: params::whole("revision", raw.revision.as_deref(), 1..=i64::MAX as u64, None)?
+                .map(|r| r as i64),
         })
     }
 
@@ -404,7 +417,7 @@ mod tests {
         ) {
             let q = RawTelemetryQuery {
                 hostname: None, start_time: start, end_time: end, metric, limit, offset, cursor, order,
-                schema: None,
+                schema: None, revision: None,
             };
             match TelemetryQuery::parse(&q) {
                 Ok(parsed) => {

@@ -13,7 +13,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use telemetry_shared::{SchemaVersion, model::GpuInfo};
+use telemetry_shared::{SchemaVersion, model::GpuInfo, observe::emit};
 use utoipa::{
     IntoParams, ToSchema,
     openapi::{
@@ -26,6 +26,7 @@ use utoipa::{
 use crate::{
     AppState,
     error::{ApiError, ErrorBody},
+    events::PageServed,
     negotiate::{media_type, negotiate},
     params,
     query::{Order, RawTelemetryQuery, TelemetryQuery},
@@ -51,6 +52,17 @@ pub struct LiveStatus {
     pub subscribers: usize,
 }
 
+/// The in-memory read window as `/health` reports it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WindowStatus {
+    /// The etcd revision the window reflects; null while it loads (reads go to etcd then).
+    pub revision: Option<i64>,
+    /// Records held.
+    pub records: usize,
+    /// Bytes held (records' JSON size).
+    pub bytes: usize,
+}
+
 /// `/health` when etcd answers.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -60,6 +72,8 @@ pub struct Health {
     pub etcd: EtcdHealth,
     /// The live feed.
     pub live: LiveStatus,
+    /// The in-memory read window.
+    pub window: WindowStatus,
 }
 
 /// Is the gateway able to serve? 200 with the etcd member and revision, or 503 with why.
@@ -84,6 +98,14 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Result<Json<Health>, Ap
         live: LiveStatus {
             revision: app.hub.delivered(),
             subscribers: app.hub.subscribers(),
+        },
+        window: {
+            let (records, bytes) = app.window.size();
+            WindowStatus {
+                revision: app.window.revision(),
+                records,
+                bytes,
+            }
         },
     }))
 }
@@ -199,7 +221,7 @@ pub struct TelemetryPage {
     /// The records, each a payload of `schema_version` (see `/schemas/{version}.json`; each
     /// media type of the 200 response names its version's payload schema).
     #[schema(value_type = Vec<Object>)]
-    pub items: Vec<serde_json::Value>,
+    pub items: Vec<Box<serde_json::value::RawValue>>,
 }
 
 fn gpu_id_schema() -> Object {
@@ -256,12 +278,24 @@ impl IntoParams for TelemetryPath {
                         ("schema" = "$request.query.schema")
                     ),
                     description = "The next page, while `next_cursor` is not null (without `offset`)"
+                )),
+                ("same_view" = (
+                    operation_id = "gpu_telemetry",
+                    parameters(
+                        ("id" = "$request.path.id"),
+                        ("revision" = "$response.body#/revision"),
+                        ("order" = "$request.query.order"),
+                        ("hostname" = "$request.query.hostname"),
+                        ("limit" = "$request.query.limit")
+                    ),
+                    description = "The same GPU read from etcd as of this page's revision (with `cursor`, the next page of one consistent view)"
                 ))
             )
         ),
-        (status = 400, description = "Bad parameter, start_time after end_time, a cursor this gateway did not issue or issued for the other order, or an ambiguous gpu_id", body = ErrorBody),
+        (status = 400, description = "Bad parameter, start_time after end_time, a cursor this gateway did not issue or issued for the other order, an ambiguous gpu_id, or a `revision` etcd has not reached", body = ErrorBody),
         (status = 404, description = "Unknown GPU, or not on the given host", body = ErrorBody),
         (status = 406, description = "Unknown schema version (`schema` or `Accept`)", body = ErrorBody),
+        (status = 410, description = "`revision` is older than etcd's compacted history", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     ),
     tag = "telemetry"
@@ -278,11 +312,13 @@ pub async fn gpu_telemetry(
     let version = negotiate(raw.schema.as_deref(), accept)?;
     let q = TelemetryQuery::parse(&raw)?;
     let gpu = app.store.resolve_gpu(&id, q.hostname.as_deref()).await?;
-    let (page, revision) = app
-        .store
-        .telemetry_page(&gpu, &q, &app.config.columns.metric)
-        .await?;
-    let items: Vec<serde_json::Value> = page.records.iter().map(|m| m.to_version(version)).collect();
+    let (page, revision, source) = read_page(&app, &gpu, &q, no_cache(&headers)).await?;
+    let items = page
+        .records
+        .iter()
+        .map(|r| serde_json::value::RawValue::from_string(r.payload(version).to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let body = TelemetryPage {
         schema_version: version.as_str().to_string(),
         gpu: GpuView::from(&gpu),
@@ -292,7 +328,48 @@ pub async fn gpu_telemetry(
         next_cursor: page.next_cursor.map(|c| c.encode()),
         items,
     };
-    Ok(versioned(version, Json(body).into_response()))
+    let mut response = versioned(version, Json(body).into_response());
+    response
+        .headers_mut()
+        .insert(SOURCE_HEADER, HeaderValue::from_static(source));
+    Ok(response)
+}
+
+/// Response header saying where a page was read: `memory` (the window) or `etcd`.
+pub(crate) const SOURCE_HEADER: &str = "x-telemetry-source";
+
+/// Did the client ask not to be served from a cache (`Cache-Control: no-cache`)?
+fn no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
+/// A telemetry page from the window when it can answer exactly (and the client did not ask for
+/// a past revision or for no cache), otherwise from etcd; with its revision and its source.
+async fn read_page(
+    app: &AppState,
+    gpu: &GpuInfo,
+    query: &TelemetryQuery,
+    no_cache: bool,
+) -> Result<(crate::page::Page, i64, &'static str), ApiError> {
+    if query.at.is_none() && !no_cache {
+        let prefix = app.store.keys().gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
+        if let Some((page, revision)) = app.window.page(gpu, &prefix, query) {
+            emit(PageServed { source: "memory" });
+            return Ok((page, revision, "memory"));
+        }
+    }
+    let (page, revision) = app
+        .store
+        .telemetry_page(gpu, query, query.at)
+        .await
+        .map_err(|err| crate::error::revision_refused(&err).unwrap_or_else(|| ApiError::from(err)))?;
+    emit(PageServed { source: "etcd" });
+    Ok((page, revision, "etcd"))
 }
 
 /// Labels a payload response with its media type, and says it varies with `Accept`.
@@ -376,4 +453,95 @@ pub async fn schema_file(path: Result<Path<SchemaPath>, PathRejection>) -> Resul
         version.json_schema(),
     )
         .into_response())
+}
+
+/// Filters of `GET /api/v1/gpus/latest`.
+#[derive(Debug, Default, Deserialize)]
+pub struct LatestParams {
+    /// Only GPUs of this host.
+    pub hostname: Option<String>,
+    /// Only this metric.
+    pub metric: Option<String>,
+}
+
+impl IntoParams for LatestParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            params::query(
+                "hostname",
+                "Only GPUs of this host. Must not be blank.",
+                params::text_schema("mtv5-dgx1-hgpu-031"),
+            ),
+            params::query(
+                "metric",
+                "Only this metric (numbers and booleans compare as text). Must not be blank.",
+                params::text_schema("DCGM_FI_DEV_GPU_UTIL"),
+            ),
+        ]
+    }
+}
+
+/// The latest value of each metric of every GPU, in one request (what the dashboard's overview
+/// shows). Answered from the gateway's in-memory window; each GPU lists the metrics it has a
+/// record of in the window.
+#[utoipa::path(
+    get,
+    path = "/api/v1/gpus/latest",
+    params(LatestParams),
+    responses(
+        (status = 200, description = "Every GPU with its latest values", body = crate::fleet::FleetLatest),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "The in-memory window is still loading (retry after the Retry-After seconds), or etcd does not answer", body = ErrorBody),
+    ),
+    tag = "telemetry"
+)]
+pub async fn fleet_latest(
+    State(app): State<Arc<AppState>>,
+    params: Result<Query<LatestParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = query(params)?;
+    let hostname = params::text("hostname", params.hostname)?;
+    let metric = params::text("metric", params.metric)?;
+    let Some((latest, revision)) = app.window.latest() else {
+        return Ok(warming_up());
+    };
+    let gpus = app.store.gpus_cached().await?;
+    let body = crate::fleet::latest(
+        &gpus,
+        &latest,
+        revision,
+        hostname.as_deref(),
+        metric.as_deref(),
+        &app.config.columns.value,
+    );
+    Ok(Json(body).into_response())
+}
+
+/// The latest samples of every GPU as Prometheus text (format 0.0.4), named and labelled like
+/// dcgm-exporter's, for Prometheus to scrape (`/metrics/gpus`).
+pub async fn gpu_metrics(State(app): State<Arc<AppState>>) -> Response {
+    let Some((latest, _)) = app.window.latest() else {
+        return warming_up();
+    };
+    let text = crate::fleet::exposition(
+        &latest,
+        &app.config.columns,
+        telemetry_shared::Timestamp::now(),
+        app.config.gpu_metrics_max_age,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The answer while the window loads: 503 with a JSON body and `Retry-After`.
+fn warming_up() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "warming_up",
+        "the gateway is still loading recent telemetry into memory; retry in a second",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }

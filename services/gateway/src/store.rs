@@ -16,11 +16,10 @@ use std::{
 use etcd_client::{Client, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use telemetry_shared::{
-    Keyspace, Message, Timestamp,
+    Keyspace, Timestamp,
     etcd::{self, EtcdError, is_retryable, is_too_large, range_prefix},
     model::{GpuInfo, PartitionStats},
     observe::emit,
-    profiles::ProfileCache,
     retry::{Policy, retry},
 };
 use tokio::sync::RwLock;
@@ -31,6 +30,7 @@ use crate::{
     events::{NewestFallbackScan, TelemetryPageRead, UnreadableSkipped},
     page::{Page, Read, Scan},
     query::{Order, TelemetryQuery},
+    record::{Decoder, Record},
 };
 
 /// How long a cached copy of the GPU index is used before it is re-read.
@@ -105,8 +105,8 @@ pub(crate) struct Store {
     kv: KvClient,
     keys: Keyspace,
     directory: RwLock<Option<(Instant, Arc<Vec<GpuInfo>>)>>,
-    /// Profiles of the lean records read so far (shared with the live feed).
-    profiles: ProfileCache,
+    /// Decodes records (shared with the live feed and the window).
+    decoder: Decoder,
 }
 
 impl std::fmt::Debug for Store {
@@ -133,31 +133,63 @@ where
 }
 
 impl Store {
-    /// A store over `client`, reading keys below `keys`.
-    pub(crate) fn new(client: Client, keys: Keyspace) -> Self {
+    /// A store over `client`, reading records with `decoder` (and keys below its keyspace).
+    pub(crate) fn new(client: Client, decoder: Decoder) -> Self {
         Store {
             kv: etcd::kv(&client),
             client,
-            keys,
+            keys: decoder.keys.clone(),
             directory: RwLock::new(None),
-            profiles: ProfileCache::new(),
+            decoder,
         }
     }
 
-    /// The profiles of lean records read so far.
-    pub(crate) fn profiles(&self) -> &ProfileCache {
-        &self.profiles
+    /// Decodes records read from etcd, loading the profiles they name first.
+    async fn decode(&self, kvs: &[KeyValue]) -> Result<Vec<(String, Option<Arc<Record>>)>, EtcdError> {
+        self.decoder
+            .load(&self.client, kvs.iter().map(|kv| kv.value()))
+            .await?;
+        Ok(kvs
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let record = self.decoder.decode(kv.key(), kv.value(), kv.mod_revision());
+                (key, record)
+            })
+            .collect())
     }
 
-    /// Reads one stored record (lean, with its cached profile, or JSON).
-    fn decode(&self, key: &str, value: &[u8]) -> Result<Message, String> {
-        let parts = self
-            .keys
-            .parse_data_record(key)
-            .ok_or_else(|| "not a telemetry record key".to_string())?;
-        self.profiles
-            .decode_stored(&parts, value)
-            .map_err(|e| e.to_string())
+    /// The newest `n` records of a GPU at `revision`, newest first, and whether older ones
+    /// exist (the window's load).
+    pub(crate) async fn newest_records(
+        &self,
+        gpu: &GpuInfo,
+        n: usize,
+        revision: i64,
+    ) -> Result<(Vec<Arc<Record>>, bool), EtcdError> {
+        let prefix = self.keys.gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
+        let hi = telemetry_shared::keys::prefix_end(&prefix);
+        let read = Read {
+            lo: prefix.as_bytes(),
+            hi: &hi,
+            n,
+        };
+        let mut at = revision;
+        let page = self
+            .page(&prefix, Order::Desc, Some(gpu.last_seen), read, &mut at)
+            .await?;
+        let records = self
+            .decode(&page.records)
+            .await?
+            .into_iter()
+            .filter_map(|(_, r)| r)
+            .collect();
+        Ok((records, page.more))
+    }
+
+    /// The key layout.
+    pub(crate) fn keys(&self) -> &Keyspace {
+        &self.keys
     }
 
     /// The etcd client (the live feed and replays watch through it).
@@ -209,6 +241,11 @@ impl Store {
         let gpus = Arc::new(gpus);
         *self.directory.write().await = Some((Instant::now(), gpus.clone()));
         Ok(gpus)
+    }
+
+    /// The GPU index, as cached (re-read when older than a few seconds).
+    pub(crate) async fn gpus_cached(&self) -> Result<Arc<Vec<GpuInfo>>, EtcdError> {
+        self.directory(false).await
     }
 
     /// The cached GPU index (re-read when older than a few seconds, or on a miss when `miss`).
@@ -266,32 +303,24 @@ impl Store {
         }
     }
 
-    /// One page of `gpu`'s records for `query` (see [`crate::page`]), and the revision it was
-    /// read at. `metric_column` is the column the metric filter compares.
+    /// One page of `gpu`'s records for `query` (see [`crate::page`]) read from etcd at
+    /// revision `at` (the current one if `None`), and the revision it was read at.
     pub(crate) async fn telemetry_page(
         &self,
         gpu: &GpuInfo,
         query: &TelemetryQuery,
-        metric_column: &str,
+        at: Option<i64>,
     ) -> Result<(Page, i64), EtcdError> {
         let prefix = self.keys.gpu_data_prefix(&gpu.hostname, &gpu.gpu_id);
-        let decode = |key: &str, value: &[u8]| self.decode(key, value);
-        let mut scan = Scan::new(query, &prefix, metric_column, &decode);
-        let mut revision = 0;
+        let mut scan = Scan::new(query, &prefix);
+        let mut revision = at.unwrap_or(0);
         while let Some(read) = scan.next_read() {
             let n = read.n;
             match self
                 .page(&prefix, query.order, Some(gpu.last_seen), read, &mut revision)
                 .await
             {
-                Ok(page) => {
-                    let lean = page
-                        .records
-                        .iter()
-                        .filter_map(|kv| ProfileCache::needs(kv.value()));
-                    self.profiles.load(&self.client, &self.keys, lean).await?;
-                    scan.absorb(page.records.iter().map(|kv| (kv.key(), kv.value())), page.more)
-                }
+                Ok(page) => scan.absorb(self.decode(&page.records).await?, page.more),
                 Err(EtcdError::Client(err)) if is_too_large(&err) && scan.shrink_reads(n) => {}
                 Err(err) => return Err(err),
             }

@@ -46,7 +46,7 @@ use crate::{
     error::{ApiError, ErrorBody},
     events::{RecordsSent, UpgradeRefused},
     frames::{CloseReason, ErrorFrame, ErrorType, HelloFrame, HelloType, telemetry_frame},
-    hub::{Batch, Ended, Event, Filter, Subscription, group},
+    hub::{Batch, Ended, Filter, Subscription, group},
     negotiate::{negotiate, version_schema},
     params,
 };
@@ -323,8 +323,7 @@ impl Session {
                         let events = changes
                             .iter()
                             .take_while(|c| c.mod_revision <= live_from)
-                            .filter_map(|c| Event::decode(&decoder, &c.key, &c.value, c.mod_revision))
-                            .map(Arc::new)
+                            .filter_map(|c| decoder.decode(&c.key, &c.value, c.mod_revision))
                             .collect();
                         for batch in group(events) {
                             if let Step::Gone = self.send_batch(&batch).await {

@@ -4,8 +4,6 @@
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
 
-use std::path::Path;
-
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use telemetry_streamer::{
     source::{ColumnTypes, CsvSource, SourceItem},
@@ -13,7 +11,7 @@ use telemetry_streamer::{
 };
 
 fn rows_to_entries(c: &mut Criterion) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv");
+    let path = telemetry_harness::sample::path();
     let types = ColumnTypes::scan(&path).expect("sample readable");
     let mut group = c.benchmark_group("streamer");
     group.throughput(Throughput::Elements(types.data_rows()));

@@ -2,48 +2,24 @@
 //! and start nothing; an invalid variable (or flag) is one line on stderr and exit status 2;
 //! with `LOG_FORMAT=json` a whole one-shot run against a real etcd logs only JSON objects.
 
-use std::{
-    net::TcpListener,
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::TcpListener, time::Duration};
 
-use telemetry_harness::EtcdServer;
+use telemetry_harness::{Env, EtcdServer, Finished, ProcessSpec, sample};
 use telemetry_streamer::StreamerConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_telemetry-streamer");
 
 /// The binary with these arguments and exactly these variables (nothing leaks in from the
 /// test's environment, `RUST_BACKTRACE` included).
-fn command(args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null());
-    cmd
+fn command(args: &[&str], vars: &[(&str, &str)]) -> ProcessSpec {
+    ProcessSpec::new(BIN)
+        .args(args.iter().copied())
+        .env(Env::new().with(vars))
 }
 
 /// Runs `cmd` to its end, failing the test if that takes longer than `limit`.
-fn run_within(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn run_within(cmd: ProcessSpec, limit: Duration) -> Finished {
+    cmd.run_within(limit).expect("runs to its end in time")
 }
 
 #[test]
@@ -57,8 +33,8 @@ fn help_lists_every_flag_and_variable_with_its_default_and_starts_nothing() {
     for flag in ["--help", "-h"] {
         let out = run_within(command(&[flag], &vars), Duration::from_secs(1));
         assert_eq!(out.status.code(), Some(0), "{flag}");
-        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
-        let help = text(&out.stdout);
+        assert!(out.stderr.is_empty(), "{}", out.stderr.clone());
+        let help = out.stdout.clone();
         for option in [
             "--csv <CSV>",
             "--workers <WORKERS>",
@@ -98,7 +74,7 @@ fn version_prints_the_version() {
     let out = run_within(command(&["--version"], &[]), Duration::from_secs(1));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
-        text(&out.stdout),
+        out.stdout.clone(),
         format!("telemetry-streamer {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
@@ -107,7 +83,7 @@ fn version_prints_the_version() {
 /// line on stderr, which is returned.
 fn config_error(args: &[&str], vars: &[(&str, &str)]) -> String {
     let out = run_within(command(args, vars), Duration::from_secs(5));
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr.clone();
     assert_eq!(out.status.code(), Some(2), "{args:?} {vars:?}: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(out.stdout.is_empty());
@@ -149,25 +125,16 @@ async fn a_one_shot_run_with_json_logs_writes_only_json_objects() {
     let server = EtcdServer::start().await.expect("etcd");
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = dir.path().join("tiny.csv");
-    let sample = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv"),
-    )
-    .expect("sample");
-    let tiny: Vec<&str> = sample.lines().take(4).collect();
-    std::fs::write(&csv, tiny.join("\n") + "\n").expect("write csv");
-    let endpoint = server.endpoint();
+    sample::write_repeated(&csv, 3).expect("write csv");
     let csv = csv.display().to_string();
-    let vars = [
-        ("ETCD_ENDPOINTS", endpoint.as_str()),
-        ("ETCD_NAMESPACE", "/cli"),
-        ("RATE", "0"),
-        ("LOG_FORMAT", "json"),
-    ];
-    let cmd = command(&["--once", "--csv", &csv], &vars);
+    let vars = Env::etcd(server.endpoint(), "/cli")
+        .set("RATE", "0")
+        .set("LOG_FORMAT", "json");
+    let cmd = ProcessSpec::new(BIN).args(["--once", "--csv", &csv]).env(vars);
     let out = tokio::task::spawn_blocking(move || run_within(cmd, Duration::from_secs(60)))
         .await
         .expect("join");
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr.clone();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(!lines.is_empty(), "no log lines");

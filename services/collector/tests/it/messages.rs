@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use serde_json::json;
-use telemetry_harness::range_all;
 use telemetry_shared::{Fields, Message, SchemaVersion, Timestamp, keys::partition_of, model::DeadLetter};
 use ulid::Ulid;
 
@@ -28,25 +27,30 @@ fn message(id: Ulid, key: &str, host: Option<&str>) -> Message {
     }
 }
 
-async fn enqueue(client: &etcd_client::Client, id: Ulid, payload: Vec<u8>) {
+async fn enqueue(probe: &Probe, id: Ulid, payload: Vec<u8>) {
     let partition = partition_of(b"host-a/1");
-    client
+    probe
+        .client()
         .clone()
-        .put(keys().queue_entry(partition, &id.to_string()), payload, None)
+        .put(
+            probe.keys().queue_entry(partition, &id.to_string()),
+            payload,
+            None,
+        )
         .await
         .expect("put");
 }
 
 #[tokio::test]
 async fn the_same_message_enqueued_twice_under_two_ids_has_one_effect() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let (id1, id2) = (
         Ulid::from_parts(1_800_000_000_000, 1),
         Ulid::from_parts(1_800_000_000_000, 2),
     );
     for id in [id1, id2] {
         enqueue(
-            &client,
+            &probe,
             id,
             serde_json::to_vec(&message(id, "ab", Some("host-a"))).expect("json"),
         )
@@ -54,53 +58,53 @@ async fn the_same_message_enqueued_twice_under_two_ids_has_one_effect() {
     }
     // A third copy arrives after the first two are processed.
     let collector = spawn_collector(&server, &client, "c", &[]);
-    wait_drained(&client, 1, Duration::from_secs(30)).await;
+    probe.wait_drained(1, Duration::from_secs(30)).await;
     let id3 = Ulid::from_parts(1_800_000_000_000, 3);
     enqueue(
-        &client,
+        &probe,
         id3,
         serde_json::to_vec(&message(id3, "ab", Some("host-a"))).expect("json"),
     )
     .await;
-    wait_drained(&client, 1, Duration::from_secs(30)).await;
+    probe.wait_drained(1, Duration::from_secs(30)).await;
     let totals = collector.shutdown().await;
-    assert_eq!(data_count(&client).await, 1);
+    assert_eq!(probe.data_count().await, 1);
     assert_eq!((totals.processed, totals.duplicates), (1, 2));
-    let s = stats(&client).await;
+    let s = probe.stats().await;
     assert_eq!((s.records, s.duplicates), (1, 2));
 }
 
 #[tokio::test]
 async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_migrated() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let ids: Vec<Ulid> = (0..5).map(|i| Ulid::from_parts(1_800_000_000_000, i)).collect();
     // 0: not JSON. 1: no Hostname. 2: valid v1beta1. 3: valid v1beta2. 4: id mismatch.
-    enqueue(&client, ids[0], b"\xff not json".to_vec()).await;
+    enqueue(&probe, ids[0], b"\xff not json".to_vec()).await;
     enqueue(
-        &client,
+        &probe,
         ids[1],
         serde_json::to_vec(&message(ids[1], "01", None)).expect("json"),
     )
     .await;
     let v1beta1 = message(ids[2], "02", Some("host-a")).to_version(SchemaVersion::V1beta1);
-    enqueue(&client, ids[2], serde_json::to_vec(&v1beta1).expect("json")).await;
+    enqueue(&probe, ids[2], serde_json::to_vec(&v1beta1).expect("json")).await;
     let v1beta2 = message(ids[3], "03", Some("host-a")).to_version(SchemaVersion::V1beta2);
-    enqueue(&client, ids[3], serde_json::to_vec(&v1beta2).expect("json")).await;
+    enqueue(&probe, ids[3], serde_json::to_vec(&v1beta2).expect("json")).await;
     enqueue(
-        &client,
+        &probe,
         ids[4],
         serde_json::to_vec(&message(ids[0], "04", Some("host-a"))).expect("json"),
     )
     .await;
 
     let collector = spawn_collector(&server, &client, "c", &[]);
-    wait_drained(&client, 2, Duration::from_secs(30)).await;
+    probe.wait_drained(2, Duration::from_secs(30)).await;
     let totals = collector.shutdown().await;
     assert_eq!((totals.processed, totals.dead_lettered), (2, 3));
 
-    let letters: Vec<(String, DeadLetter)> = range_all(&client, &keys().deadletter_prefix())
+    let letters: Vec<(String, DeadLetter)> = probe
+        .range(&probe.keys().deadletter_prefix())
         .await
-        .expect("range")
         .into_iter()
         .map(|(k, v)| (k, serde_json::from_slice(&v).expect("dead letter JSON")))
         .collect();
@@ -125,14 +129,14 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_m
             .all(|(_, l)| l.collector == "c" && l.payload_bytes().is_ok_and(|p| !p.is_empty()))
     );
 
-    for msg in records(&client).await.values() {
+    for msg in probe.records().await.values() {
         assert_eq!(
             msg.schema_version,
             SchemaVersion::V1,
             "stored as v1 after migration"
         );
     }
-    assert_eq!(stats(&client).await.dead_letters, 3);
+    assert_eq!(probe.stats().await.dead_letters, 3);
 }
 
 /// Defect: the KV client kept tonic's 4 MiB decode limit while the streamer accepts messages up
@@ -140,19 +144,19 @@ async fn invalid_messages_are_dead_lettered_with_a_reason_and_old_versions_are_m
 /// keeping its owner key. Twelve messages of about 450 KiB in one partition now all land.
 #[tokio::test]
 async fn a_partition_of_large_messages_is_read_and_stored() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let pad = "x".repeat(450 * 1024);
     for n in 0..12u128 {
         let id = Ulid::from_parts(1_800_000_000_000, 100 + n);
         let mut msg = message(id, &format!("{:02x}", 0x10 + n), Some("host-a"));
         msg.fields.insert("note".into(), json!(pad));
-        enqueue(&client, id, serde_json::to_vec(&msg).expect("json")).await;
+        enqueue(&probe, id, serde_json::to_vec(&msg).expect("json")).await;
     }
     let collector = spawn_collector(&server, &client, "c", &[]);
-    wait_drained(&client, 12, Duration::from_secs(60)).await;
+    probe.wait_drained(12, Duration::from_secs(60)).await;
     let totals = collector.shutdown().await;
     assert_eq!(totals.processed, 12, "{totals:?}");
-    assert_eq!(stats(&client).await.records, 12);
+    assert_eq!(probe.stats().await.records, 12);
 }
 
 /// Defect: an unreadable stats counter silently restarted at zero. The partition now waits
@@ -160,9 +164,9 @@ async fn a_partition_of_large_messages_is_read_and_stored() {
 /// deletes it, and then everything lands once.
 #[tokio::test]
 async fn an_unreadable_counter_holds_its_partition_instead_of_restarting_at_zero() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let partition = partition_of(b"host-a/1");
-    let counter = keys().partition_stats(partition);
+    let counter = probe.keys().partition_stats(partition);
     client
         .clone()
         .put(counter.as_str(), "garbage", None)
@@ -173,16 +177,16 @@ async fn an_unreadable_counter_holds_its_partition_instead_of_restarting_at_zero
         .collect();
     for (n, id) in ids.iter().enumerate() {
         let msg = message(*id, &format!("{:02x}", 0xa0 + n), Some("host-a"));
-        enqueue(&client, *id, serde_json::to_vec(&msg).expect("json")).await;
+        enqueue(&probe, *id, serde_json::to_vec(&msg).expect("json")).await;
     }
     let collector = spawn_collector(&server, &client, "c", &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        queue_depth(&client).await,
+        probe.queue_depth().await,
         3,
         "nothing settled on a guessed counter"
     );
-    let (_, value) = range_all(&client, &counter).await.expect("range").remove(0);
+    let (_, value) = probe.range(&counter).await.remove(0);
     assert_eq!(value, b"garbage", "the counter is not overwritten");
     // The operator deletes it: counts restart at zero, knowingly.
     client
@@ -190,7 +194,7 @@ async fn an_unreadable_counter_holds_its_partition_instead_of_restarting_at_zero
         .delete(counter.as_str(), None)
         .await
         .expect("delete");
-    wait_drained(&client, 3, Duration::from_secs(30)).await;
+    probe.wait_drained(3, Duration::from_secs(30)).await;
     collector.shutdown().await;
-    assert_eq!(stats(&client).await.records, 3);
+    assert_eq!(probe.stats().await.records, 3);
 }

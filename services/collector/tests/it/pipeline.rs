@@ -2,29 +2,28 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use telemetry_harness::{count, range_all};
 use telemetry_shared::model::GpuInfo;
 
 use crate::helpers::*;
 
 #[tokio::test]
 async fn sample_through_one_collector_lands_exactly_once_with_indexes_and_counters() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     stream_sample(&server, &client).await;
     let collector = spawn_collector(&server, &client, "c1", &[]);
-    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    probe.wait_drained(sample::ROWS as i64, DRAIN).await;
     let totals = collector.shutdown().await;
-    assert_eq!(totals.processed, 2470);
-    assert_sample_exactly_once(&client).await;
+    assert_eq!(totals.processed, sample::ROWS);
+    assert_sample_exactly_once(&probe).await;
 
     // Data keys follow the layout and sort by time within a GPU.
-    let records = records(&client).await;
-    for (key, msg) in &records {
+    let keys = probe.keys();
+    for (key, msg) in &probe.records().await {
         let host = msg.fields["Hostname"].as_str().expect("host");
         let gpu = msg.fields["gpu_id"].as_f64().expect("gpu id") as i64;
         assert_eq!(
             key,
-            &keys().data_record(
+            &keys.data_record(
                 host,
                 &gpu.to_string(),
                 &msg.timestamp.to_string(),
@@ -34,104 +33,88 @@ async fn sample_through_one_collector_lands_exactly_once_with_indexes_and_counte
     }
 
     // Indexes and counters answer the gateway's questions without a scan.
-    let gpus: Vec<GpuInfo> = range_all(&client, &keys().gpu_index_prefix())
+    let gpus: Vec<GpuInfo> = probe
+        .range(&keys.gpu_index_prefix())
         .await
-        .expect("range")
         .into_iter()
         .map(|(_, v)| serde_json::from_slice(&v).expect("gpu info"))
         .collect();
-    assert_eq!(gpus.len(), 247, "247 GPUs (gpu_id is unique only per host)");
+    assert_eq!(
+        gpus.len(),
+        sample::GPUS,
+        "247 GPUs (gpu_id is unique only per host)"
+    );
     let pairs: BTreeSet<(String, String)> = gpus
         .iter()
         .map(|g| (g.hostname.clone(), g.gpu_id.clone()))
         .collect();
-    assert_eq!(pairs.len(), 247);
-    assert!(
-        gpus.iter()
-            .all(|g| g.model.as_deref() == Some("NVIDIA H100 80GB HBM3"))
-    );
+    assert_eq!(pairs.len(), sample::GPUS);
+    assert!(gpus.iter().all(|g| g.model.as_deref() == Some(sample::MODEL)));
     assert_eq!(
-        count(&client, &keys().host_index_prefix()).await.expect("count"),
-        31
+        probe.count(&keys.host_index_prefix()).await as usize,
+        sample::HOSTS
     );
-    let s = stats(&client).await;
-    assert_eq!((s.records, s.duplicates, s.dead_letters), (2470, 0, 0));
+    let s = probe.stats().await;
+    assert_eq!((s.records, s.duplicates, s.dead_letters), (sample::ROWS, 0, 0));
     // Graceful shutdown revoked the lease: no registration or ownership left behind.
-    assert_eq!(
-        count(&client, &keys().collectors_prefix()).await.expect("count"),
-        0
-    );
+    assert_eq!(probe.count(&keys.collectors_prefix()).await, 0);
 }
 
 #[tokio::test]
 async fn sample_through_three_collectors_shares_the_load_exactly_once() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let collectors: Vec<_> = (0..3)
         .map(|i| spawn_collector(&server, &client, &format!("c{i}"), &[]))
         .collect();
     // Let the group settle so that every collector owns its share before data flows.
     let settled = telemetry_harness::eventually(Duration::from_secs(20), || async {
-        let owners = range_all(&client, &keys().owners_prefix()).await.expect("range");
-        let holders: BTreeSet<Vec<u8>> = owners.iter().map(|(_, v)| v.clone()).collect();
-        owners.len() == 32 && holders.len() == 3
+        let owners = probe.owners().await;
+        owners.values().sum::<usize>() == 32 && owners.len() == 3
     })
     .await;
     assert!(settled, "32 partitions split over 3 collectors");
     stream_sample(&server, &client).await;
-    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    probe.wait_drained(sample::ROWS as i64, DRAIN).await;
     let mut processed = Vec::new();
     for c in collectors {
         processed.push(c.shutdown().await.processed);
     }
-    assert_eq!(processed.iter().sum::<u64>(), 2470, "{processed:?}");
+    assert_eq!(processed.iter().sum::<u64>(), sample::ROWS, "{processed:?}");
     assert!(
         processed.iter().all(|p| *p > 0),
         "every collector did some work: {processed:?}"
     );
-    assert_sample_exactly_once(&client).await;
-    assert_eq!(stats(&client).await.records, 2470);
-}
-
-async fn ownership(client: &etcd_client::Client) -> std::collections::BTreeMap<String, usize> {
-    let mut held = std::collections::BTreeMap::new();
-    for (_, v) in range_all(client, &keys().owners_prefix()).await.expect("range") {
-        *held.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
-    }
-    held
+    assert_sample_exactly_once(&probe).await;
+    assert_eq!(probe.stats().await.records, sample::ROWS);
 }
 
 #[tokio::test]
 async fn partitions_rebalance_fairly_as_collectors_join_and_move_at_once_when_one_leaves() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     // A long TTL: if partitions moved only by lease expiry, this test would time out.
     let ttl = [("LEASE_TTL", "30s")];
     let c1 = spawn_collector(&server, &client, "c1", &ttl);
-    assert!(
-        telemetry_harness::eventually(Duration::from_secs(20), || async {
-            ownership(&client).await.get("c1") == Some(&32)
-        })
-        .await
-    );
+    probe.wait_owned_by("c1", 32, Duration::from_secs(20)).await;
     let c2 = spawn_collector(&server, &client, "c2", &ttl);
     let c3 = spawn_collector(&server, &client, "c3", &ttl);
     let fair = telemetry_harness::eventually(Duration::from_secs(20), || async {
-        let held = ownership(&client).await;
+        let held = probe.owners().await;
         let mut sizes: Vec<usize> = held.values().copied().collect();
         sizes.sort_unstable();
         held.len() == 3 && sizes == vec![10, 11, 11]
     })
     .await;
-    assert!(fair, "3 collectors hold 10/11/11: {:?}", ownership(&client).await);
+    assert!(fair, "3 collectors hold 10/11/11: {:?}", probe.owners().await);
 
     // c2 leaves gracefully: it revokes its lease, so its partitions move at once.
     let left = std::time::Instant::now();
     c2.shutdown().await;
     let moved = telemetry_harness::eventually(Duration::from_secs(10), || async {
-        let held = ownership(&client).await;
+        let held = probe.owners().await;
         held.get("c1") == Some(&16) && held.get("c3") == Some(&16)
     })
     .await;
-    assert!(moved, "c1 and c3 hold 16 each: {:?}", ownership(&client).await);
+    assert!(moved, "c1 and c3 hold 16 each: {:?}", probe.owners().await);
     assert!(
         left.elapsed() < Duration::from_secs(10),
         "moved long before the 30 s TTL"
@@ -139,50 +122,33 @@ async fn partitions_rebalance_fairly_as_collectors_join_and_move_at_once_when_on
 
     // Data still flows exactly once after the rebalance.
     stream_sample(&server, &client).await;
-    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    probe.wait_drained(sample::ROWS as i64, DRAIN).await;
     c1.shutdown().await;
     c3.shutdown().await;
-    assert_sample_exactly_once(&client).await;
-}
-
-/// Scrapes `/metrics` with a bare HTTP/1.0 request (no client library needed for a test).
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port answers");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    // The body, after the status line and headers.
-    match response.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_string(),
-        None => response,
-    }
+    assert_sample_exactly_once(&probe).await;
 }
 
 #[tokio::test]
 async fn the_collector_binary_serves_prometheus_metrics() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     stream_sample(&server, &client).await;
     let port = telemetry_harness::free_port().expect("free port");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = spawn_collector_process(
-        &server,
-        "m",
-        &dir.path().join("m.log"),
-        &[("METRICS_PORT", &port.to_string())],
-    );
-    wait_drained(&client, 2470, Duration::from_secs(60)).await;
+    let mut child = spawn_collector_process(&server, "m", &[("METRICS_PORT", &port.to_string())]);
+    probe.wait_drained(sample::ROWS as i64, DRAIN).await;
+    let scrape = || async {
+        telemetry_harness::scrape_metrics(port)
+            .await
+            .expect("the metrics port answers")
+    };
     // The queue depth and lag gauges are refreshed every 5 s.
+    let processed = format!("collector_processed_total {}", sample::ROWS);
     let ok = telemetry_harness::eventually(Duration::from_secs(15), || async {
-        let body = scrape(port);
-        body.contains("collector_processed_total 2470") && body.contains("collector_queue_depth")
+        let body = scrape().await;
+        body.contains(&processed) && body.contains("collector_queue_depth")
     })
     .await;
-    let body = scrape(port);
-    let _ = child.kill();
-    let _ = child.wait();
+    let body = scrape().await;
+    child.kill();
     assert!(ok, "metrics:\n{body}");
     for name in [
         "collector_duplicates_total",

@@ -1,32 +1,28 @@
 //! Helpers: etcd, a TSDB, the pipeline that fills etcd (streamer and collector in process), the
 //! exporter in process or as its binary, and what must have landed.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use etcd_client::Client;
 use telemetry_exporter::ExporterConfig;
-use telemetry_harness::{EtcdServer, ExportedSample, Tsdb, TsdbKind};
+use telemetry_harness::{
+    Env, EtcdServer, ExportedSample, Probe, ProcessSpec, ServiceProcess, Tsdb, TsdbKind, sample,
+};
 use telemetry_shared::{Keyspace, config::Columns, exposition, model::ExportCheckpoint};
 use tokio_util::sync::CancellationToken;
 
 pub const NS: &str = "/x";
 pub const NAME: &str = "e";
+pub const SLOW: Duration = Duration::from_secs(60);
 
 pub fn keys() -> Keyspace {
     Keyspace::new(NS)
 }
 
-pub fn sample_csv() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dcgm_sample.csv")
-}
-
-pub async fn etcd() -> (EtcdServer, Client) {
-    telemetry_harness::strict_etcd().await.expect("etcd starts")
+pub async fn etcd() -> (EtcdServer, Client, Probe) {
+    let (server, client) = telemetry_harness::strict_etcd().await.expect("etcd starts");
+    let probe = Probe::new(&client, NS);
+    (server, client, probe)
 }
 
 pub async fn prometheus() -> Tsdb {
@@ -35,50 +31,22 @@ pub async fn prometheus() -> Tsdb {
         .expect("prometheus starts")
 }
 
-/// The streamer, one pass over the sample with `workers` workers at `rate` rows/s each (0:
-/// unlimited), under stream id `stream`; returns when it is done.
-pub async fn stream(server: &EtcdServer, client: &Client, stream: &str, workers: u32, rate: f64) -> u64 {
-    let vars = telemetry_harness::service_env(
-        server,
-        NS,
-        &[
-            ("CSV_PATH", &sample_csv().display().to_string()),
-            ("RATE", &rate.to_string()),
-            ("LOOP", "false"),
-            ("STREAM_ID", stream),
-            ("WORKERS", &workers.to_string()),
-            ("MAX_QUEUE_DEPTH", "0"),
-        ],
-    );
-    let config = telemetry_streamer::StreamerConfig::from_vars(vars, &telemetry_streamer::Flags::default())
-        .expect("streamer config");
-    let totals = telemetry_streamer::run(config, client.clone(), CancellationToken::new())
-        .await
-        .expect("streamer runs");
-    totals.enqueued
-}
-
-/// A task running the streamer (see [`stream`]).
-pub fn stream_in_background(
+/// A task running the streamer: one pass over the sample with `workers` workers at `rate`
+/// rows/s each (0: unlimited), under stream id `id`; it returns the rows enqueued.
+pub fn stream(
     server: &EtcdServer,
     client: &Client,
     id: &str,
     workers: u32,
     rate: f64,
 ) -> tokio::task::JoinHandle<u64> {
-    let vars = telemetry_harness::service_env(
-        server,
-        NS,
-        &[
-            ("CSV_PATH", &sample_csv().display().to_string()),
-            ("RATE", &rate.to_string()),
-            ("LOOP", "false"),
-            ("STREAM_ID", id),
-            ("WORKERS", &workers.to_string()),
-            ("MAX_QUEUE_DEPTH", "0"),
-        ],
-    );
-    let config = telemetry_streamer::StreamerConfig::from_vars(vars, &telemetry_streamer::Flags::default())
+    let env = server
+        .env(NS)
+        .streamer(sample::path(), id)
+        .set("WORKERS", workers)
+        .set("RATE", rate)
+        .set("MAX_QUEUE_DEPTH", 0);
+    let config = telemetry_streamer::StreamerConfig::from_vars(env, &telemetry_streamer::Flags::default())
         .expect("streamer config");
     let client = client.clone();
     tokio::spawn(async move {
@@ -106,33 +74,24 @@ pub type Collector = InProcess<Result<telemetry_collector::Totals, telemetry_col
 pub type Exporter = InProcess<Result<telemetry_exporter::Totals, telemetry_exporter::ExporterError>>;
 
 pub fn spawn_collector(server: &EtcdServer, client: &Client) -> Collector {
-    let vars = telemetry_harness::service_env(server, NS, &[("COLLECTOR_ID", "c1"), ("LEASE_TTL", "3s")]);
-    let config = telemetry_collector::CollectorConfig::from_vars(vars).expect("collector config");
+    let config = telemetry_collector::CollectorConfig::from_vars(server.env(NS).collector("c1"))
+        .expect("collector config");
     let stop = CancellationToken::new();
     let task = tokio::spawn(telemetry_collector::run(config, client.clone(), stop.clone()));
     InProcess { stop, task }
 }
 
-/// The exporter's variables for `tsdb` (and `extra`, which replace earlier ones).
-pub fn exporter_vars(server: &EtcdServer, tsdb: &Tsdb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let url = tsdb.write_url();
-    let mut vars = vec![
-        ("REMOTE_WRITE_URL", url.as_str()),
-        ("EXPORTER_NAME", NAME),
-        ("EXPORTER_ID", "x1"),
-        ("LEASE_TTL", "2s"),
-        ("BATCH_WAIT", "20ms"),
-        ("RETENTION", "1h"),
-    ];
-    for (k, v) in extra {
-        vars.retain(|(key, _)| key != k);
-        vars.push((k, v));
-    }
-    telemetry_harness::service_env(server, NS, &vars)
+/// The exporter's environment for `tsdb`, then `extra`.
+pub fn exporter_env(server: &EtcdServer, tsdb: &Tsdb, extra: &[(&str, &str)]) -> Env {
+    server
+        .env(NS)
+        .exporter(&tsdb.write_url(), NAME)
+        .set("EXPORTER_ID", "x1")
+        .with(extra)
 }
 
 pub fn exporter_config(server: &EtcdServer, tsdb: &Tsdb, extra: &[(&str, &str)]) -> ExporterConfig {
-    ExporterConfig::from_vars(exporter_vars(server, tsdb, extra)).expect("exporter config")
+    ExporterConfig::from_vars(exporter_env(server, tsdb, extra)).expect("exporter config")
 }
 
 pub fn spawn_exporter(server: &EtcdServer, client: &Client, tsdb: &Tsdb, extra: &[(&str, &str)]) -> Exporter {
@@ -142,74 +101,42 @@ pub fn spawn_exporter(server: &EtcdServer, client: &Client, tsdb: &Tsdb, extra: 
     InProcess { stop, task }
 }
 
-/// The real exporter binary; its log goes to `log`.
-pub fn spawn_exporter_process(server: &EtcdServer, tsdb: &Tsdb, log: &Path, extra: &[(&str, &str)]) -> Child {
-    let file = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_telemetry-exporter"));
-    cmd.env_clear()
-        .envs(exporter_vars(server, tsdb, extra))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(file));
-    cmd.spawn().expect("exporter binary starts")
+/// The real exporter binary (killed when dropped).
+pub fn start_exporter_process(server: &EtcdServer, tsdb: &Tsdb, extra: &[(&str, &str)]) -> ServiceProcess {
+    ProcessSpec::new(env!("CARGO_BIN_EXE_telemetry-exporter"))
+        .env(exporter_env(server, tsdb, extra))
+        .rust_log("info")
+        .start()
+        .expect("exporter binary starts")
 }
 
-/// The stored checkpoint of exporter `name`.
-pub async fn checkpoint_of(client: &Client, name: &str) -> ExportCheckpoint {
-    let resp = client
-        .clone()
-        .get(keys().exporter_checkpoint(name), None)
-        .await
-        .expect("get");
-    resp.kvs()
-        .first()
-        .map(|kv| serde_json::from_slice(kv.value()).expect("checkpoint JSON"))
-        .unwrap_or_default()
-}
-
-pub async fn checkpoint(client: &Client) -> ExportCheckpoint {
-    checkpoint_of(client, NAME).await
+pub async fn checkpoint(probe: &Probe) -> ExportCheckpoint {
+    probe.export_checkpoint(NAME).await
 }
 
 /// Waits until the checkpoint accounts for `n` records (exported, rejected or expired).
-pub async fn wait_accounted(client: &Client, n: u64, timeout: Duration) -> ExportCheckpoint {
-    let ok = telemetry_harness::eventually(timeout, || async {
-        let cp = checkpoint(client).await;
-        cp.records + cp.rejected + cp.expired >= n
-    })
-    .await;
-    let cp = checkpoint(client).await;
-    assert!(ok, "not exported in {timeout:?}: {cp:?}");
-    cp
+pub async fn wait_exported(probe: &Probe, n: u64) -> ExportCheckpoint {
+    probe.wait_exported(NAME, n, SLOW).await
 }
 
-/// Waits until `n` records are stored and the queue is empty.
-pub async fn wait_stored(client: &Client, n: i64, timeout: Duration) {
-    let ok = telemetry_harness::eventually(timeout, || async {
-        telemetry_harness::count(client, &keys().data_prefix())
-            .await
-            .unwrap_or(0)
-            >= n
-            && telemetry_harness::count(client, &keys().queue_prefix())
-                .await
-                .unwrap_or(1)
-                == 0
+/// Waits until exporter `id` is the active one.
+pub async fn wait_active(probe: &Probe, id: &str) {
+    let ok = telemetry_harness::eventually(Duration::from_secs(15), || async {
+        probe.exporter_owner(NAME).await.as_deref() == Some(id)
     })
     .await;
-    assert!(ok, "{n} records not stored in {timeout:?}");
+    assert!(
+        ok,
+        "{id} not active in 15 s (active: {:?})",
+        probe.exporter_owner(NAME).await
+    );
 }
 
 /// The samples the stored records must have become, sorted like [`Tsdb::samples`].
-pub async fn expected_samples(client: &Client) -> Vec<ExportedSample> {
-    let records = telemetry_harness::stored_records(client, &keys())
+pub async fn expected_samples(probe: &Probe) -> Vec<ExportedSample> {
+    let mut out: Vec<ExportedSample> = probe
+        .records()
         .await
-        .expect("records decode");
-    let mut out: Vec<ExportedSample> = records
         .values()
         .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
         .map(|s| ExportedSample {
@@ -222,7 +149,6 @@ pub async fn expected_samples(client: &Client) -> Vec<ExportedSample> {
     out.sort_by(|a, b| (&a.name, &a.labels, a.timestamp_ms).cmp(&(&b.name, &b.labels, b.timestamp_ms)));
     // Two records of one series in the same millisecond with the same value are one sample in
     // any TSDB (two streamer workers reading the same row at once do that): a TSDB keeps one.
-    // With different values the second would be refused and rejected, which the tests check.
     out.dedup_by(|a, b| {
         a.name == b.name && a.labels == b.labels && a.timestamp_ms == b.timestamp_ms && a.value == b.value
     });
@@ -236,7 +162,7 @@ pub fn query_time() -> f64 {
 
 /// Asserts that `tsdb` holds exactly the samples of the stored records (`expected`), each
 /// once: the same series, timestamps and values, and `count_over_time` summed over every series
-/// equal to the number of records.
+/// equal to their number.
 pub async fn assert_exactly_once(tsdb: &Tsdb, expected: &[ExportedSample]) {
     let time = query_time();
     let counted = tsdb
@@ -252,11 +178,7 @@ pub async fn assert_exactly_once(tsdb: &Tsdb, expected: &[ExportedSample]) {
                 .or_default() += 1;
         }
         let doubled = seen.values().filter(|n| **n > 1).count();
-        let missing = expected
-            .iter()
-            .filter(|e| !got.contains(e))
-            .take(3)
-            .collect::<Vec<_>>();
+        let missing: Vec<_> = expected.iter().filter(|e| !got.contains(e)).take(3).collect();
         panic!(
             "the TSDB holds {} samples ({doubled} series/timestamps twice), {} expected; first missing: {missing:?}",
             got.len(),
@@ -277,9 +199,4 @@ pub fn random_below(n: u64) -> u64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x % n.max(1)
-}
-
-pub fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }

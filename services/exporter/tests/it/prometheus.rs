@@ -1,25 +1,26 @@
 //! The sample through the real pipeline into a real Prometheus: once, with its values, and
 //! what `telemetry-admin` says about it.
 
-use std::time::Duration;
-
 use crate::helpers::*;
 
 #[tokio::test]
 async fn the_sample_lands_once_with_its_names_labels_and_values() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let tsdb = prometheus().await;
     let collector = spawn_collector(&server, &client);
-    assert_eq!(stream(&server, &client, "dcgm", 1, 0.0).await, 2470);
-    wait_stored(&client, 2470, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream(&server, &client, "dcgm", 1, 0.0).await.expect("streamer"),
+        2470
+    );
+    probe.wait_drained(2470, SLOW).await;
     let exporter = spawn_exporter(&server, &client, &tsdb, &[]);
-    let cp = wait_accounted(&client, 2470, Duration::from_secs(60)).await;
+    let cp = wait_exported(&probe, 2470).await;
     assert_eq!(
         (cp.records, cp.samples, cp.rejected, cp.expired),
         (2470, 2470, 0, 0)
     );
     assert!(cp.gaps.is_empty(), "{:?}", cp.gaps);
-    let expected = expected_samples(&client).await;
+    let expected = expected_samples(&probe).await;
     assert_eq!(expected.len(), 2470);
     assert_exactly_once(&tsdb, &expected).await;
     // The series are dcgm-exporter's: its names and labels.
@@ -58,15 +59,20 @@ async fn a_second_pass_and_two_workers_out_of_time_order_land_once_each() {
     // Two workers stream the same rows, so one series gets samples from both, and a partition
     // commits them in ULID order, which is not always time order: Prometheus' out-of-order
     // window takes them. The exporter follows while they are written.
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let tsdb = prometheus().await;
     let collector = spawn_collector(&server, &client);
     let exporter = spawn_exporter(&server, &client, &tsdb, &[("BATCH_SAMPLES", "500")]);
-    assert_eq!(stream(&server, &client, "two", 2, 2000.0).await, 4940);
-    wait_stored(&client, 4940, Duration::from_secs(60)).await;
-    let cp = wait_accounted(&client, 4940, Duration::from_secs(60)).await;
+    assert_eq!(
+        stream(&server, &client, "two", 2, 2000.0)
+            .await
+            .expect("streamer"),
+        4940
+    );
+    probe.wait_drained(4940, SLOW).await;
+    let cp = wait_exported(&probe, 4940).await;
     assert_eq!((cp.records, cp.rejected), (4940, 0), "{cp:?}");
-    assert_exactly_once(&tsdb, &expected_samples(&client).await).await;
+    assert_exactly_once(&tsdb, &expected_samples(&probe).await).await;
     exporter.shutdown().await.expect("exporter ran");
     collector.shutdown().await.expect("collector ran");
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use telemetry_harness::{Tsdb, TsdbKind, tsdb::installed};
+use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
@@ -13,27 +14,28 @@ async fn the_sample_lands_once_in_victoria_metrics_through_sigkills() {
         eprintln!("skipped: victoria-metrics is not installed (apt-get install victoria-metrics)");
         return;
     }
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let tsdb = Tsdb::start(TsdbKind::victoria_metrics())
         .await
         .expect("victoria-metrics starts");
     let collector = spawn_collector(&server, &client);
-    let streamer = stream_in_background(&server, &client, "vm", 1, 1500.0);
-    let dir = tempfile::tempdir().expect("dir");
-    let log = dir.path().join("exporter.log");
-    let extra = [("BATCH_SAMPLES", "100")];
-    for _ in 0..2 {
-        let mut child = spawn_exporter_process(&server, &tsdb, &log, &extra);
-        tokio::time::sleep(Duration::from_millis(400 + random_below(600))).await;
-        kill(&mut child);
+    let streamer = stream(&server, &client, "vm", 1, 1500.0);
+    for i in 0..2 {
+        let id = format!("v-{i}");
+        let mut exporter =
+            start_exporter_process(&server, &tsdb, &[("BATCH_SAMPLES", "100"), ("EXPORTER_ID", &id)]);
+        wait_active(&probe, &id).await;
+        tokio::time::sleep(Duration::from_millis(random_below(600))).await;
+        exporter.kill();
     }
     assert_eq!(streamer.await.expect("streamer"), 2470);
-    wait_stored(&client, 2470, Duration::from_secs(60)).await;
-    let mut child = spawn_exporter_process(&server, &tsdb, &log, &extra);
-    let cp = wait_accounted(&client, 2470, Duration::from_secs(60)).await;
-    kill(&mut child);
+    probe.wait_drained(2470, SLOW).await;
+    let mut exporter = start_exporter_process(&server, &tsdb, &[("BATCH_SAMPLES", "100")]);
+    let cp = wait_exported(&probe, 2470).await;
+    exporter.kill();
     assert_eq!((cp.records, cp.rejected), (2470, 0), "{cp:?}");
-    let expected = expected_samples(&client).await;
+    let expected = expected_samples(&probe).await;
+    // VictoriaMetrics makes new samples searchable within about a second.
     let ok = telemetry_harness::eventually(Duration::from_secs(10), || async {
         tsdb.count_over_time("DCGM_.+", "3h", query_time())
             .await
@@ -41,7 +43,7 @@ async fn the_sample_lands_once_in_victoria_metrics_through_sigkills() {
             == expected.len()
     })
     .await;
-    assert!(ok, "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(ok, "log:\n{}", exporter.log());
     assert_exactly_once(&tsdb, &expected).await;
     collector.shutdown().await.expect("collector ran");
 }
@@ -52,18 +54,18 @@ async fn victoria_metrics_without_deduplication_is_refused() {
         eprintln!("skipped: victoria-metrics is not installed");
         return;
     }
-    let (server, client) = etcd().await;
+    let (server, client, _probe) = etcd().await;
     let tsdb = Tsdb::start(TsdbKind::VictoriaMetrics { dedup: None })
         .await
         .expect("victoria-metrics starts");
     let config = exporter_config(&server, &tsdb, &[]);
-    let err = telemetry_exporter::run(config, client.clone(), tokio_util::sync::CancellationToken::new())
+    let err = telemetry_exporter::run(config, client.clone(), CancellationToken::new())
         .await
         .expect_err("refused");
     assert!(err.to_string().contains("-dedup.minScrapeInterval"), "{err}");
     // With SERVER_CHECK=warn it runs (and says why it is unsafe).
     let config = exporter_config(&server, &tsdb, &[("SERVER_CHECK", "warn")]);
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = CancellationToken::new();
     let task = tokio::spawn(telemetry_exporter::run(config, client.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();

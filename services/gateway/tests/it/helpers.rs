@@ -40,6 +40,28 @@ pub async fn stream_sample(server: &EtcdServer, client: &Client, stream_id: &str
     assert_eq!(stream_csv(server, client, &sample_csv(), stream_id).await, 2470);
 }
 
+/// A one-shot streamer config over `csv` as `stream_id`, with `extra` variables.
+pub fn streamer_config(
+    server: &EtcdServer,
+    csv: &std::path::Path,
+    stream_id: &str,
+    extra: &[(&str, &str)],
+) -> StreamerConfig {
+    let csv = csv.display().to_string();
+    let mut pairs = vec![
+        ("CSV_PATH", csv.as_str()),
+        ("RATE", "0"),
+        ("LOOP", "false"),
+        ("STREAM_ID", stream_id),
+        ("MAX_QUEUE_DEPTH", "0"),
+    ];
+    for (k, v) in extra {
+        pairs.retain(|(key, _)| key != k);
+        pairs.push((k, v));
+    }
+    StreamerConfig::from_vars(vars(server, &pairs), &Flags::default()).expect("streamer config")
+}
+
 /// The streamer, one-shot over `csv`; returns how many messages it enqueued.
 pub async fn stream_csv(server: &EtcdServer, client: &Client, csv: &std::path::Path, stream_id: &str) -> u64 {
     let csv = csv.display().to_string();

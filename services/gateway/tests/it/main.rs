@@ -9,4 +9,5 @@ mod lean;
 mod metrics;
 mod openapi;
 mod rest;
+mod window;
 mod ws;

@@ -205,7 +205,16 @@ fn candidates(param: &Param) -> Vec<Value> {
     if s["type"] == "integer" {
         for bound in ["minimum", "maximum"] {
             if let Some(n) = s[bound].as_i64() {
-                out.extend([json!(n - 1), json!(n), json!(n + 1)]);
+                out.push(json!(n));
+                // Just outside and just inside the bound; past i64 it is a longer number.
+                out.push(
+                    n.checked_sub(1)
+                        .map_or_else(|| json!(format!("-{n}0")), |m| json!(m)),
+                );
+                out.push(
+                    n.checked_add(1)
+                        .map_or_else(|| json!(format!("{n}0")), |m| json!(m)),
+                );
             }
         }
         out.extend([json!("x"), json!(""), json!(1.5)]);

@@ -3,39 +3,38 @@
 
 use std::time::Duration;
 
-use telemetry_shared::{Keyspace, SchemaVersion};
+use telemetry_shared::SchemaVersion;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
 #[tokio::test]
 async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     // A batch far above the per-transaction limit: the sink must split it into <= 128-op txns.
-    let cfg = config(&server, &sample_csv(), &[("BATCH_SIZE", "1000")]);
+    let cfg = config(&server, &sample::path(), &[("BATCH_SIZE", "1000")]);
     let totals = telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
         .await
         .expect("run succeeds");
-    assert_eq!(totals.enqueued, 2470);
+    assert_eq!(totals.enqueued, sample::ROWS);
     assert_eq!((totals.duplicates, totals.skipped, totals.passes), (0, 0, 1));
 
-    let queue = queue(&client).await;
-    assert_eq!(queue.len(), 2470);
-    assert_rows_exactly_once(&queue, "test-w0", 0, 2470);
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
-    assert_eq!((cp.pass, cp.row, cp.pass_complete), (0, 2470, true));
+    let queue = probe.queue().await;
+    assert_eq!(queue.len() as u64, sample::ROWS);
+    assert_rows_exactly_once(queue.values(), "test-w0", 0, sample::ROWS);
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
+    assert_eq!((cp.pass, cp.row, cp.pass_complete), (0, sample::ROWS, true));
 
     // One dedup marker per message, all attached to one shared (bucket) lease.
-    let keys = Keyspace::new(NS);
     let markers = client
         .clone()
         .get(
-            keys.dedup_prefix(),
+            probe.keys().dedup_prefix(),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await
         .expect("markers");
-    assert_eq!(markers.kvs().len(), 2470);
+    assert_eq!(markers.kvs().len() as u64, sample::ROWS);
     let leases: std::collections::BTreeSet<i64> = markers.kvs().iter().map(|kv| kv.lease()).collect();
     assert!(
         leases.len() <= 2 && !leases.contains(&0),
@@ -46,7 +45,7 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
     let schema: serde_json::Value = serde_json::from_str(SchemaVersion::V1.json_schema()).expect("schema");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
     for (key, msg) in &queue {
-        let (partition, id) = keys.parse_queue_entry(key).expect("queue key layout");
+        let (partition, id) = probe.keys().parse_queue_entry(key).expect("queue key layout");
         assert_eq!(id, msg.id.to_string());
         assert!(partition < telemetry_shared::keys::QUEUE_PARTITIONS);
         let value = serde_json::to_value(msg).expect("encodes");
@@ -54,7 +53,7 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
             validator.is_valid(&value),
             "message {key} does not match schemas/v1.json"
         );
-        assert_eq!(msg.fields.len(), 12);
+        assert_eq!(msg.fields.len(), sample::COLUMNS);
         assert!(msg.fields["gpu_id"].is_f64());
         assert!(msg.fields["value"].is_f64());
         assert_eq!(msg.fields["container"], serde_json::json!(""));
@@ -70,39 +69,40 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
 
 #[tokio::test]
 async fn sigkill_mid_file_then_restart_enqueues_each_row_exactly_once() {
-    let (server, client) = etcd().await;
-    let csv = sample_csv();
+    let (server, _client, probe) = etcd().await;
+    let csv = sample::path();
     // Rate-limited so that the kill lands mid-file.
     let mut child = spawn_binary(&server, &csv, &[("RATE", "400"), ("BATCH_SIZE", "7")]);
-    wait_for_depth(&client, 300).await;
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+    probe.wait_for_depth(300, Duration::from_secs(30)).await;
+    child.kill();
 
-    let depth = queue_depth(&client).await;
-    assert!(depth > 0 && depth < 2470, "killed mid-file (depth {depth})");
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let depth = probe.queue_depth().await;
+    assert!(
+        depth > 0 && (depth as u64) < sample::ROWS,
+        "killed mid-file (depth {depth})"
+    );
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     assert_eq!(
         cp.row as i64, depth,
         "the checkpoint is exactly what was enqueued"
     );
     assert!(!cp.pass_complete);
 
-    let restarted = spawn_binary(&server, &csv, &[]);
-    let out = restarted.wait_with_output().expect("waits");
+    let mut restarted = spawn_binary(&server, &csv, &[]);
     assert!(
-        out.status.success(),
+        restarted.wait().await.success(),
         "restart exits 0: {}",
-        String::from_utf8_lossy(&out.stderr)
+        restarted.log()
     );
-    let queue = queue(&client).await;
-    assert_eq!(queue.len(), 2470);
-    assert_rows_exactly_once(&queue, "test-w0", 0, 2470);
+    let queue = probe.queue().await;
+    assert_eq!(queue.len() as u64, sample::ROWS);
+    assert_rows_exactly_once(queue.values(), "test-w0", 0, sample::ROWS);
 }
 
 #[tokio::test]
 async fn two_concurrent_streamers_with_the_same_id_enqueue_each_row_once() {
-    let (server, client) = etcd().await;
-    let cfg = config(&server, &sample_csv(), &[("BATCH_SIZE", "13")]);
+    let (server, client, probe) = etcd().await;
+    let cfg = config(&server, &sample::path(), &[("BATCH_SIZE", "13")]);
     let a = tokio::spawn(telemetry_streamer::run(
         cfg.clone(),
         client.clone(),
@@ -115,62 +115,60 @@ async fn two_concurrent_streamers_with_the_same_id_enqueue_each_row_once() {
     ));
     let ta = a.await.expect("joins").expect("a succeeds");
     let tb = b.await.expect("joins").expect("b succeeds");
-    assert_eq!(ta.enqueued + tb.enqueued, 2470, "a {ta:?} b {tb:?}");
-    let queue = queue(&client).await;
-    assert_eq!(queue.len(), 2470);
-    assert_rows_exactly_once(&queue, "test-w0", 0, 2470);
+    assert_eq!(ta.enqueued + tb.enqueued, sample::ROWS, "a {ta:?} b {tb:?}");
+    let queue = probe.queue().await;
+    assert_eq!(queue.len() as u64, sample::ROWS);
+    assert_rows_exactly_once(queue.values(), "test-w0", 0, sample::ROWS);
 }
 
 #[tokio::test]
 async fn two_concurrent_processes_with_the_same_id_enqueue_each_row_once() {
-    let (server, client) = etcd().await;
-    let csv = sample_csv();
+    let (server, _client, probe) = etcd().await;
+    let csv = sample::path();
     let a = spawn_binary(&server, &csv, &[("BATCH_SIZE", "5"), ("RATE", "2000")]);
     let b = spawn_binary(&server, &csv, &[("BATCH_SIZE", "5"), ("RATE", "2000")]);
-    for child in [a, b] {
-        let out = child.wait_with_output().expect("waits");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for mut child in [a, b] {
+        assert!(child.wait().await.success(), "{}", child.log());
     }
-    let queue = queue(&client).await;
-    assert_eq!(queue.len(), 2470);
-    assert_rows_exactly_once(&queue, "test-w0", 0, 2470);
+    let queue = probe.queue().await;
+    assert_eq!(queue.len() as u64, sample::ROWS);
+    assert_rows_exactly_once(queue.values(), "test-w0", 0, sample::ROWS);
 }
 
 #[tokio::test]
 async fn re_sent_rows_are_absorbed_by_the_dedup_marker() {
-    let (server, client) = etcd().await;
-    let cfg = config(&server, &sample_csv(), &[]);
+    let (server, client, probe) = etcd().await;
+    let cfg = config(&server, &sample::path(), &[]);
     let first = telemetry_streamer::run(cfg.clone(), client.clone(), CancellationToken::new())
         .await
         .expect("first run");
-    assert_eq!(first.enqueued, 2470);
+    assert_eq!(first.enqueued, sample::ROWS);
     // Forget the checkpoint: the streamer re-sends every row of pass 0 with new message ids.
     client
         .clone()
-        .delete(Keyspace::new(NS).stream_checkpoint("test-w0"), None)
+        .delete(probe.keys().stream_checkpoint("test-w0"), None)
         .await
         .expect("delete checkpoint");
     let second = telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
         .await
         .expect("second run");
-    assert_eq!((second.enqueued, second.duplicates), (0, 2470));
-    assert_eq!(queue_depth(&client).await, 2470);
+    assert_eq!((second.enqueued, second.duplicates), (0, sample::ROWS));
+    assert_eq!(probe.queue_depth().await as u64, sample::ROWS);
 }
 
 #[tokio::test]
 async fn each_worker_streams_the_whole_file_under_its_own_stream_id() {
-    let (server, client) = etcd().await;
-    let cfg = config(&server, &sample_csv(), &[("WORKERS", "3")]);
+    let (server, client, probe) = etcd().await;
+    let cfg = config(&server, &sample::path(), &[("WORKERS", "3")]);
     let totals = telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
         .await
         .expect("run");
-    assert_eq!(totals.enqueued, 3 * 2470);
-    let queue = queue(&client).await;
+    assert_eq!(totals.enqueued, 3 * sample::ROWS);
+    let queue = probe.queue().await;
     for w in 0..3 {
-        assert_rows_exactly_once(&queue, &format!("test-w{w}"), 0, 2470);
+        assert_rows_exactly_once(queue.values(), &format!("test-w{w}"), 0, sample::ROWS);
     }
     // Idempotency keys differ between workers (they are different streams).
     let keys: std::collections::BTreeSet<&str> = queue.values().map(|m| m.idempotency_key.as_str()).collect();
-    assert_eq!(keys.len(), 3 * 2470);
-    let _ = Duration::ZERO;
+    assert_eq!(keys.len() as u64, 3 * sample::ROWS);
 }

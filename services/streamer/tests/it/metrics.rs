@@ -3,33 +3,32 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use nix::{sys::signal::Signal, unistd::Pid};
 use telemetry_shared::observe::SHARED_METRICS;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::helpers::*;
 
 #[tokio::test]
 async fn the_metrics_endpoint_passes_promtool_and_matches_the_table() {
-    let (server, client) = etcd().await;
-    let port = telemetry_harness::free_port().expect("a free port").to_string();
+    let (server, _client, probe) = etcd().await;
+    let port = telemetry_harness::free_port().expect("a free port");
+    let port_var = port.to_string();
     // A malformed row (row 2) so that the skip counter moves too.
     let csv = temp_csv(b"a,b\n1,x\n2\n3,z\n");
-    let child = spawn_binary(
+    let mut child = spawn_binary(
         &server,
         csv.path(),
         &[
             ("LOOP", "true"),
-            ("METRICS_PORT", port.as_str()),
+            ("METRICS_PORT", port_var.as_str()),
             ("BATCH_SIZE", "1"),
         ],
     );
-    wait_for_depth(&client, 4).await;
-    let text = scrape(&port).await;
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
-    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let out = child.wait_with_output().expect("waits");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    probe.wait_for_depth(4, Duration::from_secs(30)).await;
+    let text = telemetry_harness::scrape_metrics(port)
+        .await
+        .expect("the metrics endpoint answers");
+    child.terminate().expect("SIGTERM");
+    assert!(child.wait().await.success(), "{}", child.log());
 
     if let Err(complaints) = telemetry_harness::promtool_check_metrics(&text) {
         panic!("promtool check metrics:\n{complaints}\n{text}");
@@ -57,26 +56,4 @@ async fn the_metrics_endpoint_passes_promtool_and_matches_the_table() {
         assert!(exported.contains(name), "{name} missing:\n{text}");
     }
     assert!(text.contains("# TYPE streamer_txn_seconds histogram"), "{text}");
-}
-
-/// `GET /metrics` on the local `port`, retried until the endpoint answers.
-async fn scrape(port: &str) -> String {
-    for _ in 0..100 {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await {
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await
-                .expect("request");
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.expect("response");
-            let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-            assert!(
-                head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-                "{head}"
-            );
-            return body.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the metrics endpoint on port {port} never answered");
 }

@@ -3,33 +3,31 @@
 use std::time::Duration;
 
 use etcd_client::{DeleteOptions, GetOptions};
-use nix::{sys::signal::Signal, unistd::Pid};
-use telemetry_shared::Keyspace;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
 #[tokio::test]
 async fn loop_mode_produces_new_messages_each_pass_and_stops_cleanly() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let csv = temp_csv(b"a,b\n1,x\n2,y\n3,z\n");
     let cfg = config(&server, csv.path(), &[("LOOP", "true")]);
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
-    wait_for_depth(&client, 9).await;
+    probe.wait_for_depth(9, Duration::from_secs(30)).await;
     shutdown.cancel();
     let totals = run.await.expect("joins").expect("stops cleanly");
     assert!(totals.passes >= 3, "{totals:?}");
-    let queue = queue(&client).await;
+    let queue = probe.queue().await;
     assert_eq!(queue.len() as u64, totals.enqueued);
     for pass in 0..3 {
-        assert_rows_exactly_once(&queue, "test-w0", pass, 3);
+        assert_rows_exactly_once(queue.values(), "test-w0", pass, 3);
     }
     // New messages each pass: distinct ids and distinct idempotency keys.
     let keys: std::collections::BTreeSet<&str> = queue.values().map(|m| m.idempotency_key.as_str()).collect();
     assert_eq!(keys.len(), queue.len());
     // The checkpoint is consistent with what is queued.
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     let in_pass = queue
         .values()
         .filter(|m| m.source.as_ref().is_some_and(|s| s.pass == cp.pass))
@@ -39,11 +37,11 @@ async fn loop_mode_produces_new_messages_each_pass_and_stops_cleanly() {
 
 #[tokio::test]
 async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let (limit, batch, workers) = (200i64, 10i64, 2i64);
     let cfg = config(
         &server,
-        &sample_csv(),
+        &sample::path(),
         &[("MAX_QUEUE_DEPTH", "200"), ("BATCH_SIZE", "10"), ("WORKERS", "2")],
     );
     let run = tokio::spawn(telemetry_streamer::run(
@@ -51,17 +49,17 @@ async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
         client.clone(),
         CancellationToken::new(),
     ));
-    let keys = Keyspace::new(NS);
+    let keys = probe.keys();
     let mut max_seen = 0;
     let mut drained = 0i64;
     let mut saw_full_and_waiting = false;
     // A slow stand-in collector: drains 150 entries at a time, and only when the queue is full.
     while !run.is_finished() {
-        let depth = queue_depth(&client).await;
+        let depth = probe.queue_depth().await;
         max_seen = max_seen.max(depth);
         if depth >= limit {
             tokio::time::sleep(Duration::from_millis(150)).await;
-            let after = queue_depth(&client).await;
+            let after = probe.queue_depth().await;
             max_seen = max_seen.max(after);
             saw_full_and_waiting |= after <= limit + workers * batch;
             // Drain up to 150 entries with one range delete.
@@ -88,13 +86,17 @@ async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
         }
     }
     let totals = run.await.expect("joins").expect("run succeeds");
-    assert_eq!(totals.enqueued, 2 * 2470);
+    assert_eq!(totals.enqueued, 2 * sample::ROWS);
     assert!(saw_full_and_waiting, "the streamer waited at the limit");
     assert!(
         max_seen <= limit + workers * batch,
         "depth {max_seen} exceeded the limit by more than one batch per worker"
     );
-    assert_eq!(drained + queue_depth(&client).await, 2 * 2470, "no row dropped");
+    assert_eq!(
+        (drained + probe.queue_depth().await) as u64,
+        2 * sample::ROWS,
+        "no row dropped"
+    );
     let _ = client
         .clone()
         .delete(keys.queue_prefix(), Some(DeleteOptions::new().with_prefix()))
@@ -103,29 +105,25 @@ async fn backpressure_waits_at_max_queue_depth_and_drops_nothing() {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_exits_zero() {
-    let (server, client) = etcd().await;
-    let csv = sample_csv();
-    let child = spawn_binary(&server, &csv, &[("RATE", "300")]);
-    wait_for_depth(&client, 100).await;
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
-    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let out = child.wait_with_output().expect("waits");
-    assert!(out.status.success(), "exit 0 on SIGTERM: {:?}", out.status);
-    let depth = queue_depth(&client).await;
-    assert!(depth < 2470, "stopped before the end ({depth})");
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let (server, _client, probe) = etcd().await;
+    let csv = sample::path();
+    let mut child = spawn_binary(&server, &csv, &[("RATE", "300")]);
+    probe.wait_for_depth(100, Duration::from_secs(30)).await;
+    child.terminate().expect("SIGTERM");
+    let status = child.wait().await;
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+    let depth = probe.queue_depth().await;
+    assert!((depth as u64) < sample::ROWS, "stopped before the end ({depth})");
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     assert_eq!(cp.row as i64, depth, "checkpoint consistent with the queue");
     // And a restart completes the pass exactly once.
-    let out = spawn_binary(&server, &csv, &[])
-        .wait_with_output()
-        .expect("waits");
-    assert!(out.status.success());
-    assert_rows_exactly_once(&queue(&client).await, "test-w0", 0, 2470);
+    assert!(spawn_binary(&server, &csv, &[]).wait().await.success());
+    assert_rows_exactly_once(probe.queue().await.values(), "test-w0", 0, sample::ROWS);
 }
 
 #[tokio::test]
 async fn fractional_rate_is_kept_per_worker() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let mut csv = b"n\n".to_vec();
     for i in 0..11 {
         csv.extend_from_slice(format!("{i}\n").as_bytes());
@@ -136,7 +134,7 @@ async fn fractional_rate_is_kept_per_worker() {
     telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
         .await
         .expect("run");
-    let queue = queue(&client).await;
+    let queue = probe.queue().await;
     for w in 0..2 {
         let mut times: Vec<_> = queue
             .values()
@@ -161,24 +159,17 @@ async fn fractional_rate_is_kept_per_worker() {
 
 #[tokio::test]
 async fn configuration_errors_name_the_variable_and_missing_files_name_the_path() {
-    let (server, _client) = etcd().await;
+    let (server, _client, _probe) = etcd().await;
     let missing = std::path::Path::new("/nonexistent/telemetry.csv");
-    let out = spawn_binary(&server, missing, &[])
-        .wait_with_output()
-        .expect("runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/telemetry.csv"));
+    let mut p = spawn_binary(&server, missing, &[]);
+    assert!(!p.wait().await.success());
+    assert!(p.log().contains("/nonexistent/telemetry.csv"), "{}", p.log());
 
-    let out = spawn_binary(&server, &sample_csv(), &[("RATE", "fast")])
-        .wait_with_output()
-        .expect("runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("RATE"));
+    let mut p = spawn_binary(&server, &sample::path(), &[("RATE", "fast")]);
+    assert!(!p.wait().await.success());
+    assert!(p.log().contains("RATE"), "{}", p.log());
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_telemetry-streamer"))
-        .env_clear()
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CSV_PATH"));
+    let mut p = binary().start().expect("starts");
+    assert!(!p.wait().await.success());
+    assert!(p.log().contains("CSV_PATH"), "{}", p.log());
 }

@@ -12,7 +12,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn malformed_rows_are_skipped_and_counted_and_quoting_crlf_bom_work() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let mut bytes = b"\xEF\xBB\xBFname,count,note\r\n".to_vec();
     bytes.extend_from_slice(b"a,1,plain\r\n"); // row 1 ok
     bytes.extend_from_slice(b"b,2\r\n"); // row 2 too few fields
@@ -29,7 +29,7 @@ async fn malformed_rows_are_skipped_and_counted_and_quoting_crlf_bom_work() {
     .await
     .expect("run");
     assert_eq!((totals.enqueued, totals.skipped), (3, 3));
-    let queue = queue(&client).await;
+    let queue = probe.queue().await;
     let mut rows: Vec<_> = queue.values().collect();
     rows.sort_by_key(|m| m.source.as_ref().map(|s| s.row));
     let rows_seen: Vec<u64> = rows
@@ -45,7 +45,7 @@ async fn malformed_rows_are_skipped_and_counted_and_quoting_crlf_bom_work() {
     assert_eq!(rows[1].fields["name"], json!("e, with comma"));
     assert_eq!(rows[1].fields["note"], json!("say \"hi\"\nnext line"));
     assert_eq!(rows[2].fields["note"], json!("last"));
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     assert_eq!(
         (cp.row, cp.pass_complete),
         (6, true),
@@ -55,7 +55,7 @@ async fn malformed_rows_are_skipped_and_counted_and_quoting_crlf_bom_work() {
 
 #[tokio::test]
 async fn values_are_typed_by_the_documented_rules() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let csv = temp_csv(
         b"num,flag,mixed,text,blank\n\
           1,true,true,GPU-1,\n\
@@ -70,7 +70,7 @@ async fn values_are_typed_by_the_documented_rules() {
     )
     .await
     .expect("run");
-    let mut rows: Vec<_> = queue(&client).await.into_values().collect();
+    let mut rows: Vec<_> = probe.queue().await.into_values().collect();
     rows.sort_by_key(|m| m.source.as_ref().map(|s| s.row));
     let col = |name: &str| rows.iter().map(|m| m.fields[name].clone()).collect::<Vec<_>>();
     // A column of numbers stays numeric even where a value is 1 or 0.
@@ -97,11 +97,11 @@ async fn values_are_typed_by_the_documented_rules() {
 
 #[test]
 fn sample_types_and_line_numbers() {
-    let path = sample_csv();
+    let path = sample::path();
     let types = ColumnTypes::scan(&path).expect("scan");
-    assert_eq!(types.data_rows(), 2470);
+    assert_eq!(types.data_rows(), sample::ROWS);
     let mut source = CsvSource::open(&path).expect("open");
-    assert_eq!(source.headers().len(), 12);
+    assert_eq!(source.headers().len(), sample::COLUMNS);
     let Some(SourceItem::Row(first)) = source.next_item().expect("read") else {
         panic!("first row is valid");
     };

@@ -2,8 +2,6 @@
 //! means nothing in another file, so the same `STREAM_ID` on a different or edited file is
 //! refused rather than resumed.
 
-use etcd_client::Client;
-use telemetry_shared::Keyspace;
 use telemetry_streamer::StreamerError;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +13,7 @@ const FILE_B: &[u8] = b"gpu,value\n0,1.5\n1,9.9\n2,3.5\n3,4.5\n";
 
 #[tokio::test]
 async fn same_stream_id_on_an_edited_file_is_refused_and_enqueues_nothing() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let csv = temp_csv(FILE_A);
     let totals = telemetry_streamer::run(
         config(&server, csv.path(), &[]),
@@ -25,7 +23,7 @@ async fn same_stream_id_on_an_edited_file_is_refused_and_enqueues_nothing() {
     .await
     .expect("first run on file A");
     assert_eq!(totals.enqueued, 3);
-    let before = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let before = probe.checkpoint("test-w0").await.expect("checkpoint");
 
     // The same path, edited: the stored row number no longer describes this content.
     std::fs::write(csv.path(), FILE_B).expect("edit the file");
@@ -43,20 +41,19 @@ async fn same_stream_id_on_an_edited_file_is_refused_and_enqueues_nothing() {
         text.contains("STREAM_ID"),
         "says how to start a new stream: {text}"
     );
-    assert_eq!(queue_depth(&client).await, 3, "nothing more enqueued");
-    assert_eq!(checkpoint(&client, "test-w0").await, Some(before));
+    assert_eq!(probe.queue_depth().await, 3, "nothing more enqueued");
+    assert_eq!(probe.checkpoint("test-w0").await, Some(before));
 
     // The binary says the same and exits non-zero.
-    let out = spawn_binary(&server, csv.path(), &[])
-        .wait_with_output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "exits non-zero: {stderr}");
+    let mut binary = spawn_binary(&server, csv.path(), &[]);
+    let status = binary.wait().await;
+    let stderr = binary.log();
+    assert!(!status.success(), "exits non-zero: {stderr}");
     assert!(
         stderr.contains("test-w0") && stderr.contains("STREAM_ID"),
         "{stderr}"
     );
-    assert_eq!(queue_depth(&client).await, 3, "nothing more enqueued");
+    assert_eq!(probe.queue_depth().await, 3, "nothing more enqueued");
 
     // Another STREAM_ID streams file B from its first row.
     let totals = telemetry_streamer::run(
@@ -71,7 +68,7 @@ async fn same_stream_id_on_an_edited_file_is_refused_and_enqueues_nothing() {
 
 #[tokio::test]
 async fn of_two_concurrent_streamers_with_the_same_id_on_different_files_the_first_to_commit_wins() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let a = temp_csv(FILE_A);
     let b = temp_csv(FILE_B);
     // Both start on a new stream, so both pass the start-up check. Whichever commits first
@@ -98,8 +95,8 @@ async fn of_two_concurrent_streamers_with_the_same_id_on_different_files_the_fir
     // The queue holds exactly the winner's file, each row once.
     let rows = winner.1.iter().filter(|&&b| b == b'\n').count() as u64 - 1;
     assert_eq!(winner.0.enqueued, rows);
-    let queue = queue(&client).await;
-    assert_rows_exactly_once(&queue, "test-w0", 0, rows);
+    let queue = probe.queue().await;
+    assert_rows_exactly_once(queue.values(), "test-w0", 0, rows);
     let expected = format!("{}", String::from_utf8_lossy(winner.1));
     for msg in queue.values() {
         let row = msg.source.as_ref().expect("source").row as usize;
@@ -117,10 +114,10 @@ async fn of_two_concurrent_streamers_with_the_same_id_on_different_files_the_fir
 
 #[tokio::test]
 async fn a_checkpoint_without_a_fingerprint_adopts_the_current_file() {
-    let (server, client) = etcd().await;
+    let (server, client, probe) = etcd().await;
     let csv = temp_csv(FILE_A);
     // A checkpoint as the previous release wrote it: row 1 of pass 0 done, no fingerprint.
-    put_checkpoint(&client, "test-w0", r#"{"pass":0,"row":1,"pass_complete":false}"#).await;
+    put_checkpoint(&probe, "test-w0", r#"{"pass":0,"row":1,"pass_complete":false}"#).await;
     let totals = telemetry_streamer::run(
         config(&server, csv.path(), &[]),
         client.clone(),
@@ -129,7 +126,7 @@ async fn a_checkpoint_without_a_fingerprint_adopts_the_current_file() {
     .await
     .expect("resumes");
     assert_eq!(totals.enqueued, 2, "rows 2 and 3");
-    let cp = checkpoint(&client, "test-w0").await.expect("checkpoint");
+    let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     assert_eq!((cp.row, cp.pass_complete), (3, true));
     assert!(
         cp.source_fingerprint.is_some(),
@@ -148,10 +145,11 @@ async fn a_checkpoint_without_a_fingerprint_adopts_the_current_file() {
     assert!(err.to_string().contains("different file"), "{err}");
 }
 
-async fn put_checkpoint(client: &Client, stream: &str, json: &str) {
-    client
+async fn put_checkpoint(probe: &Probe, stream: &str, json: &str) {
+    probe
+        .client()
         .clone()
-        .put(Keyspace::new(NS).stream_checkpoint(stream), json, None)
+        .put(probe.keys().stream_checkpoint(stream), json, None)
         .await
         .expect("put checkpoint");
 }

@@ -1,5 +1,6 @@
-//! Gateway phases of `telemetry-bench`: "last 100 points of one GPU" with a million points
-//! stored, and WebSocket write-to-delivery latency with 100 subscribers.
+//! Gateway figures of `telemetry-bench`: "last 100 points of one GPU" with a million points
+//! stored, WebSocket write-to-delivery latency, and the load tests (a thousand concurrent REST
+//! clients, a thousand WebSocket subscribers at once).
 
 use std::{
     collections::HashMap,
@@ -10,41 +11,13 @@ use std::{
 use anyhow::Context as _;
 use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use futures::StreamExt as _;
-use telemetry_harness::EtcdServer;
 use telemetry_shared::{Fields, Keyspace, Message, SchemaVersion, Timestamp, model::GpuInfo};
-use tokio_util::sync::CancellationToken;
+
+use super::{Percentiles, percentiles};
 
 /// GPUs the stored points are spread over (the DCGM sample has 247).
 pub const GPUS: usize = 250;
 const HOSTS: usize = 32;
-
-/// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Samples.
-    pub n: usize,
-}
-
-/// Percentiles of `samples` (milliseconds).
-pub fn percentiles(mut samples: Vec<f64>) -> Percentiles {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        if samples.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples[i]
-    };
-    Percentiles {
-        p50: at(0.5),
-        p99: at(0.99),
-        n: samples.len(),
-    }
-}
 
 fn gpu(i: usize) -> (String, String, String) {
     let host = format!("bench-host-{:02}", i % HOSTS);
@@ -113,6 +86,12 @@ pub async fn load_points(client: &Client, keys: &Keyspace, points: usize) -> any
     while let Some(result) = tasks.join_next().await {
         result??;
     }
+    write_index(client, keys, Timestamp::from_datetime(now)).await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The GPU and host index entries of the [`GPUS`] GPUs, last seen `now`.
+async fn write_index(client: &Client, keys: &Keyspace, now: Timestamp) -> anyhow::Result<()> {
     let mut client = client.clone();
     for i in 0..GPUS {
         let (hostname, gpu_id, uuid) = gpu(i);
@@ -122,7 +101,7 @@ pub async fn load_points(client: &Client, keys: &Keyspace, points: usize) -> any
             device: Some(format!("nvidia{gpu_id}")),
             gpu_id,
             model: Some("NVIDIA H100 80GB HBM3".into()),
-            last_seen: Timestamp::from_datetime(now),
+            last_seen: now,
         };
         client
             .put(keys.gpu_index(&uuid), serde_json::to_vec(&info)?, None)
@@ -131,49 +110,7 @@ pub async fn load_points(client: &Client, keys: &Keyspace, points: usize) -> any
             .put(keys.host_index(&hostname), hostname.clone(), None)
             .await?;
     }
-    Ok(started.elapsed().as_secs_f64())
-}
-
-/// A gateway served in process on a free loopback port.
-pub struct Gateway {
-    /// `127.0.0.1:{port}`.
-    pub addr: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), telemetry_gateway::GatewayError>>,
-}
-
-impl Gateway {
-    /// Starts a gateway over `server` with the given extra variables.
-    pub async fn start(
-        server: &EtcdServer,
-        client: &Client,
-        namespace: &str,
-        extra: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let mut vars = vec![
-            ("ETCD_ENDPOINTS".to_string(), server.endpoint()),
-            ("ETCD_NAMESPACE".to_string(), namespace.to_string()),
-        ];
-        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let config = telemetry_gateway::GatewayConfig::from_vars(vars)?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(telemetry_gateway::run(
-            config,
-            listener,
-            client.clone(),
-            stop.clone(),
-        ));
-        Ok(Gateway { addr, stop, task })
-    }
-
-    /// Stops it.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.task.await??;
-        Ok(())
-    }
+    Ok(())
 }
 
 /// p50/p99 of `GET /api/v1/gpus/{uuid}/telemetry?limit=100` (newest first) over `requests`
@@ -318,91 +255,19 @@ pub async fn ws_deliveries(
     let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
     let mut errors = Vec::new();
     let mut readers = tokio::task::JoinSet::new();
-    let mut subscribed = 0;
     for s in 0..subscribers {
         let url = format!("ws://{addr}/api/v1/ws/telemetry");
-        let connected = async {
-            let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
-            socket.next().await.context("closed before its hello")??;
-            anyhow::Ok(socket)
+        match subscribe(&url).await {
+            Ok(socket) => {
+                readers.spawn(read_deliveries(socket, writes, sent.clone(), samples.clone(), s));
+            }
+            Err(err) => errors.push(format!("subscriber {s}: subscribing to {url}: {err:#}")),
         }
-        .await;
-        let mut socket = match connected {
-            Ok(socket) => socket,
-            Err(err) => {
-                errors.push(format!("subscriber {s}: subscribing to {url}: {err:#}"));
-                continue;
-            }
-        };
-        subscribed += 1;
-        let (sent, samples) = (sent.clone(), samples.clone());
-        readers.spawn(async move {
-            let mut got = 0;
-            let result = async {
-                while got < writes {
-                    let Some(msg) = socket.next().await else {
-                        anyhow::bail!("closed after {got} of {writes} records");
-                    };
-                    let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else {
-                        continue;
-                    };
-                    let arrived = Instant::now();
-                    let frame: serde_json::Value = serde_json::from_str(&text)?;
-                    anyhow::ensure!(frame["type"] != "error", "server closed it: {frame}");
-                    for record in frame["records"].as_array().into_iter().flatten() {
-                        let id = record["id"].as_str().unwrap_or_default();
-                        let at = lock(&sent)?.get(id).copied();
-                        if let Some(at) = at {
-                            lock(&samples)?.push((arrived - at).as_secs_f64() * 1000.0);
-                        }
-                        got += 1;
-                    }
-                }
-                anyhow::Ok(())
-            }
-            .await;
-            result.map_err(|err| format!("subscriber {s}: {err:#}"))
-        });
     }
+    let subscribed = readers.len();
     let started = Instant::now();
-    let mut client = client.clone();
-    let period = Duration::from_secs_f64(1.0 / rate);
-    let mut tick = tokio::time::interval(period);
-    for n in 0..writes {
-        tick.tick().await;
-        let at = Timestamp::now();
-        let (_, message) = record(
-            n % GPUS,
-            at,
-            (1u128 << 64) + n as u128,
-            "DCGM_FI_DEV_POWER_USAGE",
-            300.0,
-        );
-        let (host, gpu_id, _) = gpu(n % GPUS);
-        let key = keys.data_record(&host, &gpu_id, &at.to_string(), &message.id.to_string());
-        let value = serde_json::to_vec(&message)?;
-        lock(&sent)?.insert(message.id.to_string(), Instant::now());
-        client.put(key, value, None).await?;
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio::time::timeout_at(deadline, readers.join_next()).await {
-            Ok(None) => break,
-            Ok(Some(result)) => {
-                if let Err(err) = result? {
-                    errors.push(err);
-                }
-            }
-            Err(_) => {
-                errors.push(format!(
-                    "{} subscriber(s) did not receive every write within 60 s",
-                    readers.len()
-                ));
-                readers.abort_all();
-                break;
-            }
-        }
-    }
+    write_records(client, keys, writes, rate, &sent).await?;
+    errors.extend(join_readers(readers, Duration::from_secs(60)).await?);
     let seconds = started.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut *lock(&samples)?);
     if errors.is_empty() && samples.len() != subscribed * writes {
@@ -417,4 +282,108 @@ pub async fn ws_deliveries(
         errors,
         seconds,
     })
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects a subscriber and waits for its hello.
+async fn subscribe(url: &str) -> anyhow::Result<Socket> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    socket.next().await.context("closed before its hello")??;
+    Ok(socket)
+}
+
+/// Reads until `writes` records arrived, recording each one's latency from its write (looked
+/// up by record id in `sent`).
+async fn read_deliveries(
+    mut socket: Socket,
+    writes: usize,
+    sent: Arc<Mutex<HashMap<String, Instant>>>,
+    samples: Arc<Mutex<Vec<f64>>>,
+    s: usize,
+) -> Result<(), String> {
+    let mut got = 0;
+    let result = async {
+        while got < writes {
+            let Some(msg) = socket.next().await else {
+                anyhow::bail!("closed after {got} of {writes} records");
+            };
+            let tokio_tungstenite::tungstenite::Message::Text(text) = msg? else {
+                continue;
+            };
+            let arrived = Instant::now();
+            let frame: serde_json::Value = serde_json::from_str(&text)?;
+            anyhow::ensure!(frame["type"] != "error", "server closed it: {frame}");
+            for record in frame["records"].as_array().into_iter().flatten() {
+                let id = record["id"].as_str().unwrap_or_default();
+                let at = lock(&sent)?.get(id).copied();
+                if let Some(at) = at {
+                    lock(&samples)?.push((arrived - at).as_secs_f64() * 1000.0);
+                }
+                got += 1;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    result.map_err(|err| format!("subscriber {s}: {err:#}"))
+}
+
+/// Writes `writes` single records at `rate` per second, noting when each was sent.
+async fn write_records(
+    client: &Client,
+    keys: &Keyspace,
+    writes: usize,
+    rate: f64,
+    sent: &Mutex<HashMap<String, Instant>>,
+) -> anyhow::Result<()> {
+    let mut client = client.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    for n in 0..writes {
+        tick.tick().await;
+        let at = Timestamp::now();
+        let (_, message) = record(
+            n % GPUS,
+            at,
+            (1u128 << 64) + n as u128,
+            "DCGM_FI_DEV_POWER_USAGE",
+            300.0,
+        );
+        let (host, gpu_id, _) = gpu(n % GPUS);
+        let key = keys.data_record(&host, &gpu_id, &at.to_string(), &message.id.to_string());
+        let value = serde_json::to_vec(&message)?;
+        lock(sent)?.insert(message.id.to_string(), Instant::now());
+        client.put(key, value, None).await?;
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for every reader; returns their errors (and one for the readers still
+/// waiting when it ran out, which are aborted).
+async fn join_readers(
+    mut readers: tokio::task::JoinSet<Result<(), String>>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut errors = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, readers.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(result)) => {
+                if let Err(err) = result? {
+                    errors.push(err);
+                }
+            }
+            Err(_) => {
+                errors.push(format!(
+                    "{} subscriber(s) did not receive every write within {} s",
+                    readers.len(),
+                    timeout.as_secs()
+                ));
+                readers.abort_all();
+                break;
+            }
+        }
+    }
+    Ok(errors)
 }
