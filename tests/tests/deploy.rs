@@ -183,8 +183,16 @@ fn kubernetes_manifests_set_only_variables_the_binaries_read() {
         }
     }
     assert!(kinds.contains_key("PodDisruptionBudget"), "{kinds:?}");
-    for binary in ["telemetry-streamer", "telemetry-collector", "telemetry-gateway", "telemetry-exporter"] {
-        assert!(binaries.contains(binary), "no k8s workload runs {binary}: {binaries:?}");
+    for binary in [
+        "telemetry-streamer",
+        "telemetry-collector",
+        "telemetry-gateway",
+        "telemetry-exporter",
+    ] {
+        assert!(
+            binaries.contains(binary),
+            "no k8s workload runs {binary}: {binaries:?}"
+        );
     }
     assert!(kinds.contains_key("StatefulSet"), "{kinds:?}");
 }

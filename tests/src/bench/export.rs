@@ -69,7 +69,11 @@ fn exporter(target: &Target, namespace: &str, tsdb: &Tsdb, name: &str) -> anyhow
         .set("SERVER_CHECK", "warn");
     let config = telemetry_exporter::ExporterConfig::from_vars(env)?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(telemetry_exporter::run(config, target.client.clone(), stop.clone()));
+    let task = tokio::spawn(telemetry_exporter::run(
+        config,
+        target.client.clone(),
+        stop.clone(),
+    ));
     Ok(Exporter { stop, task })
 }
 
@@ -80,7 +84,12 @@ async fn wait_exported(probe: &telemetry_harness::Probe, name: &str, n: u64) -> 
 
 /// Runs both parts over `csv` (streamed by [`E2E_WORKERS`] workers, `collectors` collectors);
 /// `etcd_pid` is the bench etcd's process.
-pub async fn export_phase(target: &Target, csv: &Path, collectors: usize, etcd_pid: u32) -> anyhow::Result<ExportFigures> {
+pub async fn export_phase(
+    target: &Target,
+    csv: &Path,
+    collectors: usize,
+    etcd_pid: u32,
+) -> anyhow::Result<ExportFigures> {
     let namespace = "/export";
     let pipeline = crate::Pipeline::builder()
         .shared_etcd(target.endpoint.clone(), &target.client)
