@@ -716,6 +716,9 @@ async fn audit_records(
 /// Prometheus must hold every stored record's sample once: the samples of the stored records
 /// (two of one series and millisecond with one value are one sample) against every sample
 /// read back.
+/// A sample as compared: name, labels, timestamp (ms), value bits.
+type SampleId = (String, Vec<(String, String)>, i64, u64);
+
 async fn audit_export(
     cluster: &Cluster,
     tsdb: &Tsdb,
@@ -730,7 +733,7 @@ async fn audit_export(
             .push(format!("the exporters rejected {} records", checkpoint.rejected));
     }
     let records = telemetry_harness::stored_records(&cluster.client, &cluster.keys).await?;
-    let mut expected: Vec<(String, Vec<(String, String)>, i64, u64)> = records
+    let mut expected: Vec<SampleId> = records
         .values()
         .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
         .map(|s| (s.name, s.labels, s.timestamp_ms, s.value.to_bits()))
@@ -738,7 +741,7 @@ async fn audit_export(
     expected.sort();
     expected.dedup();
     let time = chrono::Utc::now().timestamp_millis() as f64 / 1000.0 + 60.0;
-    let mut got: Vec<(String, Vec<(String, String)>, i64, u64)> = tsdb
+    let mut got: Vec<SampleId> = tsdb
         .samples(".+", "6h", time)
         .await?
         .into_iter()
