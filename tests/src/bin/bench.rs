@@ -8,24 +8,24 @@
 //!    with 4 workers;
 //! 3. end to end: streamer (`RATE=0`, 16 workers) while 1, 2 and 4 collectors drain the queue,
 //!    timed until every message is committed and the queue is empty;
-//! 3b. export: the end-to-end run again (2 collectors) with an exporter following into a real
+//! 4. export: the end-to-end run again (2 collectors) with an exporter following into a real
 //!    Prometheus (the exporter's lag behind the last record stored), then a second exporter
 //!    exporting the same records from scratch alone: its samples/s against the pipeline's
 //!    records/s (≥ 1: it keeps up at full speed) and etcd's CPU time per 1,000 records, next to
 //!    the pipeline's (`/proc/<etcd pid>/stat`); skipped when Prometheus is not installed;
-//! 4. enqueue-to-commit latency p50/p99: 4 workers at 200 rows/s each and 2 collectors, a watch
+//! 5. enqueue-to-commit latency p50/p99: 4 workers at 200 rows/s each and 2 collectors, a watch
 //!    on the data prefix timing each record from its message `timestamp` to its watch event;
-//! 5. service memory: streamer, 2 collectors and a gateway with `--subscribers` WebSocket
+//! 6. service memory: streamer, 2 collectors and a gateway with `--subscribers` WebSocket
 //!    subscribers run as real processes (`target/release/`), peak RSS (`VmHWM`) of each;
-//! 6. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
+//! 7. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
 //!    stored over 250 GPUs, p50/p99 from 1 and from 8 concurrent clients; then WebSocket
 //!    write-to-delivery p50/p99 with `--subscribers` (100) subscribers; then a load test:
 //!    `--rest-clients` (1,000) concurrent REST clients x 5 requests, and `--ws-load-subscribers`
 //!    (1,000) subscribers at once receiving 200 writes. Any failed request or subscription
 //!    fails the bench (after the table is printed).
 //!
-//! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 6,
-//! `--export-only` only phase 3b.
+//! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 7,
+//! `--export-only` only phase 4.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
