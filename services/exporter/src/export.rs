@@ -248,9 +248,7 @@ async fn deliver(
             .collect();
         let body = remote_write::encode(samples.iter().copied());
         loop {
-            if !lease.is_alive_for(margin) {
-                return Err(lost_end(lease));
-            }
+            wait_confirmed(lease, margin, shutdown).await?;
             let started = Instant::now();
             let outcome = ctx.sender.send(body.clone()).await;
             let retry = matches!(outcome, Outcome::Retry(_) | Outcome::Misconfigured(_));
@@ -290,6 +288,20 @@ async fn deliver(
     rejected.extend(bisect.rejected().into_iter().map(|(j, why)| (sendable[j], why)));
     rejected.sort_by_key(|(i, _)| *i);
     Ok(rejected)
+}
+
+/// Waits until etcd confirmed the lease within the last `ttl - margin` (a slow renewal during a
+/// leader election, say); the lease's own timer decides when it is lost instead.
+async fn wait_confirmed(lease: &KeptLease, margin: Duration, shutdown: &CancellationToken) -> Result<(), End> {
+    let lost = lease.lost();
+    while !lease.is_alive_for(margin) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(End::Shutdown),
+            _ = lost.cancelled() => return Err(lost_end(lease)),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes one checkpoint advance, retrying while etcd is unreachable. An attempt whose outcome
