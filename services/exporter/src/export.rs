@@ -292,7 +292,11 @@ async fn deliver(
 
 /// Waits until etcd confirmed the lease within the last `ttl - margin` (a slow renewal during a
 /// leader election, say); the lease's own timer decides when it is lost instead.
-async fn wait_confirmed(lease: &KeptLease, margin: Duration, shutdown: &CancellationToken) -> Result<(), End> {
+async fn wait_confirmed(
+    lease: &KeptLease,
+    margin: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), End> {
     let lost = lease.lost();
     while !lease.is_alive_for(margin) {
         tokio::select! {
