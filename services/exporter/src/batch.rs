@@ -9,6 +9,12 @@
 //! identical to a series' newest without storing it again. With two samples of one series in a
 //! request, the older one would be re-sent behind the newer and refused as out of order.
 //!
+//! A server that also drops (or reads once) a re-sent sample *older* than its series' newest
+//! lifts the rule ([`SeriesRule::Repeats`]): Prometheus with an out-of-order window stores such a
+//! sample in its out-of-order head and a query reads one sample per timestamp;
+//! VictoriaMetrics with `-dedup.minScrapeInterval` removes it. The server check at start
+//! decides (`server.rs`); a server it cannot check keeps the rule.
+//!
 //! Where requests are cut does not otherwise matter: any request that starts at the checkpoint
 //! and keeps the rule is safe, so waiting for more records (`BATCH_WAIT`) or a changed
 //! `BATCH_SAMPLES` after a restart cannot break exactly-once.
@@ -51,14 +57,27 @@ pub(crate) struct Cut {
     pub complete: bool,
 }
 
+/// Whether a request may hold several samples of one series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SeriesRule {
+    /// At most one sample per series: a re-sent request holds only series' newest samples,
+    /// which every TSDB drops. The rule for a server not known to do more.
+    OnePerSeries,
+    /// Any number, each series' samples sent in time order: for a server known to drop (or read
+    /// once) a re-sent sample older than its series' newest too (Prometheus with an
+    /// out-of-order window, VictoriaMetrics with deduplication). Requests stay large when one
+    /// series' records come in bursts.
+    Repeats,
+}
+
 /// Most records one request takes, rejected ones included (bounds the checkpoint transaction
 /// work and the memory of one request).
 pub(crate) const MAX_RECORDS: usize = 20_000;
 
 /// Cuts the next request from the front of `pending`: records in order until one would repeat
-/// a series already in the request, or push it past `max_samples` (a record with more samples
-/// than that goes alone), or a mark comes.
-pub(crate) fn cut(pending: &VecDeque<Pending>, max_samples: usize) -> Cut {
+/// a series already in the request (under [`SeriesRule::OnePerSeries`]), or push it past
+/// `max_samples` (a record with more samples than that goes alone), or a mark comes.
+pub(crate) fn cut(pending: &VecDeque<Pending>, max_samples: usize, rule: SeriesRule) -> Cut {
     let mut cut = Cut::default();
     let mut series: HashSet<u64> = HashSet::new();
     for entry in pending {
@@ -71,7 +90,8 @@ pub(crate) fn cut(pending: &VecDeque<Pending>, max_samples: usize) -> Cut {
             return cut;
         }
         if let Ok(converted) = &item.outcome {
-            let repeats = converted.series.iter().any(|s| series.contains(s));
+            let repeats =
+                rule == SeriesRule::OnePerSeries && converted.series.iter().any(|s| series.contains(s));
             let too_many = cut.samples > 0 && cut.samples + converted.samples.len() > max_samples;
             if repeats || too_many {
                 cut.complete = true;
@@ -136,7 +156,7 @@ mod tests {
     fn a_request_never_holds_two_samples_of_one_series() {
         let pending: VecDeque<Pending> = [item(&[1]), item(&[2]), item(&[1]), item(&[3])].into();
         assert_eq!(
-            cut(&pending, 100),
+            cut(&pending, 100, SeriesRule::OnePerSeries),
             Cut {
                 records: 2,
                 samples: 2,
@@ -145,14 +165,28 @@ mod tests {
         );
         // A record with several samples is judged by all of them.
         let pending: VecDeque<Pending> = [item(&[1, 2]), item(&[3, 2])].into();
-        assert_eq!(cut(&pending, 100).records, 1);
+        assert_eq!(cut(&pending, 100, SeriesRule::OnePerSeries).records, 1);
+    }
+
+    #[test]
+    fn a_server_that_drops_older_resent_samples_lets_a_series_repeat() {
+        let pending: VecDeque<Pending> = [item(&[1]), item(&[2]), item(&[1]), item(&[3])].into();
+        assert_eq!(
+            cut(&pending, 100, SeriesRule::Repeats),
+            Cut {
+                records: 4,
+                samples: 4,
+                complete: false
+            }
+        );
+        assert_eq!(cut(&pending, 3, SeriesRule::Repeats).records, 3);
     }
 
     #[test]
     fn the_sample_limit_ends_a_request_but_a_large_record_goes_alone() {
         let pending: VecDeque<Pending> = [item(&[1]), item(&[2]), item(&[3])].into();
         assert_eq!(
-            cut(&pending, 2),
+            cut(&pending, 2, SeriesRule::OnePerSeries),
             Cut {
                 records: 2,
                 samples: 2,
@@ -161,7 +195,7 @@ mod tests {
         );
         let pending: VecDeque<Pending> = [item(&[1, 2, 3]), item(&[4])].into();
         assert_eq!(
-            cut(&pending, 2),
+            cut(&pending, 2, SeriesRule::OnePerSeries),
             Cut {
                 records: 1,
                 samples: 3,
@@ -174,7 +208,7 @@ mod tests {
     fn rejected_records_ride_along_and_marks_end_a_request() {
         let pending: VecDeque<Pending> = [item(&[1]), rejected(), item(&[2])].into();
         assert_eq!(
-            cut(&pending, 100),
+            cut(&pending, 100, SeriesRule::OnePerSeries),
             Cut {
                 records: 3,
                 samples: 2,
@@ -184,7 +218,7 @@ mod tests {
         );
         let pending: VecDeque<Pending> = [rejected(), mark(), item(&[2])].into();
         assert_eq!(
-            cut(&pending, 100),
+            cut(&pending, 100, SeriesRule::OnePerSeries),
             Cut {
                 records: 1,
                 samples: 0,
@@ -192,6 +226,6 @@ mod tests {
             }
         );
         let pending: VecDeque<Pending> = [mark()].into();
-        assert_eq!(cut(&pending, 100).records, 0);
+        assert_eq!(cut(&pending, 100, SeriesRule::OnePerSeries).records, 0);
     }
 }

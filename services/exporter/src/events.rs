@@ -78,6 +78,8 @@ pub const METRICS: &[MetricDef] = &[
 pub(crate) struct ServerChecked<'a> {
     pub url: &'a str,
     pub server: &'a str,
+    /// Requests may hold several samples of one series.
+    pub several_per_series: bool,
     pub warnings: &'a [String],
 }
 
@@ -86,6 +88,7 @@ impl InternalEvent for ServerChecked<'_> {
         tracing::info!(
             url = self.url,
             server = self.server,
+            samples_per_series = if self.several_per_series { "several" } else { "one" },
             "remote-write server checked"
         );
         for warning in self.warnings {

@@ -105,7 +105,7 @@ async fn phase(ctx: &Arc<Context>, lease: &KeptLease, shutdown: &CancellationTok
             export(ctx, lease, &mut phase, 0, shutdown).await?;
             continue;
         }
-        let cut = batch::cut(&phase.pending, ctx.config.batch_samples);
+        let cut = batch::cut(&phase.pending, ctx.config.batch_samples, ctx.rule);
         let waited = phase
             .waiting_since
             .is_some_and(|t| t.elapsed() >= ctx.config.batch_wait);

@@ -141,6 +141,8 @@ struct Context {
     config: ExporterConfig,
     source: Arc<source::SourceContext>,
     sender: send::Sender,
+    /// Whether a request may hold several samples of one series (from the server check).
+    rule: batch::SeriesRule,
     progress: Progress,
 }
 
@@ -154,7 +156,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Totals, ExporterError> {
     let sender = send::Sender::new(config.remote_write_url.clone(), config.request_timeout)?;
-    check_server(&config, &sender).await?;
+    let rule = check_server(&config, &sender).await?;
     let ctx = Arc::new(Context {
         source: Arc::new(source::SourceContext {
             client: client.clone(),
@@ -163,6 +165,7 @@ pub async fn run(
             profiles: ProfileCache::new(),
         }),
         sender,
+        rule,
         progress: Progress::default(),
         config,
     });
@@ -208,24 +211,30 @@ async fn serve(
     }
 }
 
-/// Asks the server what it is and judges it (`server.rs`), as `SERVER_CHECK` says.
-async fn check_server(config: &ExporterConfig, sender: &send::Sender) -> Result<(), ExporterError> {
+/// Asks the server what it is and judges it (`server.rs`), as `SERVER_CHECK` says; returns
+/// how requests may be cut for it.
+async fn check_server(
+    config: &ExporterConfig,
+    sender: &send::Sender,
+) -> Result<batch::SeriesRule, ExporterError> {
     if config.server_check == ServerCheck::Off {
-        return Ok(());
+        return Ok(batch::SeriesRule::OnePerSeries);
     }
     let server = server::detect(sender.http(), sender.url()).await;
     let findings = server::judge(&server, config.retention);
     let mut warnings = findings.unsafe_.clone();
     warnings.extend(findings.warnings);
+    let rule = server::series_rule(&server);
     emit(events::ServerChecked {
         url: sender.url().as_str(),
         server: server.name(),
+        several_per_series: rule == batch::SeriesRule::Repeats,
         warnings: &warnings,
     });
     if config.server_check == ServerCheck::Require && !findings.unsafe_.is_empty() {
         return Err(ExporterError::UnsafeServer(findings.unsafe_.join("; ")));
     }
-    Ok(())
+    Ok(rule)
 }
 
 /// Every few seconds while active: lag in seconds and revisions, and warnings as it approaches

@@ -2,9 +2,8 @@
 //! format, and the headers the specification requires.
 //!
 //! Only the messages the exporter sends are declared (prost derives their encoding; no
-//! `protoc` and no build script). A request holds one time series per sample: the batch
-//! never holds two samples of one series (`batch.rs` says why), so each series' samples are
-//! trivially in time order. Labels are sorted by name, `__name__` among them.
+//! `protoc` and no build script). A request holds one time series per series, with its samples
+//! in time order, and labels sorted by name, `__name__` among them.
 
 use telemetry_shared::exposition::Sample;
 
@@ -77,12 +76,33 @@ pub(crate) fn time_series(sample: &Sample) -> TimeSeries {
     }
 }
 
-/// The body of a request carrying `samples`: protobuf, then snappy (block format).
+/// A series' identity: its name and labels.
+type SeriesId<'a> = (&'a str, &'a [(String, String)]);
+
+/// The body of a request carrying `samples`: one time series per series (in the order each
+/// first appears), its samples in time order; protobuf, then snappy (block format).
 pub(crate) fn encode<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Vec<u8> {
     use prost::Message as _;
-    let request = WriteRequest {
-        timeseries: samples.into_iter().map(time_series).collect(),
-    };
+    let mut timeseries: Vec<TimeSeries> = Vec::new();
+    let mut index: std::collections::HashMap<SeriesId<'_>, usize> = std::collections::HashMap::new();
+    for sample in samples {
+        match index.entry((sample.name.as_str(), sample.labels.as_slice())) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                timeseries[*at.get()].samples.push(WireSample {
+                    value: sample.value,
+                    timestamp: sample.timestamp_ms,
+                })
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(timeseries.len());
+                timeseries.push(time_series(sample));
+            }
+        }
+    }
+    for series in &mut timeseries {
+        series.samples.sort_by_key(|s| s.timestamp);
+    }
+    let request = WriteRequest { timeseries };
     let raw = request.encode_to_vec();
     // Compressing into a Vec cannot fail for input below snap's 4 GiB limit, and a request
     // is far smaller (a failure would be answered as a refused request and bisected).
@@ -124,19 +144,39 @@ mod tests {
             .decompress_vec(&body)
             .expect("snappy block format");
         let request = WriteRequest::decode(raw.as_slice()).expect("protobuf");
-        assert_eq!(request.timeseries.len(), 2);
+        assert_eq!(request.timeseries.len(), 1, "one series");
         let series = &request.timeseries[0];
+        assert_eq!(series.samples.len(), 2);
         assert_eq!(
-            series.samples,
-            vec![WireSample {
+            series.samples[0],
+            WireSample {
                 value: 87.5,
                 timestamp: 1_795_996_800_500
-            }]
+            }
         );
         assert!(series.labels.contains(&Label {
             name: "__name__".into(),
             value: "DCGM_FI_DEV_GPU_UTIL".into()
         }));
+    }
+
+    #[test]
+    fn samples_of_one_series_share_it_in_time_order() {
+        let mut later = sample();
+        later.timestamp_ms += 10;
+        later.value = 1.0;
+        let mut other = sample();
+        other.name = "DCGM_FI_DEV_FB_USED".into();
+        let body = encode([&later, &other, &sample()]);
+        let raw = snap::raw::Decoder::new().decompress_vec(&body).expect("snappy");
+        let request = WriteRequest::decode(raw.as_slice()).expect("protobuf");
+        assert_eq!(request.timeseries.len(), 2);
+        let stamps: Vec<i64> = request.timeseries[0]
+            .samples
+            .iter()
+            .map(|s| s.timestamp)
+            .collect();
+        assert_eq!(stamps, vec![1_795_996_800_500, 1_795_996_800_510]);
     }
 
     #[test]

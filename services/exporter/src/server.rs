@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use crate::batch::SeriesRule;
+
 /// What the server is, as far as it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Server {
@@ -92,6 +94,18 @@ pub(crate) fn judge(server: &Server, retention: Duration) -> Findings {
         )),
     }
     f
+}
+
+/// Whether requests may hold several samples of one series (`batch.rs`): only for a server
+/// known to drop, or read once, a re-sent sample older than its series' newest.
+pub(crate) fn series_rule(server: &Server) -> SeriesRule {
+    match server {
+        Server::Prometheus {
+            out_of_order_window, ..
+        } if !out_of_order_window.is_zero() => SeriesRule::Repeats,
+        Server::VictoriaMetrics { dedup } if !dedup.is_zero() => SeriesRule::Repeats,
+        _ => SeriesRule::OnePerSeries,
+    }
 }
 
 /// The server's base URL: the remote-write URL without its `/api/v1/write` path.
@@ -263,5 +277,17 @@ mod tests {
             ) == Findings::default()
         );
         assert_eq!(judge(&Server::Unknown("x".into()), DAY).warnings.len(), 1);
+        assert_eq!(series_rule(&safe), SeriesRule::Repeats);
+        assert_eq!(series_rule(&none), SeriesRule::OnePerSeries);
+        assert_eq!(
+            series_rule(&Server::VictoriaMetrics {
+                dedup: Duration::ZERO
+            }),
+            SeriesRule::OnePerSeries
+        );
+        assert_eq!(
+            series_rule(&Server::Unknown("x".into())),
+            SeriesRule::OnePerSeries
+        );
     }
 }
