@@ -20,6 +20,8 @@
 //!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
 //! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
+//! - [`tsdb`]: [`Tsdb`], a Prometheus (with its remote-write receiver) or a VictoriaMetrics
+//!   for the exporter, stopped and restarted on its port and data, and read back with PromQL.
 //!
 //! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
 //! every service crate dev-depends on it. The pipeline started in process (streamer, collectors
@@ -41,6 +43,7 @@ pub mod prometheus;
 pub mod proxy;
 pub mod records;
 pub mod sample;
+pub mod tsdb;
 
 pub use env::Env;
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
@@ -50,6 +53,7 @@ pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
+pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

@@ -10,6 +10,7 @@
 //!   store;
 //! - [`model`]: the index, stats and dead-letter records beside the telemetry;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
+//! - [`lease`]: a lease kept alive on the holder's own timer, that says when it is lost;
 //! - [`watch`]: following a prefix in revision order, exactly once;
 //! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
 //! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod etcd;
 pub mod exposition;
 pub mod keys;
+pub mod lease;
 pub mod message;
 pub mod model;
 pub mod observe;
