@@ -58,15 +58,27 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// Issues a certificate for 127.0.0.1 with `serial` and a fresh key, and writes both.
-    fn issue(&self, serial: u64) {
+    /// A certificate for 127.0.0.1 with `serial` and a fresh key: (certificate, key) in PEM.
+    fn pair(&self, serial: u64) -> (String, String) {
         let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
         params.serial_number = Some(SerialNumber::from(serial));
         params.distinguished_name.push(DnType::CommonName, "gateway");
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &*self.ca).expect("signed");
-        std::fs::write(self.path("tls.key"), key.serialize_pem()).expect("write key");
-        std::fs::write(self.path("tls.crt"), cert.pem()).expect("write cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Issues a pair and replaces the files, each by a rename (as a renewal tool does).
+    fn issue(&self, serial: u64) {
+        let (cert, key) = self.pair(serial);
+        self.replace("tls.key", &key);
+        self.replace("tls.crt", &cert);
+    }
+
+    fn replace(&self, name: &str, content: &str) {
+        let staged = self.path(&format!(".{name}.new"));
+        std::fs::write(&staged, content).expect("write");
+        std::fs::rename(&staged, self.path(name)).expect("rename");
     }
 
     fn ca_der(&self) -> CertificateDer<'static> {
@@ -325,14 +337,21 @@ async fn https_and_wss_with_a_certificate_renewed_without_restart() {
     drop(socket);
 
     // A broken renewal (a certificate whose key does not match) keeps the last good pair.
-    let stale_key = std::fs::read(pki.path("tls.key")).expect("key");
-    pki.issue(3);
-    std::fs::write(pki.path("tls.key"), stale_key).expect("write");
-    let rejected = telemetry_harness::eventually(Duration::from_secs(10), || async {
+    let rejections = || async {
         let (_, _, metrics, _) = fetch(&http, &format!("{}/metrics", gw.https), None).await;
         metrics
             .as_str()
-            .is_some_and(|m| m.contains("gateway_file_reloads_total{file=\"tls\",outcome=\"rejected\"}"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("gateway_file_reloads_total{file=\"tls\",outcome=\"rejected\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rejections().await;
+    let (mismatched, _) = pki.pair(3);
+    pki.replace("tls.crt", &mismatched);
+    let rejected = telemetry_harness::eventually(Duration::from_secs(10), || async {
+        rejections().await > before
     })
     .await;
     assert!(rejected, "the mismatched pair was not reported");
