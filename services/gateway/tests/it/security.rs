@@ -85,8 +85,7 @@ impl Pki {
         self.ca.der().clone()
     }
 
-    /// An HTTPS client trusting only this CA, opening a new connection per request (so each
-    /// request sees the certificate served now).
+    /// An HTTPS client trusting only this CA, opening a new connection per request.
     fn https(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_der(self.ca_der().as_ref()).expect("CA");
         reqwest::Client::builder()
@@ -329,8 +328,9 @@ async fn https_and_wss_with_a_certificate_renewed_without_restart() {
 
     // Renewal: a new certificate (and key) on disk is served from the next connection on.
     pki.issue(2);
+    // (A fresh client each time: one that resumes its TLS session sees the old certificate.)
     let renewed = telemetry_harness::eventually(Duration::from_secs(10), || async {
-        fetch(&http, &format!("{}/health", gw.https), None).await.3 == [2u8]
+        fetch(&pki.https(), &format!("{}/health", gw.https), None).await.3 == [2u8]
     })
     .await;
     assert!(renewed, "the renewed certificate was not picked up");
@@ -355,7 +355,7 @@ async fn https_and_wss_with_a_certificate_renewed_without_restart() {
     })
     .await;
     assert!(rejected, "the mismatched pair was not reported");
-    let (status, _, _, serial) = fetch(&http, &format!("{}/livez", gw.https), None).await;
+    let (status, _, _, serial) = fetch(&pki.https(), &format!("{}/livez", gw.https), None).await;
     assert_eq!(
         (status, serial.as_slice()),
         (200, &[2u8][..]),
