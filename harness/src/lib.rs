@@ -47,7 +47,7 @@ pub mod tsdb;
 
 pub use env::Env;
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
-pub use metrics::{promtool_check_metrics, scrape_metrics};
+pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use prometheus::{PrometheusOptions, PrometheusServer};

@@ -14,11 +14,13 @@
 //! - [`watch`]: following a prefix in revision order, exactly once;
 //! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
 //! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
-//! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
+//! - [`observe`]: tracing, Prometheus metrics, shutdown signals;
+//! - [`health`]: liveness and readiness (`/livez`, `/readyz`).
 
 pub mod config;
 pub mod etcd;
 pub mod exposition;
+pub mod health;
 pub mod keys;
 pub mod lease;
 pub mod message;

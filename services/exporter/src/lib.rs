@@ -42,7 +42,12 @@ use std::{
 
 use etcd_client::Client;
 use telemetry_shared::{
-    Keyspace, etcd::current_revision, model::ExportCheckpoint, observe::emit, profiles::ProfileCache,
+    Keyspace,
+    etcd::current_revision,
+    health::{Check, Health},
+    model::ExportCheckpoint,
+    observe::emit,
+    profiles::ProfileCache,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -155,6 +160,21 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Totals, ExporterError> {
+    let health = Health::new("exporter", &shutdown);
+    run_with_health(config, client, shutdown, health).await
+}
+
+/// [`run`], reporting to `health`: the export loop is a watched loop, and the readiness check
+/// `export` says whether this exporter's work is current (standing by, or active with its lag
+/// under half of `RETENTION`).
+pub async fn run_with_health(
+    config: ExporterConfig,
+    client: Client,
+    shutdown: CancellationToken,
+    health: Health,
+) -> Result<Totals, ExporterError> {
+    health.set_etcd(&client);
+    let check = health.check("export", "checking the remote-write server");
     let sender = send::Sender::new(config.remote_write_url.clone(), config.request_timeout)?;
     let rule = check_server(&config, &sender).await?;
     let ctx = Arc::new(Context {
@@ -169,8 +189,9 @@ pub async fn run(
         progress: Progress::default(),
         config,
     });
-    let reporter = tokio::spawn(report(ctx.clone(), shutdown.clone()));
-    let result = serve(&ctx, &client, &shutdown).await;
+    check.pass("standing by until this exporter owns its name");
+    let reporter = tokio::spawn(report(ctx.clone(), check, shutdown.clone()));
+    let result = health.watch("export", serve(&ctx, &client, &shutdown)).await;
     reporter.abort();
     let totals = ctx.progress.totals();
     emit(events::Stopped { totals: &totals });
@@ -239,7 +260,7 @@ async fn check_server(
 
 /// Every few seconds while active: lag in seconds and revisions, and warnings as it approaches
 /// `RETENTION` or `COMPACTION_WINDOW` (at most once a minute each).
-async fn report(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn report(ctx: Arc<Context>, check: Check, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     let mut warned: Option<Instant> = None;
     loop {
@@ -249,6 +270,7 @@ async fn report(ctx: Arc<Context>, shutdown: CancellationToken) {
         }
         let p = &ctx.progress;
         if !p.active.load(Ordering::Relaxed) {
+            check.pass("standing by until this exporter owns its name");
             continue;
         }
         let caught_up = p.caught_up.load(Ordering::Relaxed);
@@ -270,6 +292,18 @@ async fn report(ctx: Arc<Context>, shutdown: CancellationToken) {
                 .map_or(0, |r| r - p.checkpoint_revision.load(Ordering::Relaxed))
                 .max(0)
         };
+        let behind = Duration::from_secs_f64(seconds);
+        if behind >= ctx.config.retention / 2 {
+            check.fail(format!(
+                "active, {seconds:.0}s behind: records may expire before they are exported (RETENTION {:?})",
+                ctx.config.retention
+            ));
+        } else {
+            check.pass(format!(
+                "active, checkpoint revision {}, {seconds:.1}s behind",
+                p.checkpoint_revision.load(Ordering::Relaxed)
+            ));
+        }
         let may_warn = warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
         let lag = Duration::from_secs_f64(seconds);
         let config = &ctx.config;
