@@ -195,6 +195,7 @@ fn the_compose_scrape_targets_are_the_compose_services() {
         let jobs_of: &[&str] = match service["command"][0].as_str() {
             Some("telemetry-streamer") => &["telemetry-streamer"],
             Some("telemetry-collector") => &["telemetry-collector"],
+            Some("telemetry-exporter") => &["telemetry-exporter"],
             Some("telemetry-gateway") => &["gpu-telemetry", "telemetry-gateway"],
             _ if name.starts_with("etcd-") => &["etcd"],
             _ => &[],
@@ -234,6 +235,7 @@ fn the_compose_scrape_targets_are_the_compose_services() {
         "telemetry-gateway",
         "telemetry-streamer",
         "telemetry-collector",
+        "telemetry-exporter",
         "etcd",
     ] {
         assert_eq!(jobs[job].0, "/metrics", "{job}");
@@ -377,11 +379,16 @@ fn the_kubernetes_scrape_targets_are_services_and_named_ports_of_the_manifests()
         );
         let binary = text(&workload["spec"]["template"]["spec"]["containers"][0]["command"][0]);
         let expected_job = match binary.as_str() {
-            "telemetry-streamer" | "telemetry-collector" | "telemetry-gateway" => binary.clone(),
+            "telemetry-streamer" | "telemetry-collector" | "telemetry-exporter" | "telemetry-gateway" => {
+                binary.clone()
+            }
             _ => app.clone(),
         };
         assert_eq!(name, expected_job, "{srv} scrapes {binary}");
-        if matches!(binary.as_str(), "telemetry-streamer" | "telemetry-collector") {
+        if matches!(
+            binary.as_str(),
+            "telemetry-streamer" | "telemetry-collector" | "telemetry-exporter"
+        ) {
             // METRICS_PORT, from the ConfigMaps the container reads.
             let port_set = workload["spec"]["template"]["spec"]["containers"][0]["envFrom"]
                 .as_sequence()
