@@ -237,6 +237,25 @@ fn the_image_builds_binaries_that_exist() {
             "Dockerfile does not build {bin}"
         );
     }
+    // scripts/image (the registry-free image) copies the same five.
+    let script = std::fs::read_to_string(root().join("scripts/image")).expect("scripts/image");
+    let listed = script
+        .lines()
+        .find_map(|l| l.strip_prefix("BINARIES=("))
+        .expect("scripts/image lists its BINARIES");
+    assert_eq!(
+        listed
+            .trim_end_matches(')')
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [
+            "telemetry-streamer",
+            "telemetry-collector",
+            "telemetry-gateway",
+            "telemetry-exporter",
+            "telemetry-admin"
+        ]
+    );
     for package in ["streamer", "collector", "gateway", "exporter", "admin"] {
         let manifest =
             std::fs::read_to_string(root().join(format!("services/{package}/Cargo.toml"))).expect("manifest");
