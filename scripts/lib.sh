@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared shell helpers for scripts/run, scripts/test and scripts/bench. Sourced, not run.
 
 # Print a message to stderr and exit non-zero.
@@ -63,8 +64,8 @@ ensure_build_deps() {
 # Wait until an etcd client URL answers /health with "true".
 wait_for_etcd() {
     local url=$1
-    local i
-    for i in $(seq 1 100); do
+    local _
+    for _ in $(seq 1 100); do
         if curl -fsS "$url/health" 2>/dev/null | grep -q '"health":"true"'; then
             return 0
         fi

@@ -11,7 +11,9 @@
 //! no privilege escalation, every capability dropped, the runtime's seccomp profile, a read-only
 //! root file system, only the volume types the profile allows. Only the pipeline's pods reach
 //! etcd's client port, etcd and the gateway have PodDisruptionBudgets, and every service is
-//! probed on `/livez` and `/readyz` on the port it serves them on.
+//! probed on `/livez` and `/readyz` on the port it serves them on. And the etcd StatefulSet's
+//! environment, run here as three real members with the certificate of scripts/k8s-secrets,
+//! forms a cluster over mutual peer TLS and answers the probes.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -563,4 +565,207 @@ fn check_probes(name: &str, container: &Value, docs: &[Value]) {
         let number = ports.get(&port).cloned().unwrap_or(port);
         assert_eq!(number, served, "{name}: {probe} on {port_var}");
     }
+}
+
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `20-etcd.yaml`'s member environment for member `i` of 3 on this machine: the pod name
+/// resolved, every member's address (`etcd-N.etcd`, `$(POD_NAME).etcd`, `0.0.0.0`) made
+/// 127.0.0.1 with that member's own ports in place of 2379, 2380 and 2381, and the volumes'
+/// mount paths moved under `mounts`.
+fn local_member_env(
+    env: &[(String, String)],
+    i: usize,
+    ports: &[[u16; 3]],
+    mounts: &[(String, PathBuf)],
+) -> Vec<(String, String)> {
+    let pod = format!("etcd-{i}");
+    let address = |item: &str| -> String {
+        let (prefix, url) = match item.split_once('=') {
+            Some((name, url)) if url.contains("://") => (format!("{name}="), url),
+            _ => (String::new(), item),
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return item.to_string();
+        };
+        let (host, port) = rest.rsplit_once(':').expect("host:port");
+        let member = match host {
+            "0.0.0.0" => i,
+            _ => host
+                .strip_suffix(".etcd")
+                .and_then(|h| h.strip_prefix("etcd-"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("20-etcd.yaml: unexpected host {host}")),
+        };
+        let slot = match port {
+            "2379" => 0,
+            "2380" => 1,
+            "2381" => 2,
+            other => panic!("20-etcd.yaml: unexpected port {other}"),
+        };
+        format!("{prefix}{scheme}://127.0.0.1:{}", ports[member][slot])
+    };
+    env.iter()
+        .map(|(name, value)| {
+            let mut value = value.replace("$(POD_NAME)", &pod);
+            if value.contains("://") {
+                value = value.split(',').map(address).collect::<Vec<_>>().join(",");
+            }
+            for (mount, dir) in mounts {
+                if let Some(rest) = value.strip_prefix(mount.as_str()) {
+                    value = format!("{}{rest}", dir.display());
+                }
+            }
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// etcd as `20-etcd.yaml` configures it, run here: three members with the StatefulSet's
+/// environment (addresses and paths moved to this machine) and the certificate of
+/// scripts/k8s-secrets form one cluster over mutual peer TLS, and answer the probes' `/readyz`
+/// and `/livez` on the metrics listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_etcd_members_form_a_cluster_over_peer_tls() {
+    use base64::Engine as _;
+
+    let docs = documents(&k8s_files());
+    let sts = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "etcd")
+        .expect("the etcd StatefulSet");
+    let replicas = sts["spec"]["replicas"].as_u64().expect("replicas") as usize;
+    assert_eq!(replicas, 3);
+    let pod = &sts["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter(|v| v["valueFrom"].is_null())
+        .map(|v| (scalar(&v["name"]), scalar(&v["value"])))
+        .collect();
+
+    // The Secret's files, as the volume would mount them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secrets = documents(&[secrets_manifest(dir.path())]);
+    let mut mounts = Vec::new();
+    for mount in container["volumeMounts"].as_sequence().expect("mounts") {
+        let name = scalar(&mount["name"]);
+        let path = scalar(&mount["mountPath"]);
+        let volume = pod["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|v| scalar(&v["name"]) == name);
+        let local = dir.path().join(&name);
+        std::fs::create_dir_all(&local).expect("mkdir");
+        if let Some(volume) = volume {
+            let secret_name = scalar(&volume["secret"]["secretName"]);
+            let secret = secrets
+                .iter()
+                .find(|s| s["metadata"]["name"] == secret_name.as_str())
+                .unwrap_or_else(|| panic!("no Secret {secret_name}"));
+            for (key, value) in secret["data"].as_mapping().expect("data") {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(scalar(value))
+                    .expect("base64");
+                std::fs::write(local.join(scalar(key)), bytes).expect("write");
+            }
+        }
+        mounts.push((path, local));
+    }
+    // One data volume per member.
+    let ports: Vec<[u16; 3]> = (0..replicas)
+        .map(|_| [0; 3].map(|_| telemetry_harness::free_port().expect("port")))
+        .collect();
+    let binary = telemetry_harness::etcd_binary().expect("etcd binary");
+    let mut members = Vec::new();
+    for i in 0..replicas {
+        let member_dir = dir.path().join(format!("etcd-{i}"));
+        let mounts: Vec<(String, PathBuf)> = mounts
+            .iter()
+            .map(|(path, local)| {
+                if path == "/var/lib/etcd" {
+                    (path.clone(), member_dir.clone())
+                } else {
+                    (path.clone(), local.clone())
+                }
+            })
+            .collect();
+        std::fs::create_dir_all(&member_dir).expect("mkdir");
+        let vars = local_member_env(&env, i, &ports, &mounts);
+        let log = std::fs::File::create(dir.path().join(format!("etcd-{i}.log"))).expect("log");
+        let mut cmd = Command::new(&binary);
+        for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCD_")) {
+            cmd.env_remove(name);
+        }
+        let child = cmd
+            .envs(vars)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        members.push(Killed(child));
+    }
+    let logs = || {
+        (0..replicas)
+            .map(|i| {
+                let log =
+                    std::fs::read_to_string(dir.path().join(format!("etcd-{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- etcd-{i}:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // The probes' endpoints on each member's metrics listener.
+    let http = reqwest::Client::new();
+    for path in ["/readyz", "/livez"] {
+        let all = telemetry_harness::eventually(std::time::Duration::from_secs(30), || async {
+            for port in &ports {
+                let url = format!("http://127.0.0.1:{}{path}", port[2]);
+                match http.get(&url).send().await {
+                    Ok(resp) if resp.status().is_success() => {}
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+        assert!(all, "{path} never answered 200 on every member\n{}", logs());
+    }
+
+    // One cluster of three, peers on https, and a write through one member is read through
+    // another (replicated over the peers' TLS).
+    let mut client = etcd_client::Client::connect([format!("127.0.0.1:{}", ports[0][0])], None)
+        .await
+        .expect("connect");
+    let list = client.member_list().await.expect("member list");
+    let peers: Vec<String> = list
+        .members()
+        .iter()
+        .flat_map(|m| m.peer_urls().to_vec())
+        .collect();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    assert!(peers.iter().all(|u| u.starts_with("https://")), "{peers:?}");
+    client.put("deploy-test", "over-tls", None).await.expect("put");
+    let mut other = etcd_client::Client::connect([format!("127.0.0.1:{}", ports[2][0])], None)
+        .await
+        .expect("connect");
+    let got = other.get("deploy-test", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"over-tls");
+    drop(members);
 }
