@@ -7,7 +7,7 @@
 //! | key | value | written by |
 //! |---|---|---|
 //! | `{ns}/queue/telemetry/{pp}/{ULID}` | lean record ([`crate::record`]) or message JSON | streamer (enqueue) |
-//! | `{ns}/dedup/{base64url(idempotency_key)}` | empty, leased | streamer, same txn as the queue entry (collector for other producers) |
+//! | `{ns}/dedup/{base64url(first 16 bytes of idempotency_key)}` | empty, leased | streamer, same txn as the queue entry (collector for other producers) |
 //! | `{ns}/streams/{stream_id}/checkpoint` | [`crate::message::Checkpoint`] JSON | streamer, same txn as each batch |
 //! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | lean record (v1 JSON before the lean release) | collector |
 //! | `{ns}/deadletter/{ULID}` | [`crate::model::DeadLetter`] JSON | collector, same txn as the queue removal |
@@ -28,6 +28,9 @@
 use std::fmt::Write as _;
 
 use sha2::Digest as _;
+
+/// Bytes of the idempotency key (SHA-256) that name its dedup marker.
+const MARKER_BYTES: usize = 16;
 
 /// Number of queue partitions. Producers and consumers must agree on it, so it is a constant of
 /// the key layout; changing it requires draining the queue first.
@@ -86,12 +89,17 @@ impl Keyspace {
     /// The dedup marker of an idempotency key (64 hex digits): present, with an empty value,
     /// while a message with that key is enqueued or was stored recently. It is written in the
     /// transaction that enqueues the message (or, for a producer that does not write markers, in
-    /// the one that stores it), and the key is the SHA-256 in base64url (43 characters instead
-    /// of 64).
+    /// the one that stores it). The key holds the first 128 bits of the SHA-256, in base64url
+    /// (22 characters instead of 64): two different messages share a marker with probability
+    /// about n² / 2¹²⁹ for n markers alive at once (below 10⁻¹⁵ for a trillion), and every marker
+    /// is one etcd key per record for `DEDUP_TTL`, so its length is paid by every record.
     pub fn dedup_marker(&self, idempotency_key: &str) -> String {
         use base64::Engine as _;
         let encoded = match hex::decode(idempotency_key) {
-            Ok(bytes) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+            Ok(bytes) => {
+                let half = &bytes[..bytes.len().min(MARKER_BYTES)];
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(half)
+            }
             // Not hex: used as it is (validation refuses such keys before they get here).
             Err(_) => idempotency_key.to_string(),
         };
@@ -381,7 +389,7 @@ mod tests {
         assert_eq!(ks.stream_checkpoint("s"), "/test-1/streams/s/checkpoint");
         assert_eq!(
             ks.dedup_marker(&"00".repeat(32)),
-            format!("/test-1/dedup/{}", "A".repeat(43))
+            format!("/test-1/dedup/{}", "A".repeat(22))
         );
     }
 

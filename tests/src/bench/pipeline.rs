@@ -144,7 +144,9 @@ pub async fn compacted_size(client: &Client) -> anyhow::Result<i64> {
 pub async fn footprint(target: &Target, csv: &Path, collectors: usize) -> anyhow::Result<Footprint> {
     let before = compacted_size(&target.client).await?;
     let pipeline = target
-        .pipeline("/footprint")
+        // The default namespace (none), as a deployment runs: a namespace would add its length
+        // to every key.
+        .pipeline("")
         .collectors(collectors)
         .collector_ids("bench-")
         .start()
@@ -158,12 +160,68 @@ pub async fn footprint(target: &Target, csv: &Path, collectors: usize) -> anyhow
         .await;
     let records = pipeline.probe().data_count().await;
     pipeline.shutdown().await?;
+    print_key_breakdown(&target.client, "/", records).await?;
     let after = compacted_size(&target.client).await?;
     Ok(Footprint {
         records: u64::try_from(records).unwrap_or(0),
         before,
         after,
     })
+}
+
+/// Prints, per key family under `prefix` (the first path segment after it, and one more under
+/// `telemetry/`), how many keys there are and their mean key and value sizes per stored record:
+/// what the backend's bytes per record are made of.
+async fn print_key_breakdown(client: &Client, prefix: &str, records: i64) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    let mut families: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut kv = client.kv_client();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    loop {
+        let options = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(2000);
+        let page = kv.get(from.clone(), Some(options)).await?;
+        for item in page.kvs() {
+            let key = String::from_utf8_lossy(&item.key()[prefix.len()..]).into_owned();
+            let mut parts = key.split('/');
+            let family = match (parts.next(), parts.next()) {
+                (Some(first @ ("telemetry" | "index" | "queue")), Some(second)) => {
+                    format!("{first}/{second}")
+                }
+                (Some(first), _) => first.to_string(),
+                _ => String::new(),
+            };
+            if !families.contains_key(&family) {
+                eprintln!("    e.g. {key} = {:?}", String::from_utf8_lossy(item.value()));
+            }
+            let entry = families.entry(family).or_default();
+            entry.0 += 1;
+            entry.1 += item.key().len() as u64;
+            entry.2 += item.value().len() as u64;
+        }
+        let Some(last) = page.kvs().last() else { break };
+        if !page.more() {
+            break;
+        }
+        from = last.key().to_vec();
+        from.push(0);
+    }
+    let per = |n: u64| n as f64 / records.max(1) as f64;
+    eprintln!("  keys under {prefix} once the queue is empty, per stored record ({records} records):");
+    for (family, (keys, key_bytes, value_bytes)) in &families {
+        eprintln!(
+            "    {family:<24} {keys:>8} keys  {:>6.2} keys/record  key {:>6.1} B  value {:>6.1} B (per record)",
+            per(*keys),
+            per(*key_bytes),
+            per(*value_bytes)
+        );
+    }
+    Ok(())
 }
 
 /// Enqueue-to-commit latency: `collectors` in-process collectors drain while a streamer with

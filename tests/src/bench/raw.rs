@@ -114,7 +114,10 @@ pub async fn compact_and_defragment(client: &mut Client) -> anyhow::Result<()> {
     client.put("/bench/compact", "", None).await?;
     let deleted = client.delete("/bench/compact", None).await?;
     let rev = deleted.header().map_or(0, |h| h.revision());
-    client.compact(rev, None).await?;
+    // Physical: etcd answers once the compaction is applied to the backend, not merely
+    // scheduled, so the defragmentation after it finds the space to free.
+    let physical = etcd_client::CompactionOptions::new().with_physical();
+    client.compact(rev, Some(physical)).await?;
     client.defragment().await?;
     Ok(())
 }

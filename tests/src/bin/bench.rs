@@ -27,7 +27,8 @@
 //!    fails the bench (after the table is printed).
 //!
 //! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 7,
-//! `--export-only` only phase 4.
+//! `--export-only` only phase 4, `--ideal-only` only the 2-collector end-to-end run, the ideal
+//! design and etcd bytes per record of phase 3.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
@@ -104,6 +105,10 @@ struct Args {
     /// Run only the export phase (quicker).
     #[arg(long, conflicts_with = "gateway_only")]
     export_only: bool,
+    /// Run only the end-to-end run with 2 collectors, the ideal design beside it, and etcd
+    /// bytes per stored record (issue 12's goals; quicker).
+    #[arg(long, conflicts_with_all = ["gateway_only", "export_only"])]
+    ideal_only: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -312,6 +317,18 @@ async fn streamer_only(b: &mut Bench, raw: &RawRates) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One end-to-end run with `collectors` collectors, added to the table.
+async fn end_to_end_with(b: &mut Bench, collectors: usize) -> anyhow::Result<pipeline::E2eRun> {
+    let e2e_rows = (b.plan.rows / E2E_WORKERS).max(1);
+    let csv = b.csv("e2e.csv", e2e_rows)?;
+    eprintln!("end to end, {E2E_WORKERS} streamer workers x {e2e_rows} rows, {collectors} collector(s) ...");
+    let run = pipeline::e2e_rate(&b.target(), &csv, collectors).await?;
+    let note = format!("{} messages, streamer {E2E_WORKERS} workers", run.messages);
+    b.table
+        .push(format!("e2e_{collectors}_collectors"), run.rate, "msgs/s", note);
+    Ok(run)
+}
+
 /// End to end with 1, 2 and 4 collectors; the pipeline's efficiency against the best raw rate.
 /// Returns the 2-collector run (the one compared with the ideal design).
 async fn end_to_end(b: &mut Bench, raw_best: f64) -> anyhow::Result<pipeline::E2eRun> {
@@ -374,18 +391,19 @@ async fn ideal_design(b: &mut Bench, e2e: pipeline::E2eRun) -> anyhow::Result<()
         "e2e with 2 collectors and {E2E_WORKERS} streamer workers / the ideal design, same etcd, same run"
     );
     t.push("ratio_e2e_2c_vs_ideal", e2e.rate / run.rate, "ratio", note);
-    let per_1000 = |cpu: f64, n: u64| cpu * 1000.0 / n.max(1) as f64;
+    // CPU milliseconds per 1,000 messages.
+    let per_1000 = |cpu: f64, n: u64| cpu * 1_000_000.0 / n.max(1) as f64;
     t.push(
         "etcd_cpu_per_1000_e2e_2c",
         per_1000(e2e.etcd_cpu, e2e.messages),
-        "cpu-s",
-        "etcd user+system CPU seconds per 1,000 messages, pipeline with 2 collectors (/proc)",
+        "ms",
+        "etcd user+system CPU per 1,000 messages, pipeline with 2 collectors (/proc)",
     );
     t.push(
         "etcd_cpu_per_1000_ideal",
         per_1000(ideal_cpu, run.messages),
-        "cpu-s",
-        "etcd user+system CPU seconds per 1,000 messages, ideal design (/proc)",
+        "ms",
+        "etcd user+system CPU per 1,000 messages, ideal design (/proc)",
     );
     Ok(())
 }
@@ -747,6 +765,14 @@ async fn main() -> anyhow::Result<()> {
     let mut bench = Bench::start(plan, bin_dir).await?;
     if args.export_only {
         export(&mut bench).await?;
+        print!("{}", bench.table.render());
+        return write_json(&bench.table, &args.json);
+    }
+    if args.ideal_only {
+        bench.reset().await?;
+        let e2e = end_to_end_with(&mut bench, 2).await?;
+        ideal_design(&mut bench, e2e).await?;
+        bytes_per_record(&mut bench).await?;
         print!("{}", bench.table.render());
         return write_json(&bench.table, &args.json);
     }
