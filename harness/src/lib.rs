@@ -20,6 +20,8 @@
 //!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
 //! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
+//! - [`tls`]: [`TestPki`], a CA and certificates made at test time for etcd over TLS
+//!   ([`EtcdOptions::with_tls`]).
 //!
 //! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
 //! every service crate dev-depends on it. The pipeline started in process (streamer, collectors
@@ -41,15 +43,19 @@ pub mod prometheus;
 pub mod proxy;
 pub mod records;
 pub mod sample;
+pub mod tls;
 
 pub use env::Env;
-pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
+pub use etcd::{
+    EtcdCluster, EtcdOptions, EtcdServer, EtcdTls, Member, count, etcd_binary, range_all, strict_etcd,
+};
 pub use metrics::{promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
+pub use tls::{CertFiles, TestPki};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

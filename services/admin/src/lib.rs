@@ -7,7 +7,8 @@
 //! - [`queue`]: depth and lag per partition;
 //! - [`dead_letters`], [`show_dead_letter`], [`replay`], [`purge`]: the dead-letter prefix;
 //! - [`audit`]: data keys per GPU against the index and the stats counters;
-//! - [`status`]: collectors, their leases and the partitions they own.
+//! - [`status`]: collectors, their leases and the partitions they own;
+//! - [`auth`]: `auth setup`, one etcd user and role per service with the least privilege.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +21,8 @@ use telemetry_shared::{
     model::{DeadLetter, GpuInfo, Member, PartitionStats},
 };
 use thiserror::Error;
+
+pub mod auth;
 
 /// Why a command failed.
 #[derive(Debug, Error)]
@@ -36,6 +39,9 @@ pub enum AdminError {
     /// Stored data we cannot read.
     #[error("{0}")]
     Corrupt(String),
+    /// The command cannot run as asked (a missing option, a file it cannot use).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl From<etcd_client::Error> for AdminError {

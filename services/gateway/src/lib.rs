@@ -162,7 +162,7 @@ pub async fn run(
     }));
     // The window is loaded at `revision`, and the live feed (which keeps it current) follows
     // from just after it.
-    let revision = current_revision(&client).await?;
+    let revision = current_revision(&client, &decoder.keys.data_prefix()).await?;
     window.reset(revision);
     tokio::spawn(window::maintain(window.clone(), store.clone(), shutdown.clone()));
     let hub = hub::Hub::start(client, decoder, window.clone(), revision, shutdown.clone());

@@ -133,7 +133,7 @@ impl Footprint {
 /// Compacts etcd at its current revision and defragments it; returns the backend's size.
 pub async fn compacted_size(client: &Client) -> anyhow::Result<i64> {
     let mut client = client.clone();
-    let revision = telemetry_shared::etcd::current_revision(&client).await?;
+    let revision = telemetry_shared::etcd::current_revision(&client, "\0").await?;
     client.compact(revision, None).await?;
     client.defragment().await?;
     Ok(client.status().await?.db_size())
@@ -221,7 +221,7 @@ impl LatencyWatch {
     /// Starts watching from the next revision.
     async fn start(pipeline: &Pipeline) -> anyhow::Result<Self> {
         let client = pipeline.client();
-        let from = telemetry_shared::etcd::current_revision(client).await? + 1;
+        let from = telemetry_shared::etcd::current_revision(client, &pipeline.keys().data_prefix()).await? + 1;
         let follow = Follow::new(client, pipeline.keys().data_prefix(), from).without_deletes();
         let (samples, seen, stop) = (
             Arc::default(),

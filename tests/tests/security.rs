@@ -1,0 +1,375 @@
+//! etcd over TLS with authentication on, as in production: certificates made at test time
+//! (`TestPki`), etcd with `--client-cert-auth`, users and roles made by
+//! `telemetry-admin auth setup --enable`, and every service binary as its own user.
+//!
+//! - the sample goes through streamer, collector and gateway exactly once while every token
+//!   expires (a quiet period longer than `--auth-token-ttl`) and while etcd restarts (which
+//!   forgets every simple token);
+//! - each role is refused what it must not do (the gateway writes nothing, the streamer cannot
+//!   touch stored telemetry, the collector cannot touch checkpoints), and the shared client
+//!   renews an expired token where a plain one fails;
+//! - a wrong CA, an expired client certificate and a wrong password each stop every binary at
+//!   start with one line saying which.
+//!
+//! The service binaries are the ones the workspace build put next to this test's directory.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use telemetry_harness::{
+    Env, EtcdOptions, EtcdServer, Finished, Probe, ProcessSpec, ServiceProcess, TestPki, assert_rows_exactly_once,
+    free_port, sample,
+};
+use telemetry_shared::{CommonConfig, Keyspace, config::RawCommonConfig};
+
+const NS: &str = "/sec";
+
+fn bin(name: &str) -> PathBuf {
+    // This test runs from target/<profile>/deps/; the service binaries are in target/<profile>/.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .join(name)
+}
+
+/// A TLS etcd with authentication on and the pipeline's users, made by `auth setup`.
+struct Secured {
+    server: EtcdServer,
+    pki: TestPki,
+    passwords: tempfile::TempDir,
+}
+
+impl Secured {
+    /// Starts etcd with `options`, TLS and `--client-cert-auth`, then runs
+    /// `telemetry-admin auth setup --enable` (and again, as root, to see it change nothing).
+    async fn start(options: EtcdOptions) -> Self {
+        let pki = TestPki::new().expect("certificates");
+        let server = EtcdServer::start_with(options.with_tls(&pki, true))
+            .await
+            .expect("etcd starts with TLS");
+        let passwords = tempfile::tempdir().expect("password dir");
+        let secured = Secured {
+            server,
+            pki,
+            passwords,
+        };
+        let dir = secured.passwords.path().display().to_string();
+        let first = secured
+            .admin(
+                secured.server.env(NS),
+                &["--json", "auth", "setup", "--enable", "--password-dir", &dir],
+            )
+            .await;
+        assert_eq!(first.status.code(), Some(0), "{first:?}");
+        let report: serde_json::Value = serde_json::from_str(&first.stdout).expect("JSON report");
+        assert_eq!(report["authentication"], "enabled now", "{report}");
+        assert!(
+            report["users"].as_array().expect("users").iter().all(|u| u["status"] == "created"),
+            "{report}"
+        );
+        for user in ["root", "telemetry-sec-streamer", "telemetry-sec-gateway"] {
+            let password = std::fs::read_to_string(secured.passwords.path().join(user)).expect("password file");
+            assert!(!first.stdout.contains(password.trim()), "a password was printed");
+        }
+        // Again, now that authentication is on: as root, and nothing changes.
+        let again = secured
+            .admin(
+                secured.env("root"),
+                &["auth", "setup", "--enable", "--password-dir", &dir],
+            )
+            .await;
+        assert_eq!(again.status.code(), Some(0), "{again:?}");
+        assert!(again.stdout.contains("authentication: enabled\n"), "{}", again.stdout);
+        for line in again.stdout.lines().filter(|l| l.starts_with("telemetry-sec-")) {
+            assert!(
+                line.contains(" exists "),
+                "a second run changed something: {line}\n{}",
+                again.stdout
+            );
+        }
+        secured
+    }
+
+    /// The user name of `service` (`root` is root).
+    fn user(service: &str) -> String {
+        if service == "root" {
+            "root".into()
+        } else {
+            format!("telemetry-sec-{service}")
+        }
+    }
+
+    /// The environment of `service` as its own user: the TLS files and its password file.
+    fn env(&self, service: &str) -> Env {
+        let user = Self::user(service);
+        let password = self.passwords.path().join(&user);
+        self.server.env(NS).etcd_user(&user, &password)
+    }
+
+    /// Runs `telemetry-admin` with `args` to its end.
+    async fn admin(&self, env: Env, args: &[&str]) -> Finished {
+        let spec = ProcessSpec::new(bin("telemetry-admin"))
+            .args(args.iter().copied())
+            .env(env);
+        tokio::task::spawn_blocking(move || spec.run_within(Duration::from_secs(30)))
+            .await
+            .expect("joins")
+            .expect("telemetry-admin runs")
+    }
+
+    /// A client of the shared layer for `service`, as the binaries connect.
+    async fn client(&self, service: &str) -> Client {
+        let raw: RawCommonConfig = telemetry_shared::config::from_iter(self.env(service)).expect("raw");
+        let config = CommonConfig::try_from(raw).expect("valid");
+        telemetry_shared::etcd::connect(&config).await.expect("connects")
+    }
+}
+
+fn start(binary: &str, env: Env) -> ServiceProcess {
+    ProcessSpec::new(bin(binary)).env(env).start().expect("starts")
+}
+
+async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url).await.expect("the gateway answers");
+    assert!(response.status().is_success(), "{response:?}");
+    response.json().await.expect("JSON")
+}
+
+/// The sample through a streamer, a collector and a gateway, each as its own user over TLS:
+/// midway the streamer is stopped for longer than the token TTL (every service's token
+/// expires: the streamer is paused, the collector idles, the gateway is asked only after),
+/// and later etcd is killed and restarted (it forgets every token). Every row lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart() {
+    let started = Instant::now();
+    // Durable (fsync on): etcd is killed here. Tokens expire after 2 s unused.
+    let options = EtcdOptions {
+        extra_args: vec!["--max-txn-ops".into(), "128".into()],
+        ..EtcdOptions::default()
+    }
+    .with_token_ttl(2);
+    let mut secured = Secured::start(options).await;
+    let root = secured.server.client().await.expect("root client (certificate CN)");
+    let probe = Probe::new(&root, NS);
+
+    let collector = start("telemetry-collector", secured.env("collector").collector("c0"));
+    let port = free_port().expect("port");
+    let gateway = start("telemetry-gateway", secured.env("gateway").gateway(port));
+    assert!(probe.all_partitions_owned(Duration::from_secs(30)).await, "the collector owns the partitions");
+    let mut streamer = start(
+        "telemetry-streamer",
+        secured
+            .env("streamer")
+            .streamer(sample::path(), sample::STREAM_ID)
+            .set("RATE", 400),
+    );
+
+    // A quiet period longer than the TTL: every token expires.
+    probe.wait_for_records(300, Duration::from_secs(30)).await;
+    streamer.pause().expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let stats = get_json(&format!("http://127.0.0.1:{port}/api/v1/stats")).await;
+    assert!(stats["total_records"].as_u64().is_some_and(|n| n >= 300), "{stats}");
+    streamer.resume().expect("SIGCONT");
+
+    // etcd restarts: simple tokens live in its memory only.
+    probe.wait_for_records(1200, Duration::from_secs(60)).await;
+    secured.server.member().kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    secured.server.restart().await.expect("etcd restarts");
+
+    let status = streamer.wait_timeout(Duration::from_secs(90)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the streamer finished: {status:?}\n{}",
+        streamer.log()
+    );
+    let root = secured.server.client().await.expect("root client");
+    let probe = Probe::new(&root, NS);
+    probe.wait_drained(sample::ROWS as i64, Duration::from_secs(60)).await;
+    let records = probe.records().await;
+    assert_rows_exactly_once(records.values(), &format!("{}-w0", sample::STREAM_ID), 0, sample::ROWS);
+    assert_eq!(records.len() as u64, sample::ROWS);
+    let stats = get_json(&format!("http://127.0.0.1:{port}/api/v1/stats")).await;
+    assert_eq!(stats["total_records"], sample::ROWS, "{stats}");
+
+    // The admin user reads everything it audits.
+    let expect = sample::ROWS.to_string();
+    let audit = secured
+        .admin(secured.env("admin"), &["audit", "--expect", &expect])
+        .await;
+    assert_eq!(audit.status.code(), Some(0), "{audit:?}");
+
+    for service in [&collector, &gateway] {
+        let log = service.log();
+        assert!(!log.contains("permission denied"), "{}: {log}", service.name());
+    }
+    println!("pipeline test took {:?}", started.elapsed());
+}
+
+fn denied(result: Result<impl std::fmt::Debug, etcd_client::Error>) -> bool {
+    match result {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            status.code() == tonic::Code::PermissionDenied && status.message().contains("permission denied")
+        }
+        _ => false,
+    }
+}
+
+/// What each role may not do is refused by etcd, and leases follow the keys attached to them.
+/// A client that does not renew its token fails after the TTL; the shared client renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
+    let secured = Secured::start(EtcdOptions::strict().with_token_ttl(2)).await;
+    let keys = Keyspace::new(NS);
+    let record = keys.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J");
+
+    let mut gateway = secured.client("gateway").await;
+    assert!(gateway.get(keys.data_prefix(), None).await.is_ok(), "the gateway reads data");
+    assert!(denied(gateway.put(record.as_str(), "x", None).await), "gateway put");
+    assert!(denied(gateway.delete(record.as_str(), None).await), "gateway delete");
+    let txn = Txn::new()
+        .when([Compare::create_revision(record.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(record.as_str(), "x", None)]);
+    assert!(denied(gateway.txn(txn).await), "gateway txn");
+    assert!(denied(gateway.put(keys.stream_checkpoint("s"), "x", None).await), "gateway checkpoint");
+
+    let mut streamer = secured.client("streamer").await;
+    assert!(denied(streamer.put(record.as_str(), "x", None).await), "streamer writes data");
+    assert!(denied(streamer.get(record.as_str(), None).await), "streamer reads data");
+    assert!(streamer.put(keys.stream_checkpoint("s"), "{}", None).await.is_ok(), "streamer checkpoint");
+
+    let mut collector = secured.client("collector").await;
+    assert!(denied(collector.put(keys.stream_checkpoint("s"), "x", None).await), "collector checkpoint");
+    assert!(denied(collector.get(keys.stream_checkpoint("s"), None).await), "collector reads checkpoints");
+    assert!(collector.put(record.as_str(), "x", None).await.is_ok(), "collector stores");
+
+    // Leases: granting needs no permission; revoking needs write on every attached key, and so
+    // does attaching a key to a lease that holds keys the user cannot write.
+    let lease = collector.lease_grant(30, None).await.expect("grant").id();
+    let member = keys.member("c0");
+    collector
+        .put(member.as_str(), "{}", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .expect("collector registers");
+    assert!(gateway.lease_grant(30, None).await.is_ok(), "any user may grant a lease");
+    assert!(denied(gateway.lease_revoke(lease).await), "the gateway cannot revoke it");
+    let marker = keys.dedup_marker(&"00".repeat(32));
+    assert!(
+        denied(streamer.put(marker.as_str(), "", Some(PutOptions::new().with_lease(lease))).await),
+        "the streamer cannot attach its marker to the collector's lease"
+    );
+    assert!(collector.lease_revoke(lease).await.is_ok(), "the collector revokes its own");
+
+    // Token expiry: 2 s unused. A client without renewal fails; the shared one renews.
+    let password = std::fs::read_to_string(secured.passwords.path().join("telemetry-sec-gateway")).expect("password");
+    let ca = std::fs::read(secured.pki.ca_file()).expect("CA");
+    let client_cert = secured.pki.client("plain").expect("client certificate");
+    let identity = etcd_client::Identity::from_pem(
+        std::fs::read(&client_cert.cert).expect("cert"),
+        std::fs::read(&client_cert.key).expect("key"),
+    );
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(ca))
+        .identity(identity);
+    let options = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_user("telemetry-sec-gateway", password.trim());
+    let mut plain = Client::connect([secured.server.endpoint()], Some(options))
+        .await
+        .expect("connects");
+    assert!(plain.get(keys.data_prefix(), None).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let expired = plain.get(keys.data_prefix(), None).await;
+    assert!(
+        matches!(&expired, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unauthenticated),
+        "a token unused for longer than the TTL is refused: {expired:?}"
+    );
+    assert!(gateway.get(keys.data_prefix(), None).await.is_ok(), "the shared client renews its token");
+    assert!(denied(gateway.put(record.as_str(), "x", None).await), "and is still the gateway");
+}
+
+/// One binary's start with `env` and what it printed.
+async fn run(binary: &str, args: &[&str], env: Env) -> Finished {
+    let spec = ProcessSpec::new(bin(binary)).args(args.iter().copied()).env(env);
+    tokio::task::spawn_blocking(move || spec.run_within(Duration::from_secs(20)))
+        .await
+        .expect("joins")
+        .expect("ends in time")
+}
+
+/// A wrong CA, an expired client certificate and a wrong password stop every binary at start
+/// with one line naming the cause: etcd's refusals (the CA, the password) with status 1, a
+/// certificate file that cannot be used (expired, not PEM) with status 2 like any invalid
+/// variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
+    let secured = Secured::start(EtcdOptions::strict()).await;
+    let wrong_ca = secured.pki.other_ca_file().expect("another CA");
+    let expired = secured.pki.expired_client("telemetry-service").expect("expired certificate");
+    let wrong_password = secured.passwords.path().join("wrong");
+    std::fs::write(&wrong_password, "not-the-password\n").expect("write");
+    let not_pem = secured.passwords.path().join("not-pem");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let port = free_port().expect("port").to_string();
+    let binaries: [(&str, &str, Vec<&str>, Vec<(&str, String)>); 4] = [
+        (
+            "telemetry-streamer",
+            "streamer",
+            vec![],
+            vec![("CSV_PATH", sample::path().display().to_string())],
+        ),
+        ("telemetry-collector", "collector", vec![], vec![]),
+        ("telemetry-gateway", "gateway", vec![], vec![("GATEWAY_PORT", port.clone())]),
+        ("telemetry-admin", "admin", vec!["queue"], vec![]),
+    ];
+    for (binary, service, args, extra) in &binaries {
+        let base = extra.iter().fold(secured.env(service), |env, (k, v)| env.set(k, v));
+        let cases: [(&str, Env, i32, &str); 4] = [
+            (
+                "a wrong CA",
+                base.clone().set("ETCD_CA_FILE", wrong_ca.display()),
+                1,
+                "etcd's TLS certificate is not trusted: it is not signed by the CA in ETCD_CA_FILE=",
+            ),
+            (
+                "an expired client certificate",
+                base.clone()
+                    .set("ETCD_CERT_FILE", expired.cert.display())
+                    .set("ETCD_KEY_FILE", expired.key.display()),
+                2,
+                "is invalid: must be valid now: it expired at 2001-01-01T00:00:00+00:00",
+            ),
+            (
+                "a wrong password",
+                base.clone().set("ETCD_PASSWORD_FILE", wrong_password.display()),
+                1,
+                "etcd refused the password of user \"telemetry-sec-",
+            ),
+            (
+                "a CA file that is not PEM",
+                base.clone().set("ETCD_CA_FILE", not_pem.display()),
+                2,
+                "ETCD_CA_FILE=",
+            ),
+        ];
+        for (what, env, code, says) in cases {
+            let out = run(binary, args, env).await;
+            let stderr = out.stderr.trim_end();
+            assert_eq!(out.status.code(), Some(code), "{binary} with {what}: {stderr}");
+            let last = stderr.lines().last().unwrap_or_default();
+            assert!(
+                last.starts_with("error: ") && last.contains(says),
+                "{binary} with {what} says {says:?}: {stderr}"
+            );
+            println!("{binary} with {what}: {last}");
+        }
+    }
+    // And with what `auth setup` made, each binary connects (the admin lists the queue).
+    let out = run("telemetry-admin", &["queue"], secured.env("admin")).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
