@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build of the four binaries (streamer, collector, gateway, admin) into one small
+# Multi-stage build of the five binaries (streamer, collector, gateway, exporter, admin) into one small
 # runtime image. Choose the binary with the container command, e.g. `telemetry-gateway`.
 #
 #   docker build -t gpu-telemetry .
@@ -15,10 +15,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
         --bin telemetry-streamer --bin telemetry-collector \
-        --bin telemetry-gateway --bin telemetry-admin \
+        --bin telemetry-gateway --bin telemetry-exporter --bin telemetry-admin \
     && mkdir -p /out \
     && cp target/release/telemetry-streamer target/release/telemetry-collector \
-          target/release/telemetry-gateway target/release/telemetry-admin /out/
+          target/release/telemetry-gateway target/release/telemetry-exporter \
+          target/release/telemetry-admin /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \

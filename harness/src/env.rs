@@ -103,6 +103,17 @@ impl Env {
         self.set("COLLECTOR_ID", id).set("LEASE_TTL", "3s")
     }
 
+    /// An exporter named `name` writing to `write_url` (`REMOTE_WRITE_URL`), with a short
+    /// `LEASE_TTL` of 2 s (a standby takes over quickly), `BATCH_WAIT` of 20 ms and
+    /// `RETENTION` of 1 h (the out-of-order window of [`crate::TsdbKind::prometheus`]).
+    pub fn exporter(self, write_url: &str, name: &str) -> Self {
+        self.set("REMOTE_WRITE_URL", write_url)
+            .set("EXPORTER_NAME", name)
+            .set("LEASE_TTL", "2s")
+            .set("BATCH_WAIT", "20ms")
+            .set("RETENTION", "1h")
+    }
+
     /// A gateway listening on `127.0.0.1:{port}` (`GATEWAY_HOST`, `GATEWAY_PORT`).
     pub fn gateway(self, port: u16) -> Self {
         self.set("GATEWAY_HOST", "127.0.0.1").set("GATEWAY_PORT", port)

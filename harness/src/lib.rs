@@ -22,6 +22,8 @@
 //! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
 //! - [`tls`]: [`TestPki`], a CA and certificates made at test time for etcd over TLS
 //!   ([`EtcdOptions::with_tls`]).
+//! - [`tsdb`]: [`Tsdb`], a Prometheus (with its remote-write receiver) or a VictoriaMetrics
+//!   for the exporter, stopped and restarted on its port and data, and read back with PromQL.
 //!
 //! The harness depends on `telemetry-shared` (key layout, message model) but on no service:
 //! every service crate dev-depends on it. The pipeline started in process (streamer, collectors
@@ -44,18 +46,20 @@ pub mod proxy;
 pub mod records;
 pub mod sample;
 pub mod tls;
+pub mod tsdb;
 
 pub use env::Env;
 pub use etcd::{
     EtcdCluster, EtcdOptions, EtcdServer, EtcdTls, Member, count, etcd_binary, range_all, strict_etcd,
 };
-pub use metrics::{promtool_check_metrics, scrape_metrics};
+pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};
 pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
 pub use tls::{CertFiles, TestPki};
+pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

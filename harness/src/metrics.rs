@@ -10,22 +10,34 @@ use crate::HarnessError;
 /// the connection for up to 5 s (a service opens its metrics port as it starts); a response
 /// other than 200 is an error.
 pub async fn scrape_metrics(port: u16) -> Result<String, HarnessError> {
+    match http_get(port, "/metrics").await? {
+        (200, body) => Ok(body),
+        (status, _) => Err(HarnessError::Io {
+            context: format!("scraping port {port}"),
+            source: std::io::Error::other(format!("not a 200 response: {status}")),
+        }),
+    }
+}
+
+/// `GET path` on `127.0.0.1:port` (HTTP/1.0, retrying the connection for up to 5 s while the
+/// port is not open yet): the status and the body. For `/metrics`, `/livez` and `/readyz`.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), HarnessError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut stream = loop {
         match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
             Ok(stream) => break stream,
             Err(err) if Instant::now() > deadline => {
                 return Err(HarnessError::Io {
-                    context: format!("connecting to the metrics endpoint on port {port}"),
+                    context: format!("connecting to port {port}"),
                     source: err,
                 });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let context = || format!("scraping port {port}");
+    let context = || format!("GET {path} on port {port}");
     stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .map_err(crate::io(context()))?;
     let mut response = String::new();
@@ -34,14 +46,15 @@ pub async fn scrape_metrics(port: u16) -> Result<String, HarnessError> {
         .await
         .map_err(crate::io(context()))?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
-    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
-        Ok(body.to_string())
-    } else {
-        Err(HarnessError::Io {
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| HarnessError::Io {
             context: context(),
-            source: std::io::Error::other(format!("not a 200 response: {head}")),
-        })
-    }
+            source: std::io::Error::other(format!("not an HTTP response: {head}")),
+        })?;
+    Ok((status, body.to_string()))
 }
 
 /// Runs `promtool check metrics` (Debian's `prometheus` package; `PROMTOOL_BIN` overrides) on a

@@ -1,5 +1,6 @@
 //! What the pipeline stored in one namespace, read for assertions: the queue, the records, the
-//! partition counters, checkpoints and partition owners, and waits on them.
+//! partition counters, checkpoints and partition owners, the exporters' checkpoints and
+//! owners, and waits on them.
 //!
 //! A [`Probe`] is a client and a [`Keyspace`]. Its reads panic on an etcd error, with the
 //! prefix in the message: they are for tests, where an unreadable store is a failed test.
@@ -10,7 +11,11 @@ use std::{
 };
 
 use etcd_client::Client;
-use telemetry_shared::{Checkpoint, Keyspace, Message, keys::QUEUE_PARTITIONS, model::PartitionStats};
+use telemetry_shared::{
+    Checkpoint, Keyspace, Message,
+    keys::QUEUE_PARTITIONS,
+    model::{ExportCheckpoint, Member, PartitionStats},
+};
 
 use crate::{count, eventually_every, range_all};
 
@@ -116,6 +121,48 @@ impl Probe {
         resp.kvs().first().map(|kv| {
             serde_json::from_slice(kv.value()).unwrap_or_else(|e| panic!("{key} is not a checkpoint: {e}"))
         })
+    }
+
+    /// The checkpoint of exporter `name` (a default one when it has none yet).
+    pub async fn export_checkpoint(&self, name: &str) -> ExportCheckpoint {
+        let key = self.keys.exporter_checkpoint(name);
+        let resp = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .unwrap_or_else(|e| panic!("reading {key}: {e}"));
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                serde_json::from_slice(kv.value())
+                    .unwrap_or_else(|e| panic!("{key} is not a checkpoint: {e}"))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The id of the active exporter of `name`, if any.
+    pub async fn exporter_owner(&self, name: &str) -> Option<String> {
+        let key = self.keys.exporter_owner(name);
+        let resp = self.client.clone().get(key.as_str(), None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        serde_json::from_slice::<Member>(kv.value()).ok().map(|m| m.id)
+    }
+
+    /// Waits until the checkpoint of exporter `name` accounts for `n` records (exported,
+    /// rejected or expired); returns it. Panics after `timeout`.
+    pub async fn wait_exported(&self, name: &str, n: u64, timeout: Duration) -> ExportCheckpoint {
+        let ok = eventually_every(Duration::from_millis(50), timeout, || async {
+            let cp = self.export_checkpoint(name).await;
+            cp.records + cp.rejected + cp.expired >= n
+        })
+        .await;
+        let cp = self.export_checkpoint(name).await;
+        assert!(
+            ok,
+            "exporter {name} did not account for {n} records in {timeout:?}: {cp:?}"
+        );
+        cp
     }
 
     /// Partitions held, by collector id.

@@ -27,6 +27,10 @@ pub struct PrometheusOptions {
     pub remote_write_receiver: bool,
     /// `storage.tsdb.out_of_order_time_window`, if any.
     pub out_of_order_window: Option<Duration>,
+    /// A whole configuration file to use instead of the one generated from `scrape_interval`,
+    /// `scrape`, `rule_files` and `out_of_order_window` (a deploy file with its targets
+    /// rewritten to this machine, say).
+    pub config: Option<String>,
 }
 
 impl Default for PrometheusOptions {
@@ -37,6 +41,7 @@ impl Default for PrometheusOptions {
             rule_files: Vec::new(),
             remote_write_receiver: false,
             out_of_order_window: None,
+            config: None,
         }
     }
 }
@@ -44,6 +49,9 @@ impl Default for PrometheusOptions {
 impl PrometheusOptions {
     /// The configuration file's text.
     pub fn config_yaml(&self) -> String {
+        if let Some(config) = &self.config {
+            return config.clone();
+        }
         let secs = self.scrape_interval.as_secs().max(1);
         let mut out = format!("global:\n  scrape_interval: {secs}s\n  evaluation_interval: {secs}s\n");
         if let Some(window) = self.out_of_order_window {

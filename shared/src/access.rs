@@ -149,7 +149,7 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
             grant(keys.data_prefix(), Read, "follows and exports records"),
             grant(keys.profiles_prefix(), Read, "decodes lean records"),
             grant(keys.stats_prefix(), Read, "counts what is stored"),
-            grant(exporters_prefix(keys), ReadWrite, "its owner key, checkpoint and rejected records"),
+            grant(keys.exporters_prefix(), ReadWrite, "its owner key, checkpoint and rejected records"),
         ],
         Service::Admin => vec![
             grant(namespace_prefix(keys), Read, "reports and audits every part of the pipeline"),
@@ -163,11 +163,6 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
 /// Every key of the pipeline: the namespace and a `/` (or `/` alone without a namespace).
 pub fn namespace_prefix(keys: &Keyspace) -> String {
     format!("{}/", keys.namespace())
-}
-
-/// The exporters' keys (`{ns}/exporters/`; the exporter's own key functions live with it).
-fn exporters_prefix(keys: &Keyspace) -> String {
-    format!("{}/exporters/", keys.namespace())
 }
 
 /// Does some grant of `grants` allow `wanted` on `key`?
@@ -213,7 +208,7 @@ mod tests {
             (k.gpu_index("GPU-1"), &[Collector]),
             (k.host_index("h"), &[Collector]),
             (k.partition_stats(3), &[Collector]),
-            (format!("{}e/checkpoint", exporters_prefix(k)), &[Service::Exporter]),
+            (k.exporter_checkpoint("e"), &[Service::Exporter]),
         ]
     }
 

@@ -17,6 +17,9 @@
 //! | `{ns}/index/profiles/{id}` | [`crate::record::Profile`] JSON, id from its content | streamer or collector, with the first record that uses it |
 //! | `{ns}/index/hosts/{hostname}` | hostname | collector, in commit txns |
 //! | `{ns}/stats/partitions/{pp}` | [`crate::model::PartitionStats`] JSON | partition owner, in commit txns |
+//! | `{ns}/exporters/{name}/owner` | [`crate::model::ExporterOwner`] JSON, the owner's lease | exporter, when it becomes the active one (`create_revision == 0`) |
+//! | `{ns}/exporters/{name}/checkpoint` | [`crate::model::ExportCheckpoint`] JSON | the active exporter, after the TSDB acknowledged, fenced by the owner key's lease |
+//! | `{ns}/exporters/{name}/rejected/{revision:020}-{digest}` | [`crate::model::RejectedRecord`] JSON (the newest `REJECTED_KEEP`) | the active exporter, in the checkpoint transaction that passes the record |
 //!
 //! `{pp}` is the queue partition, two decimal digits: a hash of the GPU identity picks it so
 //! that one GPU's messages stay in one partition (and so in order) and collectors can own whole
@@ -265,6 +268,46 @@ impl Keyspace {
     }
 }
 
+impl Keyspace {
+    /// Prefix of every exporter's keys.
+    pub fn exporters_prefix(&self) -> String {
+        self.key(format_args!("/exporters/"))
+    }
+
+    /// The leased key naming the active exporter of `name`.
+    pub fn exporter_owner(&self, name: &str) -> String {
+        self.key(format_args!("/exporters/{name}/owner"))
+    }
+
+    /// The checkpoint of exporter `name`: the position up to which every record is exported.
+    pub fn exporter_checkpoint(&self, name: &str) -> String {
+        self.key(format_args!("/exporters/{name}/checkpoint"))
+    }
+
+    /// Prefix of the records exporter `name` rejected.
+    pub fn exporter_rejected_prefix(&self, name: &str) -> String {
+        self.key(format_args!("/exporters/{name}/rejected/"))
+    }
+
+    /// The entry of a record exporter `name` rejected: its revision (zero-padded, so key order
+    /// is revision order) and a digest of its data key (two records of one revision).
+    pub fn exporter_rejected(&self, name: &str, revision: i64, data_key: &str) -> String {
+        let digest = sha2::Sha256::digest(data_key.as_bytes());
+        let revision = revision.max(0);
+        self.key(format_args!(
+            "/exporters/{name}/rejected/{revision:020}-{}",
+            hex::encode(&digest[..6])
+        ))
+    }
+
+    /// The exporter name of a checkpoint key, or `None` if it is not one.
+    pub fn parse_exporter_checkpoint<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&self.ns)?.strip_prefix("/exporters/")?;
+        let name = rest.strip_suffix("/checkpoint")?;
+        is_key_segment(name).then_some(name)
+    }
+}
+
 /// Width of the timestamp in a data key (`2026-11-23T08:11:31.123456Z`).
 pub const TIMESTAMP_WIDTH: usize = 27;
 
@@ -380,6 +423,21 @@ mod tests {
         assert_eq!(ks.parse_gpu_index(&ks.gpu_index("GPU-1")), Some("GPU-1"));
         assert_eq!(ks.parse_deadletter(&ks.deadletter("01X")), Some("01X"));
         assert_eq!(ks.parse_member(&ks.owner(1)), None);
+        assert_eq!(
+            ks.parse_exporter_checkpoint(&ks.exporter_checkpoint("tsdb-1")),
+            Some("tsdb-1")
+        );
+        assert_eq!(ks.parse_exporter_checkpoint(&ks.exporter_owner("x")), None);
+    }
+
+    #[test]
+    fn rejected_entries_sort_by_revision() {
+        let ks = Keyspace::new("/ns");
+        let a = ks.exporter_rejected("e", 9, "/ns/telemetry/data/h/0/t_1");
+        let b = ks.exporter_rejected("e", 10, "/ns/telemetry/data/h/0/t_0");
+        assert!(a < b, "{a} < {b}");
+        assert!(a.starts_with(&ks.exporter_rejected_prefix("e")));
+        assert_ne!(a, ks.exporter_rejected("e", 9, "/ns/telemetry/data/h/0/t_2"));
     }
 
     #[test]

@@ -12,17 +12,21 @@
 //! - [`model`]: the index, stats and dead-letter records beside the telemetry;
 //! - [`credentials`]: the CA, client certificate and password shown to etcd, read from files;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
+//! - [`lease`]: a lease kept alive on the holder's own timer, that says when it is lost;
 //! - [`watch`]: following a prefix in revision order, exactly once;
 //! - [`retry`]: the one retry policy (capped exponential backoff with jitter);
 //! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
-//! - [`observe`]: tracing, Prometheus metrics, shutdown signals.
+//! - [`observe`]: tracing, Prometheus metrics, shutdown signals;
+//! - [`health`]: liveness and readiness (`/livez`, `/readyz`).
 
 pub mod access;
 pub mod config;
 pub mod credentials;
 pub mod etcd;
 pub mod exposition;
+pub mod health;
 pub mod keys;
+pub mod lease;
 pub mod message;
 pub mod model;
 pub mod observe;

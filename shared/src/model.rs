@@ -1,5 +1,6 @@
 //! Records the collector keeps beside the telemetry so the gateway can answer without scanning:
-//! the GPU index, per-partition stats counters, dead letters and collector registrations.
+//! the GPU index, per-partition stats counters, dead letters and collector registrations; and
+//! the exporter's checkpoint and rejected records.
 
 use serde::{Deserialize, Serialize};
 
@@ -159,7 +160,8 @@ impl DeadLetter {
     }
 }
 
-/// A collector's registration (`/collectors/members/{id}`), attached to its session lease.
+/// A collector's registration (`/collectors/members/{id}`), attached to its session lease; also
+/// an exporter's owner key (`/exporters/{name}/owner`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// The collector id.
@@ -168,6 +170,80 @@ pub struct Member {
     pub lease: i64,
     /// When it registered.
     pub started_at: Timestamp,
+}
+
+/// Where an exporter is (`/exporters/{name}/checkpoint`): every stored record at or before the
+/// position (`revision`, then `key` within it) has landed in the TSDB, been rejected, or is
+/// known to have expired before it could be exported. Records are taken in revision order, and
+/// in key order within a revision. Written only after the TSDB acknowledged, in a transaction
+/// fenced by the owner key's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExportCheckpoint {
+    /// The revision of the position.
+    pub revision: i64,
+    /// The last data key passed at `revision`; `None` when the whole revision was passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Records whose samples landed.
+    pub records: u64,
+    /// Samples that landed.
+    pub samples: u64,
+    /// Records rejected (they cannot become samples, or the TSDB refused them).
+    pub rejected: u64,
+    /// Records that expired (their retention lease ended) before they could be exported.
+    pub expired: u64,
+    /// The newest gaps (history compacted, records expired), newest last, at most
+    /// [`MAX_EXPORT_GAPS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<ExportGap>,
+    /// The processing time of the last record passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record_time: Option<Timestamp>,
+    /// When this was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Timestamp>,
+    /// Which exporter process wrote it.
+    #[serde(default)]
+    pub exporter: String,
+}
+
+/// How many gaps a checkpoint keeps.
+pub const MAX_EXPORT_GAPS: usize = 16;
+
+/// A stretch of history an exporter could not follow (etcd had compacted it), caught up from
+/// the data keys; the records written in it that no longer existed were lost to the export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportGap {
+    /// The checkpoint's revision when the gap was found.
+    pub from_revision: i64,
+    /// The revision the data keys were read at.
+    pub to_revision: i64,
+    /// Records written in between that had expired (`None`: unknown, the stats counters could
+    /// not be read or were reset).
+    pub expired: Option<u64>,
+    /// The expired records are newer than this (the last record exported before the gap).
+    #[serde(default)]
+    pub after: Option<Timestamp>,
+    /// And older than this (the first record found after the gap, or when it was found).
+    #[serde(default)]
+    pub before: Option<Timestamp>,
+    /// When the gap was found.
+    pub found_at: Timestamp,
+}
+
+/// A record an exporter rejected (`/exporters/{name}/rejected/...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedRecord {
+    /// The record's data key.
+    pub key: String,
+    /// The revision it was written at.
+    pub revision: i64,
+    /// Why it was rejected.
+    pub reason: String,
+    /// When it was rejected.
+    pub rejected_at: Timestamp,
+    /// Which exporter process rejected it.
+    pub exporter: String,
 }
 
 #[cfg(test)]

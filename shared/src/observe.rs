@@ -1,14 +1,26 @@
-//! Logging, metrics and shutdown signals: the process-level plumbing every binary needs.
+//! Logging, metrics, health endpoints and shutdown signals: the process-level plumbing every
+//! binary needs.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::OnceLock,
+    time::Duration,
+};
 
-use std::sync::OnceLock;
-
+use axum::{
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::{
+    config::{LogConfig, LogFormat},
+    health::{Health, Report},
+};
 
 /// Installs the global `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`):
 /// human-readable lines, or one JSON object per line with `LOG_FORMAT=json` (the event's fields
@@ -180,28 +192,77 @@ pub struct MetricsError {
     pub reason: String,
 }
 
-/// Serves Prometheus `/metrics` on `0.0.0.0:port` for `service` (its `version`, its metric
-/// table); `port == 0` disables it. Must be called inside a tokio runtime, once per process.
-pub fn serve_metrics(
+/// How often the recorder's upkeep runs (what the exporter's own listener did): histograms are
+/// drained into their buckets and new descriptions published.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Serves Prometheus `/metrics` for `service` (its `version`, its metric table), and `/livez`
+/// and `/readyz` from `health`, on `0.0.0.0:port`; `port == 0` serves nothing (the recorder is
+/// not installed either). Binds before returning, so a taken port is reported here. Must be
+/// called inside a tokio runtime, once per process.
+pub async fn serve_metrics(
     port: u16,
     service: &'static str,
     version: &'static str,
     defs: &[MetricDef],
+    health: &Health,
 ) -> Result<(), MetricsError> {
     if port == 0 {
         return Ok(());
     }
+    let failed = |reason: String| MetricsError { port, reason };
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    builder()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| MetricsError {
-            port,
-            reason: e.to_string(),
-        })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let handle = builder().install_recorder().map_err(|e| failed(e.to_string()))?;
     describe(service, version, defs);
-    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    tokio::spawn(upkeep(handle.clone()));
+    let app = axum::Router::new()
+        .route("/metrics", get(render))
+        .with_state(handle)
+        .merge(probes(health.clone()));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics and health server stopped");
+        }
+    });
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics, health at /livez and /readyz");
     Ok(())
+}
+
+async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// `/metrics`: the recorder's text exposition, as the exporter's own listener sent it.
+async fn render(State(handle): State<PrometheusHandle>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain")], handle.render()).into_response()
+}
+
+/// `/livez` and `/readyz` answered from `health`.
+pub fn probes<S: Clone + Send + Sync + 'static>(health: Health) -> axum::Router<S> {
+    let live = health.clone();
+    axum::Router::new()
+        .route("/livez", get(move || async move { report_response(live.live()) }))
+        .route(
+            "/readyz",
+            get(move || async move { report_response(health.ready().await) }),
+        )
+}
+
+/// A health report as HTTP: 200 when ok, 503 when failing, with the report as JSON.
+pub fn report_response(report: Report) -> Response {
+    let status = if report.ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(report)).into_response()
 }
 
 /// The process-wide Prometheus recorder for a service that serves `/metrics` on its own HTTP

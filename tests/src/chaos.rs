@@ -1,16 +1,20 @@
 //! The chaos run behind `scripts/chaos`: the real binaries on a 3-member etcd cluster, with
-//! faults injected on a seeded schedule while data flows, then an audit of etcd.
+//! faults injected on a seeded schedule while data flows, then an audit of etcd and of the
+//! Prometheus two exporters (one active) write into.
 //!
 //! Faults: SIGKILL of a collector (restarted under a new id after a pause); SIGKILL of the
 //! streamer (restarted with the same `STREAM_ID`); SIGKILL of the etcd leader (restarted
 //! later); SIGSTOP of a collector for longer than its lease TTL, then SIGCONT; and a collector
 //! cut off from etcd for longer than its TTL by a [`TcpProxy`] that holds its requests (they
-//! arrive late, after its lease expired, so the fence in etcd must refuse its stale commits).
+//! arrive late, after its lease expired, so the fence in etcd must refuse its stale commits);
+//! SIGKILL of an exporter (restarted later; the second exporter of its name, which reaches etcd
+//! through the same proxies as the cut-off collector, stands by or takes over).
 //!
 //! The audit: every source row stored exactly once (or dead-lettered, for the rows made
 //! invalid on purpose), the queue empty, no partition claim left after the collectors stop,
 //! the gateway's stats equal to the audit, and at least one commit refused by the fence (a run
-//! in which the fence never acted has not tested it).
+//! in which the fence never acted has not tested it), and in Prometheus every stored record's
+//! sample exactly once: none missing, none extra.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,7 +28,8 @@ use nix::sys::signal::Signal;
 use telemetry_harness::{
     Env, EtcdCluster, EtcdOptions, ProcessSpec, ProxyMode, ServiceProcess, TcpProxy, free_port, sample,
 };
-use telemetry_shared::Keyspace;
+use telemetry_harness::{Tsdb, TsdbKind};
+use telemetry_shared::{Keyspace, config::Columns, exposition};
 
 const NS: &str = "/chaos";
 const LEASE_TTL_S: u64 = 3;
@@ -36,7 +41,7 @@ const DEAD_EVERY: usize = 2000;
 pub struct ChaosOptions {
     /// Rows in the generated input.
     pub rows: usize,
-    /// Rounds of the five faults.
+    /// Rounds of the six faults.
     pub rounds: usize,
     /// Seconds between faults.
     pub gap_s: f64,
@@ -48,7 +53,7 @@ pub struct ChaosOptions {
     pub work_dir: PathBuf,
 }
 
-/// The five kinds of fault.
+/// The six kinds of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Fault {
     /// SIGKILL a collector, restart it later.
@@ -61,15 +66,18 @@ pub enum Fault {
     StopCollector,
     /// Stall a collector's connections past its lease TTL, then let them flow.
     CutCollector,
+    /// SIGKILL an exporter, restart it later.
+    KillExporter,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 6] = [
         Fault::KillCollector,
         Fault::KillStreamer,
         Fault::KillLeader,
         Fault::StopCollector,
         Fault::CutCollector,
+        Fault::KillExporter,
     ];
 
     /// Short name.
@@ -78,6 +86,7 @@ impl Fault {
             Fault::KillCollector => "kill-collector",
             Fault::KillStreamer => "kill-streamer",
             Fault::KillLeader => "kill-etcd-leader",
+            Fault::KillExporter => "kill-exporter",
             Fault::StopCollector => "sigstop-collector",
             Fault::CutCollector => "cut-collector",
         }
@@ -101,6 +110,12 @@ pub struct ChaosReport {
     pub duplicated: usize,
     /// Dead letters found.
     pub dead_letters: usize,
+    /// Records the exporters' checkpoint says landed in Prometheus.
+    pub exported: u64,
+    /// Samples of stored records missing from Prometheus.
+    pub tsdb_missing: usize,
+    /// Samples in Prometheus that no stored record accounts for (doubles included).
+    pub tsdb_extra: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, usize>,
     /// Commits the fence refused (from the collectors' logs).
@@ -150,6 +165,12 @@ impl ChaosReport {
             "| stale commits refused by the fence | {} |",
             self.fence_refusals
         );
+        let _ = writeln!(out, "| exported to Prometheus | {} |", self.exported);
+        let _ = writeln!(
+            out,
+            "| Prometheus samples missing / extra | {} / {} |",
+            self.tsdb_missing, self.tsdb_extra
+        );
         let _ = writeln!(out, "| drain time | {:.1} s |", self.drain_s);
         let _ = writeln!(out, "| total time | {:.1} s |", self.total_s);
         if self.problems.is_empty() {
@@ -198,7 +219,12 @@ fn plant_input(path: &Path, rows: usize) -> anyhow::Result<usize> {
 }
 
 fn check_binaries(bin_dir: &Path) -> anyhow::Result<()> {
-    for bin in ["telemetry-streamer", "telemetry-collector", "telemetry-gateway"] {
+    for bin in [
+        "telemetry-streamer",
+        "telemetry-collector",
+        "telemetry-gateway",
+        "telemetry-exporter",
+    ] {
         anyhow::ensure!(
             bin_dir.join(bin).is_file(),
             "{} is missing: build the services first (cargo build --release --bins)",
@@ -293,16 +319,27 @@ async fn start_cluster() -> anyhow::Result<Cluster> {
     })
 }
 
-/// The services: one streamer, three collectors (the third through the proxies), a gateway.
+/// The services: one streamer, three collectors (the third through the proxies), a gateway,
+/// and two exporters of one name (the second through the proxies).
 struct Services {
     streamer: Slot,
     collectors: Vec<Slot>,
     gateway: Slot,
     gateway_port: u16,
+    exporters: Vec<Slot>,
 }
 
+/// The exporters' name.
+const EXPORTER: &str = "chaos";
+
 impl Services {
-    fn start(cluster: &Cluster, opts: &ChaosOptions, input: &Path, rate: f64) -> anyhow::Result<Self> {
+    fn start(
+        cluster: &Cluster,
+        opts: &ChaosOptions,
+        input: &Path,
+        rate: f64,
+        write_url: &str,
+    ) -> anyhow::Result<Self> {
         let direct = cluster.etcd.env(NS);
         let proxied = Env::etcd(
             cluster
@@ -336,6 +373,24 @@ impl Services {
             .collect();
         let gateway_port = free_port()?;
         let gateway_env = direct.clone().gateway(gateway_port);
+        let exporters = [&direct, &proxied]
+            .into_iter()
+            .enumerate()
+            .map(|(i, env)| {
+                let env = env
+                    .clone()
+                    .exporter(write_url, EXPORTER)
+                    .set("LEASE_TTL", format!("{LEASE_TTL_S}s"));
+                let name = format!("exporter{}", i + 1);
+                Slot::new(
+                    name,
+                    bin("telemetry-exporter"),
+                    env,
+                    &opts.work_dir,
+                    Some("EXPORTER_ID"),
+                )
+            })
+            .collect();
         let mut services = Services {
             streamer: Slot::new(
                 "streamer".into(),
@@ -353,25 +408,32 @@ impl Services {
                 None,
             ),
             gateway_port,
+            exporters,
         };
         for c in &mut services.collectors {
             c.start()?;
+        }
+        for e in &mut services.exporters {
+            e.start()?;
         }
         services.gateway.start()?;
         services.streamer.start()?;
         Ok(services)
     }
 
-    /// Collectors and gateway, gracefully (the streamer has ended by now).
+    /// Collectors, gateway and exporters, gracefully (the streamer has ended by now).
     async fn stop(&mut self) {
         for c in &mut self.collectors {
             c.stop().await;
         }
         self.gateway.stop().await;
+        for e in &mut self.exporters {
+            e.stop().await;
+        }
     }
 }
 
-/// Each round is the five faults in a seeded order.
+/// Each round is the six faults in a seeded order.
 fn schedule(rng: &mut Rng, rounds: usize) -> Vec<Fault> {
     let mut plan = Vec::new();
     for _ in 0..rounds {
@@ -451,6 +513,13 @@ async fn inject(
                 "SIGSTOP {} for {held} s (TTL {LEASE_TTL_S} s), then SIGCONT",
                 c.name
             ))
+        }
+        Fault::KillExporter => {
+            let e = &mut services.exporters[rng.below(2)];
+            e.kill9();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            e.start()?;
+            Ok(format!("SIGKILL {}, restarted 1 s later", e.name))
         }
         Fault::CutCollector => {
             cluster
@@ -560,8 +629,9 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     report.expected_dead = plant_input(&input, opts.rows)?;
     check_binaries(&opts.bin_dir)?;
     let mut cluster = start_cluster().await?;
+    let tsdb = Tsdb::start(TsdbKind::prometheus()).await?;
     let rate = opts.rows as f64 / (opts.rounds as f64 * Fault::ALL.len() as f64 * opts.gap_s + 8.0);
-    let mut services = Services::start(&cluster, opts, &input, rate)?;
+    let mut services = Services::start(&cluster, opts, &input, rate, &tsdb.write_url())?;
     report.schedule.push(format!(
         "{} rows at {rate:.0} rows/s; {} round(s) of faults, one every {:.0} s; lease TTL {LEASE_TTL_S} s",
         opts.rows, opts.rounds, opts.gap_s
@@ -582,8 +652,22 @@ pub async fn run(opts: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     // The gateway's view, then a graceful stop of everything.
     let stats = gateway_stats(services.gateway_port).await?;
     check_members(&mut cluster, &mut report);
+    let probe = telemetry_harness::Probe::new(&cluster.client, NS);
+    let stored = telemetry_harness::count(&cluster.client, &cluster.keys.data_prefix()).await?;
+    let exported = telemetry_harness::eventually(Duration::from_secs(120), || async {
+        let cp = probe.export_checkpoint(EXPORTER).await;
+        (cp.records + cp.rejected) as i64 >= stored
+    })
+    .await;
+    if !exported {
+        report.problems.push(format!(
+            "the exporters did not export {stored} records in 120 s: {:?}",
+            probe.export_checkpoint(EXPORTER).await
+        ));
+    }
     services.stop().await;
     audit(&cluster, opts, &stats, &mut report).await?;
+    audit_export(&cluster, &tsdb, &probe, &mut report).await?;
     report.total_s = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -626,6 +710,58 @@ async fn audit_records(
     report.dead_letters = count(&cluster.client, &cluster.keys.deadletter_prefix())
         .await
         .max(0) as usize;
+    Ok(())
+}
+
+/// Prometheus must hold every stored record's sample once: the samples of the stored records
+/// (two of one series and millisecond with one value are one sample) against every sample
+/// read back.
+/// A sample as compared: name, labels, timestamp (ms), value bits.
+type SampleId = (String, Vec<(String, String)>, i64, u64);
+
+async fn audit_export(
+    cluster: &Cluster,
+    tsdb: &Tsdb,
+    probe: &telemetry_harness::Probe,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let checkpoint = probe.export_checkpoint(EXPORTER).await;
+    report.exported = checkpoint.records;
+    if checkpoint.rejected > 0 {
+        report
+            .problems
+            .push(format!("the exporters rejected {} records", checkpoint.rejected));
+    }
+    let records = telemetry_harness::stored_records(&cluster.client, &cluster.keys).await?;
+    let mut expected: Vec<SampleId> = records
+        .values()
+        .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
+        .map(|s| (s.name, s.labels, s.timestamp_ms, s.value.to_bits()))
+        .collect();
+    expected.sort();
+    expected.dedup();
+    let time = chrono::Utc::now().timestamp_millis() as f64 / 1000.0 + 60.0;
+    let mut got: Vec<SampleId> = tsdb
+        .samples(".+", "6h", time)
+        .await?
+        .into_iter()
+        .map(|s| (s.name, s.labels, s.timestamp_ms, s.value.to_bits()))
+        .collect();
+    got.sort();
+    let expected_set: std::collections::HashSet<_> = expected.iter().collect();
+    let got_set: std::collections::HashSet<_> = got.iter().collect();
+    report.tsdb_missing = expected.iter().filter(|e| !got_set.contains(e)).count();
+    report.tsdb_extra =
+        got.len() - got.iter().filter(|g| expected_set.contains(g)).count() + (got.len() - got_set.len());
+    if report.tsdb_missing > 0 || report.tsdb_extra > 0 {
+        report.problems.push(format!(
+            "Prometheus: {} samples of stored records missing, {} extra ({} expected, {} read)",
+            report.tsdb_missing,
+            report.tsdb_extra,
+            expected.len(),
+            got.len()
+        ));
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The short chaos variant inside the test suite: the real service binaries (built by the same
-//! `cargo nextest run --workspace`) on a 3-member etcd, each of the five faults once, then the
-//! audit. A failure prints the seed, the schedule and the table; `scripts/chaos --seed N`
+//! `cargo nextest run --workspace`) on a 3-member etcd with a Prometheus, each of the six faults
+//! once, then the audit of etcd and Prometheus. A failure prints the seed, the schedule and the table; `scripts/chaos --seed N`
 //! replays it (the long variant is `scripts/chaos`).
 
 use std::path::PathBuf;

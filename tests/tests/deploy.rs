@@ -17,6 +17,7 @@ fn accepted(binary: &str) -> Vec<String> {
         "telemetry-streamer" => telemetry_streamer::StreamerConfig::env_vars(),
         "telemetry-collector" => telemetry_collector::CollectorConfig::env_vars(),
         "telemetry-gateway" => telemetry_gateway::GatewayConfig::env_vars(),
+        "telemetry-exporter" => telemetry_exporter::ExporterConfig::env_vars(),
         other => panic!("deploy files run an unknown binary {other:?}"),
     }
 }
@@ -43,6 +44,7 @@ fn load(binary: &str, vars: &BTreeMap<String, String>) -> Result<(), String> {
         }
         "telemetry-collector" => telemetry_collector::CollectorConfig::from_vars(vars).map(|_| ()),
         "telemetry-gateway" => telemetry_gateway::GatewayConfig::from_vars(vars).map(|_| ()),
+        "telemetry-exporter" => telemetry_exporter::ExporterConfig::from_vars(vars).map(|_| ()),
         other => panic!("unknown binary {other}"),
     };
     result.map_err(|e| e.to_string())
@@ -81,7 +83,12 @@ fn compose_sets_only_variables_the_binaries_read() {
         let name = scalar(name);
         let mut service = service.clone();
         service.apply_merge().expect("merge keys resolve");
-        let Some(binary) = service["command"][0].as_str().map(str::to_string) else {
+        // Services without a command (etcd) or running another image's binary (Prometheus).
+        let Some(binary) = service["command"][0]
+            .as_str()
+            .filter(|c| c.starts_with("telemetry-"))
+            .map(str::to_string)
+        else {
             continue;
         };
         let mut env = service["environment"].clone();
@@ -98,6 +105,7 @@ fn compose_sets_only_variables_the_binaries_read() {
     assert_eq!(checked.get("telemetry-streamer"), Some(&2), "{checked:?}");
     assert_eq!(checked.get("telemetry-collector"), Some(&3), "{checked:?}");
     assert_eq!(checked.get("telemetry-gateway"), Some(&1), "{checked:?}");
+    assert_eq!(checked.get("telemetry-exporter"), Some(&2), "{checked:?}");
     let etcd = services.keys().filter(|k| scalar(k).starts_with("etcd-")).count();
     assert_eq!(etcd, 3, "a 3-member etcd cluster");
 }
@@ -133,6 +141,7 @@ fn kubernetes_manifests_set_only_variables_the_binaries_read() {
         })
         .collect();
     let mut kinds = BTreeMap::new();
+    let mut binaries = std::collections::BTreeSet::new();
     for doc in &docs {
         *kinds.entry(scalar(&doc["kind"])).or_insert(0) += 1;
         let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_sequence() else {
@@ -161,6 +170,7 @@ fn kubernetes_manifests_set_only_variables_the_binaries_read() {
                 vars.insert(scalar(&var["name"]), value);
             }
             check(&format!("k8s {name}"), binary, &vars);
+            binaries.insert(binary.to_string());
             let probes = ["readinessProbe", "livenessProbe"];
             assert!(
                 probes.iter().any(|p| !container[*p].is_null()),
@@ -173,6 +183,17 @@ fn kubernetes_manifests_set_only_variables_the_binaries_read() {
         }
     }
     assert!(kinds.contains_key("PodDisruptionBudget"), "{kinds:?}");
+    for binary in [
+        "telemetry-streamer",
+        "telemetry-collector",
+        "telemetry-gateway",
+        "telemetry-exporter",
+    ] {
+        assert!(
+            binaries.contains(binary),
+            "no k8s workload runs {binary}: {binaries:?}"
+        );
+    }
     assert!(kinds.contains_key("StatefulSet"), "{kinds:?}");
 }
 
@@ -183,6 +204,7 @@ fn the_image_builds_binaries_that_exist() {
         "telemetry-streamer",
         "telemetry-collector",
         "telemetry-gateway",
+        "telemetry-exporter",
         "telemetry-admin",
     ] {
         assert!(
@@ -190,7 +212,7 @@ fn the_image_builds_binaries_that_exist() {
             "Dockerfile does not build {bin}"
         );
     }
-    for package in ["streamer", "collector", "gateway", "admin"] {
+    for package in ["streamer", "collector", "gateway", "exporter", "admin"] {
         let manifest =
             std::fs::read_to_string(root().join(format!("services/{package}/Cargo.toml"))).expect("manifest");
         assert!(manifest.contains(&format!("name = \"telemetry-{package}\"")));

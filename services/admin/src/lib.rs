@@ -8,6 +8,8 @@
 //! - [`dead_letters`], [`show_dead_letter`], [`replay`], [`purge`]: the dead-letter prefix;
 //! - [`audit`]: data keys per GPU against the index and the stats counters;
 //! - [`status`]: collectors, their leases and the partitions they own;
+//! - [`exporters`]: each exporter's position, lag, owner, rejected records and the records that
+//!   expired before it could export them.
 //! - [`auth`]: `auth setup`, one etcd user and role per service with the least privilege.
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use telemetry_shared::{
     Keyspace,
     etcd::{EtcdError, count_prefix, for_each_key, range_prefix},
     keys::{QUEUE_PARTITIONS, prefix_end},
-    model::{DeadLetter, GpuInfo, Member, PartitionStats},
+    model::{DeadLetter, ExportCheckpoint, GpuInfo, Member, PartitionStats, RejectedRecord},
 };
 use thiserror::Error;
 
@@ -508,6 +510,108 @@ pub async fn status(client: &Client, keys: &Keyspace) -> Result<StatusReport, Ad
         collectors,
         unowned,
         orphaned,
+    })
+}
+
+/// `exporter status`: one exporter.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExporterStatus {
+    /// Its name (`EXPORTER_NAME`).
+    pub name: String,
+    /// The active process, if any (id and lease).
+    pub owner: Option<Member>,
+    /// Where it is.
+    pub checkpoint: ExportCheckpoint,
+    /// etcd's current revision.
+    pub current_revision: i64,
+    /// Revisions between the checkpoint and now (some of them may not be records).
+    pub lag_revisions: i64,
+    /// Seconds since the processing time of the last record it passed.
+    pub last_record_age_s: Option<f64>,
+    /// Records rejected, newest last (at most the number asked for).
+    pub rejected: Vec<RejectedRecord>,
+    /// Rejected entries stored (the newest `REJECTED_KEEP`).
+    pub rejected_listed: i64,
+}
+
+/// Every exporter (or the one named), with up to `rejected` of its newest rejected records.
+pub async fn exporters(
+    client: &Client,
+    keys: &Keyspace,
+    name: Option<&str>,
+    rejected: usize,
+) -> Result<Vec<ExporterStatus>, AdminError> {
+    let (entries, current_revision) = range_prefix(client, &keys.exporters_prefix(), 1000).await?;
+    let mut names: Vec<String> = entries
+        .iter()
+        .filter_map(|(k, _)| keys.parse_exporter_checkpoint(k).map(str::to_string))
+        .collect();
+    if let Some(name) = name {
+        names.retain(|n| n == name);
+        if names.is_empty() {
+            return Err(AdminError::NotFound(format!(
+                "no exporter named {name:?} has a checkpoint (see `exporter status`)"
+            )));
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        out.push(exporter(client, keys, &name, current_revision, rejected).await?);
+    }
+    Ok(out)
+}
+
+async fn exporter(
+    client: &Client,
+    keys: &Keyspace,
+    name: &str,
+    current_revision: i64,
+    rejected: usize,
+) -> Result<ExporterStatus, AdminError> {
+    let get = |key: String| async move {
+        let resp = client.clone().get(key.as_bytes(), None).await?;
+        Ok::<_, AdminError>(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    };
+    let checkpoint: ExportCheckpoint = match get(keys.exporter_checkpoint(name)).await? {
+        Some(v) => serde_json::from_slice(&v)
+            .map_err(|e| AdminError::Corrupt(format!("exporter {name}: unreadable checkpoint: {e}")))?,
+        None => ExportCheckpoint::default(),
+    };
+    let owner = get(keys.exporter_owner(name))
+        .await?
+        .and_then(|v| serde_json::from_slice::<Member>(&v).ok());
+    let prefix = keys.exporter_rejected_prefix(name);
+    let listed = count_prefix(&mut client.clone(), &prefix, false).await?;
+    let newest = client
+        .clone()
+        .get(
+            prefix.as_bytes(),
+            Some(
+                GetOptions::new()
+                    .with_range(prefix_end(&prefix))
+                    .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Descend)
+                    .with_limit(i64::try_from(rejected).unwrap_or(i64::MAX)),
+            ),
+        )
+        .await?;
+    let mut rejected: Vec<RejectedRecord> = newest
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    rejected.reverse();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    Ok(ExporterStatus {
+        name: name.to_string(),
+        owner,
+        last_record_age_s: checkpoint
+            .last_record_time
+            .map(|t| ((now_ms - t.unix_millis()) as f64 / 1000.0).max(0.0)),
+        lag_revisions: (current_revision - checkpoint.revision).max(0),
+        current_revision,
+        checkpoint,
+        rejected,
+        rejected_listed: listed,
     })
 }
 

@@ -56,6 +56,9 @@ enum Command {
     /// etcd users and roles of the pipeline.
     #[command(subcommand)]
     Auth(Auth),
+    /// Exporters: position, lag, owner, rejected records, records expired before export.
+    #[command(subcommand)]
+    Exporter(Exporter),
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +80,19 @@ enum Auth {
         /// Turn etcd's authentication on at the end.
         #[arg(long)]
         enable: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Exporter {
+    /// Each exporter's checkpoint, lag, owner and losses, with its newest rejected records.
+    Status {
+        /// Only this exporter (EXPORTER_NAME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Show up to this many of the newest rejected records.
+        #[arg(long, default_value_t = 20)]
+        rejected: usize,
     },
 }
 
@@ -203,6 +219,10 @@ async fn execute(cli: Cli, config: CommonConfig) -> anyhow::Result<ExitCode> {
             })?;
             output(cli.json, &report, print_auth)?;
         }
+        Command::Exporter(Exporter::Status { name, rejected }) => {
+            let report = telemetry_admin::exporters(client, keys, name.as_deref(), rejected).await?;
+            output(cli.json, &report, print_exporters)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -299,6 +319,53 @@ fn print_auth(report: &auth::SetupReport) {
     }
     println!();
     println!("authentication: {}", report.authentication);
+}
+
+fn print_exporters(report: &Vec<telemetry_admin::ExporterStatus>) {
+    if report.is_empty() {
+        println!("no exporter has a checkpoint yet");
+    }
+    for e in report {
+        let cp = &e.checkpoint;
+        let owner = e.owner.as_ref().map_or("none (stopped)".to_string(), |o| {
+            format!("{} (lease {:x})", o.id, o.lease)
+        });
+        println!("exporter {}   active: {owner}", e.name);
+        println!(
+            "  checkpoint revision {}{}   etcd revision {}   lag {} revisions, last record {} ago",
+            cp.revision,
+            cp.key
+                .as_deref()
+                .map_or(String::new(), |k| format!(" (inside, after {k})")),
+            e.current_revision,
+            e.lag_revisions,
+            age(e.last_record_age_s)
+        );
+        println!(
+            "  exported {} records ({} samples)   rejected {}   expired before export {}",
+            cp.records, cp.samples, cp.rejected, cp.expired
+        );
+        for gap in &cp.gaps {
+            let t = |t: &Option<telemetry_shared::Timestamp>| t.map_or("?".to_string(), |t| t.to_string());
+            let n = gap
+                .expired
+                .map_or("an unknown number of".to_string(), |n| n.to_string());
+            println!(
+                "  gap: {n} records expired between {} and {} (revisions {}..{}, found {})",
+                t(&gap.after),
+                t(&gap.before),
+                gap.from_revision,
+                gap.to_revision,
+                gap.found_at
+            );
+        }
+        if !e.rejected.is_empty() {
+            println!("  newest rejected records ({} listed):", e.rejected_listed);
+        }
+        for r in &e.rejected {
+            println!("    {}  {}  {}", r.rejected_at, r.key, r.reason);
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -344,3 +344,86 @@ async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
         .collect();
     assert_eq!(rows, expected, "each replayed row once");
 }
+
+/// `exporter status` shows what an exporter's keys say: its owner, checkpoint, losses (with each
+/// gap's span) and newest rejected records, as a table and as JSON; a name without a
+/// checkpoint is an error (status 1).
+#[tokio::test]
+async fn exporter_status_shows_position_losses_and_rejected_records() {
+    use telemetry_shared::{
+        Timestamp,
+        model::{ExportCheckpoint, ExportGap, Member, RejectedRecord},
+    };
+    let (server, client, _probe) = etcd().await;
+    let keys = Keyspace::new(NS);
+    let now = Timestamp::now();
+    let checkpoint = ExportCheckpoint {
+        revision: 5,
+        records: 120,
+        samples: 120,
+        rejected: 1,
+        expired: 7,
+        gaps: vec![ExportGap {
+            from_revision: 3,
+            to_revision: 5,
+            expired: Some(7),
+            after: Some(now),
+            before: Some(now),
+            found_at: now,
+        }],
+        last_record_time: Some(now),
+        ..ExportCheckpoint::default()
+    };
+    let rejected = RejectedRecord {
+        key: "/a/telemetry/data/h/0/x_1".into(),
+        revision: 4,
+        reason: "HTTP 400: out of order sample".into(),
+        rejected_at: now,
+        exporter: "e-1".into(),
+    };
+    let owner = Member {
+        id: "e-1".into(),
+        lease: 0x42,
+        started_at: now,
+    };
+    let mut kv = client.clone();
+    kv.put(
+        keys.exporter_checkpoint("tsdb"),
+        serde_json::to_vec(&checkpoint).expect("json"),
+        None,
+    )
+    .await
+    .expect("put");
+    kv.put(
+        keys.exporter_rejected("tsdb", 4, &rejected.key),
+        serde_json::to_vec(&rejected).expect("json"),
+        None,
+    )
+    .await
+    .expect("put");
+    kv.put(
+        keys.exporter_owner("tsdb"),
+        serde_json::to_vec(&owner).expect("json"),
+        None,
+    )
+    .await
+    .expect("put");
+
+    let out = admin(&server, &["exporter", "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "exporter tsdb   active: e-1",
+        "exported 120 records (120 samples)   rejected 1   expired before export 7",
+        "gap: 7 records expired between",
+        "HTTP 400: out of order sample",
+    ] {
+        assert!(table.contains(expected), "{expected:?} in\n{table}");
+    }
+    let out = admin(&server, &["--json", "exporter", "status", "--name", "tsdb"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report[0]["checkpoint"]["expired"], 7);
+    assert_eq!(report[0]["rejected"][0]["revision"], 4);
+    let out = admin(&server, &["exporter", "status", "--name", "other"]);
+    assert_eq!(out.status.code(), Some(1));
+}

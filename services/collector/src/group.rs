@@ -23,6 +23,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use telemetry_shared::{
     Keyspace,
     etcd::EtcdError,
+    health::Check,
     keys::QUEUE_PARTITIONS,
     observe::emit,
     watch::{ChangeKind, Follow, Update},
@@ -74,6 +75,8 @@ struct Group<'a> {
     /// Partition → lease of its owner key.
     owners: HashMap<u32, i64>,
     owned: BTreeMap<u32, Owned>,
+    /// Readiness check: the assigned partitions are loaded.
+    partitions: Check,
 }
 
 /// Runs the group protocol for one session until shutdown or session loss.
@@ -83,9 +86,11 @@ pub(crate) async fn coordinate(
     me: &str,
     session: &Session,
     ctx: Arc<PartitionContext>,
+    partitions: &Check,
     shutdown: &CancellationToken,
 ) -> Result<End, EtcdError> {
     let mut group = Group {
+        partitions: partitions.clone(),
         client: client.clone(),
         keys: keys.clone(),
         me: me.to_string(),
@@ -182,6 +187,7 @@ impl Group<'_> {
             return;
         }
         let desired = assignment(&self.members, &self.me);
+        self.report_readiness(&desired);
         let to_release: Vec<u32> = self
             .owned
             .keys()
@@ -224,6 +230,25 @@ impl Group<'_> {
         emit(events::PartitionsOwned {
             count: self.owned.len(),
         });
+    }
+
+    /// Readiness: every partition assigned here is owned and loaded.
+    fn report_readiness(&self, desired: &BTreeSet<u32>) {
+        let missing = self.ctx.not_loaded(desired);
+        if missing.is_empty() {
+            self.partitions.pass(format!(
+                "{} of {QUEUE_PARTITIONS} partitions owned and loaded",
+                desired.len()
+            ));
+        } else {
+            self.partitions.fail(format!(
+                "{} of the {} partitions assigned here are not loaded yet (first: {}); a \
+                 previous owner's lease may still hold them",
+                missing.len(),
+                desired.len(),
+                missing[0]
+            ));
+        }
     }
 
     async fn acquire(&mut self, p: u32) {

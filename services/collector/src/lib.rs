@@ -34,6 +34,7 @@ use etcd_client::Client;
 use telemetry_shared::{
     Keyspace,
     etcd::{EtcdError, count_prefix},
+    health::{Check, Health},
     keys::QUEUE_PARTITIONS,
     observe::emit,
     retry::{Backoff, Policy},
@@ -105,6 +106,24 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Totals, CollectorError> {
+    let health = Health::new("collector", &shutdown);
+    run_with_health(config, client, shutdown, health).await
+}
+
+/// [`run`], reporting to `health`: the session loop is a watched loop, and the readiness
+/// checks `session` (a live session) and `partitions` (every partition assigned here owned
+/// and loaded) say whether the collector's work is current.
+pub async fn run_with_health(
+    config: CollectorConfig,
+    client: Client,
+    shutdown: CancellationToken,
+    health: Health,
+) -> Result<Totals, CollectorError> {
+    health.set_etcd(&client);
+    let checks = Checks {
+        session: health.check("session", "starting a session"),
+        partitions: health.check("partitions", "waiting for a session"),
+    };
     let keys = Keyspace::new(&config.common.etcd_namespace);
     let counters = Arc::new(Counters::default());
     let oldest: Arc<[AtomicI64]> = (0..QUEUE_PARTITIONS).map(|_| AtomicI64::new(0)).collect();
@@ -125,6 +144,7 @@ pub async fn run(
         counters: counters.clone(),
         profiles: telemetry_shared::profiles::ProfileCache::new(),
         oldest: oldest.clone(),
+        loaded: Default::default(),
     });
     let reporter = tokio::spawn(report(
         client.clone(),
@@ -134,7 +154,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracing::info!(collector = %config.collector_id, lease_ttl = ?config.lease_ttl, "collector starting");
-    serve_sessions(&config, &client, &keys, ctx, &shutdown).await;
+    health
+        .watch(
+            "sessions",
+            serve_sessions(&config, &client, &keys, ctx, &checks, &shutdown),
+        )
+        .await;
     reporter.abort();
     let totals = counters.totals();
     tracing::info!(
@@ -148,6 +173,14 @@ pub async fn run(
     Ok(totals)
 }
 
+/// The collector's readiness checks.
+struct Checks {
+    /// A session (lease and registration) is alive.
+    session: Check,
+    /// Every partition assigned here is owned and loaded.
+    partitions: Check,
+}
+
 /// One session after another until shutdown: a lost session is replaced at once, a failing one
 /// after the shared backoff. Every session's lease is revoked when it ends, so its partitions
 /// move at once.
@@ -156,6 +189,7 @@ async fn serve_sessions(
     client: &Client,
     keys: &Keyspace,
     ctx: Arc<partition::PartitionContext>,
+    checks: &Checks,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Backoff::new(Policy::ETCD, "collector session");
@@ -163,28 +197,38 @@ async fn serve_sessions(
         let session =
             match session::Session::start(client, keys, &config.collector_id, config.lease_ttl).await {
                 Ok(session) => session,
-                Err(err) => match backoff.retry_after(&err, shutdown).await {
-                    Ok(()) => continue,
-                    Err(_) => break,
-                },
+                Err(err) => {
+                    checks.session.fail(format!("cannot start a session: {err}"));
+                    match backoff.retry_after(&err, shutdown).await {
+                        Ok(()) => continue,
+                        Err(_) => break,
+                    }
+                }
             };
+        checks
+            .session
+            .pass(format!("lease {:x}, TTL {:?}", session.lease, config.lease_ttl));
         let end = group::coordinate(
             client,
             keys,
             &config.collector_id,
             &session,
             ctx.clone(),
+            &checks.partitions,
             shutdown,
         )
         .await;
         session.revoke(client).await;
+        checks.partitions.fail("waiting for a session");
         match end {
             Ok(group::End::Shutdown) | Err(EtcdError::Cancelled) => break,
             Ok(group::End::SessionLost) => {
+                checks.session.fail("the session was lost; starting a new one");
                 tracing::warn!("session lost; partitions dropped; starting a new session");
                 backoff.succeeded();
             }
             Err(err) => {
+                checks.session.fail(format!("the session ended: {err}"));
                 if backoff.retry_after(&err, shutdown).await.is_err() {
                     break;
                 }

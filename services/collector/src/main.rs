@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use telemetry_collector::CollectorConfig;
-use telemetry_shared::{etcd, observe};
+use telemetry_shared::{etcd, health::Health, observe};
 
 /// No flags: the collector is configured by environment variables.
 #[derive(clap::Parser)]
@@ -33,13 +33,16 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn serve(config: CollectorConfig) -> anyhow::Result<()> {
+    let shutdown = observe::shutdown_on_signals();
+    let health = Health::new("collector", &shutdown);
     observe::serve_metrics(
         config.metrics_port,
         "collector",
         env!("CARGO_PKG_VERSION"),
         telemetry_collector::events::METRICS,
-    )?;
-    let shutdown = observe::shutdown_on_signals();
+        &health,
+    )
+    .await?;
     let client = match etcd::connect_with_retry(&config.common, &shutdown).await {
         Ok(client) => client,
         Err(etcd::EtcdError::Cancelled) => anyhow::bail!(
@@ -50,6 +53,6 @@ async fn serve(config: CollectorConfig) -> anyhow::Result<()> {
         Err(etcd::EtcdError::Config(err)) => err.exit(),
         Err(err) => return Err(err).context("connecting to etcd"),
     };
-    telemetry_collector::run(config, client, shutdown).await?;
+    telemetry_collector::run_with_health(config, client, shutdown, health).await?;
     Ok(())
 }

@@ -65,6 +65,31 @@ pub(crate) struct PartitionContext {
     pub profiles: ProfileCache,
     /// Per partition: Unix ms of its oldest pending message (0 = none), for the lag gauge.
     pub oldest: Arc<[AtomicI64]>,
+    /// Partitions whose task has loaded its state and follows its feed (readiness).
+    pub loaded: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl PartitionContext {
+    fn set_loaded(&self, partition: u32, loaded: bool) {
+        let mut set = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if loaded {
+            set.insert(partition);
+        } else {
+            set.remove(&partition);
+        }
+    }
+
+    /// The partitions of `wanted` not loaded yet.
+    pub(crate) fn not_loaded(&self, wanted: &std::collections::BTreeSet<u32>) -> Vec<u32> {
+        let set = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        wanted.difference(&set).copied().collect()
+    }
 }
 
 /// Aborts a task when dropped (the feed ends with its partition task).
@@ -107,6 +132,7 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) -> Exit {
     let exit = run_inner(&ctx, partition, lease, liveness, stop).await;
+    ctx.set_loaded(partition, false);
     // No longer ours: its backlog is no longer this collector's lag.
     if let Some(slot) = ctx.oldest.get(partition as usize) {
         slot.store(0, Ordering::Relaxed);
@@ -124,6 +150,7 @@ async fn run_inner(
     let Some(mut state) = load_until_ready(ctx, partition, &stop).await else {
         return Exit::Released;
     };
+    ctx.set_loaded(partition, true);
     emit(events::PartitionAcquired {
         partition,
         pending: state.pending.len(),

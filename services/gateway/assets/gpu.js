@@ -45,7 +45,7 @@
   // ---- helpers ------------------------------------------------------------------------------
 
   async function fetchJSON(url) {
-    const resp = await fetch(url, { headers: { Accept: 'application/json' } });
+    const resp = await window.telemetryAuth.fetch(url, { headers: { Accept: 'application/json' } });
     if (!resp.ok) {
       let detail = resp.statusText;
       try {
@@ -279,6 +279,8 @@
   }
 
   function connect() {
+    // Waiting for the user to enter an API token (the page reloads with it).
+    if (window.telemetryAuth.waiting()) return;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const params = new URLSearchParams({ uuid });
     const resuming = lastRevision !== null && !resync;
@@ -286,7 +288,7 @@
     const url = `${proto}//${location.host}/api/v1/ws/telemetry?${params}`;
     let ws;
     try {
-      ws = new WebSocket(url);
+      ws = new WebSocket(url, window.telemetryAuth.wsProtocols());
     } catch (err) {
       showError('ws', `WebSocket failed: ${err.message}`);
       setTimeout(connect, RECONNECT_MS);

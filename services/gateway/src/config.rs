@@ -1,6 +1,6 @@
 //! The gateway's configuration, from environment variables (envy).
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use telemetry_shared::{
     CommonConfig, ConfigError,
@@ -16,6 +16,27 @@ pub enum CorsOrigins {
     List(Vec<String>),
     /// Unset or empty: no cross-origin access.
     None,
+}
+
+/// The certificate and key the gateway serves HTTPS with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `GATEWAY_TLS_CERT_FILE`: the certificate chain (PEM), the server's own first.
+    pub cert: PathBuf,
+    /// `GATEWAY_TLS_KEY_FILE`: its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// What one API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// `GATEWAY_TOKEN_RATE` (default 50): requests per second; 0 = unlimited.
+    pub rate: u32,
+    /// `GATEWAY_TOKEN_BURST` (default 100): requests at once above the rate.
+    pub burst: u32,
+    /// `GATEWAY_TOKEN_MAX_SUBSCRIPTIONS` (default 16): WebSocket subscriptions open at once;
+    /// 0 = unlimited (WS_MAX_CONNECTIONS still bounds them all).
+    pub max_subscriptions: u32,
 }
 
 /// The gateway's settings, validated.
@@ -49,6 +70,18 @@ pub struct GatewayConfig {
     /// `GPU_METRICS_MAX_AGE` (default 5m): a GPU whose newest record is older is left out of
     /// `/metrics/gpus` (it stopped reporting; Prometheus marks its series stale).
     pub gpu_metrics_max_age: Duration,
+    /// `GATEWAY_TLS_CERT_FILE` and `GATEWAY_TLS_KEY_FILE`: HTTPS when both are set.
+    pub tls: Option<TlsFiles>,
+    /// `GATEWAY_API_TOKENS_FILE`: when set, the API needs one of the file's tokens.
+    pub api_tokens_file: Option<PathBuf>,
+    /// `GATEWAY_TOKEN_RATE`, `GATEWAY_TOKEN_BURST`, `GATEWAY_TOKEN_MAX_SUBSCRIPTIONS`.
+    pub token_limits: TokenLimits,
+    /// `GATEWAY_METRICS_REQUIRE_TOKEN` (default false): `/metrics` and `/metrics/gpus` need a
+    /// token too (when tokens are configured).
+    pub metrics_require_token: bool,
+    /// `GATEWAY_RELOAD_INTERVAL` (default 10s): how often the certificate, key and tokens
+    /// files are checked for changes.
+    pub reload_interval: Duration,
     /// Column names of the GPU identity and the metric (shared with the collector).
     pub columns: Columns,
     /// `RUST_LOG` and `LOG_FORMAT`.
@@ -87,6 +120,29 @@ telemetry_shared::env_config! {
         window_bytes = Value("256MiB");
         /// /metrics/gpus leaves out a GPU whose newest record is older than this (at least 1s).
         gpu_metrics_max_age = Value("5m");
+        /// PEM certificate chain (the server's certificate first); with GATEWAY_TLS_KEY_FILE the
+        /// gateway serves HTTPS (and wss://) only. A renewed file is picked up without a
+        /// restart (see GATEWAY_RELOAD_INTERVAL).
+        gateway_tls_cert_file = Value("");
+        /// PEM private key of GATEWAY_TLS_CERT_FILE (PKCS#8, PKCS#1 or SEC1).
+        gateway_tls_key_file = Value("");
+        /// File of API tokens, one per line (blank lines and # comments ignored; each at least
+        /// 16 printable characters). When set, /api/v1/ needs Authorization: Bearer <token>
+        /// (401 otherwise); changes are picked up without a restart. Empty = no authentication.
+        gateway_api_tokens_file = Value("");
+        /// Requests per second each token may make (429 with Retry-After past it); 0 = no limit.
+        gateway_token_rate = Value("50");
+        /// Requests a token may make at once above GATEWAY_TOKEN_RATE (at least 1).
+        gateway_token_burst = Value("100");
+        /// WebSocket subscriptions each token may hold open at once (429 past it); 0 = no limit
+        /// per token (WS_MAX_CONNECTIONS still applies).
+        gateway_token_max_subscriptions = Value("16");
+        /// true: /metrics and /metrics/gpus need a token too (when GATEWAY_API_TOKENS_FILE is
+        /// set); false: they stay open for Prometheus.
+        gateway_metrics_require_token = Value("false");
+        /// How often the certificate, key and tokens files are checked for changes (at least
+        /// 100ms).
+        gateway_reload_interval = Value("10s");
     }
 }
 
@@ -132,9 +188,38 @@ impl GatewayConfig {
             window_points: raw.window_points().number(0..=1_000_000u32)? as usize,
             window_bytes: raw.window_bytes().bytes()?,
             gpu_metrics_max_age: raw.gpu_metrics_max_age().duration(Duration::from_secs(1))?,
+            tls: tls_files(&raw)?,
+            api_tokens_file: optional_path(&raw.gateway_api_tokens_file())?,
+            token_limits: TokenLimits {
+                rate: raw.gateway_token_rate().number(0..=1_000_000)?,
+                burst: raw.gateway_token_burst().number(1..=1_000_000)?,
+                max_subscriptions: raw.gateway_token_max_subscriptions().number(0..=1_000_000)?,
+            },
+            metrics_require_token: raw.gateway_metrics_require_token().boolean()?,
+            reload_interval: raw.gateway_reload_interval().duration(MIN_INTERVAL)?,
             columns: Columns::try_from(&raw.columns)?,
             log: LogConfig::try_from(&raw.log)?,
         })
+    }
+}
+
+/// A file path, or `None` when the variable is unset or empty.
+fn optional_path(setting: &Setting<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    match setting.text()? {
+        "" => Ok(None),
+        text if text.trim().is_empty() => Err(setting.invalid("must be a file path (not blank)")),
+        text => Ok(Some(PathBuf::from(text.trim()))),
+    }
+}
+
+/// Both TLS files, or neither.
+fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, ConfigError> {
+    let (cert, key) = (raw.gateway_tls_cert_file(), raw.gateway_tls_key_file());
+    match (optional_path(&cert)?, optional_path(&key)?) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(cert.invalid("must be set together with GATEWAY_TLS_KEY_FILE")),
+        (None, Some(_)) => Err(key.invalid("must be set together with GATEWAY_TLS_CERT_FILE")),
     }
 }
 
@@ -181,6 +266,39 @@ mod tests {
         assert_eq!(cfg.ws_max_connections, 1000);
         assert_eq!(cfg.cors_origins, CorsOrigins::None);
         assert_eq!(cfg.columns.metric, "metric_name");
+        assert_eq!((cfg.tls, cfg.api_tokens_file), (None, None));
+        assert_eq!(
+            cfg.token_limits,
+            TokenLimits {
+                rate: 50,
+                burst: 100,
+                max_subscriptions: 16
+            }
+        );
+        assert!(!cfg.metrics_require_token);
+    }
+
+    #[test]
+    fn tls_takes_both_files() {
+        let cfg = load(&[
+            ("GATEWAY_TLS_CERT_FILE", "/etc/gw/tls.crt"),
+            ("GATEWAY_TLS_KEY_FILE", " /etc/gw/tls.key "),
+            ("GATEWAY_API_TOKENS_FILE", "/etc/gw/tokens"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            cfg.tls,
+            Some(TlsFiles {
+                cert: "/etc/gw/tls.crt".into(),
+                key: "/etc/gw/tls.key".into()
+            })
+        );
+        assert_eq!(cfg.api_tokens_file, Some(PathBuf::from("/etc/gw/tokens")));
+        let err = load(&[("GATEWAY_TLS_KEY_FILE", "k")]).expect_err("alone");
+        assert_eq!(
+            err.to_string(),
+            "GATEWAY_TLS_KEY_FILE=\"k\" is invalid: must be set together with GATEWAY_TLS_CERT_FILE"
+        );
     }
 
     #[test]
@@ -214,6 +332,14 @@ mod tests {
             ("WINDOW_POINTS", "-1"),
             ("WINDOW_BYTES", "a lot"),
             ("GPU_METRICS_MAX_AGE", "10ms"),
+            ("GATEWAY_TLS_CERT_FILE", "cert.pem"),
+            ("GATEWAY_TLS_KEY_FILE", "key.pem"),
+            ("GATEWAY_API_TOKENS_FILE", " "),
+            ("GATEWAY_TOKEN_RATE", "-1"),
+            ("GATEWAY_TOKEN_BURST", "0"),
+            ("GATEWAY_TOKEN_MAX_SUBSCRIPTIONS", "many"),
+            ("GATEWAY_METRICS_REQUIRE_TOKEN", "yes"),
+            ("GATEWAY_RELOAD_INTERVAL", "1ms"),
             ("HOSTNAME_COLUMN", " "),
             ("GPU_ID_COLUMN", " "),
             ("UUID_COLUMN", " "),

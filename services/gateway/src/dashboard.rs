@@ -28,6 +28,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../assets/app.css"),
     ),
     (
+        "auth.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/auth.js"),
+    ),
+    (
         "dashboard.js",
         "text/javascript; charset=utf-8",
         include_str!("../assets/dashboard.js"),

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -26,6 +26,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// The body.
     pub body: ErrorBody,
+    /// Headers the status calls for (`WWW-Authenticate` with a 401, `Retry-After` with a 429).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -37,7 +39,14 @@ impl ApiError {
                 error: error.to_string(),
                 detail: detail.into(),
             },
+            headers: Vec::new(),
         }
+    }
+
+    /// The same error with header `name: value` added.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// 400 `invalid_parameter`, naming the parameter.
@@ -116,7 +125,9 @@ impl From<etcd_client::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        response.headers_mut().extend(self.headers);
+        response
     }
 }
 

@@ -26,6 +26,9 @@ const PAGES: &str = "gateway_telemetry_pages_total";
 const WINDOW_RECORDS: &str = "gateway_window_records";
 const WINDOW_BYTES: &str = "gateway_window_bytes";
 const WINDOW_LOADS: &str = "gateway_window_loads_total";
+const AUTH_REFUSED: &str = "gateway_auth_refused_total";
+const LIMITED: &str = "gateway_token_limited_total";
+const RELOADS: &str = "gateway_file_reloads_total";
 
 /// Every metric of the gateway (the shared ones are added by `observe`).
 pub(crate) const METRICS: &[MetricDef] = &[
@@ -70,6 +73,22 @@ pub(crate) const METRICS: &[MetricDef] = &[
         WINDOW_LOADS,
         "Times the read window was loaded from etcd (at start, and after a compaction outran it).",
     ),
+    MetricDef::counter(
+        AUTH_REFUSED,
+        "Requests refused with 401, by reason: missing or invalid token.",
+    )
+    .labeled(),
+    MetricDef::counter(
+        LIMITED,
+        "Requests refused with 429 by a per-token limit: requests (rate) or subscriptions.",
+    )
+    .labeled(),
+    MetricDef::counter(
+        RELOADS,
+        "Watched files (TLS certificate and key, API tokens) read again after a change, by file \
+         and outcome: loaded, or rejected (the previous content stays in use).",
+    )
+    .labeled(),
 ];
 
 /// A telemetry page was answered, from memory or from etcd.
@@ -312,6 +331,70 @@ impl InternalEvent for SlowSubscriberDropped {
     }
 }
 
+/// A request to a protected route came without a valid token (401).
+#[derive(Debug)]
+pub(crate) struct AuthRefused {
+    /// `missing` or `invalid`.
+    pub reason: &'static str,
+    /// The route asked for.
+    pub route: String,
+}
+
+impl InternalEvent for AuthRefused {
+    fn emit(self) {
+        tracing::debug!(reason = self.reason, route = %self.route, "request refused: no valid token");
+        metrics::counter!(AUTH_REFUSED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// A token went past one of its limits (429).
+#[derive(Debug)]
+pub(crate) struct TokenLimited {
+    /// `requests` or `subscriptions`.
+    pub limit: &'static str,
+    /// The token's fingerprint (never the token).
+    pub token: String,
+}
+
+impl InternalEvent for TokenLimited {
+    fn emit(self) {
+        tracing::debug!(limit = self.limit, token = %self.token, "request refused: token limit");
+        metrics::counter!(LIMITED, "limit" => self.limit).increment(1);
+    }
+}
+
+/// A watched file changed and was read again.
+#[derive(Debug)]
+pub(crate) struct FileReloaded<'a> {
+    /// What the file is: `tls` (certificate and key) or `tokens`.
+    pub file: &'static str,
+    /// Where it is.
+    pub path: &'a str,
+    /// `Ok(summary)` when the new content is in use, `Err(why)` when it was rejected.
+    pub outcome: Result<String, String>,
+}
+
+impl InternalEvent for FileReloaded<'_> {
+    fn emit(self) {
+        let outcome = match &self.outcome {
+            Ok(summary) => {
+                tracing::info!(file = self.file, path = self.path, %summary, "reloaded");
+                "loaded"
+            }
+            Err(error) => {
+                tracing::error!(
+                    file = self.file,
+                    path = self.path,
+                    %error,
+                    "the changed file is unusable; still using the previous one"
+                );
+                "rejected"
+            }
+        };
+        metrics::counter!(RELOADS, "file" => self.file, "outcome" => outcome).increment(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -362,6 +445,19 @@ mod tests {
                 gpus: 1,
                 records: 2,
                 bytes: 3,
+            });
+            emit(AuthRefused {
+                reason: "missing",
+                route: "/api/v1/gpus".into(),
+            });
+            emit(TokenLimited {
+                limit: "requests",
+                token: "sha256:00".into(),
+            });
+            emit(FileReloaded {
+                file: "tokens",
+                path: "/t",
+                outcome: Ok("2 tokens".into()),
             });
         });
         handle.render()

@@ -19,6 +19,7 @@ use std::{
 use etcd_client::Client;
 use telemetry_shared::{
     etcd::current_revision,
+    health::Health,
     observe::emit,
     watch::{ChangeKind, Follow, Update},
 };
@@ -99,6 +100,8 @@ struct Inner {
     decoder: Decoder,
     /// Kept current from the same watch.
     window: Arc<Window>,
+    /// True while the watch task runs (readiness).
+    following: std::sync::atomic::AtomicBool,
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -154,12 +157,14 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// Starts the watch task from just after `revision`, keeping `window` current.
+    /// Starts the watch task from just after `revision`, keeping `window` current; the task is
+    /// a main loop of `health`.
     pub fn start(
         client: Client,
         decoder: Decoder,
         window: Arc<Window>,
         revision: i64,
+        health: &Health,
         shutdown: CancellationToken,
     ) -> Hub {
         let hub = Hub {
@@ -169,10 +174,16 @@ impl Hub {
                 delivered: AtomicI64::new(revision),
                 decoder,
                 window,
+                following: std::sync::atomic::AtomicBool::new(true),
             }),
         };
-        tokio::spawn(hub.clone().watch(client, shutdown));
+        tokio::spawn(health.watch("live_feed", hub.clone().watch(client, shutdown)));
         hub
+    }
+
+    /// Whether the watch task still runs.
+    pub fn following(&self) -> bool {
+        self.inner.following.load(Ordering::Acquire)
     }
 
     /// The last revision broadcast.
@@ -313,6 +324,7 @@ impl Hub {
                 }
             }
         }
+        self.inner.following.store(false, Ordering::Release);
         self.end_all(Ended::Shutdown, None);
     }
 
@@ -366,6 +378,7 @@ mod tests {
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 delivered: AtomicI64::new(10),
+                following: std::sync::atomic::AtomicBool::new(true),
                 decoder: Decoder {
                     keys: Keyspace::new("/t"),
                     columns: Columns::default(),

@@ -6,7 +6,12 @@
 //!   components, and the telemetry page per media type (`application/vnd.telemetry.<v>+json`),
 //!   so a page's items are described as exactly as the records themselves;
 //! - [`EveryRoute`]: what the router adds around every route: 405 for another method (the
-//!   method fallback) and 500 when a handler fails (the panic layer), each with [`ErrorBody`].
+//!   method fallback) and 500 when a handler fails (the panic layer), each with [`ErrorBody`];
+//! - [`Secured`], only when `GATEWAY_API_TOKENS_FILE` is set: the `bearer` security scheme (and
+//!   `websocketProtocol`, the token as a WebSocket subprotocol), required by every `/api/v1/`
+//!   operation, which may then answer 401 (with `WWW-Authenticate`) and 429 (with
+//!   `Retry-After`). Without tokens the server never gives either, and the document says so
+//!   by not listing them.
 //!
 //! A path the router does not know answers 404 with [`ErrorBody`] (stated in the description,
 //! as it belongs to no operation). The integration test `openapi` walks this document, sends
@@ -16,8 +21,10 @@ use telemetry_shared::SchemaVersion;
 use utoipa::{
     Modify, OpenApi,
     openapi::{
-        AllOfBuilder, ArrayBuilder, ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type,
+        AllOfBuilder, ArrayBuilder, ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr,
+        ResponseBuilder, Type,
         schema::Schema,
+        security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
     },
 };
 
@@ -42,6 +49,8 @@ use crate::{
     ),
     paths(
         rest::health,
+        crate::probes::livez,
+        crate::probes::readyz,
         rest::list_gpus,
         rest::fleet_latest,
         rest::gpu_telemetry,
@@ -51,6 +60,9 @@ use crate::{
     ),
     components(schemas(
         ErrorBody,
+        crate::probes::ProbeReport,
+        crate::probes::ProbeCheck,
+        crate::probes::ProbeStatus,
         rest::Health,
         rest::LiveStatus,
         rest::WindowStatus,
@@ -172,10 +184,15 @@ fn fit(value: &mut serde_json::Value) {
     }
 }
 
-/// The document as `/openapi.json` serves it. utoipa 5.5 writes a link's fields in snake case
+/// The document as `/openapi.json` serves it; `secured` when the API needs tokens
+/// (`GATEWAY_API_TOKENS_FILE`). utoipa 5.5 writes a link's fields in snake case
 /// (`operation_id`); OpenAPI spells them `operationId`, `operationRef` and `requestBody`.
-pub fn document() -> serde_json::Value {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+pub fn document(secured: bool) -> serde_json::Value {
+    let mut api = ApiDoc::openapi();
+    if secured {
+        Secured.modify(&mut api);
+    }
+    let mut doc = serde_json::to_value(api).unwrap_or_default();
     let responses = doc["paths"]
         .as_object_mut()
         .into_iter()
@@ -202,6 +219,112 @@ pub fn document() -> serde_json::Value {
         }
     }
     doc
+}
+
+/// The operations that need a token when tokens are configured.
+const PROTECTED_PREFIX: &str = "/api/v1/";
+
+/// The WebSocket operation, which also takes the token as a subprotocol.
+const WS_PATH: &str = "/api/v1/ws/telemetry";
+
+/// With tokens: the security schemes, each protected operation's requirement, and its 401
+/// and 429 answers.
+struct Secured;
+
+impl Modify for Secured {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A token from the gateway's GATEWAY_API_TOKENS_FILE: `Authorization: \
+                         Bearer <token>`. Each token may make GATEWAY_TOKEN_RATE requests per \
+                         second (bursts of GATEWAY_TOKEN_BURST) and hold \
+                         GATEWAY_TOKEN_MAX_SUBSCRIPTIONS WebSocket subscriptions; past either, 429.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "websocketProtocol",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Sec-WebSocket-Protocol",
+                "For browsers, whose WebSocket cannot set headers: offer the subprotocols \
+                 `telemetry` and `bearer.<token>` (`new WebSocket(url, [\"telemetry\", \
+                 \"bearer.\" + token])`); the server selects `telemetry`.",
+            ))),
+        );
+        let error = |description: &str, header: (&str, &str, Type)| {
+            let (name, about, kind) = header;
+            ResponseBuilder::new()
+                .description(description)
+                .header(
+                    name,
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(kind))
+                        .description(Some(about))
+                        .build(),
+                )
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            if !path.starts_with(PROTECTED_PREFIX) {
+                continue;
+            }
+            let Some(op) = item.get.as_mut() else {
+                continue;
+            };
+            let mut security = vec![SecurityRequirement::new("bearer", Vec::<String>::new())];
+            if path == WS_PATH {
+                security.push(SecurityRequirement::new(
+                    "websocketProtocol",
+                    Vec::<String>::new(),
+                ));
+            }
+            op.security = Some(security);
+            let responses = &mut op.responses.responses;
+            responses.insert(
+                "401".into(),
+                error(
+                    "No token (`unauthorized`) or one this gateway does not accept \
+                     (`invalid_token`); nothing was read",
+                    (
+                        "WWW-Authenticate",
+                        "`Bearer realm=\"telemetry\"` (with `error=\"invalid_token\"` for a wrong token)",
+                        Type::String,
+                    ),
+                )
+                .into(),
+            );
+            let limits = if path == WS_PATH {
+                "The token's request rate (`rate_limited`) or its WebSocket subscriptions \
+                 (`too_many_subscriptions`) are used up"
+            } else {
+                "The token's request rate is used up (`rate_limited`)"
+            };
+            responses.insert(
+                "429".into(),
+                error(
+                    limits,
+                    (
+                        "Retry-After",
+                        "Seconds to wait before retrying (at least 1).",
+                        Type::Integer,
+                    ),
+                )
+                .into(),
+            );
+        }
+    }
 }
 
 /// Adds the responses every route can give: 405 and 500.
@@ -243,7 +366,7 @@ mod tests {
     use crate::frames;
 
     fn doc() -> serde_json::Value {
-        document()
+        document(false)
     }
 
     /// A compiled schema with the document's components, for `$ref`s into them.
@@ -374,5 +497,34 @@ mod tests {
         let next = &doc["paths"][TELEMETRY_PATH]["get"]["responses"]["200"]["links"]["next"];
         assert_eq!(next["operationId"], "gpu_telemetry", "{next}");
         assert!(next.get("operation_id").is_none());
+    }
+
+    #[test]
+    fn tokens_add_security_401_and_429_to_the_api_only() {
+        let open = document(false);
+        assert!(open["components"]["securitySchemes"].is_null());
+        let secured = document(true);
+        let schemes = &secured["components"]["securitySchemes"];
+        assert_eq!(schemes["bearer"]["scheme"], "bearer", "{schemes}");
+        assert_eq!(schemes["websocketProtocol"]["name"], "Sec-WebSocket-Protocol");
+        for (path, item) in secured["paths"].as_object().expect("paths") {
+            let op = &item["get"];
+            let protected = path.starts_with(PROTECTED_PREFIX);
+            assert_eq!(op["security"].is_array(), protected, "{path}");
+            assert_eq!(op["responses"]["401"].is_object(), protected, "{path}");
+            assert_eq!(op["responses"]["429"].is_object(), protected, "{path}");
+            assert!(open["paths"][path]["get"]["security"].is_null(), "{path}");
+            if protected {
+                let retry = &op["responses"]["429"]["headers"]["Retry-After"];
+                assert_eq!(retry["schema"]["type"], "integer", "{path}");
+            }
+        }
+        assert_eq!(
+            secured["paths"][WS_PATH]["get"]["security"],
+            serde_json::json!([{"bearer": []}, {"websocketProtocol": []}])
+        );
+        for probe in ["/livez", "/readyz", "/health"] {
+            assert!(secured["paths"][probe]["get"].is_object(), "{probe}");
+        }
     }
 }

@@ -18,6 +18,7 @@
 use std::{sync::Arc, time::Instant};
 
 use axum::{
+    Extension,
     extract::{
         Query, State,
         ws::{
@@ -42,7 +43,7 @@ use utoipa::{
 };
 
 use crate::{
-    AppState,
+    AppState, Caller, auth,
     error::{ApiError, ErrorBody},
     events::{RecordsSent, UpgradeRefused},
     frames::{CloseReason, ErrorFrame, ErrorType, HelloFrame, HelloType, telemetry_frame},
@@ -191,23 +192,33 @@ impl Subscribe {
 )]
 pub async fn ws_telemetry(
     State(app): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     params: Result<Query<WsParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // The token's subscription limit first: a refusal costs no etcd request.
+    let token_permit = match (&app.auth, caller) {
+        (Some(auth), Some(Extension(Caller(id)))) => auth.subscribe(id)?,
+        _ => None,
+    };
     let Query(params) = params.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let Subscribe {
         filter,
         version,
         since,
     } = Subscribe::parse(&app, params, &headers).await?;
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "websocket_required",
-            format!("this endpoint speaks WebSocket only: {}", e.body_text()),
-        )
-    })?;
+    let upgrade = upgrade
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "websocket_required",
+                format!("this endpoint speaks WebSocket only: {}", e.body_text()),
+            )
+        })?
+        // A browser that sent its token as a subprotocol also offers this one, and must get
+        // one of its offers back.
+        .protocols([auth::WS_PROTOCOL]);
     let Ok(permit) = app.ws_slots.clone().try_acquire_owned() else {
         emit(UpgradeRefused {
             limit: app.config.ws_max_connections,
@@ -229,6 +240,7 @@ pub async fn ws_telemetry(
                 filter,
                 version,
                 _permit: permit,
+                _token_permit: token_permit,
                 last_sent: 0,
                 last_pong: Instant::now(),
             }
@@ -250,6 +262,8 @@ struct Session {
     filter: Filter,
     version: SchemaVersion,
     _permit: OwnedSemaphorePermit,
+    /// The token's subscription slot, if its subscriptions are limited.
+    _token_permit: Option<OwnedSemaphorePermit>,
     /// The last revision fully sent (or the resume point).
     last_sent: i64,
     last_pong: Instant,

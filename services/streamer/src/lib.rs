@@ -26,7 +26,7 @@ mod worker;
 use std::sync::Arc;
 
 use etcd_client::Client;
-use telemetry_shared::{Keyspace, etcd::BucketedLease};
+use telemetry_shared::{Keyspace, etcd::BucketedLease, health::Health};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -83,14 +83,30 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Totals, StreamerError> {
+    let health = Health::new("streamer", &shutdown);
+    run_with_health(config, client, shutdown, health).await
+}
+
+/// [`run`], reporting to `health`: each worker is a watched loop, and the readiness check
+/// `stream` passes once the workers stream and fails while etcd requests are being retried.
+pub async fn run_with_health(
+    config: StreamerConfig,
+    client: Client,
+    shutdown: CancellationToken,
+    health: Health,
+) -> Result<Totals, StreamerError> {
+    health.set_etcd(&client);
+    let stream = health.check("stream", "reading the source file and the stream checkpoints");
     // One scan decides column types, fingerprints the file and counts rows for progress.
     let scan = source::scan(&config.csv_path)?;
     let keys = Keyspace::new(&config.common.etcd_namespace);
     let markers = Arc::new(BucketedLease::new(client.clone(), config.dedup_ttl));
-    let sink = sink::Sink::new(client.clone(), keys.clone(), markers, shutdown.clone());
+    let sink =
+        sink::Sink::new(client.clone(), keys.clone(), markers, shutdown.clone()).reporting_to(stream.clone());
     if !same_file_for_every_worker(&config, &sink, &scan.fingerprint).await? {
         return Ok(Totals::default());
     }
+    stream.pass(format!("{} worker(s) streaming", config.workers));
     let gauge = Arc::new(backpressure::DepthGauge::new(
         client.clone(),
         keys.queue_prefix(),
@@ -122,7 +138,7 @@ pub async fn run(
     });
     let mut tasks = JoinSet::new();
     for index in 0..workers {
-        tasks.spawn(worker::run(shared.clone(), index));
+        tasks.spawn(health.watch(&format!("worker {index}"), worker::run(shared.clone(), index)));
     }
     let result = join_workers(tasks, &shared.shutdown).await;
     reporter.stop().await;

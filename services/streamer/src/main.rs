@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use telemetry_shared::{etcd, observe};
+use telemetry_shared::{etcd, health::Health, observe};
 use telemetry_streamer::{Flags, StreamerConfig};
 
 fn main() -> ExitCode {
@@ -22,13 +22,16 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn stream(config: StreamerConfig) -> anyhow::Result<()> {
+    let shutdown = observe::shutdown_on_signals();
+    let health = Health::new("streamer", &shutdown);
     observe::serve_metrics(
         config.metrics_port,
         "streamer",
         env!("CARGO_PKG_VERSION"),
         telemetry_streamer::events::METRICS,
-    )?;
-    let shutdown = observe::shutdown_on_signals();
+        &health,
+    )
+    .await?;
     let client = match etcd::connect_with_retry(&config.common, &shutdown).await {
         Ok(client) => client,
         Err(etcd::EtcdError::Cancelled) => anyhow::bail!(
@@ -39,6 +42,6 @@ async fn stream(config: StreamerConfig) -> anyhow::Result<()> {
         Err(etcd::EtcdError::Config(err)) => err.exit(),
         Err(err) => return Err(err).context("connecting to etcd"),
     };
-    telemetry_streamer::run(config, client, shutdown).await?;
+    telemetry_streamer::run_with_health(config, client, shutdown, health).await?;
     Ok(())
 }

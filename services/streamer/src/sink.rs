@@ -34,6 +34,7 @@ use telemetry_shared::{
         BoundedTxn, BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, is_indeterminate,
         is_lease_not_found, is_retryable,
     },
+    health::Check,
     observe::emit,
     record::{Profile, ProfileId},
     retry::{Backoff, Policy, Stopped},
@@ -401,6 +402,8 @@ pub(crate) struct Sink {
     shutdown: CancellationToken,
     /// Profiles known to be stored (written by a transaction that landed, by any worker).
     written: Arc<Mutex<HashSet<ProfileId>>>,
+    /// Readiness: fails while etcd requests are being retried, passes at each commit.
+    commits: Check,
 }
 
 impl Sink {
@@ -417,7 +420,14 @@ impl Sink {
             markers,
             shutdown,
             written: Arc::default(),
+            commits: Check::detached(),
         }
+    }
+
+    /// Reports the sink's state to readiness `check`.
+    pub(crate) fn reporting_to(mut self, check: Check) -> Self {
+        self.commits = check;
+        self
     }
 
     /// Is profile `id` known to be stored?
@@ -510,6 +520,7 @@ impl Sink {
                 }
             };
             self.mark_written(&profiles);
+            self.commits.pass("committing");
             return Ok(CommitOutcome::Committed {
                 revision,
                 enqueued: live.len(),
@@ -617,6 +628,8 @@ impl Sink {
     /// Counts and logs a retryable failure, then waits the backoff (or returns at shutdown).
     async fn retry(&self, backoff: &mut Backoff, error: &(dyn Display + Sync)) -> Result<(), SinkError> {
         emit(EtcdRetry { backoff, error });
+        self.commits
+            .fail(format!("etcd requests are failing (retrying): {error}"));
         backoff.wait(&self.shutdown).await?;
         Ok(())
     }

@@ -144,7 +144,10 @@ async fn consume(
             .with_limit(COMMIT_BATCH as i64);
         let page = client.get(cursor.clone(), Some(options)).await?;
         if page.kvs().is_empty() {
-            // Nothing yet: look again shortly (a tight loop would spend etcd's CPU on ranges).
+            // Nothing after the cursor: start over from the partition's head (a producer may have
+            // committed keys that sort before the cursor), after a short pause (a tight loop
+            // would spend etcd's CPU on ranges).
+            cursor = queue.as_bytes().to_vec();
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             continue;
         }

@@ -4,6 +4,8 @@
 //! - [`raw`]: etcd's own ceiling (128-put transactions, single puts) and the reset between
 //!   phases;
 //! - [`pipeline`]: the streamer alone, end to end through collectors, enqueue-to-commit latency;
+//! - [`export`]: the exporter following the pipeline into a real Prometheus, its throughput
+//!   against the pipeline's and its etcd CPU per 1,000 records;
 //! - [`rss`]: peak memory of each service run as a real process;
 //! - [`gateway`]: "last 100 points", WebSocket delivery, and the REST and WebSocket load tests;
 //! - [`ideal`]: the reference exactly-once design, and etcd's CPU time;
@@ -16,6 +18,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+pub mod export;
 pub mod gateway;
 pub mod ideal;
 pub mod limits;

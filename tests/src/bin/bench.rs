@@ -7,19 +7,27 @@
 //! 2. streamer, `RATE=0`, one-shot over a generated CSV (the DCGM sample repeated), with 1 and
 //!    with 4 workers;
 //! 3. end to end: streamer (`RATE=0`, 16 workers) while 1, 2 and 4 collectors drain the queue,
-//!    timed until every message is committed and the queue is empty;
-//! 4. enqueue-to-commit latency p50/p99: 4 workers at 200 rows/s each and 2 collectors, a watch
+//!    timed until every message is committed and the queue is empty; then the ideal exactly-once
+//!    design (`telemetry_tests::bench::ideal`, no parsing, no services) on the same etcd, and
+//!    etcd bytes per stored record after compaction and defragmentation;
+//! 4. export: the end-to-end run again (2 collectors) with an exporter following into a real
+//!    Prometheus (the exporter's lag behind the last record stored), then a second exporter
+//!    exporting the same records from scratch alone: its samples/s against the pipeline's
+//!    records/s (≥ 1: it keeps up at full speed) and etcd's CPU time per 1,000 records, next to
+//!    the pipeline's (`/proc/<etcd pid>/stat`); skipped when Prometheus is not installed;
+//! 5. enqueue-to-commit latency p50/p99: 4 workers at 200 rows/s each and 2 collectors, a watch
 //!    on the data prefix timing each record from its message `timestamp` to its watch event;
-//! 5. service memory: streamer, 2 collectors and a gateway with `--subscribers` WebSocket
+//! 6. service memory: streamer, 2 collectors and a gateway with `--subscribers` WebSocket
 //!    subscribers run as real processes (`target/release/`), peak RSS (`VmHWM`) of each;
-//! 6. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
+//! 7. gateway: "last 100 points of one GPU" (newest first) with `--points` (1,000,000) points
 //!    stored over 250 GPUs, p50/p99 from 1 and from 8 concurrent clients; then WebSocket
 //!    write-to-delivery p50/p99 with `--subscribers` (100) subscribers; then a load test:
 //!    `--rest-clients` (1,000) concurrent REST clients x 5 requests, and `--ws-load-subscribers`
 //!    (1,000) subscribers at once receiving 200 writes. Any failed request or subscription
 //!    fails the bench (after the table is printed).
 //!
-//! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 6.
+//! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 7,
+//! `--export-only` only phase 4.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
@@ -29,7 +37,7 @@
 //! between runs; only ratios within one run are meaningful.
 //!
 //! This file is the plan and one small function per phase (`raw_txns`, `raw_puts`,
-//! `streamer_only`, `end_to_end`, `enqueue_to_commit`, `service_rss`, `gateway_last_100`,
+//! `streamer_only`, `end_to_end`, `ideal_design`, `bytes_per_record`, `export`, `enqueue_to_commit`, `service_rss`, `gateway_last_100`,
 //! `ws_delivery`, `load_rest`, `load_ws`), each adding its figures to one [`Table`]; the
 //! measurements themselves are in `telemetry_tests::bench`.
 
@@ -38,11 +46,12 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use clap::Parser;
 use etcd_client::Client;
 use telemetry_harness::{EtcdOptions, EtcdServer, sample};
 use telemetry_tests::bench::{
-    Table, gateway as gw, ideal, limits,
+    Table, export, gateway as gw, ideal, limits,
     pipeline::{self, E2E_WORKERS, Target},
     raw::{self, reset},
     rss,
@@ -92,6 +101,9 @@ struct Args {
     /// Run only the gateway phases (quicker).
     #[arg(long)]
     gateway_only: bool,
+    /// Run only the export phase (quicker).
+    #[arg(long, conflicts_with = "gateway_only")]
+    export_only: bool,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -398,6 +410,61 @@ async fn bytes_per_record(b: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The exporter next to the pipeline (see `telemetry_tests::bench::export`).
+async fn export(b: &mut Bench) -> anyhow::Result<()> {
+    if !telemetry_harness::tsdb::installed(&telemetry_harness::TsdbKind::prometheus()) {
+        eprintln!("export: skipped (no prometheus binary; apt-get install prometheus)");
+        return Ok(());
+    }
+    let e2e_rows = (b.plan.rows / E2E_WORKERS).max(1);
+    let csv = b.csv("export.csv", e2e_rows)?;
+    let pid = b.server.member().pid().context("the bench etcd is not running")?;
+    eprintln!(
+        "export: {E2E_WORKERS} streamer workers x {e2e_rows} rows, {PHASE_COLLECTORS} collectors, \
+         an exporter following into Prometheus; then another exporting them alone ..."
+    );
+    let f = export::export_phase(&b.target(), &csv, PHASE_COLLECTORS, pid).await?;
+    let n = f.records;
+    let t = &mut b.table;
+    t.push(
+        "e2e_with_exporter",
+        f.pipeline_per_s,
+        "msgs/s",
+        format!("{n} records stored, {PHASE_COLLECTORS} collectors, an exporter following"),
+    );
+    t.push(
+        "export_live_lag_after_last_store",
+        f.live_lag_s * 1000.0,
+        "ms",
+        "last record stored to its sample acknowledged by Prometheus",
+    );
+    t.push(
+        "export_backlog",
+        f.export_samples_per_s,
+        "samples/s",
+        format!("{n} records exported from scratch by one exporter, alone (one sample each)"),
+    );
+    t.push(
+        "ratio_export_vs_e2e",
+        f.export_samples_per_s / f.pipeline_per_s,
+        "ratio",
+        "export samples/s / e2e records/s of the same run (>= 1: the exporter keeps up)",
+    );
+    t.push(
+        "etcd_cpu_per_1000_records_pipeline",
+        f.etcd_cpu_ms_per_1000_pipeline,
+        "ms",
+        "etcd CPU (utime+stime) per 1,000 records stored, streamer + collectors + live exporter",
+    );
+    t.push(
+        "etcd_cpu_per_1000_records_export",
+        f.etcd_cpu_ms_per_1000_export,
+        "ms",
+        "etcd CPU per 1,000 records exported by the exporter alone (its extra cost)",
+    );
+    Ok(())
+}
+
 /// Enqueue-to-commit latency p50/p99 at a modest fixed rate.
 async fn enqueue_to_commit(b: &mut Bench) -> anyhow::Result<()> {
     let rows = ((LATENCY_RATE * b.plan.latency_seconds) as usize).max(1);
@@ -463,6 +530,8 @@ async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     let e2e = end_to_end(b, raw.best()).await?;
     ideal_design(b, e2e).await?;
     bytes_per_record(b).await?;
+    b.reset().await?;
+    export(b).await?;
     b.reset().await?;
     enqueue_to_commit(b).await?;
     b.reset().await?;
@@ -676,6 +745,11 @@ async fn main() -> anyhow::Result<()> {
     // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
     telemetry_shared::observe::init_tracing(&log);
     let mut bench = Bench::start(plan, bin_dir).await?;
+    if args.export_only {
+        export(&mut bench).await?;
+        print!("{}", bench.table.render());
+        return write_json(&bench.table, &args.json);
+    }
     if !args.gateway_only {
         pipeline_phases(&mut bench).await?;
     }

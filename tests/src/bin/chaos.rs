@@ -18,7 +18,7 @@ struct Args {
     /// Rows of generated input (the DCGM sample repeated).
     #[arg(long, default_value_t = 100_000)]
     rows: usize,
-    /// Rounds of the five faults.
+    /// Rounds of the six faults.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Seconds between faults.

@@ -166,3 +166,49 @@ async fn the_collector_binary_serves_prometheus_metrics() {
         panic!("promtool check metrics:\n{complaints}\n{body}");
     }
 }
+
+/// `/livez` and `/readyz` beside `/metrics`: ready once its session is up and its partitions
+/// are loaded; not ready (etcd, and soon the session) while etcd is down, but still live; ready
+/// again once etcd is back.
+#[tokio::test]
+async fn the_collector_probes_follow_its_session_and_etcd() {
+    let (mut server, _client, _probe) = etcd().await;
+    let port = telemetry_harness::free_port().expect("free port");
+    let mut child = spawn_collector_process(
+        &server,
+        "p",
+        &[("METRICS_PORT", &port.to_string()), ("LEASE_TTL", "3s")],
+    );
+    let get = |path: &'static str| async move {
+        let (status, body) = telemetry_harness::http_get(port, path).await.expect("answers");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        (status, body)
+    };
+    let ready = |want: u16| async move {
+        telemetry_harness::eventually(Duration::from_secs(30), || async {
+            get("/readyz").await.0 == want
+        })
+        .await
+    };
+    assert!(ready(200).await, "{}", get("/readyz").await.1);
+    let (_, body) = get("/readyz").await;
+    for check in ["etcd", "session", "partitions"] {
+        assert_eq!(body["checks"][check]["ok"], true, "{check}: {body}");
+    }
+    let (status, live) = get("/livez").await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(live["checks"]["sessions"]["ok"], true, "{live}");
+
+    server.member().kill();
+    assert!(ready(503).await, "{}", get("/readyz").await.1);
+    assert_eq!(get("/readyz").await.1["checks"]["etcd"]["ok"], false);
+    assert_eq!(
+        get("/livez").await.0,
+        200,
+        "an etcd outage is no reason to restart"
+    );
+
+    server.restart().await.expect("etcd restarts");
+    assert!(ready(200).await, "{}", get("/readyz").await.1);
+    child.kill();
+}

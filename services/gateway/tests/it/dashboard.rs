@@ -262,3 +262,55 @@ async fn the_dashboard_shows_every_gpu_and_updates_live() {
     stop_collector.cancel();
     gw.shutdown().await;
 }
+
+/// With tokens configured, the dashboard asks for one when the API answers 401, keeps it for
+/// the tab, and then loads over REST and goes live over the WebSocket (the token as a
+/// subprotocol).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_for_a_token_and_uses_it() {
+    const TOKEN: &str = "tok-dashboard-0123456789abcdef";
+    let (server, client) = etcd().await;
+    let csv = csv_file(&[(UTIL, "0", UUID, "host-a", "")]);
+    load_csv(&server, &client, csv.path(), 1).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TOKEN}\n")).expect("tokens");
+    let tokens = tokens.display().to_string();
+    let gw = spawn_gateway(&server, &client, &[("GATEWAY_API_TOKENS_FILE", tokens.as_str())]).await;
+    let mut browser = Browser::launch().await;
+
+    browser.goto(&format!("{}/", gw.base)).await;
+    browser
+        .wait_for(
+            "!!document.querySelector('#token-form')",
+            |v| v == true,
+            "the token form after a 401",
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('#token-input').value = '{TOKEN}'; \
+             document.querySelector('#token-form').requestSubmit(); true"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "document.querySelectorAll('.gpu').length",
+            |v| v == 1,
+            "the GPU card, read with the token",
+        )
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#live-status').textContent.trim()",
+            |v| v == "live",
+            "live over the WebSocket with the token",
+        )
+        .await;
+    assert_eq!(browser.eval("!!document.querySelector('#token-form')").await, false);
+    assert_eq!(
+        browser.eval("sessionStorage.getItem('telemetry.apiToken')").await,
+        TOKEN
+    );
+    gw.shutdown().await;
+}

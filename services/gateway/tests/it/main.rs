@@ -9,5 +9,6 @@ mod lean;
 mod metrics;
 mod openapi;
 mod rest;
+mod security;
 mod window;
 mod ws;

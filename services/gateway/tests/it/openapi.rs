@@ -46,6 +46,8 @@ struct Operation {
     path: String,
     params: Vec<Param>,
     responses: Value,
+    /// The operation lists a security requirement: it needs a token.
+    secured: bool,
 }
 
 /// A link from one operation's response to another operation.
@@ -125,6 +127,7 @@ impl Doc {
                     path: path.clone(),
                     params,
                     responses: op["responses"].clone(),
+                    secured: op["security"].as_array().is_some_and(|s| !s.is_empty()),
                 });
             }
         }
@@ -261,7 +264,19 @@ fn segment(value: &str) -> String {
 struct Answer {
     status: u16,
     content_type: Option<String>,
+    headers: reqwest::header::HeaderMap,
     body: String,
+}
+
+/// Which token a request presents to an operation that needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credentials {
+    /// The walk's token (if the gateway has tokens).
+    Valid,
+    /// None at all.
+    Missing,
+    /// One the gateway does not know.
+    Wrong,
 }
 
 struct Walk {
@@ -271,6 +286,9 @@ struct Walk {
     /// Parameter sets links produced, by target operation id.
     linked: BTreeMap<String, Vec<Values>>,
     requests: usize,
+    /// The token the walk presents to operations that need one (`None`: the gateway has no
+    /// tokens).
+    token: Option<String>,
 }
 
 impl Walk {
@@ -280,6 +298,17 @@ impl Walk {
         values: &Values,
         method: Method,
         accept: Option<&str>,
+    ) -> Answer {
+        self.send_as(op, values, method, accept, Credentials::Valid).await
+    }
+
+    async fn send_as(
+        &mut self,
+        op: &Operation,
+        values: &Values,
+        method: Method,
+        accept: Option<&str>,
+        credentials: Credentials,
     ) -> Answer {
         self.requests += 1;
         let mut path = op.path.clone();
@@ -306,6 +335,11 @@ impl Walk {
         if let Some(accept) = accept {
             request = request.header("accept", accept);
         }
+        match (op.secured, credentials, &self.token) {
+            (true, Credentials::Valid, Some(token)) => request = request.bearer_auth(token),
+            (true, Credentials::Wrong, _) => request = request.bearer_auth("tok-nobody-has-this-one-0000"),
+            _ => {}
+        }
         let response = request.send().await.expect("request");
         let status = response.status().as_u16();
         let content_type = response
@@ -313,6 +347,7 @@ impl Walk {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        let headers = response.headers().clone();
         // A 101 hands the connection over; there is no body to read.
         let body = if status == 101 {
             String::new()
@@ -322,6 +357,7 @@ impl Walk {
         Answer {
             status,
             content_type,
+            headers,
             body,
         }
     }
@@ -348,6 +384,17 @@ impl Walk {
                 answer.body
             ),
             Expect::Unissued => assert!(answer.status < 500, "{what}: {status}"),
+        }
+        // The headers the document lists for this answer are there.
+        for name in documented["headers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|h| h.keys())
+        {
+            assert!(
+                answer.headers.contains_key(name.as_str()),
+                "{what}: {status} without its documented header {name}"
+            );
         }
         let Some(content) = documented["content"].as_object().filter(|c| !c.is_empty()) else {
             assert!(
@@ -433,6 +480,14 @@ impl Walk {
         let base = self.baseline(op);
         let answer = self.send(op, &base, Method::GET, None).await;
         self.check(op, &base, &answer, Expect::Allowed);
+        // An operation that needs a token: without one, or with a wrong one, a 401.
+        if op.secured && self.token.is_some() {
+            for credentials in [Credentials::Missing, Credentials::Wrong] {
+                let answer = self.send_as(op, &base, Method::GET, None, credentials).await;
+                assert_eq!(answer.status, 401, "{} {credentials:?}: {}", op.path, answer.body);
+                self.check(op, &base, &answer, Expect::Refused);
+            }
+        }
         for p in &op.params {
             let validator = self.doc.validator(&p.schema);
             for candidate in candidates(p) {
@@ -497,19 +552,49 @@ impl Walk {
 async fn every_request_the_document_allows_is_served_as_it_says() {
     let (server, client) = etcd().await;
     load_sample(&server, &client).await;
-    let gw = spawn_gateway(&server, &client, &[]).await;
+    // Without tokens, then with: the document changes with the configuration (security, 401,
+    // 429) and each gateway must match its own.
+    walk_gateway(&server, &client, None).await;
+    walk_gateway(&server, &client, Some("tok-openapi-walk-0123456789")).await;
+}
+
+async fn walk_gateway(
+    server: &telemetry_harness::EtcdServer,
+    client: &etcd_client::Client,
+    token: Option<&str>,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, token.unwrap_or_default()).expect("tokens file");
+    let tokens = tokens.display().to_string();
+    let extra: Vec<(&str, &str)> = match token {
+        // Unlimited, so that the walk's hundreds of requests are not refused for their rate.
+        Some(_) => vec![
+            ("GATEWAY_API_TOKENS_FILE", tokens.as_str()),
+            ("GATEWAY_TOKEN_RATE", "0"),
+            ("GATEWAY_TOKEN_MAX_SUBSCRIPTIONS", "0"),
+        ],
+        None => Vec::new(),
+    };
+    let gw = spawn_gateway(server, client, &extra).await;
     let http = reqwest::Client::new();
     let (status, json) = get(&http, &format!("{}/openapi.json", gw.base)).await;
     assert_eq!(status, 200);
     let doc = Doc { json };
     let ops = doc.operations();
     assert!(ops.len() >= 6, "{ops:?}");
+    assert_eq!(
+        ops.iter().any(|op| op.secured),
+        token.is_some(),
+        "the document declares security exactly when tokens are configured"
+    );
     let mut walk = Walk {
         doc,
         http,
         base: gw.base.clone(),
         linked: BTreeMap::new(),
         requests: 0,
+        token: token.map(str::to_string),
     };
     for op in &ops {
         walk.walk(op).await;
@@ -525,6 +610,7 @@ async fn every_request_the_document_allows_is_served_as_it_says() {
                 path: "/api/v1/nothing".into(),
                 params: Vec::new(),
                 responses: json!({}),
+                secured: false,
             },
             &Values::new(),
             Method::GET,
