@@ -154,7 +154,10 @@ impl ClusterTls {
         let read = |path: &Path| std::fs::read(path).map_err(io(format!("reading {}", path.display())));
         Ok(TlsOptions::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca_file)?))
-            .identity(Identity::from_pem(read(&self.harness.cert)?, read(&self.harness.key)?)))
+            .identity(Identity::from_pem(
+                read(&self.harness.cert)?,
+                read(&self.harness.key)?,
+            )))
     }
 }
 

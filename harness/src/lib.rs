@@ -54,12 +54,12 @@ pub use etcd::{
 };
 pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
-pub use process::{Finished, ProcessSpec, ServiceProcess};
+pub use process::{Finished, ProcessSpec, ServiceProcess, workspace_bin_dir};
 pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
 pub use tls::{CertFiles, TestPki};
-pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
+pub use tsdb::{ExportedSample, Tsdb, TsdbKind, expected_samples};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

@@ -120,21 +120,57 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
     let grant = |prefix: String, access: Access, why: &'static str| Grant { prefix, access, why };
     match service {
         Service::Streamer => vec![
-            grant(keys.queue_prefix(), ReadWrite, "enqueues rows; counts the queue depth for backpressure"),
-            grant(keys.dedup_prefix(), ReadWrite, "writes each entry's dedup marker, compared to refuse a repeat"),
-            grant(keys.profiles_prefix(), ReadWrite, "writes the profiles its entries name"),
-            grant(keys.streams_prefix(), ReadWrite, "its checkpoint, read at start and fenced in every batch"),
+            grant(
+                keys.queue_prefix(),
+                ReadWrite,
+                "enqueues rows; counts the queue depth for backpressure",
+            ),
+            grant(
+                keys.dedup_prefix(),
+                ReadWrite,
+                "writes each entry's dedup marker, compared to refuse a repeat",
+            ),
+            grant(
+                keys.profiles_prefix(),
+                ReadWrite,
+                "writes the profiles its entries name",
+            ),
+            grant(
+                keys.streams_prefix(),
+                ReadWrite,
+                "its checkpoint, read at start and fenced in every batch",
+            ),
         ],
         Service::Collector => vec![
-            grant(keys.queue_prefix(), ReadWrite, "reads its partitions, removes what it stored"),
-            grant(keys.dedup_prefix(), ReadWrite, "compares markers; claims one for producers that write none"),
+            grant(
+                keys.queue_prefix(),
+                ReadWrite,
+                "reads its partitions, removes what it stored",
+            ),
+            grant(
+                keys.dedup_prefix(),
+                ReadWrite,
+                "compares markers; claims one for producers that write none",
+            ),
             grant(keys.data_prefix(), ReadWrite, "stores records"),
             grant(keys.gpu_index_prefix(), ReadWrite, "the GPU index"),
             grant(keys.host_index_prefix(), ReadWrite, "the host index"),
-            grant(keys.profiles_prefix(), ReadWrite, "reads profiles; writes those of other producers' entries"),
-            grant(keys.stats_prefix(), ReadWrite, "per-partition counters, fenced in every commit"),
+            grant(
+                keys.profiles_prefix(),
+                ReadWrite,
+                "reads profiles; writes those of other producers' entries",
+            ),
+            grant(
+                keys.stats_prefix(),
+                ReadWrite,
+                "per-partition counters, fenced in every commit",
+            ),
             grant(keys.deadletter_prefix(), ReadWrite, "dead letters"),
-            grant(keys.collectors_prefix(), ReadWrite, "membership and partition ownership"),
+            grant(
+                keys.collectors_prefix(),
+                ReadWrite,
+                "membership and partition ownership",
+            ),
         ],
         Service::Gateway => vec![
             grant(keys.data_prefix(), Read, "serves and follows records"),
@@ -149,13 +185,33 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
             grant(keys.data_prefix(), Read, "follows and exports records"),
             grant(keys.profiles_prefix(), Read, "decodes lean records"),
             grant(keys.stats_prefix(), Read, "counts what is stored"),
-            grant(keys.exporters_prefix(), ReadWrite, "its owner key, checkpoint and rejected records"),
+            grant(
+                keys.exporters_prefix(),
+                ReadWrite,
+                "its owner key, checkpoint and rejected records",
+            ),
         ],
         Service::Admin => vec![
-            grant(namespace_prefix(keys), Read, "reports and audits every part of the pipeline"),
-            grant(keys.queue_prefix(), ReadWrite, "dead-letter replay puts entries back"),
-            grant(keys.dedup_prefix(), ReadWrite, "replay moves an entry's dedup marker"),
-            grant(keys.deadletter_prefix(), ReadWrite, "dead-letter replay and purge"),
+            grant(
+                namespace_prefix(keys),
+                Read,
+                "reports and audits every part of the pipeline",
+            ),
+            grant(
+                keys.queue_prefix(),
+                ReadWrite,
+                "dead-letter replay puts entries back",
+            ),
+            grant(
+                keys.dedup_prefix(),
+                ReadWrite,
+                "replay moves an entry's dedup marker",
+            ),
+            grant(
+                keys.deadletter_prefix(),
+                ReadWrite,
+                "dead-letter replay and purge",
+            ),
         ],
     }
 }
@@ -169,7 +225,8 @@ pub fn namespace_prefix(keys: &Keyspace) -> String {
 pub fn allows(grants: &[Grant], key: &str, wanted: Access) -> bool {
     let (read, write) = (wanted.reads(), wanted.writes());
     let covering: Vec<&Grant> = grants.iter().filter(|g| key.starts_with(&g.prefix)).collect();
-    (!read || covering.iter().any(|g| g.access.reads())) && (!write || covering.iter().any(|g| g.access.writes()))
+    (!read || covering.iter().any(|g| g.access.reads()))
+        && (!write || covering.iter().any(|g| g.access.writes()))
 }
 
 /// The table of every service's grants as Markdown (the operations guide holds this table).
@@ -177,7 +234,10 @@ pub fn markdown_table(keys: &Keyspace) -> String {
     let mut out = String::from("| service | prefix | access | why |\n|---|---|---|---|\n");
     for service in Service::ALL {
         for g in grants(service, keys) {
-            out.push_str(&format!("| {service} | `{}` | {} | {} |\n", g.prefix, g.access, g.why));
+            out.push_str(&format!(
+                "| {service} | `{}` | {} | {} |\n",
+                g.prefix, g.access, g.why
+            ));
         }
     }
     out
@@ -201,7 +261,10 @@ mod tests {
             (k.dedup_marker(ID), &[Streamer, Collector, Admin]),
             (format!("{}x", k.profiles_prefix()), &[Streamer, Collector]),
             (k.stream_checkpoint("dcgm-w0"), &[Streamer]),
-            (k.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J"), &[Collector]),
+            (
+                k.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J"),
+                &[Collector],
+            ),
             (k.deadletter("01J"), &[Collector, Admin]),
             (k.member("c0"), &[Collector]),
             (k.owner(3), &[Collector]),
@@ -231,13 +294,18 @@ mod tests {
     fn the_required_limits_hold() {
         let k = keys();
         let gateway = grants(Service::Gateway, &k);
-        assert!(gateway.iter().all(|g| g.access == Access::Read), "the gateway is read-only");
+        assert!(
+            gateway.iter().all(|g| g.access == Access::Read),
+            "the gateway is read-only"
+        );
         let streamer = grants(Service::Streamer, &k);
         let data = k.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J");
         assert!(!allows(&streamer, &data, Access::Read) && !allows(&streamer, &data, Access::Write));
         let collector = grants(Service::Collector, &k);
         let checkpoint = k.stream_checkpoint("s");
-        assert!(!allows(&collector, &checkpoint, Access::Read) && !allows(&collector, &checkpoint, Access::Write));
+        assert!(
+            !allows(&collector, &checkpoint, Access::Read) && !allows(&collector, &checkpoint, Access::Write)
+        );
         // Nothing reaches outside the namespace.
         for service in Service::ALL {
             for g in grants(service, &k) {
@@ -245,17 +313,29 @@ mod tests {
             }
         }
         let other = Keyspace::new("/other");
-        assert!(!allows(&grants(Service::Admin, &k), &other.queue_prefix(), Access::Read));
+        assert!(!allows(
+            &grants(Service::Admin, &k),
+            &other.queue_prefix(),
+            Access::Read
+        ));
     }
 
     #[test]
     fn the_reads_each_service_makes_are_granted() {
         let k = keys();
         let reads: [(Service, Vec<String>); 3] = [
-            (Service::Streamer, vec![k.queue_prefix(), k.stream_checkpoint("s")]),
+            (
+                Service::Streamer,
+                vec![k.queue_prefix(), k.stream_checkpoint("s")],
+            ),
             (
                 Service::Collector,
-                vec![k.queue_partition_prefix(1), k.owners_prefix(), k.members_prefix(), k.data_prefix()],
+                vec![
+                    k.queue_partition_prefix(1),
+                    k.owners_prefix(),
+                    k.members_prefix(),
+                    k.data_prefix(),
+                ],
             ),
             (
                 Service::Gateway,
@@ -288,7 +368,10 @@ mod tests {
         }
         assert_eq!(namespace_prefix(&Keyspace::new("")), "/");
         let table = markdown_table(&Keyspace::new(""));
-        assert!(table.contains("| gateway | `/telemetry/data/` | read | serves and follows records |\n"), "{table}");
+        assert!(
+            table.contains("| gateway | `/telemetry/data/` | read | serves and follows records |\n"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -533,10 +533,7 @@ fn etcd_tls(raw: &RawCommonConfig) -> Result<Option<EtcdTls>, ConfigError> {
     let (ca, cert, key) = (raw.etcd_ca_file(), raw.etcd_cert_file(), raw.etcd_key_file());
     let (ca_file, cert_file, key_file) = (path_setting(&ca)?, path_setting(&cert)?, path_setting(&key)?);
     let client = match (cert_file, key_file) {
-        (Some(cert_file), Some(key_file)) => Some(ClientCertFiles {
-            cert_file,
-            key_file,
-        }),
+        (Some(cert_file), Some(key_file)) => Some(ClientCertFiles { cert_file, key_file }),
         (Some(_), None) => {
             return Err(cert.invalid("must come with ETCD_KEY_FILE (the certificate's private key)"));
         }
@@ -566,9 +563,9 @@ fn check_schemes(raw: &RawCommonConfig, endpoints: &[String], tls: bool) -> Resu
         ));
     }
     if tls && endpoints.iter().any(|e| e.starts_with("http://")) {
-        return Err(setting.invalid(
-            "must use https:// or no scheme when ETCD_CA_FILE is set (TLS), not http://",
-        ));
+        return Err(
+            setting.invalid("must use https:// or no scheme when ETCD_CA_FILE is set (TLS), not http://")
+        );
     }
     Ok(())
 }

@@ -112,18 +112,25 @@ fn certificates(var: &str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|err| invalid(var, path, format!("must be PEM certificates: {err}")))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).map_err(|err| {
-            invalid(var, path, format!("must be PEM X.509 certificates: {err}"))
-        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|err| invalid(var, path, format!("must be PEM X.509 certificates: {err}")))?;
         let validity = parsed.validity();
         let now = x509_parser::time::ASN1Time::now();
         if now > validity.not_after {
             let at = rfc3339(validity.not_after.timestamp());
-            return Err(invalid(var, path, format!("must be valid now: it expired at {at}")));
+            return Err(invalid(
+                var,
+                path,
+                format!("must be valid now: it expired at {at}"),
+            ));
         }
         if now < validity.not_before {
             let at = rfc3339(validity.not_before.timestamp());
-            return Err(invalid(var, path, format!("must be valid now: it is valid from {at}")));
+            return Err(invalid(
+                var,
+                path,
+                format!("must be valid now: it is valid from {at}"),
+            ));
         }
         count += 1;
     }
@@ -192,8 +199,9 @@ mod tests {
             )
         );
         assert!(
-            message(&[("ETCD_CA_FILE", not_pem.clone())])
-                .starts_with(&format!("ETCD_CA_FILE={not_pem:?} is invalid: must hold a PEM certificate"))
+            message(&[("ETCD_CA_FILE", not_pem.clone())]).starts_with(&format!(
+                "ETCD_CA_FILE={not_pem:?} is invalid: must hold a PEM certificate"
+            ))
         );
         let client = |cert: &str, key: &str| {
             vec![
@@ -208,7 +216,9 @@ mod tests {
         assert!(m.starts_with("ETCD_KEY_FILE="), "a certificate is no key: {m}");
         assert_eq!(
             message(&client(&expired, &key)),
-            format!("ETCD_CERT_FILE={expired:?} is invalid: must be valid now: it expired at 2001-01-01T00:00:00+00:00")
+            format!(
+                "ETCD_CERT_FILE={expired:?} is invalid: must be valid now: it expired at 2001-01-01T00:00:00+00:00"
+            )
         );
         assert!(message(&[("ETCD_CA_FILE", expired.clone())]).starts_with("ETCD_CA_FILE="));
         assert!(

@@ -68,7 +68,10 @@ pub enum EtcdError {
 impl EtcdError {
     /// Is this worth trying again later (not a refusal, a bad file or shutdown)?
     pub fn is_permanent(&self) -> bool {
-        matches!(self, EtcdError::Config(_) | EtcdError::Refused(_) | EtcdError::Cancelled)
+        matches!(
+            self,
+            EtcdError::Config(_) | EtcdError::Refused(_) | EtcdError::Cancelled
+        )
     }
 }
 

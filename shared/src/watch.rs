@@ -216,7 +216,8 @@ impl Follow {
                 Err(err) => self.backoff.failed(&err),
             }
         } else {
-            self.backoff.failed(&format!("etcd cancelled the watch: {reason}"));
+            self.backoff
+                .failed(&format!("etcd cancelled the watch: {reason}"));
         }
         self.backoff.wait(shutdown).await.ok()
     }

@@ -2,38 +2,33 @@
 //! (`TestPki`), etcd with `--client-cert-auth`, users and roles made by
 //! `telemetry-admin auth setup --enable`, and every service binary as its own user.
 //!
-//! - the sample goes through streamer, collector and gateway exactly once while every token
-//!   expires (a quiet period longer than `--auth-token-ttl`) and while etcd restarts (which
-//!   forgets every simple token);
+//! - the sample goes through streamer, collector, gateway and exporter (into Prometheus)
+//!   exactly once while tokens expire (a quiet period longer than `--auth-token-ttl`) and while
+//!   etcd restarts (which forgets every simple token);
 //! - each role is refused what it must not do (the gateway writes nothing, the streamer cannot
-//!   touch stored telemetry, the collector cannot touch checkpoints), and the shared client
-//!   renews an expired token where a plain one fails;
+//!   touch stored telemetry, the collector and the exporter cannot touch stream checkpoints,
+//!   the exporter writes only its own keys), and the shared client renews an expired token
+//!   where a plain one fails;
 //! - a wrong CA, an expired client certificate and a wrong password each stop every binary at
 //!   start with one line saying which.
 //!
 //! The service binaries are the ones the workspace build put next to this test's directory.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use telemetry_harness::{
-    Env, EtcdOptions, EtcdServer, Finished, Probe, ProcessSpec, ServiceProcess, TestPki, assert_rows_exactly_once,
-    free_port, sample,
+    Env, EtcdOptions, EtcdServer, Finished, Probe, ProcessSpec, ServiceProcess, TestPki, Tsdb, TsdbKind,
+    assert_rows_exactly_once, expected_samples, free_port, sample,
 };
 use telemetry_shared::{CommonConfig, Keyspace, config::RawCommonConfig};
 
 const NS: &str = "/sec";
+/// `EXPORTER_NAME` of the exporter.
+const EXPORTER: &str = "e";
 
 fn bin(name: &str) -> PathBuf {
-    // This test runs from target/<profile>/deps/; the service binaries are in target/<profile>/.
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .join(name)
+    telemetry_harness::workspace_bin_dir().join(name)
 }
 
 /// A TLS etcd with authentication on and the pipeline's users, made by `auth setup`.
@@ -68,11 +63,16 @@ impl Secured {
         let report: serde_json::Value = serde_json::from_str(&first.stdout).expect("JSON report");
         assert_eq!(report["authentication"], "enabled now", "{report}");
         assert!(
-            report["users"].as_array().expect("users").iter().all(|u| u["status"] == "created"),
+            report["users"]
+                .as_array()
+                .expect("users")
+                .iter()
+                .all(|u| u["status"] == "created"),
             "{report}"
         );
         for user in ["root", "telemetry-sec-streamer", "telemetry-sec-gateway"] {
-            let password = std::fs::read_to_string(secured.passwords.path().join(user)).expect("password file");
+            let password =
+                std::fs::read_to_string(secured.passwords.path().join(user)).expect("password file");
             assert!(!first.stdout.contains(password.trim()), "a password was printed");
         }
         // Again, now that authentication is on: as root, and nothing changes.
@@ -83,7 +83,11 @@ impl Secured {
             )
             .await;
         assert_eq!(again.status.code(), Some(0), "{again:?}");
-        assert!(again.stdout.contains("authentication: enabled\n"), "{}", again.stdout);
+        assert!(
+            again.stdout.contains("authentication: enabled\n"),
+            "{}",
+            again.stdout
+        );
         for line in again.stdout.lines().filter(|l| l.starts_with("telemetry-sec-")) {
             assert!(
                 line.contains(" exists "),
@@ -139,13 +143,13 @@ async fn get_json(url: &str) -> serde_json::Value {
     response.json().await.expect("JSON")
 }
 
-/// The sample through a streamer, a collector and a gateway, each as its own user over TLS:
-/// midway the streamer is stopped for longer than the token TTL (every service's token
-/// expires: the streamer is paused, the collector idles, the gateway is asked only after),
-/// and later etcd is killed and restarted (it forgets every token). Every row lands once.
+/// The sample through a streamer, a collector, a gateway and an exporter (into a real
+/// Prometheus), each as its own user over TLS: midway the streamer is stopped for longer than
+/// the token TTL (the streamer's token expires while it is paused, the gateway's and the
+/// exporter's while they have nothing to do), and later etcd is killed and restarted (it
+/// forgets every token). Every row is stored once and every sample lands in Prometheus once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart() {
-    let started = Instant::now();
     // Durable (fsync on): etcd is killed here. Tokens expire after 2 s unused.
     let options = EtcdOptions {
         extra_args: vec!["--max-txn-ops".into(), "128".into()],
@@ -153,13 +157,27 @@ async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart
     }
     .with_token_ttl(2);
     let mut secured = Secured::start(options).await;
-    let root = secured.server.client().await.expect("root client (certificate CN)");
+    let root = secured
+        .server
+        .client()
+        .await
+        .expect("root client (certificate CN)");
     let probe = Probe::new(&root, NS);
 
     let collector = start("telemetry-collector", secured.env("collector").collector("c0"));
     let port = free_port().expect("port");
     let gateway = start("telemetry-gateway", secured.env("gateway").gateway(port));
-    assert!(probe.all_partitions_owned(Duration::from_secs(30)).await, "the collector owns the partitions");
+    let tsdb = Tsdb::start(TsdbKind::prometheus())
+        .await
+        .expect("prometheus starts");
+    let exporter = start(
+        "telemetry-exporter",
+        secured.env("exporter").exporter(&tsdb.write_url(), EXPORTER),
+    );
+    assert!(
+        probe.all_partitions_owned(Duration::from_secs(30)).await,
+        "the collector owns the partitions"
+    );
     let mut streamer = start(
         "telemetry-streamer",
         secured
@@ -173,7 +191,10 @@ async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart
     streamer.pause().expect("SIGSTOP");
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let stats = get_json(&format!("http://127.0.0.1:{port}/api/v1/stats")).await;
-    assert!(stats["total_records"].as_u64().is_some_and(|n| n >= 300), "{stats}");
+    assert!(
+        stats["total_records"].as_u64().is_some_and(|n| n >= 300),
+        "{stats}"
+    );
     streamer.resume().expect("SIGCONT");
 
     // etcd restarts: simple tokens live in its memory only.
@@ -190,12 +211,35 @@ async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart
     );
     let root = secured.server.client().await.expect("root client");
     let probe = Probe::new(&root, NS);
-    probe.wait_drained(sample::ROWS as i64, Duration::from_secs(60)).await;
+    probe
+        .wait_drained(sample::ROWS as i64, Duration::from_secs(60))
+        .await;
     let records = probe.records().await;
-    assert_rows_exactly_once(records.values(), &format!("{}-w0", sample::STREAM_ID), 0, sample::ROWS);
+    assert_rows_exactly_once(
+        records.values(),
+        &format!("{}-w0", sample::STREAM_ID),
+        0,
+        sample::ROWS,
+    );
     assert_eq!(records.len() as u64, sample::ROWS);
     let stats = get_json(&format!("http://127.0.0.1:{port}/api/v1/stats")).await;
     assert_eq!(stats["total_records"], sample::ROWS, "{stats}");
+    let checkpoint = probe
+        .wait_exported(EXPORTER, sample::ROWS, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        (checkpoint.records, checkpoint.rejected, checkpoint.expired),
+        (sample::ROWS, 0, 0),
+        "{checkpoint:?}"
+    );
+    let time = chrono::Utc::now().timestamp_millis() as f64 / 1000.0 + 60.0;
+    let expected = expected_samples(records.values());
+    let exported = tsdb.samples("DCGM_.+", "3h", time).await.expect("samples");
+    assert_eq!(exported.len(), expected.len(), "samples in Prometheus");
+    assert!(
+        exported == expected,
+        "Prometheus holds other samples than the stored records'"
+    );
 
     // The admin user reads everything it audits.
     let expect = sample::ROWS.to_string();
@@ -204,11 +248,10 @@ async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart
         .await;
     assert_eq!(audit.status.code(), Some(0), "{audit:?}");
 
-    for service in [&collector, &gateway] {
+    for service in [&collector, &gateway, &exporter] {
         let log = service.log();
         assert!(!log.contains("permission denied"), "{}: {log}", service.name());
     }
-    println!("pipeline test took {:?}", started.elapsed());
 }
 
 fn denied(result: Result<impl std::fmt::Debug, etcd_client::Error>) -> bool {
@@ -229,24 +272,92 @@ async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
     let record = keys.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J");
 
     let mut gateway = secured.client("gateway").await;
-    assert!(gateway.get(keys.data_prefix(), None).await.is_ok(), "the gateway reads data");
-    assert!(denied(gateway.put(record.as_str(), "x", None).await), "gateway put");
-    assert!(denied(gateway.delete(record.as_str(), None).await), "gateway delete");
+    assert!(
+        gateway.get(keys.data_prefix(), None).await.is_ok(),
+        "the gateway reads data"
+    );
+    assert!(
+        denied(gateway.put(record.as_str(), "x", None).await),
+        "gateway put"
+    );
+    assert!(
+        denied(gateway.delete(record.as_str(), None).await),
+        "gateway delete"
+    );
     let txn = Txn::new()
         .when([Compare::create_revision(record.as_str(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(record.as_str(), "x", None)]);
     assert!(denied(gateway.txn(txn).await), "gateway txn");
-    assert!(denied(gateway.put(keys.stream_checkpoint("s"), "x", None).await), "gateway checkpoint");
+    assert!(
+        denied(gateway.put(keys.stream_checkpoint("s"), "x", None).await),
+        "gateway checkpoint"
+    );
 
     let mut streamer = secured.client("streamer").await;
-    assert!(denied(streamer.put(record.as_str(), "x", None).await), "streamer writes data");
-    assert!(denied(streamer.get(record.as_str(), None).await), "streamer reads data");
-    assert!(streamer.put(keys.stream_checkpoint("s"), "{}", None).await.is_ok(), "streamer checkpoint");
+    assert!(
+        denied(streamer.put(record.as_str(), "x", None).await),
+        "streamer writes data"
+    );
+    assert!(
+        denied(streamer.get(record.as_str(), None).await),
+        "streamer reads data"
+    );
+    assert!(
+        streamer
+            .put(keys.stream_checkpoint("s"), "{}", None)
+            .await
+            .is_ok(),
+        "streamer checkpoint"
+    );
 
     let mut collector = secured.client("collector").await;
-    assert!(denied(collector.put(keys.stream_checkpoint("s"), "x", None).await), "collector checkpoint");
-    assert!(denied(collector.get(keys.stream_checkpoint("s"), None).await), "collector reads checkpoints");
-    assert!(collector.put(record.as_str(), "x", None).await.is_ok(), "collector stores");
+    assert!(
+        denied(collector.put(keys.stream_checkpoint("s"), "x", None).await),
+        "collector checkpoint"
+    );
+    assert!(
+        denied(collector.get(keys.stream_checkpoint("s"), None).await),
+        "collector reads checkpoints"
+    );
+    assert!(
+        collector.put(record.as_str(), "x", None).await.is_ok(),
+        "collector stores"
+    );
+
+    let mut exporter = secured.client("exporter").await;
+    assert!(
+        exporter.get(record.as_str(), None).await.is_ok(),
+        "the exporter reads data"
+    );
+    assert!(
+        denied(exporter.put(record.as_str(), "x", None).await),
+        "exporter writes data"
+    );
+    assert!(
+        denied(exporter.delete(record.as_str(), None).await),
+        "exporter deletes data"
+    );
+    assert!(
+        denied(exporter.get(keys.stream_checkpoint("s"), None).await),
+        "exporter reads checkpoints"
+    );
+    assert!(
+        denied(exporter.put(keys.queue_entry(0, "01J"), "x", None).await),
+        "exporter enqueues"
+    );
+    let export_checkpoint = keys.exporter_checkpoint(EXPORTER);
+    assert!(
+        exporter.put(export_checkpoint.as_str(), "{}", None).await.is_ok(),
+        "its own checkpoint"
+    );
+    assert!(
+        denied(streamer.delete(export_checkpoint.as_str(), None).await),
+        "streamer deletes it"
+    );
+    assert!(
+        denied(collector.put(export_checkpoint.as_str(), "x", None).await),
+        "collector writes it"
+    );
 
     // Leases: granting needs no permission; revoking needs write on every attached key, and so
     // does attaching a key to a lease that holds keys the user cannot write.
@@ -256,17 +367,31 @@ async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
         .put(member.as_str(), "{}", Some(PutOptions::new().with_lease(lease)))
         .await
         .expect("collector registers");
-    assert!(gateway.lease_grant(30, None).await.is_ok(), "any user may grant a lease");
-    assert!(denied(gateway.lease_revoke(lease).await), "the gateway cannot revoke it");
+    assert!(
+        gateway.lease_grant(30, None).await.is_ok(),
+        "any user may grant a lease"
+    );
+    assert!(
+        denied(gateway.lease_revoke(lease).await),
+        "the gateway cannot revoke it"
+    );
     let marker = keys.dedup_marker(&"00".repeat(32));
     assert!(
-        denied(streamer.put(marker.as_str(), "", Some(PutOptions::new().with_lease(lease))).await),
+        denied(
+            streamer
+                .put(marker.as_str(), "", Some(PutOptions::new().with_lease(lease)))
+                .await
+        ),
         "the streamer cannot attach its marker to the collector's lease"
     );
-    assert!(collector.lease_revoke(lease).await.is_ok(), "the collector revokes its own");
+    assert!(
+        collector.lease_revoke(lease).await.is_ok(),
+        "the collector revokes its own"
+    );
 
     // Token expiry: 2 s unused. A client without renewal fails; the shared one renews.
-    let password = std::fs::read_to_string(secured.passwords.path().join("telemetry-sec-gateway")).expect("password");
+    let password =
+        std::fs::read_to_string(secured.passwords.path().join("telemetry-sec-gateway")).expect("password");
     let ca = std::fs::read(secured.pki.ca_file()).expect("CA");
     let client_cert = secured.pki.client("plain").expect("client certificate");
     let identity = etcd_client::Identity::from_pem(
@@ -289,8 +414,14 @@ async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
         matches!(&expired, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unauthenticated),
         "a token unused for longer than the TTL is refused: {expired:?}"
     );
-    assert!(gateway.get(keys.data_prefix(), None).await.is_ok(), "the shared client renews its token");
-    assert!(denied(gateway.put(record.as_str(), "x", None).await), "and is still the gateway");
+    assert!(
+        gateway.get(keys.data_prefix(), None).await.is_ok(),
+        "the shared client renews its token"
+    );
+    assert!(
+        denied(gateway.put(record.as_str(), "x", None).await),
+        "and is still the gateway"
+    );
 }
 
 /// One binary's start with `env` and what it printed.
@@ -310,13 +441,17 @@ async fn run(binary: &str, args: &[&str], env: Env) -> Finished {
 async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
     let secured = Secured::start(EtcdOptions::strict()).await;
     let wrong_ca = secured.pki.other_ca_file().expect("another CA");
-    let expired = secured.pki.expired_client("telemetry-service").expect("expired certificate");
+    let expired = secured
+        .pki
+        .expired_client("telemetry-service")
+        .expect("expired certificate");
     let wrong_password = secured.passwords.path().join("wrong");
     std::fs::write(&wrong_password, "not-the-password\n").expect("write");
     let not_pem = secured.passwords.path().join("not-pem");
     std::fs::write(&not_pem, "hello\n").expect("write");
     let port = free_port().expect("port").to_string();
-    let binaries: [(&str, &str, Vec<&str>, Vec<(&str, String)>); 4] = [
+    let write_url = format!("http://127.0.0.1:{}/api/v1/write", free_port().expect("port"));
+    let binaries: [(&str, &str, Vec<&str>, Vec<(&str, String)>); 5] = [
         (
             "telemetry-streamer",
             "streamer",
@@ -324,11 +459,24 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
             vec![("CSV_PATH", sample::path().display().to_string())],
         ),
         ("telemetry-collector", "collector", vec![], vec![]),
-        ("telemetry-gateway", "gateway", vec![], vec![("GATEWAY_PORT", port.clone())]),
+        (
+            "telemetry-gateway",
+            "gateway",
+            vec![],
+            vec![("GATEWAY_PORT", port.clone())],
+        ),
+        (
+            "telemetry-exporter",
+            "exporter",
+            vec![],
+            vec![("REMOTE_WRITE_URL", write_url.clone())],
+        ),
         ("telemetry-admin", "admin", vec!["queue"], vec![]),
     ];
     for (binary, service, args, extra) in &binaries {
-        let base = extra.iter().fold(secured.env(service), |env, (k, v)| env.set(k, v));
+        let base = extra
+            .iter()
+            .fold(secured.env(service), |env, (k, v)| env.set(k, v));
         let cases: [(&str, Env, i32, &str); 4] = [
             (
                 "a wrong CA",

@@ -95,7 +95,11 @@ pub struct SetupReport {
 }
 
 /// Creates what is missing; see the module docs.
-pub async fn setup(client: &Client, keys: &Keyspace, options: &SetupOptions) -> Result<SetupReport, AdminError> {
+pub async fn setup(
+    client: &Client,
+    keys: &Keyspace,
+    options: &SetupOptions,
+) -> Result<SetupReport, AdminError> {
     let mut client = client.clone();
     let was_enabled = auth_enabled(&client).await?;
     let passwords = Passwords(options.password_dir.as_deref());
@@ -127,14 +131,22 @@ pub async fn setup(client: &Client, keys: &Keyspace, options: &SetupOptions) -> 
 /// Is authentication on? etcd answers an authentication attempt with "authentication is not
 /// enabled" when it is off (and with a refusal of these empty credentials when it is on).
 pub async fn auth_enabled(client: &Client) -> Result<bool, AdminError> {
-    match client.auth_client().authenticate(String::new(), String::new()).await {
-        Err(etcd_client::Error::GRpcStatus(status)) if status.message().contains("authentication is not enabled") => {
+    match client
+        .auth_client()
+        .authenticate(String::new(), String::new())
+        .await
+    {
+        Err(etcd_client::Error::GRpcStatus(status))
+            if status.message().contains("authentication is not enabled") =>
+        {
             Ok(false)
         }
         Err(etcd_client::Error::GRpcStatus(status))
             if matches!(
                 status.code(),
-                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied
+                tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::PermissionDenied
             ) =>
         {
             Ok(true)
@@ -189,7 +201,10 @@ impl Passwords<'_> {
                 write_secret(dir, &path, &password)?;
                 Ok((password, format!("generated, written to {}", path.display())))
             }
-            Err(err) => Err(AdminError::Usage(format!("cannot read {}: {err}", path.display()))),
+            Err(err) => Err(AdminError::Usage(format!(
+                "cannot read {}: {err}",
+                path.display()
+            ))),
         }
     }
 }
@@ -198,7 +213,8 @@ impl Passwords<'_> {
 fn generate_password() -> Result<String, AdminError> {
     use base64::Engine as _;
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|err| AdminError::Usage(format!("no randomness for a password: {err}")))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|err| AdminError::Usage(format!("no randomness for a password: {err}")))?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
@@ -206,7 +222,11 @@ fn generate_password() -> Result<String, AdminError> {
 fn write_secret(dir: &Path, path: &Path, secret: &str) -> Result<(), AdminError> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let fail = |err: std::io::Error| AdminError::Usage(format!("cannot write {}: {err}", path.display()));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -266,7 +286,11 @@ fn access_of(perm_type: i32) -> String {
 }
 
 /// Makes `role`'s permissions exactly `grants` (each on its whole prefix).
-async fn reconcile(client: &mut Client, role: &str, grants: &[access::Grant]) -> Result<Vec<GrantLine>, AdminError> {
+async fn reconcile(
+    client: &mut Client,
+    role: &str,
+    grants: &[access::Grant],
+) -> Result<Vec<GrantLine>, AdminError> {
     let held = client.role_get(role).await?.0.perm;
     let mut lines = Vec::new();
     for grant in grants {
@@ -331,7 +355,10 @@ mod tests {
         assert_eq!(made.len(), 43);
         assert!(source.starts_with("generated"), "{source}");
         let path = dir.path().join("new");
-        assert_eq!(std::fs::read_to_string(&path).expect("written"), format!("{made}\n"));
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("written"),
+            format!("{made}\n")
+        );
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

@@ -207,16 +207,18 @@ async fn execute(cli: Cli, config: CommonConfig) -> anyhow::Result<ExitCode> {
                 name_prefix: name_prefix.unwrap_or_else(|| auth::default_name_prefix(keys)),
                 enable,
             };
-            let report = auth::setup(client, keys, &options).await.map_err(|err| match &err {
-                telemetry_admin::AdminError::Etcd(etcd::EtcdError::Client(etcd_client::Error::GRpcStatus(s)))
-                    if s.code() == tonic::Code::PermissionDenied =>
-                {
-                    anyhow::anyhow!(
-                        "{err}: with authentication on, auth setup must run as root (ETCD_USERNAME=root)"
-                    )
-                }
-                _ => err.into(),
-            })?;
+            let report = auth::setup(client, keys, &options)
+                .await
+                .map_err(|err| match &err {
+                    telemetry_admin::AdminError::Etcd(etcd::EtcdError::Client(
+                        etcd_client::Error::GRpcStatus(s),
+                    )) if s.code() == tonic::Code::PermissionDenied => {
+                        anyhow::anyhow!(
+                            "{err}: with authentication on, auth setup must run as root (ETCD_USERNAME=root)"
+                        )
+                    }
+                    _ => err.into(),
+                })?;
             output(cli.json, &report, print_auth)?;
         }
         Command::Exporter(Exporter::Status { name, rejected }) => {
@@ -305,12 +307,18 @@ fn print_status(report: &telemetry_admin::StatusReport) {
 }
 
 fn print_auth(report: &auth::SetupReport) {
-    println!("{:<32} {:<10} {:<8}  password", "user (and role)", "service", "status");
+    println!(
+        "{:<32} {:<10} {:<8}  password",
+        "user (and role)", "service", "status"
+    );
     for u in &report.users {
         println!("{:<32} {:<10} {:<8}  {}", u.user, u.service, u.status, u.password);
     }
     println!();
-    println!("{:<32} {:<28} {:<9} {:<8}  why", "role", "prefix", "access", "status");
+    println!(
+        "{:<32} {:<28} {:<9} {:<8}  why",
+        "role", "prefix", "access", "status"
+    );
     for g in &report.grants {
         println!(
             "{:<32} {:<28} {:<9} {:<8}  {}",

@@ -89,7 +89,9 @@ pub(crate) async fn feed(
                 }
             }
             Update::Compacted { compact_revision, .. } => {
-                let now = current_revision(&client, &prefix).await.unwrap_or(compact_revision);
+                let now = current_revision(&client, &prefix)
+                    .await
+                    .unwrap_or(compact_revision);
                 follow.resume_from(now.max(compact_revision) + 1);
                 if tx.send(QueueEvent::Resync).is_err() {
                     return;

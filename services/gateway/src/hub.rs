@@ -333,7 +333,8 @@ impl Hub {
     async fn recover_from_compaction(&self, client: &Client, compacted: i64) -> i64 {
         let resumed_at = current_revision(client, &self.inner.decoder.keys.data_prefix())
             .await
-            .unwrap_or(compacted).max(compacted);
+            .unwrap_or(compacted)
+            .max(compacted);
         emit(LiveGap {
             lost_after: self.delivered(),
             compacted,

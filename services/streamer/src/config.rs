@@ -293,8 +293,8 @@ mod tests {
         // Free text: any path (a missing file is reported when opened), any column list.
         let free = ["CSV_PATH", "PARTITION_COLUMNS"];
         for var in StreamerConfig::env_vars() {
-            let tested = cases.iter().chain(COMMON_REJECTIONS).any(|(v, _)| *v == var)
-                || free.contains(&var.as_str());
+            let tested =
+                cases.iter().chain(COMMON_REJECTIONS).any(|(v, _)| *v == var) || free.contains(&var.as_str());
             assert!(tested, "no rejection of {var} tested");
         }
     }
