@@ -1,6 +1,6 @@
 //! Certificates made at test time with `rcgen`: a CA, a server certificate for `127.0.0.1` and
-//! `localhost`, client certificates (valid or long expired), and an unrelated CA (the "wrong
-//! CA" a client may be given). All are PEM files in a temporary directory that lives as long as
+//! `localhost`, client certificates (valid, long expired, or signed by a CA etcd does not
+//! trust), and an unrelated CA (the "wrong CA" a client may be given). All are PEM files in a temporary directory that lives as long as
 //! the [`TestPki`] (or any clone of it).
 //!
 //! ```
@@ -98,15 +98,15 @@ impl TestPki {
 
     /// A certificate etcd can serve on `127.0.0.1` and `localhost` (`server.pem`).
     pub fn server(&self) -> Result<CertFiles, HarnessError> {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .map_err(rcgen_error("server parameters"))?;
-        params.distinguished_name.remove(DnType::CommonName);
-        params.distinguished_name.push(DnType::CommonName, "etcd");
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        self.issue("server", params)
+        self.issue("server", server_params()?)
+    }
+
+    /// A server certificate like [`TestPki::server`] that expired in 2001 (`expired-server.pem`).
+    pub fn expired_server(&self) -> Result<CertFiles, HarnessError> {
+        let mut params = server_params()?;
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        self.issue("expired-server", params)
     }
 
     /// A client certificate whose CN is `common_name` (with `--client-cert-auth`, etcd takes the
@@ -131,11 +131,29 @@ impl TestPki {
         Ok(path)
     }
 
+    /// A client certificate whose CN is `common_name`, valid, but signed by another CA than
+    /// the one etcd trusts (`--trusted-ca-file`).
+    pub fn foreign_client(&self, common_name: &str) -> Result<CertFiles, HarnessError> {
+        let other = new_ca("a CA etcd does not trust")?;
+        self.issue_by(
+            &other,
+            &format!("foreign-{common_name}"),
+            client_params(common_name),
+        )
+    }
+
     fn issue(&self, name: &str, params: CertificateParams) -> Result<CertFiles, HarnessError> {
+        self.issue_by(&self.inner.ca, name, params)
+    }
+
+    fn issue_by(
+        &self,
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        name: &str,
+        params: CertificateParams,
+    ) -> Result<CertFiles, HarnessError> {
         let key = KeyPair::generate().map_err(rcgen_error("a key"))?;
-        let cert = params
-            .signed_by(&key, &self.inner.ca)
-            .map_err(rcgen_error("a certificate"))?;
+        let cert = params.signed_by(&key, ca).map_err(rcgen_error("a certificate"))?;
         let files = CertFiles {
             cert: self.dir().join(format!("{name}.pem")),
             key: self.dir().join(format!("{name}-key.pem")),
@@ -144,6 +162,18 @@ impl TestPki {
         std::fs::write(&files.key, key.serialize_pem()).map_err(io(format!("writing {name}-key.pem")))?;
         Ok(files)
     }
+}
+
+fn server_params() -> Result<CertificateParams, HarnessError> {
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .map_err(rcgen_error("server parameters"))?;
+    params.distinguished_name.remove(DnType::CommonName);
+    params.distinguished_name.push(DnType::CommonName, "etcd");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
 }
 
 fn client_params(common_name: &str) -> CertificateParams {

@@ -158,7 +158,19 @@ pub fn error_chain(err: &etcd_client::Error) -> String {
 /// The word(s) after `prefix` in `text`, up to a quote, comma or closing parenthesis.
 fn phrase<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let rest = &text[text.find(prefix)? + prefix.len()..];
-    let end = rest.find(['"', ',', ')', '}']).unwrap_or(rest.len());
+    let mut depth = 0usize;
+    let mut end = rest.len();
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth > 0 => depth -= 1,
+            ')' | '"' | '}' => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
     Some(rest[..end].trim())
 }
 
@@ -192,11 +204,14 @@ pub fn refusal(err: &etcd_client::Error, config: &CommonConfig) -> Option<String
     let tls = tls?;
     if let Some(reason) = phrase(detail, "invalid peer certificate: ") {
         let ca = tls.ca_file.display().to_string();
-        let why = if reason.contains("UnknownIssuer") || reason.contains("BadSignature") {
+        // rustls writes a bare variant name (`UnknownIssuer`) or, when it has the context, words
+        // (`certificate expired: verification time ...`).
+        let words = reason.to_ascii_lowercase().replace(' ', "");
+        let why = if words.contains("unknownissuer") || words.contains("badsignature") {
             format!("it is not signed by the CA in ETCD_CA_FILE={ca:?}")
-        } else if reason.contains("Expired") || reason.contains("NotValidYet") {
+        } else if words.contains("expired") || words.contains("notvalidyet") {
             "it is outside its validity period".to_string()
-        } else if reason.contains("NotValidForName") {
+        } else if words.contains("notvalidforname") {
             format!(
                 "it does not name the endpoint ({}) among its subject alternative names",
                 config.etcd_endpoints.join(",")
@@ -211,9 +226,10 @@ pub fn refusal(err: &etcd_client::Error, config: &CommonConfig) -> Option<String
     if let Some(alert) = phrase(detail, "received fatal alert: ") {
         return Some(match client_cert {
             Some(client) => format!(
-                "etcd refused the client certificate in ETCD_CERT_FILE={:?}: it is expired, not \
-                 yet valid or not signed by a CA etcd trusts (received fatal alert: {alert})",
-                client.cert_file.display().to_string()
+                "etcd refused the client certificate in ETCD_CERT_FILE={:?}: {} (received fatal \
+                 alert: {alert})",
+                client.cert_file.display().to_string(),
+                client_alert_meaning(alert)
             ),
             None => format!(
                 "etcd refused the TLS connection: it requires a client certificate \
@@ -229,6 +245,17 @@ pub fn refusal(err: &etcd_client::Error, config: &CommonConfig) -> Option<String
         ));
     }
     None
+}
+
+/// What a TLS alert etcd sent about our client certificate means (Go's TLS stack names the
+/// cause in the alert it picks).
+fn client_alert_meaning(alert: &str) -> &'static str {
+    match alert {
+        "UnknownCA" => "it is not signed by a CA etcd trusts (its --trusted-ca-file)",
+        "CertificateExpired" => "it is expired or not yet valid",
+        "UnsupportedCertificate" => "it is not usable for client authentication (extended key usage)",
+        _ => "it is expired, not yet valid or not signed by a CA etcd trusts",
+    }
 }
 
 fn grpc_status(err: &etcd_client::Error) -> Option<&tonic::Status> {

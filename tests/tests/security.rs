@@ -9,17 +9,18 @@
 //!   touch stored telemetry, the collector and the exporter cannot touch stream checkpoints,
 //!   the exporter writes only its own keys), and the shared client renews an expired token
 //!   where a plain one fails;
-//! - a wrong CA, an expired client certificate and a wrong password each stop every binary at
-//!   start with one line saying which.
+//! - a wrong CA, an expired client certificate, a client certificate of another CA, an expired
+//!   etcd certificate and a wrong password each stop every binary at start with one line saying
+//!   which.
 //!
 //! The service binaries are the ones the workspace build put next to this test's directory.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use telemetry_harness::{
-    Env, EtcdOptions, EtcdServer, Finished, Probe, ProcessSpec, ServiceProcess, TestPki, Tsdb, TsdbKind,
-    assert_rows_exactly_once, expected_samples, free_port, sample,
+    CertFiles, Env, EtcdOptions, EtcdServer, Finished, Probe, ProcessSpec, ServiceProcess, TestPki, Tsdb,
+    TsdbKind, assert_rows_exactly_once, expected_samples, free_port, sample,
 };
 use telemetry_shared::{CommonConfig, Keyspace, config::RawCommonConfig};
 
@@ -424,6 +425,38 @@ async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
     );
 }
 
+/// A TLS server on a free loopback port that presents `files` and does nothing else: enough
+/// for a client to judge its certificate (an etcd whose certificate expired, without an etcd
+/// that would have to start with it). It runs as long as the test's runtime.
+async fn tls_only_server(files: &CertFiles) -> u16 {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .expect("certificate file")
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates");
+    let key = PrivateKeyDer::from_pem_file(&files.key).expect("PEM key");
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move { acceptor.accept(tcp).await.map(drop) });
+        }
+    });
+    port
+}
+
 /// One binary's start with `env` and what it printed.
 async fn run(binary: &str, args: &[&str], env: Env) -> Finished {
     let spec = ProcessSpec::new(bin(binary)).args(args.iter().copied()).env(env);
@@ -433,10 +466,11 @@ async fn run(binary: &str, args: &[&str], env: Env) -> Finished {
         .expect("ends in time")
 }
 
-/// A wrong CA, an expired client certificate and a wrong password stop every binary at start
-/// with one line naming the cause: etcd's refusals (the CA, the password) with status 1, a
-/// certificate file that cannot be used (expired, not PEM) with status 2 like any invalid
-/// variable.
+/// A wrong CA, an expired client certificate, a client certificate etcd does not trust, an
+/// expired etcd certificate and a wrong password stop every binary at start with one line
+/// naming the cause: refusals by etcd or of etcd (the CA, the foreign certificate, etcd's
+/// expired one, the password) with status 1, a certificate file that cannot be used (expired,
+/// not PEM) with status 2 like any invalid variable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
     let secured = Secured::start(EtcdOptions::strict()).await;
@@ -445,6 +479,19 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
         .pki
         .expired_client("telemetry-service")
         .expect("expired certificate");
+    let foreign = secured
+        .pki
+        .foreign_client("telemetry-service")
+        .expect("foreign certificate");
+    let expired_etcd = format!(
+        "https://127.0.0.1:{}",
+        tls_only_server(&secured.pki.expired_server().expect("expired server certificate")).await
+    );
+    let foreign_says = format!(
+        "etcd refused the client certificate in ETCD_CERT_FILE={:?}: it is not signed by a CA \
+         etcd trusts",
+        foreign.cert.display().to_string()
+    );
     let wrong_password = secured.passwords.path().join("wrong");
     std::fs::write(&wrong_password, "not-the-password\n").expect("write");
     let not_pem = secured.passwords.path().join("not-pem");
@@ -477,7 +524,7 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
         let base = extra
             .iter()
             .fold(secured.env(service), |env, (k, v)| env.set(k, v));
-        let cases: [(&str, Env, i32, &str); 4] = [
+        let cases: [(&str, Env, i32, &str); 6] = [
             (
                 "a wrong CA",
                 base.clone().set("ETCD_CA_FILE", wrong_ca.display()),
@@ -491,6 +538,20 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
                     .set("ETCD_KEY_FILE", expired.key.display()),
                 2,
                 "is invalid: must be valid now: it expired at 2001-01-01T00:00:00+00:00",
+            ),
+            (
+                "a client certificate of a CA etcd does not trust",
+                base.clone()
+                    .set("ETCD_CERT_FILE", foreign.cert.display())
+                    .set("ETCD_KEY_FILE", foreign.key.display()),
+                1,
+                &foreign_says,
+            ),
+            (
+                "an etcd whose certificate expired",
+                base.clone().set("ETCD_ENDPOINTS", &expired_etcd),
+                1,
+                "etcd's TLS certificate is not trusted: it is outside its validity period",
             ),
             (
                 "a wrong password",
