@@ -9,16 +9,17 @@
 //! directory (os error 2))`. The password never leaves this module except into the etcd client:
 //! it is not logged, not printed and not part of any `Debug` output.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc, time::Duration};
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 
 use crate::config::{CommonConfig, ConfigError, EtcdTls, EtcdUser};
 
 /// The TLS settings and the user's password, read and checked.
 pub struct Credentials {
     tls: Option<TlsOptions>,
+    probe: Option<TlsProbe>,
     user: Option<(String, Password)>,
 }
 
@@ -37,10 +38,18 @@ struct Password(String);
 impl Credentials {
     /// Reads the files `config` names. Nothing configured gives empty credentials.
     pub fn load(config: &CommonConfig) -> Result<Self, ConfigError> {
+        let tls = config.etcd_tls.as_ref().map(tls_options).transpose()?;
+        let (tls, probe) = tls.map_or((None, None), |(options, probe)| (Some(options), probe));
         Ok(Credentials {
-            tls: config.etcd_tls.as_ref().map(tls_options).transpose()?,
+            tls,
+            probe,
             user: config.etcd_user.as_ref().map(user).transpose()?,
         })
+    }
+
+    /// With a client certificate, a way to hear etcd's verdict on it ([`TlsProbe`]).
+    pub fn client_tls_probe(&self) -> Option<TlsProbe> {
+        self.probe.clone()
     }
 
     /// Does the client authenticate with a password (and so hold a token that can expire)?
@@ -62,24 +71,101 @@ impl Credentials {
     }
 }
 
-fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, ConfigError> {
+fn tls_options(tls: &EtcdTls) -> Result<(TlsOptions, Option<TlsProbe>), ConfigError> {
     let ca = read("ETCD_CA_FILE", &tls.ca_file)?;
-    certificates("ETCD_CA_FILE", &tls.ca_file, &ca)?;
+    let ca_certs = certificates("ETCD_CA_FILE", &tls.ca_file, &ca)?;
     let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+    let mut probe = None;
     if let Some(client) = &tls.client {
         let cert = read("ETCD_CERT_FILE", &client.cert_file)?;
-        certificates("ETCD_CERT_FILE", &client.cert_file, &cert)?;
+        let chain = certificates("ETCD_CERT_FILE", &client.cert_file, &cert)?;
         let key = read("ETCD_KEY_FILE", &client.key_file)?;
-        if let Err(err) = PrivateKeyDer::from_pem_slice(&key) {
-            return Err(invalid(
+        let private_key = PrivateKeyDer::from_pem_slice(&key).map_err(|err| {
+            invalid(
                 "ETCD_KEY_FILE",
                 &client.key_file,
                 format!("must be a PEM private key (PKCS#8, PKCS#1 or SEC1): {err}"),
-            ));
-        }
+            )
+        })?;
+        probe = TlsProbe::new(ca_certs, chain, private_key);
         options = options.identity(Identity::from_pem(cert, key));
     }
-    Ok(options)
+    Ok((options, probe))
+}
+
+/// A TLS client configured like the etcd client (the CA, the client certificate), used only to
+/// learn why etcd closed a connection: etcd (Go's TLS) checks a client certificate after the
+/// handshake and answers a refused one with an alert naming the cause (`UnknownCA`,
+/// `CertificateExpired`), which a gRPC connection may miss when it notices the closed
+/// connection first.
+#[derive(Clone)]
+pub struct TlsProbe {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsProbe").finish_non_exhaustive()
+    }
+}
+
+/// How long the probe waits to connect and then for etcd's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl TlsProbe {
+    /// `None` if rustls does not accept the pair (the etcd client then reports it).
+    fn new(
+        ca: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Option<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(ca);
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .ok()?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .ok()?;
+        Some(TlsProbe {
+            config: Arc::new(config),
+        })
+    }
+
+    /// Shakes hands with the first endpoint that accepts a TCP connection and waits for etcd's
+    /// first word; returns the error that ended the exchange (e.g. `received fatal alert:
+    /// UnknownCA`), or `None` if etcd said nothing against us within [`PROBE_TIMEOUT`].
+    pub async fn handshake_error(&self, endpoints: &[String]) -> Option<String> {
+        use tokio::io::AsyncReadExt as _;
+        for endpoint in endpoints {
+            let address = endpoint
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let Ok(name) = ServerName::try_from(host.to_string()) else {
+                continue;
+            };
+            let Ok(Ok(tcp)) =
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(address)).await
+            else {
+                continue;
+            };
+            let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+            let mut stream = match tokio::time::timeout(PROBE_TIMEOUT, connector.connect(name, tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => return Some(err.to_string()),
+                Err(_) => continue,
+            };
+            let mut byte = [0u8; 1];
+            return match tokio::time::timeout(PROBE_TIMEOUT, stream.read(&mut byte)).await {
+                Ok(Err(err)) => Some(err.to_string()),
+                _ => None,
+            };
+        }
+        None
+    }
 }
 
 fn user(user: &EtcdUser) -> Result<(String, Password), ConfigError> {
@@ -108,8 +194,8 @@ fn read(var: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
 /// Checks that `pem` holds at least one certificate, nothing unreadable, and that each is valid
 /// now: an expired certificate is named here, where the TLS handshake would only report that
 /// etcd closed the connection (TLS 1.3 checks the client's certificate after the handshake).
-fn certificates(var: &str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
-    let mut count = 0;
+fn certificates(var: &str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let mut found = Vec::new();
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|err| invalid(var, path, format!("must be PEM certificates: {err}")))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
@@ -132,16 +218,16 @@ fn certificates(var: &str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
                 format!("must be valid now: it is valid from {at}"),
             ));
         }
-        count += 1;
+        found.push(cert);
     }
-    if count == 0 {
+    if found.is_empty() {
         return Err(invalid(
             var,
             path,
             "must hold a PEM certificate (-----BEGIN CERTIFICATE-----); it holds none",
         ));
     }
-    Ok(())
+    Ok(found)
 }
 
 fn rfc3339(timestamp: i64) -> String {

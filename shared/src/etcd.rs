@@ -93,6 +93,7 @@ impl EtcdError {
 /// by compares anyway.
 pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
     let credentials = Credentials::load(config)?;
+    let probe = credentials.client_tls_probe();
     let options = credentials.apply(
         ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
@@ -106,10 +107,27 @@ pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
         client.status().await?;
         Ok::<_, etcd_client::Error>(client)
     };
-    attempt.await.map_err(|err| match refusal(&err, config) {
-        Some(reason) => EtcdError::Refused(reason),
-        None => EtcdError::Client(err),
-    })
+    let err = match attempt.await {
+        Ok(client) => return Ok(client),
+        Err(err) => err,
+    };
+    if let Some(reason) = refusal(&err, config) {
+        return Err(EtcdError::Refused(reason));
+    }
+    // etcd checks a client certificate after the TLS handshake and answers a refused one with
+    // an alert, which the gRPC connection may miss when it sees the closed connection first:
+    // a handshake of our own waits for etcd's answer.
+    if let Some(probe) = probe
+        && matches!(
+            err,
+            etcd_client::Error::TransportError(_) | etcd_client::Error::GRpcStatus(_)
+        )
+        && let Some(detail) = probe.handshake_error(&config.etcd_endpoints).await
+        && let Some(reason) = refusal_in(&detail, None, config)
+    {
+        return Err(EtcdError::Refused(reason));
+    }
+    Err(EtcdError::Client(err))
 }
 
 /// Connects, retrying with the shared backoff until etcd answers or `shutdown` fires. Logs
@@ -177,12 +195,15 @@ fn phrase<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 /// If `err` means that etcd and this client refuse each other's credentials, why, in words that
 /// name the variable to fix.
 pub fn refusal(err: &etcd_client::Error, config: &CommonConfig) -> Option<String> {
-    let chain = error_chain(err);
-    let detail = chain.as_str();
+    refusal_in(&error_chain(err), grpc_status(err), config)
+}
+
+/// [`refusal`] of an error's text `detail` and its gRPC status, if it has one.
+fn refusal_in(detail: &str, status: Option<&tonic::Status>, config: &CommonConfig) -> Option<String> {
     let user = config.etcd_user.as_ref();
     let tls = config.etcd_tls.as_ref();
     let client_cert = tls.and_then(|t| t.client.as_ref());
-    if let Some(status) = grpc_status(err) {
+    if let Some(status) = status {
         let message = status.message();
         if message.contains("authentication failed") {
             let (name, file) = user.map_or((String::new(), String::new()), |u| {
@@ -556,4 +577,56 @@ pub fn is_too_large(err: &etcd_client::Error) -> bool {
     grpc_status(err).is_some_and(|s| {
         s.code() == tonic::Code::OutOfRange || s.message().contains("message length too large")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phrases_end_where_their_parenthesis_closes() {
+        let expired = "transport error: invalid peer certificate: certificate expired: verification time 9 \
+                       (UNIX), but certificate is not valid after 8 (1 seconds ago))";
+        assert_eq!(
+            phrase(expired, "invalid peer certificate: "),
+            Some(
+                "certificate expired: verification time 9 (UNIX), but certificate is not valid after 8 (1 seconds ago)"
+            )
+        );
+        let issuer = r#"Custom { error: "invalid peer certificate: UnknownIssuer" })"#;
+        assert_eq!(
+            phrase(issuer, "invalid peer certificate: "),
+            Some("UnknownIssuer")
+        );
+        assert_eq!(
+            phrase("received fatal alert: UnknownCA", "received fatal alert: "),
+            Some("UnknownCA")
+        );
+        assert_eq!(phrase("nothing", "received fatal alert: "), None);
+    }
+
+    #[test]
+    fn refusals_say_which_credential() {
+        let raw: crate::config::RawCommonConfig = crate::config::from_iter([
+            ("ETCD_ENDPOINTS".to_string(), "https://127.0.0.1:1".to_string()),
+            ("ETCD_CA_FILE".to_string(), "/s/ca.pem".to_string()),
+            ("ETCD_CERT_FILE".to_string(), "/s/c.pem".to_string()),
+            ("ETCD_KEY_FILE".to_string(), "/s/c.key".to_string()),
+        ])
+        .expect("raw");
+        let config = CommonConfig::try_from(raw).expect("valid");
+        let says = |detail: &str| refusal_in(detail, None, &config).unwrap_or_default();
+        assert!(says("io: received fatal alert: CertificateExpired").contains(
+            "etcd refused the client certificate in ETCD_CERT_FILE=\"/s/c.pem\": it is expired or not yet valid"
+        ));
+        assert!(
+            says("invalid peer certificate: UnknownIssuer)")
+                .contains("not signed by the CA in ETCD_CA_FILE=\"/s/ca.pem\"")
+        );
+        assert!(
+            says("invalid peer certificate: certificate expired: at 1")
+                .contains("outside its validity period")
+        );
+        assert_eq!(says("connection refused"), "");
+    }
 }
