@@ -457,6 +457,10 @@ async fn tls_only_server(files: &CertFiles) -> u16 {
     port
 }
 
+/// A binary under test: its file name, its service (user), its arguments and the variables it
+/// needs besides etcd's.
+type Binary<'a> = (&'a str, &'a str, Vec<&'a str>, Vec<(&'a str, String)>);
+
 /// One binary's start with `env` and what it printed.
 async fn run(binary: &str, args: &[&str], env: Env) -> Finished {
     let spec = ProcessSpec::new(bin(binary)).args(args.iter().copied()).env(env);
@@ -498,7 +502,7 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
     std::fs::write(&not_pem, "hello\n").expect("write");
     let port = free_port().expect("port").to_string();
     let write_url = format!("http://127.0.0.1:{}/api/v1/write", free_port().expect("port"));
-    let binaries: [(&str, &str, Vec<&str>, Vec<(&str, String)>); 5] = [
+    let binaries: [Binary<'_>; 5] = [
         (
             "telemetry-streamer",
             "streamer",
