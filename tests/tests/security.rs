@@ -225,6 +225,19 @@ async fn the_pipeline_runs_as_its_users_through_token_expiry_and_an_etcd_restart
     assert_eq!(records.len() as u64, sample::ROWS);
     let stats = get_json(&format!("http://127.0.0.1:{port}/api/v1/stats")).await;
     assert_eq!(stats["total_records"], sample::ROWS, "{stats}");
+    // The gateway's etcd checks (a status request, its live feed) pass as its own user.
+    let ready_url = format!("http://127.0.0.1:{port}/readyz");
+    let ready = telemetry_harness::eventually(Duration::from_secs(30), || async {
+        reqwest::get(ready_url.as_str())
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    assert!(
+        ready,
+        "the gateway is ready: {:?}",
+        reqwest::get(ready_url.as_str()).await
+    );
     let checkpoint = probe
         .wait_exported(EXPORTER, sample::ROWS, Duration::from_secs(60))
         .await;
