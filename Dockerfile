@@ -4,6 +4,11 @@
 #
 #   docker build -t gpu-telemetry .
 #   docker run --rm -e ETCD_ENDPOINTS=etcd:2379 -p 8080:8080 gpu-telemetry telemetry-gateway
+#
+# For machines that reach a container registry (it pulls rust and debian-slim) and for
+# deploy/compose.yaml, whose gateway health check runs curl inside the container. Without a
+# registry, scripts/image builds the same binaries into a FROM-scratch image (no shell, no curl)
+# from this machine's toolchain; both run as user 10001 with the sample under /data.
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared shell helpers for scripts/run, scripts/test and scripts/bench. Sourced, not run.
 
 # Print a message to stderr and exit non-zero.
@@ -35,6 +36,25 @@ ensure_packages() {
         die "could not install ${missing[*]}; install them by hand (etcd-client needs protoc to build)"
 }
 
+# Install Python packages from PyPI that are missing; $1.. are "command:package" pairs. Needs
+# python3 with pip (Debian's python3-pip is installed when missing).
+ensure_pip_packages() {
+    local missing=()
+    local pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    ensure_packages python3:python3
+    python3 -m pip --version >/dev/null 2>&1 || ensure_packages pip3:python3-pip
+    echo "installing missing Python packages: ${missing[*]}" >&2
+    # Debian's own python3 refuses system-wide installs (PEP 668) unless told.
+    python3 -m pip install --quiet "${missing[@]}" 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages "${missing[@]}" ||
+        die "could not install ${missing[*]} with pip; install them by hand"
+    hash -r
+}
+
 # Everything the build needs: a Rust toolchain and protoc (for etcd-client's protobufs).
 ensure_build_deps() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust from rustup.rs"
@@ -44,8 +64,8 @@ ensure_build_deps() {
 # Wait until an etcd client URL answers /health with "true".
 wait_for_etcd() {
     local url=$1
-    local i
-    for i in $(seq 1 100); do
+    local _
+    for _ in $(seq 1 100); do
         if curl -fsS "$url/health" 2>/dev/null | grep -q '"health":"true"'; then
             return 0
         fi

@@ -195,6 +195,7 @@ fn the_compose_scrape_targets_are_the_compose_services() {
         let jobs_of: &[&str] = match service["command"][0].as_str() {
             Some("telemetry-streamer") => &["telemetry-streamer"],
             Some("telemetry-collector") => &["telemetry-collector"],
+            Some("telemetry-exporter") => &["telemetry-exporter"],
             Some("telemetry-gateway") => &["gpu-telemetry", "telemetry-gateway"],
             _ if name.starts_with("etcd-") => &["etcd"],
             _ => &[],
@@ -234,6 +235,7 @@ fn the_compose_scrape_targets_are_the_compose_services() {
         "telemetry-gateway",
         "telemetry-streamer",
         "telemetry-collector",
+        "telemetry-exporter",
         "etcd",
     ] {
         assert_eq!(jobs[job].0, "/metrics", "{job}");
@@ -377,11 +379,16 @@ fn the_kubernetes_scrape_targets_are_services_and_named_ports_of_the_manifests()
         );
         let binary = text(&workload["spec"]["template"]["spec"]["containers"][0]["command"][0]);
         let expected_job = match binary.as_str() {
-            "telemetry-streamer" | "telemetry-collector" | "telemetry-gateway" => binary.clone(),
+            "telemetry-streamer" | "telemetry-collector" | "telemetry-exporter" | "telemetry-gateway" => {
+                binary.clone()
+            }
             _ => app.clone(),
         };
         assert_eq!(name, expected_job, "{srv} scrapes {binary}");
-        if matches!(binary.as_str(), "telemetry-streamer" | "telemetry-collector") {
+        if matches!(
+            binary.as_str(),
+            "telemetry-streamer" | "telemetry-collector" | "telemetry-exporter"
+        ) {
             // METRICS_PORT, from the ConfigMaps the container reads.
             let port_set = workload["spec"]["template"]["spec"]["containers"][0]["envFrom"]
                 .as_sequence()
@@ -413,6 +420,29 @@ fn panels(dashboard: &Json) -> Vec<&Json> {
         .collect()
 }
 
+/// The values of the dashboard's `job` (source) variable, a custom one.
+fn source_options(dashboard: &Json) -> Vec<String> {
+    let var = &dashboard["templating"]["list"][1];
+    assert_eq!(
+        (&var["name"], &var["type"]),
+        (&Json::from("job"), &Json::from("custom"))
+    );
+    let options: Vec<String> = var["options"]
+        .as_array()
+        .expect("options")
+        .iter()
+        .map(|o| o["value"].as_str().expect("value").to_string())
+        .collect();
+    let query: Vec<String> = var["query"]
+        .as_str()
+        .expect("query")
+        .split(',')
+        .map(|o| o.trim().to_string())
+        .collect();
+    assert_eq!(options, query, "the options are the query's");
+    options
+}
+
 /// A query variable's query (`label_values(selector, label)`).
 fn variable_query(variable: &Json) -> String {
     variable["query"]["query"]
@@ -432,18 +462,31 @@ fn the_dashboard_and_its_provisioning_fit_together() {
     assert_eq!(dash["uid"], "gpu-telemetry");
     let vars = dash["templating"]["list"].as_array().expect("templating");
     let names: Vec<&str> = vars.iter().map(|v| v["name"].as_str().expect("name")).collect();
-    assert_eq!(names, ["datasource", "Hostname", "gpu"]);
+    assert_eq!(names, ["datasource", "job", "Hostname", "gpu"]);
     assert_eq!(
         (vars[0]["type"].as_str(), vars[0]["query"].as_str()),
         (Some("datasource"), Some("prometheus"))
     );
+    // One source of the fleet's series at a time: a Prometheus that scrapes the gateway and
+    // receives the exporters' remote write holds each series twice (job="gpu-telemetry", and
+    // without a job label).
+    assert_eq!(source_options(&dash), ["gpu-telemetry", "^$"]);
     assert_eq!(
-        variable_query(&vars[1]),
-        "label_values(DCGM_FI_DEV_GPU_UTIL, Hostname)"
+        vars[1]["current"]["value"], "gpu-telemetry",
+        "the scraped fleet by default"
+    );
+    assert_eq!(
+        (&vars[1]["multi"], &vars[1]["includeAll"]),
+        (&Json::Bool(false), &Json::Bool(false)),
+        "both sources at once would count every GPU twice"
     );
     assert_eq!(
         variable_query(&vars[2]),
-        "label_values(DCGM_FI_DEV_GPU_UTIL{Hostname=~\"$Hostname\"}, gpu)"
+        "label_values(DCGM_FI_DEV_GPU_UTIL{job=~\"$job\"}, Hostname)"
+    );
+    assert_eq!(
+        variable_query(&vars[3]),
+        "label_values(DCGM_FI_DEV_GPU_UTIL{job=~\"$job\", Hostname=~\"$Hostname\"}, gpu)"
     );
     let on_variable = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
     let rows: Vec<&str> = dash["panels"]
@@ -479,7 +522,19 @@ fn the_dashboard_and_its_provisioning_fit_together() {
         assert!(!targets.is_empty(), "{title}: no query");
         for target in targets {
             assert_eq!(target["datasource"], on_variable, "{title}");
-            assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()), "{title}");
+            let expr = target["expr"].as_str().unwrap_or_default();
+            assert!(!expr.is_empty(), "{title}");
+            // Every selector of a fleet series names its source.
+            for (at, _) in expr.match_indices("DCGM_FI_") {
+                let selector = &expr[at..];
+                let name_end = selector
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(selector.len());
+                assert!(
+                    selector[name_end..].starts_with("{job=~\"$job\""),
+                    "{title}: {expr} selects no source"
+                );
+            }
         }
     }
 
@@ -735,17 +790,21 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
         stop.clone(),
     ));
 
-    // Prometheus, from the deploy file with this machine's targets.
+    // Prometheus, from the deploy file with this machine's targets, receiving remote write like
+    // compose's.
     let collector_target = format!("127.0.0.1:{collector_port}");
+    let exporter_port = free_port().expect("port");
     let targets = BTreeMap::from([
         ("gpu-telemetry", gateway.clone()),
         ("telemetry-gateway", gateway.clone()),
         ("telemetry-streamer", format!("127.0.0.1:{streamer_port}")),
         ("telemetry-collector", collector_target.clone()),
+        ("telemetry-exporter", format!("127.0.0.1:{exporter_port}")),
         ("etcd", etcd.endpoint()),
     ]);
     let server = PrometheusServer::start(PrometheusOptions {
         config: Some(local_config(&targets)),
+        remote_write_receiver: true,
         ..PrometheusOptions::default()
     })
     .await
@@ -755,11 +814,27 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
         http: reqwest::Client::new(),
         base: server.url(),
     };
+    // The exporter, remote-writing the stored telemetry into the same Prometheus: as in
+    // compose, every fleet series is then there twice (scraped, and remote-written).
+    let exporter = Process::start(
+        &bins,
+        "telemetry-exporter",
+        &common(&[
+            ("REMOTE_WRITE_URL", format!("{}/api/v1/write", server.url())),
+            ("EXPORTER_NAME", "prometheus".into()),
+            ("EXPORTER_ID", "exporter-1".into()),
+            ("LEASE_TTL", "5s".into()),
+            ("METRICS_PORT", exporter_port.to_string()),
+        ]),
+        logs.path(),
+    );
     let context = |what: &str| {
         format!(
-            "{what}\n--- collector log:\n{}\n--- streamer log:\n{}\n--- Prometheus log:\n{}",
+            "{what}\n--- collector log:\n{}\n--- streamer log:\n{}\n--- exporter log:\n{}\n--- \
+             Prometheus log:\n{}",
             collector.log(),
             streamer.log(),
+            exporter.log(),
             server.log()
         )
     };
@@ -808,7 +883,22 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
     })
     .await;
     assert!(all, "{}", context("the sample's 2470 series were not scraped"));
-    assert_eq!(api.scalar("count(DCGM_FI_DEV_GPU_UTIL)").await, Some(GPUS as f64));
+    // The exporter's copy: the same series without a job label. Together, a selector without a
+    // job counts every GPU twice; the dashboard picks one source (its `job` variable).
+    let exported = eventually(Duration::from_secs(40), || async {
+        api.scalar("count({job=\"\", __name__=~\"DCGM_FI_.+\"})").await == Some((GPUS * METRICS) as f64)
+    })
+    .await;
+    assert!(
+        exported,
+        "{}",
+        context("the exporter did not remote-write the sample's 2470 series")
+    );
+    assert_eq!(
+        api.scalar("count(DCGM_FI_DEV_GPU_UTIL)").await,
+        Some(2.0 * GPUS as f64),
+        "scraped and remote-written"
+    );
     let expected = sample();
     let series = api.query(FLEET).await;
     assert_eq!(series.len(), expected.len());
@@ -929,29 +1019,47 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
         assert!(named(&alerts, quiet).is_empty(), "{quiet} is active: {alerts:?}");
     }
 
-    // Every panel query of the dashboard returns data, with the variables set to real values
-    // (the first host and its first GPU, as Grafana lists them) and to "All".
+    // Every panel query of the dashboard returns data, with each source (the `job` variable)
+    // and the other variables set to real values (the first host and its first GPU, as Grafana
+    // lists them) and to "All"; with either source, "GPUs reporting" counts each GPU once.
     let dash = dashboard();
     let vars = dash["templating"]["list"].as_array().expect("templating");
-    let hosts = api.label_values(&variable_query(&vars[1])).await;
-    assert_eq!(hosts.len(), 31, "{hosts:?}");
-    let host = hosts[0].clone();
-    let gpu_query = variable_query(&vars[2]).replace("$Hostname", &host);
-    let gpu_ids = api.label_values(&gpu_query).await;
-    assert!(!gpu_ids.is_empty(), "{gpu_query}");
-    let gpu = gpu_ids[0].clone();
     let mut queries = Vec::new();
-    for (hostname, gpu) in [(host.as_str(), gpu.as_str()), (".*", ".*")] {
-        for panel in panels(&dash) {
-            for target in panel["targets"].as_array().expect("targets") {
-                let expr = target["expr"]
-                    .as_str()
-                    .expect("expr")
-                    .replace("$__rate_interval", "1m")
-                    .replace("$Hostname", hostname)
-                    .replace("$gpu", gpu);
-                assert!(!expr.contains('$'), "unknown variable in {expr}");
-                queries.push((panel["title"].to_string(), expr));
+    for source in source_options(&dash) {
+        let hosts = api
+            .label_values(&variable_query(&vars[2]).replace("$job", &source))
+            .await;
+        assert_eq!(hosts.len(), 31, "source {source}: {hosts:?}");
+        let host = hosts[0].clone();
+        let gpu_query = variable_query(&vars[3])
+            .replace("$job", &source)
+            .replace("$Hostname", &host);
+        let gpu_ids = api.label_values(&gpu_query).await;
+        assert!(!gpu_ids.is_empty(), "{gpu_query}");
+        let gpu = gpu_ids[0].clone();
+        for (hostname, gpu) in [(host.as_str(), gpu.as_str()), (".*", ".*")] {
+            for panel in panels(&dash) {
+                for target in panel["targets"].as_array().expect("targets") {
+                    let template = target["expr"]
+                        .as_str()
+                        .expect("expr")
+                        .replace("$__rate_interval", "1m")
+                        .replace("$Hostname", hostname)
+                        .replace("$gpu", gpu);
+                    assert!(
+                        !template.replace("$job", "").contains('$'),
+                        "unknown variable in {template}"
+                    );
+                    let expr = template.replace("$job", &source);
+                    queries.push((panel["title"].to_string(), expr.clone()));
+                    if panel["title"] == "GPUs reporting" && hostname == ".*" {
+                        assert_eq!(
+                            api.scalar(&expr).await,
+                            Some(GPUS as f64),
+                            "source {source}: {expr}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -976,8 +1084,8 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
         "panel queries without data:\n{}",
         failures.join("\n")
     );
-    // "All" means the whole fleet.
-    let all_gpus = "count(DCGM_FI_DEV_GPU_UTIL{Hostname=~\".*\", gpu=~\".*\"})";
+    // "All" means the whole fleet, of one source.
+    let all_gpus = "count(DCGM_FI_DEV_GPU_UTIL{job=~\"gpu-telemetry\", Hostname=~\".*\", gpu=~\".*\"})";
     assert_eq!(api.scalar(all_gpus).await, Some(GPUS as f64));
     println!(
         "{} panel queries answered; {} alert rules healthy; {:.1} s",
@@ -991,6 +1099,7 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
         .await
         .expect("joins")
         .expect("the gateway ran cleanly");
+    drop(exporter);
     drop(streamer);
     drop(collector);
 }

@@ -2,18 +2,11 @@
 'use strict';
 
 (() => {
-  const METRICS = [
-    { name: 'DCGM_FI_DEV_GPU_UTIL', label: 'util', unit: '%' },
-    { name: 'DCGM_FI_DEV_GPU_TEMP', label: 'temp', unit: '°C' },
-    { name: 'DCGM_FI_DEV_POWER_USAGE', label: 'power', unit: 'W' },
-    { name: 'DCGM_FI_DEV_FB_USED', label: 'mem used', unit: 'MiB' },
-  ];
+  const { METRICS, DASH, $, showError, clearError, fetchJSON, parseMicros, formatValue } = window.telemetryUi;
   const METRIC_NAMES = new Set(METRICS.map((m) => m.name));
   const STATS_INTERVAL_MS = 2000;
-  const RECONNECT_MS = 1000;
   const REFRESH_DEBOUNCE_MS = 1000;
   const UNKNOWN_RETRY_MS = 10000;
-  const DASH = '–';
 
   const state = (window.dashboard = { updates: 0, gpus: 0, ws: 'connecting' });
 
@@ -24,60 +17,6 @@
   const flashQueue = new Set();
   let flashScheduled = false;
   let refreshTimer = null;
-
-  const $ = (id) => document.getElementById(id);
-
-  // ---- errors -------------------------------------------------------------------------------
-
-  const errors = new Map();
-  function showError(key, message) {
-    errors.set(key, message);
-    renderErrors();
-  }
-  function clearError(key) {
-    if (errors.delete(key)) renderErrors();
-  }
-  function renderErrors() {
-    const el = $('error');
-    if (!el) return;
-    el.textContent = [...errors.values()].join(' · ');
-    el.hidden = errors.size === 0;
-  }
-
-  // ---- helpers ------------------------------------------------------------------------------
-
-  async function fetchJSON(url) {
-    const resp = await window.telemetryAuth.fetch(url, { headers: { Accept: 'application/json' } });
-    if (!resp.ok) {
-      let detail = resp.statusText;
-      try {
-        const body = await resp.json();
-        detail = body.detail || body.message || body.error || JSON.stringify(body);
-      } catch (_) { /* not JSON */ }
-      throw new Error(`GET ${url} → ${resp.status} ${detail}`);
-    }
-    return resp.json();
-  }
-
-  // RFC 3339 → integer microseconds since the epoch (keeps the sub-millisecond part that
-  // Date.parse drops). NaN if unparsable.
-  function parseMicros(text) {
-    if (typeof text !== 'string') return NaN;
-    const m = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$/i.exec(text.trim());
-    if (!m) {
-      const ms = Date.parse(text);
-      return Number.isNaN(ms) ? NaN : ms * 1000;
-    }
-    const ms = Date.parse(m[1] + (m[3] ? m[3].toUpperCase() : 'Z'));
-    if (Number.isNaN(ms)) return NaN;
-    const frac = m[2] ? Math.round(Number('0' + m[2]) * 1e6) : 0;
-    return ms * 1000 + frac;
-  }
-
-  function formatValue(v) {
-    if (Number.isInteger(v)) return String(v);
-    return String(Math.round(v * 10) / 10);
-  }
 
   // ---- cards --------------------------------------------------------------------------------
 
@@ -336,92 +275,6 @@
     }
   }
 
-  // ---- WebSocket ----------------------------------------------------------------------------
-
-  let lastRevision = null; // last revision received, for ?since_revision=
-  let resync = false; // history was lost: reconnect fresh and re-read over REST
-  let failedAttempts = 0;
-
-  function setLive(open) {
-    state.ws = open ? 'live' : 'reconnecting';
-    const el = $('live-status');
-    el.textContent = open ? 'live' : 'reconnecting';
-    el.dataset.state = open ? 'up' : 'down';
-  }
-
-  function connect() {
-    // Waiting for the user to enter an API token (the page reloads with it).
-    if (window.telemetryAuth.waiting()) return;
-    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const params = new URLSearchParams();
-    const resuming = lastRevision !== null && !resync;
-    if (resuming) params.set('since_revision', String(lastRevision));
-    const qs = params.toString();
-    const url = `${proto}//${location.host}/api/v1/ws/telemetry${qs ? '?' + qs : ''}`;
-    let ws;
-    try {
-      ws = new WebSocket(url, window.telemetryAuth.wsProtocols());
-    } catch (err) {
-      showError('ws', `WebSocket failed: ${err.message}`);
-      setTimeout(connect, RECONNECT_MS);
-      return;
-    }
-    let opened = false;
-
-    ws.onopen = () => {
-      opened = true;
-      failedAttempts = 0;
-      setLive(true);
-      clearError('ws');
-    };
-
-    ws.onmessage = (ev) => {
-      let msg;
-      try {
-        msg = JSON.parse(ev.data);
-      } catch (_) {
-        return;
-      }
-      try {
-        if (msg.type === 'hello') {
-          // When resuming, the replay continues from our own revision; keep it.
-          if (!resuming && typeof msg.revision === 'number') lastRevision = msg.revision;
-          if (resync) {
-            resync = false;
-            resyncOverRest();
-          }
-        } else if (msg.type === 'telemetry') {
-          if (typeof msg.revision === 'number') lastRevision = msg.revision;
-          for (const rec of msg.records || []) applyLive(rec);
-        } else if (msg.type === 'error') {
-          if (msg.error === 'compacted' || msg.error === 'gap') {
-            resync = true;
-            lastRevision = null;
-          }
-          showError('ws', `Live feed closed (${msg.error}); reconnecting…`);
-        }
-      } catch (err) {
-        showError('ws', `Live update failed: ${err.message}`);
-      }
-    };
-
-    ws.onclose = (ev) => {
-      if (ev.code === 4002 || ev.code === 4003) {
-        resync = true;
-        lastRevision = null;
-      }
-      if (!opened && ++failedAttempts >= 5 && lastRevision !== null) {
-        // The resume keeps being refused: start fresh and re-read over REST.
-        resync = true;
-        lastRevision = null;
-      }
-      setLive(false);
-      setTimeout(connect, RECONNECT_MS);
-    };
-
-    ws.onerror = () => { /* onclose follows */ };
-  }
-
   async function resyncOverRest() {
     try {
       await loadGpus();
@@ -433,8 +286,17 @@
 
   // ---- start --------------------------------------------------------------------------------
 
+  const feed = window.telemetryUi.liveFeed({
+    onRecords: (records) => {
+      for (const rec of records) applyLive(rec);
+    },
+    onResync: resyncOverRest,
+    onState: (text) => {
+      state.ws = text;
+    },
+  });
+
   async function start() {
-    setLive(false);
     pollStats();
     let uuids = [];
     try {
@@ -443,18 +305,9 @@
     } catch (err) {
       showError('gpus', `Cannot load the GPU list: ${err.message}`);
     }
-    connect();
+    feed.connect();
     if (uuids.length) await fillAll(uuids);
   }
 
-  window.addEventListener('unhandledrejection', (ev) => {
-    showError('unexpected', `Unexpected error: ${ev.reason && ev.reason.message ? ev.reason.message : ev.reason}`);
-    ev.preventDefault();
-  });
-
-  if (document.readyState === 'loading') {
-    document.addEventListener('DOMContentLoaded', () => { start().catch(() => {}); });
-  } else {
-    start().catch(() => {});
-  }
+  window.telemetryUi.onReady(start);
 })();

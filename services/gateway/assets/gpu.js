@@ -2,18 +2,11 @@
 'use strict';
 
 (() => {
-  const METRICS = [
-    { name: 'DCGM_FI_DEV_GPU_UTIL', label: 'util', unit: '%', color: '#4cc9f0' },
-    { name: 'DCGM_FI_DEV_GPU_TEMP', label: 'temp', unit: '°C', color: '#f8961e' },
-    { name: 'DCGM_FI_DEV_POWER_USAGE', label: 'power', unit: 'W', color: '#f94144' },
-    { name: 'DCGM_FI_DEV_FB_USED', label: 'mem used', unit: 'MiB', color: '#90be6d' },
-  ];
+  const { METRICS, DASH, $, showError, clearError, fetchJSON, parseMicros, formatValue } = window.telemetryUi;
   const HISTORY_LIMIT = 1000;
   const MAX_POINTS = 5000;
   const REDRAW_MS = 250;
-  const RECONNECT_MS = 1000;
   const CHART_HEIGHT = 220;
-  const DASH = '–';
 
   const uuid = new URLSearchParams(location.search).get('uuid') || '';
   const page = (window.gpuPage = { uuid, updates: 0, ws: 'connecting', points: {} });
@@ -23,57 +16,8 @@
   let redrawTimer = null;
   let lastRedraw = 0;
 
-  const $ = (id) => document.getElementById(id);
-
-  // ---- errors -------------------------------------------------------------------------------
-
-  const errors = new Map();
-  function showError(key, message) {
-    errors.set(key, message);
-    renderErrors();
-  }
-  function clearError(key) {
-    if (errors.delete(key)) renderErrors();
-  }
-  function renderErrors() {
-    const el = $('error');
-    if (!el) return;
-    el.textContent = [...errors.values()].join(' · ');
-    el.hidden = errors.size === 0;
-  }
-
-  // ---- helpers ------------------------------------------------------------------------------
-
-  async function fetchJSON(url) {
-    const resp = await window.telemetryAuth.fetch(url, { headers: { Accept: 'application/json' } });
-    if (!resp.ok) {
-      let detail = resp.statusText;
-      try {
-        const body = await resp.json();
-        detail = body.detail || body.message || body.error || JSON.stringify(body);
-      } catch (_) { /* not JSON */ }
-      throw new Error(`GET ${url} → ${resp.status} ${detail}`);
-    }
-    return resp.json();
-  }
-
-  // RFC 3339 → seconds since the epoch, keeping the sub-millisecond part. NaN if unparsable.
-  function parseSeconds(text) {
-    if (typeof text !== 'string') return NaN;
-    const m = /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$/i.exec(text.trim());
-    if (!m) {
-      const ms = Date.parse(text);
-      return Number.isNaN(ms) ? NaN : ms / 1000;
-    }
-    const ms = Date.parse(m[1] + (m[3] ? m[3].toUpperCase() : 'Z'));
-    if (Number.isNaN(ms)) return NaN;
-    return ms / 1000 + (m[2] ? Number('0' + m[2]) : 0);
-  }
-
-  function formatValue(v) {
-    if (Number.isInteger(v)) return String(v);
-    return String(Math.round(v * 10) / 10);
-  }
+  // RFC 3339 → seconds since the epoch (uPlot's x axis), keeping the sub-millisecond part.
+  const parseSeconds = (text) => parseMicros(text) / 1e6;
 
   // ---- charts -------------------------------------------------------------------------------
 
@@ -265,98 +209,25 @@
     scheduleRedraw();
   }
 
-  // ---- WebSocket ----------------------------------------------------------------------------
-
-  let lastRevision = null;
-  let resync = false;
-  let failedAttempts = 0;
-
-  function setLive(open) {
-    page.ws = open ? 'live' : 'reconnecting';
-    const el = $('live-status');
-    el.textContent = open ? 'live' : 'reconnecting';
-    el.dataset.state = open ? 'up' : 'down';
-  }
-
-  function connect() {
-    // Waiting for the user to enter an API token (the page reloads with it).
-    if (window.telemetryAuth.waiting()) return;
-    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const params = new URLSearchParams({ uuid });
-    const resuming = lastRevision !== null && !resync;
-    if (resuming) params.set('since_revision', String(lastRevision));
-    const url = `${proto}//${location.host}/api/v1/ws/telemetry?${params}`;
-    let ws;
-    try {
-      ws = new WebSocket(url, window.telemetryAuth.wsProtocols());
-    } catch (err) {
-      showError('ws', `WebSocket failed: ${err.message}`);
-      setTimeout(connect, RECONNECT_MS);
-      return;
-    }
-    let opened = false;
-
-    ws.onopen = () => {
-      opened = true;
-      failedAttempts = 0;
-      setLive(true);
-      clearError('ws');
-    };
-
-    ws.onmessage = (ev) => {
-      let msg;
-      try {
-        msg = JSON.parse(ev.data);
-      } catch (_) {
-        return;
-      }
-      try {
-        if (msg.type === 'hello') {
-          if (!resuming && typeof msg.revision === 'number') lastRevision = msg.revision;
-          if (resync) {
-            resync = false;
-            loadHistory().catch(() => {}); // merges by record id
-          }
-        } else if (msg.type === 'telemetry') {
-          if (typeof msg.revision === 'number') lastRevision = msg.revision;
-          let added = 0;
-          for (const rec of msg.records || []) if (addRecord(rec)) added += 1;
-          if (added) {
-            page.updates += added;
-            scheduleRedraw();
-          }
-        } else if (msg.type === 'error') {
-          if (msg.error === 'compacted' || msg.error === 'gap') {
-            resync = true;
-            lastRevision = null;
-          }
-          showError('ws', `Live feed closed (${msg.error}); reconnecting…`);
-        }
-      } catch (err) {
-        showError('ws', `Live update failed: ${err.message}`);
-      }
-    };
-
-    ws.onclose = (ev) => {
-      if (ev.code === 4002 || ev.code === 4003) {
-        resync = true;
-        lastRevision = null;
-      }
-      if (!opened && ++failedAttempts >= 5 && lastRevision !== null) {
-        resync = true;
-        lastRevision = null;
-      }
-      setLive(false);
-      setTimeout(connect, RECONNECT_MS);
-    };
-
-    ws.onerror = () => { /* onclose follows */ };
-  }
-
   // ---- start --------------------------------------------------------------------------------
 
+  const feed = window.telemetryUi.liveFeed({
+    params: { uuid },
+    onRecords: (records) => {
+      let added = 0;
+      for (const rec of records) if (addRecord(rec)) added += 1;
+      if (added) {
+        page.updates += added;
+        scheduleRedraw();
+      }
+    },
+    onResync: loadHistory, // merges by record id
+    onState: (text) => {
+      page.ws = text;
+    },
+  });
+
   function start() {
-    setLive(false);
     initCharts();
     if (!uuid) {
       showError('info', 'No GPU selected: open this page as /gpu?uuid=GPU-… (pick one on the overview).');
@@ -364,18 +235,9 @@
     }
     $('gpu-uuid').textContent = uuid;
     loadInfo();
-    connect(); // live first; history is merged in by record id
+    feed.connect(); // live first; history is merged in by record id
     loadHistory().catch((err) => showError('history', `History failed to load: ${err.message}`));
   }
 
-  window.addEventListener('unhandledrejection', (ev) => {
-    showError('unexpected', `Unexpected error: ${ev.reason && ev.reason.message ? ev.reason.message : ev.reason}`);
-    ev.preventDefault();
-  });
-
-  if (document.readyState === 'loading') {
-    document.addEventListener('DOMContentLoaded', start);
-  } else {
-    start();
-  }
+  window.telemetryUi.onReady(start);
 })();

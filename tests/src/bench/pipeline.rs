@@ -133,9 +133,7 @@ impl Footprint {
 /// Compacts etcd at its current revision and defragments it; returns the backend's size.
 pub async fn compacted_size(client: &Client) -> anyhow::Result<i64> {
     let mut client = client.clone();
-    let revision = telemetry_shared::etcd::current_revision(&client, "\0").await?;
-    client.compact(revision, None).await?;
-    client.defragment().await?;
+    super::raw::compact_and_defragment(&mut client).await?;
     Ok(client.status().await?.db_size())
 }
 

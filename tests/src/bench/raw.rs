@@ -104,7 +104,16 @@ pub async fn reset(client: &mut Client) -> anyhow::Result<()> {
             .delete(first.key(), Some(DeleteOptions::new().with_range(end)))
             .await?;
     }
-    let rev = client.get("/", None).await?.header().map_or(0, |h| h.revision());
+    compact_and_defragment(client).await
+}
+
+/// Compacts etcd at its current revision and defragments it. A put and a delete first move the
+/// revision past any earlier compaction, so two calls in a row never compact at an already
+/// compacted revision (which etcd refuses); compaction removes both again.
+pub async fn compact_and_defragment(client: &mut Client) -> anyhow::Result<()> {
+    client.put("/bench/compact", "", None).await?;
+    let deleted = client.delete("/bench/compact", None).await?;
+    let rev = deleted.header().map_or(0, |h| h.revision());
     client.compact(rev, None).await?;
     client.defragment().await?;
     Ok(())

@@ -106,6 +106,15 @@ impl Browser {
     }
 
     async fn call(&mut self, method: &str, params: Value) -> Value {
+        match self.try_call(method, params).await {
+            Ok(result) => result,
+            Err(error) => panic!("{method}: {error}"),
+        }
+    }
+
+    /// A DevTools call; `Err` with DevTools' error (such as "Inspected target navigated or
+    /// closed" while the page reloads).
+    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let request = json!({"id": id, "method": method, "params": params});
@@ -122,8 +131,10 @@ impl Browser {
             if let Message::Text(text) = msg {
                 let value: Value = serde_json::from_str(&text).expect("JSON");
                 if value["id"] == id {
-                    assert!(value["error"].is_null(), "{method}: {value}");
-                    return value["result"].clone();
+                    if !value["error"].is_null() {
+                        return Err(value["error"].clone());
+                    }
+                    return Ok(value["result"].clone());
                 }
             }
         }
@@ -143,11 +154,16 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
-    /// Evaluates `expression` until `ok` accepts its value.
+    /// Evaluates `expression` until `ok` accepts its value. An evaluation the page's navigation
+    /// interrupted (a reload) counts as not yet.
     async fn wait_for(&mut self, expression: &str, ok: impl Fn(&Value) -> bool, what: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let value = self.eval(expression).await;
+            let params = json!({"expression": expression, "returnByValue": true});
+            let value = match self.try_call("Runtime.evaluate", params).await {
+                Ok(result) => result["result"]["value"].clone(),
+                Err(error) => error,
+            };
             if ok(&value) {
                 return value;
             }
