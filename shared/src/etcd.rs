@@ -118,16 +118,22 @@ pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
     // an alert, which the gRPC connection may miss when it sees the closed connection first:
     // a handshake of our own waits for etcd's answer.
     if let Some(probe) = probe
-        && matches!(
-            err,
-            etcd_client::Error::TransportError(_) | etcd_client::Error::GRpcStatus(_)
-        )
+        && lost_connection(&err)
         && let Some(detail) = probe.handshake_error(&config.etcd_endpoints).await
         && let Some(reason) = refusal_in(&detail, None, config)
     {
         return Err(EtcdError::Refused(reason));
     }
     Err(EtcdError::Client(err))
+}
+
+/// Did the connection itself fail (closed, reset, not made), as opposed to an answer from etcd?
+fn lost_connection(err: &etcd_client::Error) -> bool {
+    let chain = error_chain(err).to_ascii_lowercase();
+    matches!(err, etcd_client::Error::TransportError(_))
+        || ["connection", "broken pipe", "transport"]
+            .iter()
+            .any(|w| chain.contains(w))
 }
 
 /// Connects, retrying with the shared backoff until etcd answers or `shutdown` fires. Logs

@@ -598,4 +598,31 @@ async fn refused_credentials_stop_every_binary_at_start_with_the_cause() {
     // And with what `auth setup` made, each binary connects (the admin lists the queue).
     let out = run("telemetry-admin", &["queue"], secured.env("admin")).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // The handshake connect falls back on when gRPC saw only a closed connection hears etcd's
+    // alert every time, and nothing against an accepted certificate.
+    let probe_of = |env: Env| {
+        let raw: RawCommonConfig = telemetry_shared::config::from_iter(env).expect("raw");
+        let config = CommonConfig::try_from(raw).expect("valid");
+        let credentials = telemetry_shared::credentials::Credentials::load(&config).expect("files");
+        (
+            credentials.client_tls_probe().expect("a client certificate"),
+            config.etcd_endpoints,
+        )
+    };
+    let (probe, endpoints) = probe_of(
+        secured
+            .env("admin")
+            .set("ETCD_CERT_FILE", foreign.cert.display())
+            .set("ETCD_KEY_FILE", foreign.key.display()),
+    );
+    let heard = probe.handshake_error(&endpoints).await;
+    assert!(
+        heard
+            .as_deref()
+            .is_some_and(|h| h.contains("received fatal alert: UnknownCA")),
+        "{heard:?}"
+    );
+    let (probe, endpoints) = probe_of(secured.env("admin"));
+    assert_eq!(probe.handshake_error(&endpoints).await, None);
 }
