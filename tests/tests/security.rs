@@ -436,6 +436,38 @@ async fn roles_refuse_what_each_service_must_not_do_and_tokens_are_renewed() {
         denied(gateway.put(record.as_str(), "x", None).await),
         "and is still the gateway"
     );
+
+    // A permission granted by hand is revoked by the next `auth setup`, which says so.
+    let mut root = secured.server.client().await.expect("root client");
+    let streams = keys.streams_prefix();
+    let extra = etcd_client::Permission::read_write(streams.as_str())
+        .with_range_end(telemetry_shared::keys::prefix_end(&streams));
+    root.role_grant_permission("telemetry-sec-gateway", extra)
+        .await
+        .expect("grant by hand");
+    let checkpoint = keys.stream_checkpoint("s");
+    assert!(
+        gateway.put(checkpoint.as_str(), "x", None).await.is_ok(),
+        "granted by hand"
+    );
+    let setup = secured
+        .admin(secured.env("root"), &["--json", "auth", "setup"])
+        .await;
+    assert_eq!(setup.status.code(), Some(0), "{setup:?}");
+    let report: serde_json::Value = serde_json::from_str(&setup.stdout).expect("JSON report");
+    let revoked: Vec<&serde_json::Value> = report["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .filter(|g| g["status"] == "revoked")
+        .collect();
+    assert_eq!(revoked.len(), 1, "{report}");
+    assert_eq!(revoked[0]["role"], "telemetry-sec-gateway");
+    assert_eq!(revoked[0]["prefix"], streams.as_str());
+    assert!(
+        denied(gateway.put(checkpoint.as_str(), "x", None).await),
+        "revoked"
+    );
 }
 
 /// A TLS server on a free loopback port that presents `files` and does nothing else: enough
