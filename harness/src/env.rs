@@ -37,6 +37,24 @@ impl Env {
             .set("ETCD_NAMESPACE", namespace)
     }
 
+    /// TLS towards etcd: `ETCD_CA_FILE`, and `ETCD_CERT_FILE` and `ETCD_KEY_FILE` when a client
+    /// certificate is given.
+    pub fn etcd_tls(self, ca_file: &Path, client: Option<&crate::CertFiles>) -> Self {
+        let env = self.set("ETCD_CA_FILE", ca_file.display());
+        match client {
+            Some(files) => env
+                .set("ETCD_CERT_FILE", files.cert.display())
+                .set("ETCD_KEY_FILE", files.key.display()),
+            None => env.unset("ETCD_CERT_FILE").unset("ETCD_KEY_FILE"),
+        }
+    }
+
+    /// An etcd user: `ETCD_USERNAME` and `ETCD_PASSWORD_FILE`.
+    pub fn etcd_user(self, name: &str, password_file: &Path) -> Self {
+        self.set("ETCD_USERNAME", name)
+            .set("ETCD_PASSWORD_FILE", password_file.display())
+    }
+
     /// Sets `name`, replacing an earlier value.
     pub fn set(mut self, name: &str, value: impl ToString) -> Self {
         self.vars.retain(|(k, _)| k != name);

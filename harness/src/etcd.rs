@@ -14,9 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::{Env, HarnessError, free_port, io};
+use crate::{CertFiles, Env, HarnessError, TestPki, free_port, io};
 
 /// Finds the etcd binary: `$ETCD_BIN`, then the vendored one, then `etcd` on `PATH`.
 pub fn etcd_binary() -> Result<PathBuf, HarnessError> {
@@ -49,7 +49,32 @@ pub struct EtcdOptions {
     pub extra_args: Vec<String>,
     /// How long to wait for the member(s) to become healthy.
     pub start_timeout: Duration,
+    /// Serve clients over TLS (`https://`) with certificates of a test PKI.
+    pub tls: Option<EtcdTls>,
+    /// `--auth-token`, e.g. `simple` (etcd's default) or `jwt,...`.
+    pub auth_token: Option<String>,
+    /// `--auth-token-ttl` in seconds: how long an unused simple token lives (etcd's default 300).
+    pub auth_token_ttl: Option<u64>,
 }
+
+/// TLS for the client port of every member.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signs the server certificate and is trusted for client certificates
+    /// (`--trusted-ca-file`).
+    pub pki: TestPki,
+    /// `--client-cert-auth`: every client must present a certificate the CA signed.
+    pub client_cert_auth: bool,
+}
+
+/// The harness' own client identity: etcd takes the CN of a certificate as the user when no
+/// password is sent, so with authentication on the harness reads and waits as `root`, with no
+/// token to expire.
+pub const HARNESS_CLIENT_CN: &str = "root";
+
+/// The CN of the client certificate services get in [`EtcdCluster::env`]: no etcd user has this
+/// name, so a service without `ETCD_USERNAME` is refused everything once authentication is on.
+pub const SERVICE_CLIENT_CN: &str = "telemetry-service";
 
 impl Default for EtcdOptions {
     fn default() -> Self {
@@ -58,6 +83,9 @@ impl Default for EtcdOptions {
             quota_backend_bytes: None,
             extra_args: Vec::new(),
             start_timeout: Duration::from_secs(30),
+            tls: None,
+            auth_token: None,
+            auth_token_ttl: None,
         }
     }
 }
@@ -79,6 +107,58 @@ impl EtcdOptions {
             ..Self::fast()
         }
     }
+
+    /// These options with clients served over TLS by certificates of `pki`, and with
+    /// `--client-cert-auth` if `client_cert_auth`.
+    pub fn with_tls(mut self, pki: &TestPki, client_cert_auth: bool) -> Self {
+        self.tls = Some(EtcdTls {
+            pki: pki.clone(),
+            client_cert_auth,
+        });
+        self
+    }
+
+    /// These options with simple auth tokens that expire after `ttl_secs` unused.
+    pub fn with_token_ttl(mut self, ttl_secs: u64) -> Self {
+        self.auth_token = Some("simple".into());
+        self.auth_token_ttl = Some(ttl_secs);
+        self
+    }
+}
+
+/// The files of a TLS cluster: the server's certificate and the two client identities.
+#[derive(Debug, Clone)]
+struct ClusterTls {
+    ca_file: PathBuf,
+    server: CertFiles,
+    client_cert_auth: bool,
+    /// CN [`HARNESS_CLIENT_CN`]: the harness' own clients.
+    harness: CertFiles,
+    /// CN [`SERVICE_CLIENT_CN`]: what [`EtcdCluster::env`] hands services.
+    service: CertFiles,
+}
+
+impl ClusterTls {
+    fn new(tls: &EtcdTls) -> Result<Self, HarnessError> {
+        Ok(ClusterTls {
+            ca_file: tls.pki.ca_file(),
+            server: tls.pki.server()?,
+            client_cert_auth: tls.client_cert_auth,
+            harness: tls.pki.client(HARNESS_CLIENT_CN)?,
+            service: tls.pki.client(SERVICE_CLIENT_CN)?,
+        })
+    }
+
+    /// The harness' TLS options (its own identity, root).
+    fn options(&self) -> Result<TlsOptions, HarnessError> {
+        let read = |path: &Path| std::fs::read(path).map_err(io(format!("reading {}", path.display())));
+        Ok(TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca_file)?))
+            .identity(Identity::from_pem(
+                read(&self.harness.cert)?,
+                read(&self.harness.key)?,
+            )))
+    }
 }
 
 /// One member's fixed identity: name, ports, data dir. Kept across restarts.
@@ -89,11 +169,13 @@ struct MemberSpec {
     peer_port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
+    tls: bool,
 }
 
 impl MemberSpec {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -181,14 +263,23 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn spawn_member(
-    binary: &Path,
-    spec: &MemberSpec,
-    initial_cluster: &str,
-    cluster_token: &str,
-    state: &str,
-    options: &EtcdOptions,
-) -> Result<Child, HarnessError> {
+/// The arguments of one member start.
+struct Spawn<'a> {
+    binary: &'a Path,
+    initial_cluster: &'a str,
+    cluster_token: &'a str,
+    options: &'a EtcdOptions,
+    tls: Option<&'a ClusterTls>,
+}
+
+fn spawn_member(spawn: &Spawn<'_>, spec: &MemberSpec, state: &str) -> Result<Child, HarnessError> {
+    let Spawn {
+        binary,
+        initial_cluster,
+        cluster_token,
+        options,
+        tls,
+    } = *spawn;
     std::fs::create_dir_all(&spec.data_dir).map_err(io("creating the etcd data dir"))?;
     let log = File::options()
         .create(true)
@@ -226,6 +317,23 @@ fn spawn_member(
     if let Some(bytes) = options.quota_backend_bytes {
         cmd.arg("--quota-backend-bytes").arg(bytes.to_string());
     }
+    if let Some(tls) = tls {
+        cmd.arg("--cert-file")
+            .arg(&tls.server.cert)
+            .arg("--key-file")
+            .arg(&tls.server.key)
+            .arg("--trusted-ca-file")
+            .arg(&tls.ca_file);
+        if tls.client_cert_auth {
+            cmd.arg("--client-cert-auth");
+        }
+    }
+    if let Some(token) = &options.auth_token {
+        cmd.arg("--auth-token").arg(token);
+    }
+    if let Some(ttl) = options.auth_token_ttl {
+        cmd.arg("--auth-token-ttl").arg(ttl.to_string());
+    }
     cmd.args(&options.extra_args);
     cmd.spawn().map_err(io(format!(
         "starting {} (ETCD_BIN overrides it)",
@@ -233,11 +341,14 @@ fn spawn_member(
     )))
 }
 
-async fn connect_to(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+async fn connect_to(endpoints: &[String], tls: Option<&ClusterTls>) -> Result<Client, HarnessError> {
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));
-    Client::connect(endpoints, Some(options)).await
+    if let Some(tls) = tls {
+        options = options.with_tls(tls.options()?);
+    }
+    Ok(Client::connect(endpoints, Some(options)).await?)
 }
 
 /// A cluster of etcd members on loopback, each with its own ports and data dir below one
@@ -248,6 +359,7 @@ pub struct EtcdCluster {
     options: EtcdOptions,
     initial_cluster: String,
     token: String,
+    tls: Option<ClusterTls>,
     members: Vec<Member>,
     // Declared last: dropped after the members, so processes die before their dir is removed.
     _dir: tempfile::TempDir,
@@ -282,6 +394,7 @@ impl EtcdCluster {
                 name,
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                tls: options.tls.is_some(),
             });
         }
         let initial_cluster = specs
@@ -294,9 +407,17 @@ impl EtcdCluster {
             std::process::id(),
             dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("x")
         );
+        let tls = options.tls.as_ref().map(ClusterTls::new).transpose()?;
         let mut members = Vec::with_capacity(size);
+        let spawn = Spawn {
+            binary: &binary,
+            initial_cluster: &initial_cluster,
+            cluster_token: &token,
+            options: &options,
+            tls: tls.as_ref(),
+        };
         for spec in specs {
-            let child = spawn_member(&binary, &spec, &initial_cluster, &token, "new", &options)?;
+            let child = spawn_member(&spawn, &spec, "new")?;
             members.push(Member {
                 spec,
                 child: Some(child),
@@ -307,6 +428,7 @@ impl EtcdCluster {
             options,
             initial_cluster,
             token,
+            tls,
             members,
             _dir: dir,
         };
@@ -328,7 +450,7 @@ impl EtcdCluster {
                     });
                 }
                 let endpoint = vec![member.endpoint()];
-                let healthy = match connect_to(&endpoint).await {
+                let healthy = match connect_to(&endpoint, self.tls.as_ref()).await {
                     // A member answers status once it has joined; a KV read also needs a leader.
                     Ok(mut client) => {
                         client.status().await.is_ok() && client.get("health", None).await.is_ok()
@@ -362,15 +484,22 @@ impl EtcdCluster {
         self.endpoints().join(",")
     }
 
-    /// A client connected to every member.
+    /// A client connected to every member (over TLS as `root` by its certificate's CN, on a
+    /// TLS cluster).
     pub async fn client(&self) -> Result<Client, HarnessError> {
-        Ok(connect_to(&self.endpoints()).await?)
+        connect_to(&self.endpoints(), self.tls.as_ref()).await
     }
 
     /// The environment of a service using this cluster under `namespace`:
-    /// `ETCD_ENDPOINTS` (every member) and `ETCD_NAMESPACE`.
+    /// `ETCD_ENDPOINTS` (every member) and `ETCD_NAMESPACE`; on a TLS cluster also
+    /// `ETCD_CA_FILE`, and with `--client-cert-auth` a client certificate (CN
+    /// [`SERVICE_CLIENT_CN`]) in `ETCD_CERT_FILE` and `ETCD_KEY_FILE`.
     pub fn env(&self, namespace: &str) -> Env {
-        Env::etcd(self.endpoints_env(), namespace)
+        let env = Env::etcd(self.endpoints_env(), namespace);
+        match &self.tls {
+            None => env,
+            Some(tls) => env.etcd_tls(&tls.ca_file, tls.client_cert_auth.then_some(&tls.service)),
+        }
     }
 
     /// The members, for killing, pausing and inspecting.
@@ -384,7 +513,7 @@ impl EtcdCluster {
             if !self.members[i].is_running() {
                 continue;
             }
-            let Ok(mut client) = connect_to(&[self.members[i].endpoint()]).await else {
+            let Ok(mut client) = connect_to(&[self.members[i].endpoint()], self.tls.as_ref()).await else {
                 continue;
             };
             let Ok(status) = client.status().await else {
@@ -406,14 +535,14 @@ impl EtcdCluster {
     pub async fn restart(&mut self, i: usize) -> Result<(), HarnessError> {
         self.members[i].kill();
         let spec = self.members[i].spec.clone();
-        let child = spawn_member(
-            &self.binary,
-            &spec,
-            &self.initial_cluster,
-            &self.token,
-            "existing",
-            &self.options,
-        )?;
+        let spawn = Spawn {
+            binary: &self.binary,
+            initial_cluster: &self.initial_cluster,
+            cluster_token: &self.token,
+            options: &self.options,
+            tls: self.tls.as_ref(),
+        };
+        let child = spawn_member(&spawn, &spec, "existing")?;
         self.members[i].child = Some(child);
         self.wait_healthy(&[i]).await
     }
@@ -448,10 +577,10 @@ impl EtcdServer {
         self.cluster.client().await
     }
 
-    /// The environment of a service using this server under `namespace`: `ETCD_ENDPOINTS` and
-    /// `ETCD_NAMESPACE`.
+    /// The environment of a service using this server under `namespace`: `ETCD_ENDPOINTS`,
+    /// `ETCD_NAMESPACE` and on TLS the files of [`EtcdCluster::env`].
     pub fn env(&self, namespace: &str) -> Env {
-        Env::etcd(self.endpoint(), namespace)
+        self.cluster.env(namespace)
     }
 
     /// The member, for killing and pausing.
@@ -531,7 +660,7 @@ mod tests {
         }
         assert!(ok, "writes continue after the leader is killed");
         cluster.restart(leader).await.expect("restarts");
-        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()])
+        let mut member_client = connect_to(&[cluster.members()[leader].endpoint()], None)
             .await
             .expect("connects");
         let mut seen = false;

@@ -20,6 +20,8 @@
 //!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
 //! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
+//! - [`tls`]: [`TestPki`], a CA and certificates made at test time for etcd over TLS
+//!   ([`EtcdOptions::with_tls`]).
 //! - [`tsdb`]: [`Tsdb`], a Prometheus (with its remote-write receiver) or a VictoriaMetrics
 //!   for the exporter, stopped and restarted on its port and data, and read back with PromQL.
 //!
@@ -43,17 +45,21 @@ pub mod prometheus;
 pub mod proxy;
 pub mod records;
 pub mod sample;
+pub mod tls;
 pub mod tsdb;
 
 pub use env::Env;
-pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
+pub use etcd::{
+    EtcdCluster, EtcdOptions, EtcdServer, EtcdTls, Member, count, etcd_binary, range_all, strict_etcd,
+};
 pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
-pub use process::{Finished, ProcessSpec, ServiceProcess};
+pub use process::{Finished, ProcessSpec, ServiceProcess, workspace_bin_dir};
 pub use prometheus::{PrometheusOptions, PrometheusServer};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use records::{queued_messages, stored_records};
-pub use tsdb::{ExportedSample, Tsdb, TsdbKind};
+pub use tls::{CertFiles, TestPki};
+pub use tsdb::{ExportedSample, Tsdb, TsdbKind, expected_samples};
 
 /// Errors starting or controlling etcd and service processes.
 #[derive(Debug, Error)]

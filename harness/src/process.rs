@@ -31,6 +31,17 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 use crate::{Env, HarnessError, io};
 
+/// The directory the workspace build puts the service binaries in, for an integration test of
+/// another package (`telemetry-tests`): the test runs from `target/<profile>/deps/`, the
+/// binaries are in `target/<profile>/` (built by the same `cargo nextest run --workspace`, or
+/// by `cargo build`). A package's own tests use `env!("CARGO_BIN_EXE_...")` instead.
+pub fn workspace_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("target/debug"), Path::to_path_buf)
+}
+
 /// Where a process's standard error (its log) goes.
 #[derive(Debug, Clone)]
 enum LogTo {

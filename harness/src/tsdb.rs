@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use telemetry_shared::{Message, config::Columns, exposition};
+
 use crate::{HarnessError, PrometheusOptions, PrometheusServer, free_port, io};
 
 /// Which server.
@@ -335,6 +337,32 @@ impl Tsdb {
         out.sort_by(|a, b| (&a.name, &a.labels, a.timestamp_ms).cmp(&(&b.name, &b.labels, b.timestamp_ms)));
         Ok(out)
     }
+}
+
+/// The samples `records` must have become in a TSDB, sorted like [`Tsdb::samples`] (default
+/// columns). Two records of one series in the same millisecond with the same value are one
+/// sample in any TSDB (two streamer workers reading the same row at once do that), so it is
+/// listed once.
+pub fn expected_samples<'a>(records: impl IntoIterator<Item = &'a Message>) -> Vec<ExportedSample> {
+    let mut out: Vec<ExportedSample> = records
+        .into_iter()
+        .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
+        .map(|s| ExportedSample {
+            name: s.name,
+            labels: s.labels,
+            timestamp_ms: s.timestamp_ms,
+            value: s.value,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.name, &a.labels, a.timestamp_ms)
+            .cmp(&(&b.name, &b.labels, b.timestamp_ms))
+            .then(a.value.total_cmp(&b.value))
+    });
+    out.dedup_by(|a, b| {
+        a.name == b.name && a.labels == b.labels && a.timestamp_ms == b.timestamp_ms && a.value == b.value
+    });
+    out
 }
 
 /// A sample as read back from a TSDB.

@@ -16,6 +16,7 @@
 use std::{
     fmt::{Debug, Display},
     ops::RangeInclusive,
+    path::PathBuf,
     process::ExitCode,
     str::FromStr,
     time::Duration,
@@ -426,13 +427,48 @@ impl<'a> Setting<'a> {
     }
 }
 
-/// The settings every service shares: where etcd is and which key prefix to use.
+/// The settings every service shares: where etcd is, which key prefix to use, and how to
+/// prove who we are to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommonConfig {
     /// etcd client endpoints (`ETCD_ENDPOINTS`, comma-separated `host:port`).
     pub etcd_endpoints: Vec<String>,
     /// Prefix put before every key (`ETCD_NAMESPACE`), so several pipelines can share one etcd.
     pub etcd_namespace: String,
+    /// TLS towards etcd (`ETCD_CA_FILE`, `ETCD_CERT_FILE`, `ETCD_KEY_FILE`), when configured.
+    pub etcd_tls: Option<EtcdTls>,
+    /// The etcd user to authenticate as (`ETCD_USERNAME`, `ETCD_PASSWORD_FILE`), when configured.
+    pub etcd_user: Option<EtcdUser>,
+}
+
+/// TLS towards etcd: the files are named here and read when the binary connects
+/// ([`crate::credentials`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// `ETCD_CA_FILE`: PEM certificate(s) of the CA that signed etcd's server certificate.
+    pub ca_file: PathBuf,
+    /// `ETCD_CERT_FILE` and `ETCD_KEY_FILE`: the client certificate, for etcd's
+    /// `--client-cert-auth`.
+    pub client: Option<ClientCertFiles>,
+}
+
+/// A client certificate and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    /// `ETCD_CERT_FILE`.
+    pub cert_file: PathBuf,
+    /// `ETCD_KEY_FILE`.
+    pub key_file: PathBuf,
+}
+
+/// An etcd user: the name, and the file its password is read from (never the environment, where
+/// it would show in `/proc/*/environ`, `docker inspect` and crash reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUser {
+    /// `ETCD_USERNAME`.
+    pub name: String,
+    /// `ETCD_PASSWORD_FILE`: its first line is the password.
+    pub password_file: PathBuf,
 }
 
 /// Default etcd endpoint when `ETCD_ENDPOINTS` is unset.
@@ -442,10 +478,25 @@ env_config! {
     /// The raw form of [`CommonConfig`] as envy reads it. Services flatten it into their own raw
     /// struct.
     pub struct RawCommonConfig {
-        /// etcd client endpoints: comma-separated host:port (an http:// prefix is accepted).
+        /// etcd client endpoints: comma-separated host:port (an http:// or, with ETCD_CA_FILE,
+        /// https:// prefix is accepted; without a prefix ETCD_CA_FILE selects https).
         etcd_endpoints = Value(DEFAULT_ETCD_ENDPOINT);
         /// Prefix put before every key (no white space), so several pipelines can share one etcd.
         etcd_namespace = Value("");
+        /// PEM file of the CA that signed etcd's server certificate: set, the connection to etcd
+        /// uses TLS.
+        etcd_ca_file = Value("");
+        /// PEM client certificate presented to etcd (for its --client-cert-auth); needs
+        /// ETCD_KEY_FILE and ETCD_CA_FILE.
+        etcd_cert_file = Value("");
+        /// PEM private key of ETCD_CERT_FILE.
+        etcd_key_file = Value("");
+        /// etcd user to authenticate as, with the password in ETCD_PASSWORD_FILE (unset: no
+        /// password authentication).
+        etcd_username = Value("");
+        /// File whose first line is the password of ETCD_USERNAME (the password is never read
+        /// from the environment).
+        etcd_password_file = Value("");
     }
 }
 
@@ -459,12 +510,97 @@ impl TryFrom<&RawCommonConfig> for CommonConfig {
         if etcd_namespace.contains(char::is_whitespace) {
             return Err(namespace.invalid("must be a key prefix without white space, like /prod"));
         }
+        let etcd_tls = etcd_tls(raw)?;
+        check_schemes(raw, &etcd_endpoints, etcd_tls.is_some())?;
         Ok(CommonConfig {
             etcd_endpoints,
             etcd_namespace: etcd_namespace.trim_end_matches('/').to_string(),
+            etcd_tls,
+            etcd_user: etcd_user(raw)?,
         })
     }
 }
+
+/// A file path variable: unset is `None`; set, it must not be blank.
+fn path_setting(setting: &Setting<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    match setting.value() {
+        None => Ok(None),
+        Some(_) => Ok(Some(PathBuf::from(setting.non_blank("a file path")?))),
+    }
+}
+
+fn etcd_tls(raw: &RawCommonConfig) -> Result<Option<EtcdTls>, ConfigError> {
+    let (ca, cert, key) = (raw.etcd_ca_file(), raw.etcd_cert_file(), raw.etcd_key_file());
+    let (ca_file, cert_file, key_file) = (path_setting(&ca)?, path_setting(&cert)?, path_setting(&key)?);
+    let client = match (cert_file, key_file) {
+        (Some(cert_file), Some(key_file)) => Some(ClientCertFiles { cert_file, key_file }),
+        (Some(_), None) => {
+            return Err(cert.invalid("must come with ETCD_KEY_FILE (the certificate's private key)"));
+        }
+        (None, Some(_)) => {
+            return Err(key.invalid("must come with ETCD_CERT_FILE (the certificate it is the key of)"));
+        }
+        (None, None) => None,
+    };
+    match (ca_file, client) {
+        (Some(ca_file), client) => Ok(Some(EtcdTls { ca_file, client })),
+        (None, Some(_)) => Err(cert.invalid(
+            "must come with ETCD_CA_FILE (the CA that signed etcd's certificate): a client \
+             certificate is only sent over TLS",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `https://` endpoints need a CA to check etcd's certificate against, and with TLS configured
+/// an `http://` endpoint would silently not use it.
+fn check_schemes(raw: &RawCommonConfig, endpoints: &[String], tls: bool) -> Result<(), ConfigError> {
+    let setting = raw.etcd_endpoints();
+    if !tls && endpoints.iter().any(|e| e.starts_with("https://")) {
+        return Err(setting.invalid(
+            "must use http:// or no scheme unless ETCD_CA_FILE is set: https:// endpoints need \
+             the CA that signed etcd's certificate",
+        ));
+    }
+    if tls && endpoints.iter().any(|e| e.starts_with("http://")) {
+        return Err(
+            setting.invalid("must use https:// or no scheme when ETCD_CA_FILE is set (TLS), not http://")
+        );
+    }
+    Ok(())
+}
+
+fn etcd_user(raw: &RawCommonConfig) -> Result<Option<EtcdUser>, ConfigError> {
+    let (name, password) = (raw.etcd_username(), raw.etcd_password_file());
+    let password_file = path_setting(&password)?;
+    match (name.value(), password_file) {
+        (Some(_), Some(password_file)) => Ok(Some(EtcdUser {
+            name: name.parse_with("an etcd user name (not blank, no white space)", |t| {
+                (!t.is_empty() && !t.contains(char::is_whitespace)).then(|| t.to_string())
+            })?,
+            password_file,
+        })),
+        (Some(_), None) => Err(name.invalid(
+            "must come with ETCD_PASSWORD_FILE (the file holding the user's password; it is \
+             never read from the environment)",
+        )),
+        (None, Some(_)) => Err(password.invalid("must come with ETCD_USERNAME (whose password it holds)")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// One invalid value for each variable of [`RawCommonConfig`], set alone: every service's
+/// configuration test includes these so that each variable has a tested rejection.
+pub const COMMON_REJECTIONS: &[(&str, &str)] = &[
+    ("ETCD_ENDPOINTS", "nohost"),
+    ("ETCD_ENDPOINTS", "https://127.0.0.1:2379"),
+    ("ETCD_NAMESPACE", "a b"),
+    ("ETCD_CA_FILE", " "),
+    ("ETCD_CERT_FILE", "client.pem"),
+    ("ETCD_KEY_FILE", "client-key.pem"),
+    ("ETCD_USERNAME", "collector"),
+    ("ETCD_PASSWORD_FILE", "password"),
+];
 
 impl TryFrom<RawCommonConfig> for CommonConfig {
     type Error = ConfigError;
@@ -770,6 +906,86 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_user_settings_go_together() {
+        let cfg = common(&[]).expect("defaults");
+        assert_eq!((cfg.etcd_tls, cfg.etcd_user), (None, None));
+        let cfg = common(&[
+            ("ETCD_ENDPOINTS", "https://a:1,b:2"),
+            ("ETCD_CA_FILE", "/s/ca.pem"),
+            ("ETCD_CERT_FILE", "/s/c.pem"),
+            ("ETCD_KEY_FILE", "/s/c.key"),
+            ("ETCD_USERNAME", "gateway"),
+            ("ETCD_PASSWORD_FILE", "/s/password"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            cfg.etcd_tls,
+            Some(EtcdTls {
+                ca_file: "/s/ca.pem".into(),
+                client: Some(ClientCertFiles {
+                    cert_file: "/s/c.pem".into(),
+                    key_file: "/s/c.key".into(),
+                }),
+            })
+        );
+        assert_eq!(
+            cfg.etcd_user,
+            Some(EtcdUser {
+                name: "gateway".into(),
+                password_file: "/s/password".into(),
+            })
+        );
+        // TLS without a client certificate (etcd without --client-cert-auth).
+        let cfg = common(&[("ETCD_CA_FILE", "ca.pem")]).expect("valid");
+        assert!(cfg.etcd_tls.is_some_and(|t| t.client.is_none()));
+
+        let message = |pairs: &[(&str, &str)]| common(pairs).expect_err("invalid").to_string();
+        assert_eq!(
+            message(&[("ETCD_CA_FILE", "ca.pem"), ("ETCD_CERT_FILE", "c.pem")]),
+            "ETCD_CERT_FILE=\"c.pem\" is invalid: must come with ETCD_KEY_FILE (the certificate's \
+             private key)"
+        );
+        assert!(
+            message(&[("ETCD_CERT_FILE", "c.pem"), ("ETCD_KEY_FILE", "c.key")])
+                .starts_with("ETCD_CERT_FILE=\"c.pem\" is invalid: must come with ETCD_CA_FILE")
+        );
+        assert!(message(&[("ETCD_KEY_FILE", "k")]).starts_with("ETCD_KEY_FILE=\"k\" is invalid"));
+        assert!(
+            message(&[("ETCD_ENDPOINTS", "https://a:1")])
+                .starts_with("ETCD_ENDPOINTS=\"https://a:1\" is invalid: must use http:// or no scheme")
+        );
+        assert!(
+            message(&[("ETCD_ENDPOINTS", "http://a:1"), ("ETCD_CA_FILE", "ca.pem")])
+                .starts_with("ETCD_ENDPOINTS=\"http://a:1\" is invalid: must use https://")
+        );
+        assert!(
+            message(&[("ETCD_USERNAME", "gateway")])
+                .starts_with("ETCD_USERNAME=\"gateway\" is invalid: must come with ETCD_PASSWORD_FILE")
+        );
+        assert!(
+            message(&[("ETCD_USERNAME", "a b"), ("ETCD_PASSWORD_FILE", "p")])
+                .starts_with("ETCD_USERNAME=\"a b\" is invalid: must be an etcd user name")
+        );
+        assert!(
+            message(&[("ETCD_PASSWORD_FILE", "p")])
+                .starts_with("ETCD_PASSWORD_FILE=\"p\" is invalid: must come with ETCD_USERNAME")
+        );
+        for (var, value) in COMMON_REJECTIONS {
+            let err = common(&[(var, value)]).expect_err(var).to_string();
+            assert!(
+                err.starts_with(&format!("{var}={value:?} is invalid: must ")),
+                "{err}"
+            );
+        }
+        for var in var_names::<RawCommonConfig>() {
+            assert!(
+                COMMON_REJECTIONS.iter().any(|(v, _)| *v == var),
+                "no rejection of {var}"
+            );
+        }
+    }
+
+    #[test]
     fn settings_fall_back_to_the_declared_default() {
         let raw: RawTest = from_iter(vars(&[("INPUT", "x"), ("COUNT", "")])).expect("raw");
         assert_eq!(raw.count().number(1..=5u32), Ok(3));
@@ -845,7 +1061,12 @@ mod tests {
                 "WAIT",
                 "LOOP",
                 "ETCD_ENDPOINTS",
-                "ETCD_NAMESPACE"
+                "ETCD_NAMESPACE",
+                "ETCD_CA_FILE",
+                "ETCD_CERT_FILE",
+                "ETCD_KEY_FILE",
+                "ETCD_USERNAME",
+                "ETCD_PASSWORD_FILE"
             ]
         );
         assert_eq!(spec[0].meaning, "The count. Second line.");
@@ -876,7 +1097,15 @@ mod tests {
         }
         assert_eq!(
             var_names::<RawCommonConfig>(),
-            vec!["ETCD_ENDPOINTS", "ETCD_NAMESPACE"]
+            vec![
+                "ETCD_CA_FILE",
+                "ETCD_CERT_FILE",
+                "ETCD_ENDPOINTS",
+                "ETCD_KEY_FILE",
+                "ETCD_NAMESPACE",
+                "ETCD_PASSWORD_FILE",
+                "ETCD_USERNAME"
+            ]
         );
         assert_eq!(var_names::<RawLogConfig>(), vec!["LOG_FORMAT", "RUST_LOG"]);
         let columns = Columns::try_from(from_iter::<RawColumns, _>(vars(&[])).expect("raw"));

@@ -11,7 +11,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::CommonConfig,
+    config::{CommonConfig, ConfigError},
+    credentials::Credentials,
     retry::{Backoff, Policy},
 };
 
@@ -45,6 +46,14 @@ pub enum EtcdError {
     /// The client or the server reported an error.
     #[error("etcd: {0}")]
     Client(#[from] etcd_client::Error),
+    /// A file the configuration names (CA, client certificate, key, password) cannot be used.
+    /// The message names the variable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// etcd and this client do not accept each other: a certificate or a password was refused.
+    /// Waiting does not help, so nothing retries this; the message says which and why.
+    #[error("{0}")]
+    Refused(String),
     /// A transaction was built with more operations than etcd accepts.
     #[error("transaction has {ops} operations in one branch; the limit is {MAX_TXN_OPS}")]
     TxnTooLarge {
@@ -56,22 +65,80 @@ pub enum EtcdError {
     Cancelled,
 }
 
-/// Connects to the configured endpoints. The connection itself is lazy in tonic; this issues a
-/// status call so that an unreachable etcd is reported here, not at the first write.
+impl EtcdError {
+    /// Is this worth trying again later (not a refusal, a bad file or shutdown)?
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            EtcdError::Config(_) | EtcdError::Refused(_) | EtcdError::Cancelled
+        )
+    }
+}
+
+/// Connects to the configured endpoints, over TLS and as the configured user when the
+/// configuration says so ([`Credentials`]). The connection itself is lazy in tonic; this issues
+/// a status call so that an unreachable etcd is reported here, not at the first write.
+///
+/// A certificate or password that etcd refuses (or an etcd certificate the CA does not vouch
+/// for) is an [`EtcdError::Refused`] that says which; a credentials file that cannot be used is
+/// an [`EtcdError::Config`] naming its variable.
+///
+/// With a user, the client holds a token that etcd forgets when it expires
+/// (`--auth-token-ttl`) or etcd restarts (simple tokens). The client then authenticates again
+/// and sends the refused request once more (`with_auto_token_refresh`). That re-send cannot
+/// double an effect: it happens only when etcd answered `Unauthenticated` ("invalid auth
+/// token"), which etcd decides before it proposes a write to raft, so the refused request was
+/// never applied. A request whose outcome is unknown (timeout, lost connection) fails as before
+/// and its caller re-reads ([`is_indeterminate`]); and every write the pipeline sends is guarded
+/// by compares anyway.
 pub async fn connect(config: &CommonConfig) -> Result<Client, EtcdError> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    let mut client = Client::connect(&config.etcd_endpoints, Some(options)).await?;
-    client.status().await?;
-    Ok(client)
+    let credentials = Credentials::load(config)?;
+    let probe = credentials.client_tls_probe();
+    let options = credentials.apply(
+        ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true),
+    );
+    let attempt = async {
+        let mut client = Client::connect(&config.etcd_endpoints, Some(options)).await?;
+        client.status().await?;
+        Ok::<_, etcd_client::Error>(client)
+    };
+    let err = match attempt.await {
+        Ok(client) => return Ok(client),
+        Err(err) => err,
+    };
+    if let Some(reason) = refusal(&err, config) {
+        return Err(EtcdError::Refused(reason));
+    }
+    // etcd checks a client certificate after the TLS handshake and answers a refused one with
+    // an alert, which the gRPC connection may miss when it sees the closed connection first:
+    // a handshake of our own waits for etcd's answer.
+    if let Some(probe) = probe
+        && lost_connection(&err)
+        && let Some(detail) = probe.handshake_error(&config.etcd_endpoints).await
+        && let Some(reason) = refusal_in(&detail, None, config)
+    {
+        return Err(EtcdError::Refused(reason));
+    }
+    Err(EtcdError::Client(err))
+}
+
+/// Did the connection itself fail (closed, reset, not made), as opposed to an answer from etcd?
+fn lost_connection(err: &etcd_client::Error) -> bool {
+    let chain = error_chain(err).to_ascii_lowercase();
+    matches!(err, etcd_client::Error::TransportError(_))
+        || ["connection", "broken pipe", "transport"]
+            .iter()
+            .any(|w| chain.contains(w))
 }
 
 /// Connects, retrying with the shared backoff until etcd answers or `shutdown` fires. Logs
-/// once when etcd is first found unreachable, not at every attempt.
+/// once when etcd is first found unreachable, not at every attempt. A permanent failure (a
+/// refused certificate or password, an unusable credentials file) is returned at once.
 pub async fn connect_with_retry(
     config: &CommonConfig,
     shutdown: &CancellationToken,
@@ -83,11 +150,138 @@ pub async fn connect_with_retry(
                 backoff.succeeded();
                 return Ok(client);
             }
+            Err(err) if err.is_permanent() => return Err(err),
             Err(err) => backoff
                 .retry_after(&err, shutdown)
                 .await
                 .map_err(|_| EtcdError::Cancelled)?,
         }
+    }
+}
+
+/// The error and its causes as one line (etcd-client's error does not expose its source).
+pub fn error_chain(err: &etcd_client::Error) -> String {
+    let mut line = err.to_string();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match err {
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+        etcd_client::Error::TransportError(err) => std::error::Error::source(err),
+        etcd_client::Error::IoError(err) => std::error::Error::source(err),
+        _ => None,
+    };
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+/// The word(s) after `prefix` in `text`, up to a quote, comma or closing parenthesis.
+fn phrase<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    let mut depth = 0usize;
+    let mut end = rest.len();
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth > 0 => depth -= 1,
+            ')' | '"' | '}' => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    Some(rest[..end].trim())
+}
+
+/// If `err` means that etcd and this client refuse each other's credentials, why, in words that
+/// name the variable to fix.
+pub fn refusal(err: &etcd_client::Error, config: &CommonConfig) -> Option<String> {
+    refusal_in(&error_chain(err), grpc_status(err), config)
+}
+
+/// [`refusal`] of an error's text `detail` and its gRPC status, if it has one.
+fn refusal_in(detail: &str, status: Option<&tonic::Status>, config: &CommonConfig) -> Option<String> {
+    let user = config.etcd_user.as_ref();
+    let tls = config.etcd_tls.as_ref();
+    let client_cert = tls.and_then(|t| t.client.as_ref());
+    if let Some(status) = status {
+        let message = status.message();
+        if message.contains("authentication failed") {
+            let (name, file) = user.map_or((String::new(), String::new()), |u| {
+                (u.name.clone(), u.password_file.display().to_string())
+            });
+            return Some(format!(
+                "etcd refused the password of user {name:?} (ETCD_USERNAME) from \
+                 ETCD_PASSWORD_FILE={file:?}: wrong password or no such user ({message})"
+            ));
+        }
+        if message.contains("authentication is not enabled") {
+            return Some(format!(
+                "ETCD_USERNAME is set but etcd has authentication disabled: enable it \
+                 (telemetry-admin auth setup --enable) or unset ETCD_USERNAME and \
+                 ETCD_PASSWORD_FILE ({message})"
+            ));
+        }
+    }
+    let tls = tls?;
+    if let Some(reason) = phrase(detail, "invalid peer certificate: ") {
+        let ca = tls.ca_file.display().to_string();
+        // rustls writes a bare variant name (`UnknownIssuer`) or, when it has the context, words
+        // (`certificate expired: verification time ...`).
+        let words = reason.to_ascii_lowercase().replace(' ', "");
+        let why = if words.contains("unknownissuer") || words.contains("badsignature") {
+            format!("it is not signed by the CA in ETCD_CA_FILE={ca:?}")
+        } else if words.contains("expired") || words.contains("notvalidyet") {
+            "it is outside its validity period".to_string()
+        } else if words.contains("notvalidforname") {
+            format!(
+                "it does not name the endpoint ({}) among its subject alternative names",
+                config.etcd_endpoints.join(",")
+            )
+        } else {
+            format!("ETCD_CA_FILE={ca:?} does not vouch for it")
+        };
+        return Some(format!(
+            "etcd's TLS certificate is not trusted: {why} (invalid peer certificate: {reason})"
+        ));
+    }
+    if let Some(alert) = phrase(detail, "received fatal alert: ") {
+        return Some(match client_cert {
+            Some(client) => format!(
+                "etcd refused the client certificate in ETCD_CERT_FILE={:?}: {} (received fatal \
+                 alert: {alert})",
+                client.cert_file.display().to_string(),
+                client_alert_meaning(alert)
+            ),
+            None => format!(
+                "etcd refused the TLS connection: it requires a client certificate \
+                 (--client-cert-auth); set ETCD_CERT_FILE and ETCD_KEY_FILE (received fatal \
+                 alert: {alert})"
+            ),
+        });
+    }
+    if detail.contains("InvalidContentType") || detail.contains("corrupt message") {
+        return Some(format!(
+            "etcd at {} does not answer TLS although ETCD_CA_FILE is set: it serves plain http",
+            config.etcd_endpoints.join(",")
+        ));
+    }
+    None
+}
+
+/// What a TLS alert etcd sent about our client certificate means (Go's TLS stack names the
+/// cause in the alert it picks).
+fn client_alert_meaning(alert: &str) -> &'static str {
+    match alert {
+        "UnknownCA" => "it is not signed by a CA etcd trusts (its --trusted-ca-file)",
+        "CertificateExpired" => "it is expired or not yet valid",
+        "UnsupportedCertificate" => "it is not usable for client authentication (extended key usage)",
+        _ => "it is expired, not yet valid or not signed by a CA etcd trusts",
     }
 }
 
@@ -263,11 +457,13 @@ impl BucketedLease {
     }
 }
 
-/// The store's current revision (from the header of a count-only read of one key).
-pub async fn current_revision(client: &Client) -> Result<i64, EtcdError> {
+/// The store's current revision (from the header of a count-only read of `key`). `key` must be
+/// one the caller may read when etcd has authentication on (any key under a prefix its role
+/// reads, e.g. the prefix it follows); whether it exists does not matter.
+pub async fn current_revision(client: &Client, key: &str) -> Result<i64, EtcdError> {
     let resp = client
         .clone()
-        .get("\0", Some(GetOptions::new().with_count_only()))
+        .get(key, Some(GetOptions::new().with_count_only()))
         .await?;
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
@@ -387,4 +583,56 @@ pub fn is_too_large(err: &etcd_client::Error) -> bool {
     grpc_status(err).is_some_and(|s| {
         s.code() == tonic::Code::OutOfRange || s.message().contains("message length too large")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phrases_end_where_their_parenthesis_closes() {
+        let expired = "transport error: invalid peer certificate: certificate expired: verification time 9 \
+                       (UNIX), but certificate is not valid after 8 (1 seconds ago))";
+        assert_eq!(
+            phrase(expired, "invalid peer certificate: "),
+            Some(
+                "certificate expired: verification time 9 (UNIX), but certificate is not valid after 8 (1 seconds ago)"
+            )
+        );
+        let issuer = r#"Custom { error: "invalid peer certificate: UnknownIssuer" })"#;
+        assert_eq!(
+            phrase(issuer, "invalid peer certificate: "),
+            Some("UnknownIssuer")
+        );
+        assert_eq!(
+            phrase("received fatal alert: UnknownCA", "received fatal alert: "),
+            Some("UnknownCA")
+        );
+        assert_eq!(phrase("nothing", "received fatal alert: "), None);
+    }
+
+    #[test]
+    fn refusals_say_which_credential() {
+        let raw: crate::config::RawCommonConfig = crate::config::from_iter([
+            ("ETCD_ENDPOINTS".to_string(), "https://127.0.0.1:1".to_string()),
+            ("ETCD_CA_FILE".to_string(), "/s/ca.pem".to_string()),
+            ("ETCD_CERT_FILE".to_string(), "/s/c.pem".to_string()),
+            ("ETCD_KEY_FILE".to_string(), "/s/c.key".to_string()),
+        ])
+        .expect("raw");
+        let config = CommonConfig::try_from(raw).expect("valid");
+        let says = |detail: &str| refusal_in(detail, None, &config).unwrap_or_default();
+        assert!(says("io: received fatal alert: CertificateExpired").contains(
+            "etcd refused the client certificate in ETCD_CERT_FILE=\"/s/c.pem\": it is expired or not yet valid"
+        ));
+        assert!(
+            says("invalid peer certificate: UnknownIssuer)")
+                .contains("not signed by the CA in ETCD_CA_FILE=\"/s/ca.pem\"")
+        );
+        assert!(
+            says("invalid peer certificate: certificate expired: at 1")
+                .contains("outside its validity period")
+        );
+        assert_eq!(says("connection refused"), "");
+    }
 }

@@ -1,6 +1,7 @@
 //! The common library of the GPU telemetry pipeline.
 //!
 //! One place defines what the three services must agree on:
+//! - [`access`]: each service's etcd role: what it may read and write, by key prefix;
 //! - [`config`]: environment-variable configuration and its errors;
 //! - [`keys`]: the etcd key layout;
 //! - [`version`]: the schema versions and their JSON Schemas;
@@ -9,6 +10,7 @@
 //! - [`record`]: lean records (profiles plus what varies per message) on the queue and in the
 //!   store;
 //! - [`model`]: the index, stats and dead-letter records beside the telemetry;
+//! - [`credentials`]: the CA, client certificate and password shown to etcd, read from files;
 //! - [`etcd`]: connection, error classification, bounded transactions, bucketed leases;
 //! - [`lease`]: a lease kept alive on the holder's own timer, that says when it is lost;
 //! - [`watch`]: following a prefix in revision order, exactly once;
@@ -17,7 +19,9 @@
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals;
 //! - [`health`]: liveness and readiness (`/livez`, `/readyz`).
 
+pub mod access;
 pub mod config;
+pub mod credentials;
 pub mod etcd;
 pub mod exposition;
 pub mod health;

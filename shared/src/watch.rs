@@ -89,6 +89,9 @@ pub struct Follow {
     stream: Option<WatchStream>,
     /// Fragments of a response whose last fragment has not arrived yet.
     partial: Vec<Change>,
+    /// Why etcd cancelled the last watch, if it did (other than for compaction): handled
+    /// before the watch is created again.
+    cancelled: Option<String>,
     backoff: Backoff,
 }
 
@@ -111,6 +114,7 @@ impl Follow {
             next: from.max(1),
             stream: None,
             partial: Vec::new(),
+            cancelled: None,
             backoff: Backoff::new(Policy::ETCD, "etcd watch"),
         }
     }
@@ -143,6 +147,9 @@ impl Follow {
                 return None;
             }
             let Some(stream) = self.stream.as_mut() else {
+                if let Some(reason) = self.cancelled.take() {
+                    self.after_cancel(&reason, shutdown).await?;
+                }
                 self.connect(shutdown).await?;
                 continue;
             };
@@ -193,6 +200,28 @@ impl Follow {
         }
     }
 
+    /// etcd cancelled the watch for `reason`. etcd checks a watch's permission with the token
+    /// the stream was opened with, when the watch is created: after the token expired or etcd
+    /// restarted, the new watch is cancelled with "invalid auth token". The client renews its
+    /// token for unary calls by itself, not for this, so it is renewed here before the watch is
+    /// created again. Any other reason (permission denied) is waited out with the backoff, so a
+    /// watch that etcd keeps refusing does not spin.
+    async fn after_cancel(&mut self, reason: &str, shutdown: &CancellationToken) -> Option<()> {
+        if reason.contains("invalid auth token") {
+            match self.client.refresh_token().await {
+                Ok(()) => {
+                    tracing::debug!(prefix = %self.prefix, "renewed the etcd token for a watch");
+                    return Some(());
+                }
+                Err(err) => self.backoff.failed(&err),
+            }
+        } else {
+            self.backoff
+                .failed(&format!("etcd cancelled the watch: {reason}"));
+        }
+        self.backoff.wait(shutdown).await.ok()
+    }
+
     fn broken(&mut self, why: &str) {
         tracing::debug!(prefix = %self.prefix, next = self.next, why, "watch broke; re-creating it from the last complete revision");
         metrics::counter!("etcd_watch_restarts_total").increment(1);
@@ -214,7 +243,8 @@ impl Follow {
                     compact_revision: resp.compact_revision(),
                 });
             }
-            tracing::warn!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled by etcd; re-creating it");
+            tracing::debug!(prefix = %self.prefix, reason = resp.cancel_reason(), "watch cancelled by etcd; re-creating it");
+            self.cancelled = Some(resp.cancel_reason().to_string());
             return None;
         }
         if resp.created() && resp.events().is_empty() {

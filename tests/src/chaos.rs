@@ -29,7 +29,7 @@ use telemetry_harness::{
     Env, EtcdCluster, EtcdOptions, ProcessSpec, ProxyMode, ServiceProcess, TcpProxy, free_port, sample,
 };
 use telemetry_harness::{Tsdb, TsdbKind};
-use telemetry_shared::{Keyspace, config::Columns, exposition};
+use telemetry_shared::Keyspace;
 
 const NS: &str = "/chaos";
 const LEASE_TTL_S: u64 = 3;
@@ -733,13 +733,11 @@ async fn audit_export(
             .push(format!("the exporters rejected {} records", checkpoint.rejected));
     }
     let records = telemetry_harness::stored_records(&cluster.client, &cluster.keys).await?;
-    let mut expected: Vec<SampleId> = records
-        .values()
-        .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
+    let mut expected: Vec<SampleId> = telemetry_harness::expected_samples(records.values())
+        .into_iter()
         .map(|s| (s.name, s.labels, s.timestamp_ms, s.value.to_bits()))
         .collect();
     expected.sort();
-    expected.dedup();
     let time = chrono::Utc::now().timestamp_millis() as f64 / 1000.0 + 60.0;
     let mut got: Vec<SampleId> = tsdb
         .samples(".+", "6h", time)

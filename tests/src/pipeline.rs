@@ -35,7 +35,7 @@ enum Etcd {
     /// A fresh single member started with these options.
     Fresh(EtcdOptions),
     /// A server the caller started (and prepared); the pipeline owns it from now on.
-    Owned(EtcdServer),
+    Owned(Box<EtcdServer>),
     /// An etcd the caller keeps, reached at `endpoints` through `client`.
     Shared { endpoints: String, client: Box<Client> },
 }
@@ -59,7 +59,7 @@ impl PipelineBuilder {
 
     /// Runs on `server`, which the pipeline owns (and drops last).
     pub fn etcd(mut self, server: EtcdServer) -> Self {
-        self.etcd = Etcd::Owned(server);
+        self.etcd = Etcd::Owned(Box::new(server));
         self
     }
 
@@ -126,7 +126,7 @@ impl PipelineBuilder {
             Etcd::Owned(server) => {
                 let client = server.client().await?;
                 let endpoint = server.endpoint();
-                (Some(server), endpoint, client)
+                (Some(*server), endpoint, client)
             }
             Etcd::Shared { endpoints, client } => (None, endpoints, *client),
         };

@@ -3,18 +3,7 @@
 //! once, then the audit of etcd and Prometheus. A failure prints the seed, the schedule and the table; `scripts/chaos --seed N`
 //! replays it (the long variant is `scripts/chaos`).
 
-use std::path::PathBuf;
-
 use telemetry_tests::chaos::{ChaosOptions, run};
-
-fn bin_dir() -> PathBuf {
-    // This test runs from target/<profile>/deps/; the service binaries are in target/<profile>/.
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .to_path_buf()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_every_kind_of_fault() {
@@ -27,7 +16,7 @@ async fn exactly_once_under_every_kind_of_fault() {
         rounds: 1,
         gap_s: 6.0,
         seed,
-        bin_dir: bin_dir(),
+        bin_dir: telemetry_harness::workspace_bin_dir(),
         work_dir: work.path().to_path_buf(),
     };
     let report = run(&options).await.expect("the chaos run completes");

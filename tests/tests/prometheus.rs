@@ -598,15 +598,6 @@ impl Drop for Process {
     }
 }
 
-fn bin_dir() -> PathBuf {
-    // This test runs from target/<profile>/deps/; the service binaries are in target/<profile>/.
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .to_path_buf()
-}
-
 /// The Prometheus HTTP API.
 struct Api {
     http: reqwest::Client,
@@ -753,7 +744,7 @@ async fn prometheus_scrapes_the_fleet_and_every_rule_and_panel_query_works() {
     };
 
     // The collector and the streamer as real processes, each with its own /metrics.
-    let bins = bin_dir();
+    let bins = telemetry_harness::workspace_bin_dir();
     let collector_port = free_port().expect("port");
     let collector = Process::start(
         &bins,

@@ -10,6 +10,7 @@
 //! - [`status`]: collectors, their leases and the partitions they own;
 //! - [`exporters`]: each exporter's position, lag, owner, rejected records and the records that
 //!   expired before it could export them.
+//! - [`auth`]: `auth setup`, one etcd user and role per service with the least privilege.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,8 @@ use telemetry_shared::{
     model::{DeadLetter, ExportCheckpoint, GpuInfo, Member, PartitionStats, RejectedRecord},
 };
 use thiserror::Error;
+
+pub mod auth;
 
 /// Why a command failed.
 #[derive(Debug, Error)]
@@ -38,6 +41,9 @@ pub enum AdminError {
     /// Stored data we cannot read.
     #[error("{0}")]
     Corrupt(String),
+    /// The command cannot run as asked (a missing option, a file it cannot use).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl From<etcd_client::Error> for AdminError {

@@ -1,11 +1,13 @@
 //! `telemetry-admin`: the operations CLI. etcd is found through the same variables as the
-//! services (`ETCD_ENDPOINTS`, `ETCD_NAMESPACE`); commands and their arguments are flags.
+//! services (`ETCD_ENDPOINTS`, `ETCD_NAMESPACE`, and the TLS and user ones); commands and their
+//! arguments are flags.
 //! A configuration error exits with status 2; a failed command or audit with status 1.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use telemetry_admin::auth;
 use telemetry_shared::{
     CommonConfig, ConfigError, Keyspace,
     config::{LogConfig, RawCommonConfig, RawLogConfig},
@@ -51,9 +53,34 @@ enum Command {
     },
     /// Collectors, their leases and the partitions they own.
     Status,
+    /// etcd users and roles of the pipeline.
+    #[command(subcommand)]
+    Auth(Auth),
     /// Exporters: position, lag, owner, rejected records, records expired before export.
     #[command(subcommand)]
     Exporter(Exporter),
+}
+
+#[derive(Subcommand, Debug)]
+enum Auth {
+    /// Create, if missing, the root user and one role and user per service (streamer, collector,
+    /// gateway, exporter, admin) with the least privilege on the key prefixes under
+    /// ETCD_NAMESPACE; make each role's permissions exactly those; print what exists. Run it
+    /// again at any time: it changes only what differs. Once authentication is on, run it as
+    /// root (ETCD_USERNAME=root).
+    Setup {
+        /// Directory of password files, one per user named like the user: a new user's password
+        /// is read from its file, or generated and written there (0600). Never printed.
+        #[arg(long)]
+        password_dir: Option<std::path::PathBuf>,
+        /// Prefix of the user and role names [default: telemetry- plus the namespace, e.g.
+        /// telemetry-prod- for /prod].
+        #[arg(long)]
+        name_prefix: Option<String>,
+        /// Turn etcd's authentication on at the end.
+        #[arg(long)]
+        enable: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,12 +146,19 @@ fn load() -> Result<(CommonConfig, LogConfig), ConfigError> {
 #[tokio::main]
 async fn execute(cli: Cli, config: CommonConfig) -> anyhow::Result<ExitCode> {
     let keys = Keyspace::new(&config.etcd_namespace);
-    let client = etcd::connect(&config).await.with_context(|| {
-        format!(
-            "cannot reach etcd at {} (ETCD_ENDPOINTS)",
-            config.etcd_endpoints.join(",")
-        )
-    })?;
+    let client = match etcd::connect(&config).await {
+        Ok(client) => client,
+        Err(etcd::EtcdError::Config(err)) => err.exit(),
+        Err(err @ etcd::EtcdError::Refused(_)) => return Err(err.into()),
+        Err(err) => {
+            return Err(err).with_context(|| {
+                format!(
+                    "cannot reach etcd at {} (ETCD_ENDPOINTS)",
+                    config.etcd_endpoints.join(",")
+                )
+            });
+        }
+    };
     let (client, keys) = (&client, &keys);
     match cli.command {
         Command::Queue => {
@@ -162,6 +196,30 @@ async fn execute(cli: Cli, config: CommonConfig) -> anyhow::Result<ExitCode> {
         Command::Status => {
             let report = telemetry_admin::status(client, keys).await?;
             output(cli.json, &report, print_status)?;
+        }
+        Command::Auth(Auth::Setup {
+            password_dir,
+            name_prefix,
+            enable,
+        }) => {
+            let options = auth::SetupOptions {
+                password_dir,
+                name_prefix: name_prefix.unwrap_or_else(|| auth::default_name_prefix(keys)),
+                enable,
+            };
+            let report = auth::setup(client, keys, &options)
+                .await
+                .map_err(|err| match &err {
+                    telemetry_admin::AdminError::Etcd(etcd::EtcdError::Client(
+                        etcd_client::Error::GRpcStatus(s),
+                    )) if s.code() == tonic::Code::PermissionDenied => {
+                        anyhow::anyhow!(
+                            "{err}: with authentication on, auth setup must run as root (ETCD_USERNAME=root)"
+                        )
+                    }
+                    _ => err.into(),
+                })?;
+            output(cli.json, &report, print_auth)?;
         }
         Command::Exporter(Exporter::Status { name, rejected }) => {
             let report = telemetry_admin::exporters(client, keys, name.as_deref(), rejected).await?;
@@ -246,6 +304,29 @@ fn print_status(report: &telemetry_admin::StatusReport) {
     for (p, owner) in &report.orphaned {
         println!("partition {p} is claimed by {owner}, which is not registered (claim expiring)");
     }
+}
+
+fn print_auth(report: &auth::SetupReport) {
+    println!(
+        "{:<32} {:<10} {:<8}  password",
+        "user (and role)", "service", "status"
+    );
+    for u in &report.users {
+        println!("{:<32} {:<10} {:<8}  {}", u.user, u.service, u.status, u.password);
+    }
+    println!();
+    println!(
+        "{:<32} {:<28} {:<9} {:<8}  why",
+        "role", "prefix", "access", "status"
+    );
+    for g in &report.grants {
+        println!(
+            "{:<32} {:<28} {:<9} {:<8}  {}",
+            g.role, g.prefix, g.access, g.status, g.why
+        );
+    }
+    println!();
+    println!("authentication: {}", report.authentication);
 }
 
 fn print_exporters(report: &Vec<telemetry_admin::ExporterStatus>) {

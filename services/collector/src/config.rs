@@ -129,6 +129,7 @@ pub fn default_collector_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telemetry_shared::config::COMMON_REJECTIONS;
 
     fn load(pairs: &[(&str, &str)]) -> Result<CollectorConfig, ConfigError> {
         CollectorConfig::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
@@ -168,7 +169,7 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("RUST_LOG", "info,x=loud"),
         ];
-        for (var, value) in cases {
+        for &(var, value) in cases.iter().chain(COMMON_REJECTIONS) {
             let err = load(&[(var, value)]).expect_err(var).to_string();
             assert!(
                 err.starts_with(&format!("{var}={value:?} is invalid: must ")),
@@ -177,7 +178,7 @@ mod tests {
         }
         for var in CollectorConfig::env_vars() {
             assert!(
-                cases.iter().any(|(v, _)| *v == var),
+                cases.iter().chain(COMMON_REJECTIONS).any(|(v, _)| *v == var),
                 "no rejection of {var} tested"
             );
         }

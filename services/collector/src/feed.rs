@@ -71,7 +71,7 @@ pub(crate) async fn feed(
     tx: UnboundedSender<QueueEvent>,
     stop: CancellationToken,
 ) {
-    let mut follow = Follow::new(&client, prefix, from).without_deletes();
+    let mut follow = Follow::new(&client, prefix.clone(), from).without_deletes();
     while let Some(update) = follow.next(&stop).await {
         match update {
             Update::Changes { changes, .. } => {
@@ -89,7 +89,9 @@ pub(crate) async fn feed(
                 }
             }
             Update::Compacted { compact_revision, .. } => {
-                let now = current_revision(&client).await.unwrap_or(compact_revision);
+                let now = current_revision(&client, &prefix)
+                    .await
+                    .unwrap_or(compact_revision);
                 follow.resume_from(now.max(compact_revision) + 1);
                 if tx.send(QueueEvent::Resync).is_err() {
                     return;

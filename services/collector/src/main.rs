@@ -49,6 +49,8 @@ async fn serve(config: CollectorConfig) -> anyhow::Result<()> {
             "etcd at {} (ETCD_ENDPOINTS) did not answer before shutdown",
             config.common.etcd_endpoints.join(",")
         ),
+        // A credentials file that cannot be used is a configuration error (status 2).
+        Err(etcd::EtcdError::Config(err)) => err.exit(),
         Err(err) => return Err(err).context("connecting to etcd"),
     };
     telemetry_collector::run_with_health(config, client, shutdown, health).await?;

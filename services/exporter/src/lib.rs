@@ -287,7 +287,7 @@ async fn report(ctx: Arc<Context>, check: Check, shutdown: CancellationToken) {
         let revisions = if caught_up {
             0
         } else {
-            current_revision(&ctx.source.client)
+            current_revision(&ctx.source.client, &ctx.source.keys.data_prefix())
                 .await
                 .map_or(0, |r| r - p.checkpoint_revision.load(Ordering::Relaxed))
                 .max(0)

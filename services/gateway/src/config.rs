@@ -252,6 +252,7 @@ fn parse_origins(setting: &Setting<'_>) -> Result<CorsOrigins, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telemetry_shared::config::COMMON_REJECTIONS;
 
     fn load(pairs: &[(&str, &str)]) -> Result<GatewayConfig, ConfigError> {
         GatewayConfig::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
@@ -351,7 +352,7 @@ mod tests {
             ("LOG_FORMAT", "logfmt"),
             ("RUST_LOG", "info,x=loud"),
         ];
-        for (var, value) in cases {
+        for &(var, value) in cases.iter().chain(COMMON_REJECTIONS) {
             let err = load(&[(var, value)]).expect_err(var).to_string();
             assert!(
                 err.starts_with(&format!("{var}={value:?} is invalid: must ")),
@@ -360,7 +361,7 @@ mod tests {
         }
         for var in GatewayConfig::env_vars() {
             assert!(
-                cases.iter().any(|(v, _)| *v == var),
+                cases.iter().chain(COMMON_REJECTIONS).any(|(v, _)| *v == var),
                 "no rejection of {var} tested"
             );
         }

@@ -331,7 +331,10 @@ impl Hub {
     /// The history after our last revision is gone: subscribers get a gap notice (they can
     /// fall back to REST), and the feed resumes from the current revision, which is returned.
     async fn recover_from_compaction(&self, client: &Client, compacted: i64) -> i64 {
-        let resumed_at = current_revision(client).await.unwrap_or(compacted).max(compacted);
+        let resumed_at = current_revision(client, &self.inner.decoder.keys.data_prefix())
+            .await
+            .unwrap_or(compacted)
+            .max(compacted);
         emit(LiveGap {
             lost_after: self.delivered(),
             compacted,

@@ -242,7 +242,7 @@ pub async fn run(
     }));
     // The window is loaded at `revision`, and the live feed (which keeps it current) follows
     // from just after it.
-    let revision = current_revision(&client).await?;
+    let revision = current_revision(&client, &decoder.keys.data_prefix()).await?;
     window.reset(revision);
     if window.enabled() {
         tokio::spawn(health.watch(

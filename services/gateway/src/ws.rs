@@ -135,7 +135,7 @@ impl Subscribe {
         if let Some(since) = since {
             // A revision etcd has not reached yet (a typo, or one from another cluster) would
             // make the client wait silently for history that is not this store's: refuse it.
-            let current = current_revision(app.store.client()).await?;
+            let current = current_revision(app.store.client(), &app.store.keys().data_prefix()).await?;
             if since > current {
                 return Err(ApiError::invalid(
                     "since_revision",

@@ -235,6 +235,7 @@ pub fn default_stream_id(path: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telemetry_shared::config::COMMON_REJECTIONS;
 
     fn load(pairs: &[(&str, &str)]) -> Result<StreamerConfig, ConfigError> {
         let vars = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
@@ -280,7 +281,7 @@ mod tests {
             ("LOG_FORMAT", "pretty"),
             ("RUST_LOG", "info,x=loud"),
         ];
-        for (var, value) in cases {
+        for &(var, value) in cases.iter().chain(COMMON_REJECTIONS) {
             let err = load(&[("CSV_PATH", "a"), (var, value)])
                 .expect_err(var)
                 .to_string();
@@ -292,7 +293,8 @@ mod tests {
         // Free text: any path (a missing file is reported when opened), any column list.
         let free = ["CSV_PATH", "PARTITION_COLUMNS"];
         for var in StreamerConfig::env_vars() {
-            let tested = cases.iter().any(|(v, _)| *v == var) || free.contains(&var.as_str());
+            let tested =
+                cases.iter().chain(COMMON_REJECTIONS).any(|(v, _)| *v == var) || free.contains(&var.as_str());
             assert!(tested, "no rejection of {var} tested");
         }
     }

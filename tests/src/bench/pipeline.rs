@@ -277,7 +277,8 @@ impl LatencyWatch {
     /// Starts watching from the next revision.
     async fn start(pipeline: &Pipeline) -> anyhow::Result<Self> {
         let client = pipeline.client();
-        let from = telemetry_shared::etcd::current_revision(client).await? + 1;
+        let from =
+            telemetry_shared::etcd::current_revision(client, &pipeline.keys().data_prefix()).await? + 1;
         let follow = Follow::new(client, pipeline.keys().data_prefix(), from).without_deletes();
         let (samples, seen, stop) = (
             Arc::default(),

@@ -248,7 +248,7 @@ async fn after_compaction_it_catches_up_from_the_data_keys_and_counts_what_expir
     for key in newer.iter().take(100) {
         client.clone().delete(key.clone(), None).await.expect("delete");
     }
-    let revision = telemetry_shared::etcd::current_revision(&client)
+    let revision = telemetry_shared::etcd::current_revision(&client, &keys().data_prefix())
         .await
         .expect("revision");
     client

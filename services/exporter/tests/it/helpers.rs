@@ -8,7 +8,7 @@ use telemetry_exporter::ExporterConfig;
 use telemetry_harness::{
     Env, EtcdServer, ExportedSample, Probe, ProcessSpec, ServiceProcess, Tsdb, TsdbKind, sample,
 };
-use telemetry_shared::{Keyspace, config::Columns, exposition, model::ExportCheckpoint};
+use telemetry_shared::{Keyspace, model::ExportCheckpoint};
 use tokio_util::sync::CancellationToken;
 
 pub const NS: &str = "/x";
@@ -134,25 +134,7 @@ pub async fn wait_active(probe: &Probe, id: &str) {
 
 /// The samples the stored records must have become, sorted like [`Tsdb::samples`].
 pub async fn expected_samples(probe: &Probe) -> Vec<ExportedSample> {
-    let mut out: Vec<ExportedSample> = probe
-        .records()
-        .await
-        .values()
-        .flat_map(|m| exposition::samples(m, &Columns::default()).unwrap_or_default())
-        .map(|s| ExportedSample {
-            name: s.name,
-            labels: s.labels,
-            timestamp_ms: s.timestamp_ms,
-            value: s.value,
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.name, &a.labels, a.timestamp_ms).cmp(&(&b.name, &b.labels, b.timestamp_ms)));
-    // Two records of one series in the same millisecond with the same value are one sample in
-    // any TSDB (two streamer workers reading the same row at once do that): a TSDB keeps one.
-    out.dedup_by(|a, b| {
-        a.name == b.name && a.labels == b.labels && a.timestamp_ms == b.timestamp_ms && a.value == b.value
-    });
-    out
+    telemetry_harness::expected_samples(probe.records().await.values())
 }
 
 /// A query time after every sample written by now.
