@@ -7,7 +7,7 @@
 //! | key | value | written by |
 //! |---|---|---|
 //! | `{ns}/queue/telemetry/{pp}/{ULID}` | lean record ([`crate::record`]) or message JSON | streamer (enqueue) |
-//! | `{ns}/dedup/{base64url(first 16 bytes of idempotency_key)}` | empty, leased | streamer, same txn as the queue entry (collector for other producers) |
+//! | `{ns}/dedup/{base64url(SHA-256(idempotency_key)[..16])}` | empty, leased | streamer, same txn as the queue entry (collector for other producers) |
 //! | `{ns}/streams/{stream_id}/checkpoint` | [`crate::message::Checkpoint`] JSON | streamer, same txn as each batch |
 //! | `{ns}/telemetry/data/{hostname}/{gpu_id}/{timestamp}_{ULID}` | lean record (v1 JSON before the lean release) | collector |
 //! | `{ns}/deadletter/{ULID}` | [`crate::model::DeadLetter`] JSON | collector, same txn as the queue removal |
@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 
 use sha2::Digest as _;
 
-/// Bytes of the idempotency key (SHA-256) that name its dedup marker.
+/// Bytes of the SHA-256 of an idempotency key that name its dedup marker.
 const MARKER_BYTES: usize = 16;
 
 /// Number of queue partitions. Producers and consumers must agree on it, so it is a constant of
@@ -89,20 +89,20 @@ impl Keyspace {
     /// The dedup marker of an idempotency key (64 hex digits): present, with an empty value,
     /// while a message with that key is enqueued or was stored recently. It is written in the
     /// transaction that enqueues the message (or, for a producer that does not write markers, in
-    /// the one that stores it). The key holds the first 128 bits of the SHA-256, in base64url
-    /// (22 characters instead of 64): two different messages share a marker with probability
-    /// about n² / 2¹²⁹ for n markers alive at once (below 10⁻¹⁵ for a trillion), and every marker
-    /// is one etcd key per record for `DEDUP_TTL`, so its length is paid by every record.
+    /// the one that stores it). The marker is named by the first 128 bits of the SHA-256 of the
+    /// key, in base64url (22 characters instead of 64). Hashing again makes any key spread
+    /// evenly, a producer's structured keys included (`00…01`, `00…02` share their first half),
+    /// so two different keys share a marker with probability about n² / 2¹²⁹ for n markers
+    /// alive at once (below 10⁻¹⁴ for a trillion). Every record keeps its marker for
+    /// `DEDUP_TTL`, so the name's length is paid by every record.
     pub fn dedup_marker(&self, idempotency_key: &str) -> String {
         use base64::Engine as _;
-        let encoded = match hex::decode(idempotency_key) {
-            Ok(bytes) => {
-                let half = &bytes[..bytes.len().min(MARKER_BYTES)];
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(half)
-            }
-            // Not hex: used as it is (validation refuses such keys before they get here).
-            Err(_) => idempotency_key.to_string(),
+        let digest = match hex::decode(idempotency_key) {
+            Ok(bytes) => sha2::Sha256::digest(bytes),
+            // Not hex (validation refuses such keys before they get here): its text.
+            Err(_) => sha2::Sha256::digest(idempotency_key.as_bytes()),
         };
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..MARKER_BYTES]);
         self.key(format_args!("/dedup/{encoded}"))
     }
 
@@ -389,7 +389,8 @@ mod tests {
         assert_eq!(ks.stream_checkpoint("s"), "/test-1/streams/s/checkpoint");
         assert_eq!(
             ks.dedup_marker(&"00".repeat(32)),
-            format!("/test-1/dedup/{}", "A".repeat(22))
+            // base64url of the first 16 bytes of SHA-256 of 32 zero bytes.
+            "/test-1/dedup/Zmh6rfhivXdsj8GLjp-OIA"
         );
     }
 

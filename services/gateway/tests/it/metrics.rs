@@ -37,9 +37,16 @@ async fn metrics_pass_promtool_after_traffic() {
     let stored = telemetry_harness::range_all(&client, &keys().data_prefix())
         .await
         .expect("records");
+    // A stored record's value names its profile, not the GPU (lean records): find one by the
+    // host and GPU id in its key.
+    let gpu = &gpus["gpus"][0];
+    let prefix = keys().gpu_data_prefix(
+        gpu["hostname"].as_str().expect("hostname"),
+        gpu["gpu_id"].as_str().expect("gpu_id"),
+    );
     let (key, value) = stored
         .iter()
-        .find(|(_, v)| String::from_utf8_lossy(v).contains(&uuid))
+        .find(|(k, _)| k.starts_with(&prefix))
         .expect("a record of the GPU");
     let copy = format!("{}Z", &key[..key.len() - 1]);
     let mut kv = client.clone();
