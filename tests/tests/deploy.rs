@@ -516,9 +516,7 @@ fn kubernetes_manifests_pass_the_api_schemas_and_the_restricted_profile() {
     }
     assert_eq!(
         clients,
-        BTreeSet::from(
-            ["collector", "etcd-auth-setup", "exporter", "gateway", "streamer"].map(String::from)
-        )
+        BTreeSet::from(["collector", "etcd-auth-setup", "exporter", "gateway", "streamer"].map(String::from))
     );
 
     // Only pods labelled etcd-client (and the members themselves) reach etcd's client port.
@@ -1090,7 +1088,10 @@ async fn kubernetes_etcd_members_form_a_cluster_over_peer_tls() {
         .find(|(k, _)| k == "ETCD_ENDPOINTS")
         .map(|(_, v)| v.split(',').map(str::to_string).collect())
         .expect("ETCD_ENDPOINTS");
-    assert!(endpoints.iter().all(|e| e.starts_with("https://127.0.0.1:")), "{endpoints:?}");
+    assert!(
+        endpoints.iter().all(|e| e.starts_with("https://127.0.0.1:")),
+        "{endpoints:?}"
+    );
     let ca = std::fs::read(secrets_dir.join("etcd-client-tls/ca.crt")).expect("ca.crt");
     let no_cert = etcd_client::ConnectOptions::new()
         .with_connect_timeout(std::time::Duration::from_secs(3))
@@ -1119,9 +1120,11 @@ async fn kubernetes_etcd_members_form_a_cluster_over_peer_tls() {
         .map(|a| relocate(&scalar(a), &job_mounts))
         .collect();
     let run_job = || {
-        let spec = telemetry_harness::ProcessSpec::new(telemetry_harness::workspace_bin_dir().join("telemetry-admin"))
-            .args(args.clone())
-            .env(job_env.clone());
+        let spec = telemetry_harness::ProcessSpec::new(
+            telemetry_harness::workspace_bin_dir().join("telemetry-admin"),
+        )
+        .args(args.clone())
+        .env(job_env.clone());
         async move {
             tokio::task::spawn_blocking(move || spec.run_within(std::time::Duration::from_secs(60)))
                 .await
@@ -1131,10 +1134,18 @@ async fn kubernetes_etcd_members_form_a_cluster_over_peer_tls() {
     };
     let first = run_job().await;
     assert!(first.status.success(), "the Job failed: {first:?}\n{}", logs());
-    assert!(first.stdout.contains("authentication: enabled now"), "{}", first.stdout);
+    assert!(
+        first.stdout.contains("authentication: enabled now"),
+        "{}",
+        first.stdout
+    );
     let again = run_job().await;
     assert!(again.status.success(), "the Job failed when run again: {again:?}");
-    assert!(again.stdout.contains("authentication: enabled\n"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("authentication: enabled\n"),
+        "{}",
+        again.stdout
+    );
     assert!(
         !again.stdout.contains(" created ") && !again.stdout.contains(" granted "),
         "a second run changed something:\n{}",
