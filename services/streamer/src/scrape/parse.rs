@@ -3,8 +3,10 @@
 //! The parsing itself is `openmetrics-parser`'s (a PEG grammar of both formats that passes the
 //! OpenMetrics test suite): the Prometheus text format 0.0.4, or OpenMetrics 1.0 when the
 //! target answered with `application/openmetrics-text`. A body that does not parse is refused
-//! whole, never half-read. The crate groups samples into families; this module flattens them
-//! back into the series Prometheus would store: a histogram gives `_bucket{le=…}`, `_sum` and
+//! whole, never half-read. Text is parsed a sample line at a time (the format allows one
+//! family's samples different label names, which the crate's family model refuses). For
+//! OpenMetrics the crate groups samples into families, and this module flattens them back into
+//! the series Prometheus would store: a histogram gives `_bucket{le=…}`, `_sum` and
 //! `_count`, a summary `{quantile=…}`, `_sum` and `_count`, an OpenMetrics counter `_total`,
 //! an info metric `_info`. `_created` samples are metadata, not series, and are left out.
 
@@ -62,25 +64,28 @@ pub(crate) fn parse(body: &str, format: Format) -> Result<Vec<Series>, ParseErro
     let mut out = Vec::new();
     match format {
         Format::Text => {
-            // The grammar wants each line to end with a new line; a body without a final one is
-            // still valid text.
-            let owned;
-            let body = if body.ends_with('\n') || body.is_empty() {
-                body
-            } else {
-                owned = format!("{body}\n");
-                &owned
-            };
-            if body.trim().is_empty() {
-                return Ok(out);
-            }
-            let exposition =
-                openmetrics_parser::prometheus::parse_prometheus(body).map_err(|e| ParseError {
-                    format: "Prometheus text",
-                    reason: first_line(&e),
-                })?;
-            for family in exposition.families.values() {
-                flatten(family, 1.0, &mut out, prometheus_value);
+            // Each sample line is parsed on its own: the text format lets the samples of one
+            // family carry different label names (federation leaves empty labels out), which
+            // the crate's family model refuses, and the flat series are what is wanted anyway.
+            // `HELP` and `TYPE` lines only describe; a line that is neither a comment nor a
+            // sample refuses the whole body.
+            let mut line_text = String::with_capacity(256);
+            for (number, line) in body.lines().enumerate() {
+                let line = line.strip_suffix('\r').unwrap_or(line);
+                if line.trim().is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                line_text.clear();
+                line_text.push_str(line);
+                line_text.push('\n');
+                let exposition =
+                    openmetrics_parser::prometheus::parse_prometheus(&line_text).map_err(|e| ParseError {
+                        format: "Prometheus text",
+                        reason: format!("line {}: {}", number + 1, first_line(&e)),
+                    })?;
+                for family in exposition.families.values() {
+                    flatten(family, 1.0, &mut out, prometheus_value);
+                }
             }
         }
         Format::OpenMetrics => {
@@ -238,7 +243,8 @@ DCGM_FI_DEV_GPU_UTIL{gpu=\"1\",UUID=\"GPU-aa\",device=\"nvidia1\",modelName=\"NV
         let text = "# TYPE h histogram\n\
 h_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_sum 2.5\nh_count 3\n\
 # TYPE s summary\ns{quantile=\"0.9\"} 7\ns_sum 9\ns_count 2\n\
-# TYPE c_total counter\nc_total{path=\"a,b=\\\"c\\\"\"} 4 1700000000123\n";
+# TYPE c_total counter\nc_total{path=\"a,b=\\\"c\\\"\"} 4 1700000000123\n\
+# TYPE info gauge\ninfo{a=\"1\",b=\"2\"} 1\ninfo{a=\"1\"} 1\n";
         let series = parse(text, Format::Text).expect("valid");
         let names: Vec<String> = series
             .iter()
@@ -253,6 +259,7 @@ h_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_sum 2.5\nh_count 3\n\
             "s_sum[]=9",
             "s_count[]=2",
             "c_total[(\"path\", \"a,b=\\\"c\\\"\")]=4",
+            "info[(\"a\", \"1\")]=1",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
