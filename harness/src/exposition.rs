@@ -168,7 +168,9 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut stopped: watch::R
             "HTTP/1.1 {status} X\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body.as_bytes()).await.is_err() {
+        if stream.write_all(head.as_bytes()).await.is_err()
+            || stream.write_all(body.as_bytes()).await.is_err()
+        {
             return;
         }
     }
@@ -228,7 +230,14 @@ fn dcgm_text() -> Result<String, HarnessError> {
             continue;
         }
         let (metric, gpu, device, uuid, model, host, value, raw) = (
-            &fields[1], &fields[2], &fields[3], &fields[4], &fields[5], &fields[6], &fields[10], &fields[11],
+            &fields[1],
+            &fields[2],
+            &fields[3],
+            &fields[4],
+            &fields[5],
+            &fields[6],
+            &fields[10],
+            &fields[11],
         );
         let mut labels = vec![
             ("gpu".to_string(), gpu.clone()),
@@ -278,7 +287,8 @@ pub struct NodeExporter {
 
 /// The node exporter binary: `$NODE_EXPORTER_BIN`, else `prometheus-node-exporter` on `PATH`.
 pub fn node_exporter_binary() -> PathBuf {
-    std::env::var_os("NODE_EXPORTER_BIN").map_or_else(|| PathBuf::from("prometheus-node-exporter"), PathBuf::from)
+    std::env::var_os("NODE_EXPORTER_BIN")
+        .map_or_else(|| PathBuf::from("prometheus-node-exporter"), PathBuf::from)
 }
 
 impl NodeExporter {
@@ -297,7 +307,9 @@ impl NodeExporter {
         })
         .await;
         if !ready {
-            return Err(HarnessError::Timeout("prometheus-node-exporter did not answer".into()));
+            return Err(HarnessError::Timeout(
+                "prometheus-node-exporter did not answer".into(),
+            ));
         }
         Ok(exporter)
     }
@@ -326,7 +338,10 @@ mod tests {
         assert_eq!(series as u64, sample::ROWS);
         assert!(text.contains("DCGM_FI_DRIVER_VERSION=\""), "{}", &text[..400]);
         assert_eq!(
-            simulated_text(3, 0).lines().filter(|l| !l.starts_with('#')).count(),
+            simulated_text(3, 0)
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .count(),
             SIM_SERIES
         );
         assert_eq!(simulated_target("/targets/42/metrics"), Some(42));

@@ -50,8 +50,8 @@ pub mod sample;
 pub mod tsdb;
 
 pub use env::Env;
-pub use exposition::{Behaviour, ExpositionServer, NodeExporter};
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer, Member, count, etcd_binary, range_all, strict_etcd};
+pub use exposition::{Behaviour, ExpositionServer, NodeExporter};
 pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess};

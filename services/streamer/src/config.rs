@@ -241,9 +241,7 @@ impl ScrapeConfig {
         let interval = raw.scrape_interval().duration(Duration::from_millis(100))?;
         let timeout = raw.scrape_timeout().duration(Duration::from_millis(10))?;
         if timeout > interval {
-            return Err(raw
-                .scrape_timeout()
-                .invalid("must be at most SCRAPE_INTERVAL"));
+            return Err(raw.scrape_timeout().invalid("must be at most SCRAPE_INTERVAL"));
         }
         let keep = match raw.scrape_keep().text()? {
             "all" => Keep::All,
@@ -266,7 +264,11 @@ pub fn parse_target_list(text: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or_default();
-        for url in line.split([',', ' ', '\t']).map(str::trim).filter(|u| !u.is_empty()) {
+        for url in line
+            .split([',', ' ', '\t'])
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
             if !out.iter().any(|o| o == url) {
                 out.push(url.to_string());
             }
@@ -499,7 +501,10 @@ mod tests {
             ("SCRAPE_TIMEOUT", "6s"),
         ])
         .expect_err("timeout over the interval");
-        assert!(err.to_string().starts_with("SCRAPE_TIMEOUT=\"6s\" is invalid"), "{err}");
+        assert!(
+            err.to_string().starts_with("SCRAPE_TIMEOUT=\"6s\" is invalid"),
+            "{err}"
+        );
     }
 
     #[test]

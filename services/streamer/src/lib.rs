@@ -32,8 +32,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Flags, Keep, ScrapeConfig, StreamerConfig, TargetList};
-pub use scrape::{TargetFileError, target_stream_id};
 pub use progress::Totals;
+pub use scrape::{TargetFileError, target_stream_id};
 pub use sink::SinkError;
 pub use source::SourceError;
 
@@ -156,7 +156,8 @@ pub async fn run_with_health(
     let scraped = match scraping {
         Some(task) => {
             // A one-shot CSV run that ended leaves the scraping running until shutdown.
-            task.await.unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string())))
+            task.await
+                .unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string())))
         }
         None => Ok(()),
     };
@@ -183,7 +184,11 @@ struct Csv {
 }
 
 /// Streams the CSV file with `WORKERS` workers until done (one-shot) or shutdown.
-async fn stream_csv(csv: Csv, health: &Health, stream: &telemetry_shared::health::Check) -> Result<(), StreamerError> {
+async fn stream_csv(
+    csv: Csv,
+    health: &Health,
+    stream: &telemetry_shared::health::Check,
+) -> Result<(), StreamerError> {
     let Csv {
         config,
         csv_path,

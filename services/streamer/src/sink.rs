@@ -208,7 +208,9 @@ pub(crate) fn chunk_len(entries: &[Pending], written: &dyn Fn(ProfileId) -> bool
         let extra_bytes = if new_profile { profile.encode().len() } else { 0 };
         let ops = 2 * (taken + 1) + profiles.len() + usize::from(new_profile) + 1;
         if taken > 0
-            && (taken == MAX_ROWS_PER_TXN || ops > MAX_TXN_OPS || bytes + p.encoded.len() + extra_bytes > MAX_TXN_BYTES)
+            && (taken == MAX_ROWS_PER_TXN
+                || ops > MAX_TXN_OPS
+                || bytes + p.encoded.len() + extra_bytes > MAX_TXN_BYTES)
         {
             break;
         }

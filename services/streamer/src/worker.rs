@@ -507,12 +507,7 @@ impl Pass<'_> {
             current,
         });
         let shared = self.shared;
-        check_source(
-            self.stream_id,
-            &shared.csv_path,
-            &shared.fingerprint,
-            current,
-        )?;
+        check_source(self.stream_id, &shared.csv_path, &shared.fingerprint, current)?;
         self.expected_rev = mod_revision;
         Ok(match adopt(current, self.pass, self.committed_row) {
             Adoption::Complete => Some(PassEnd::Complete),

@@ -307,7 +307,10 @@ async fn the_dashboard_asks_for_a_token_and_uses_it() {
             "live over the WebSocket with the token",
         )
         .await;
-    assert_eq!(browser.eval("!!document.querySelector('#token-form')").await, false);
+    assert_eq!(
+        browser.eval("!!document.querySelector('#token-form')").await,
+        false
+    );
     assert_eq!(
         browser.eval("sessionStorage.getItem('telemetry.apiToken')").await,
         TOKEN

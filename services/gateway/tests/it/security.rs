@@ -350,10 +350,9 @@ async fn https_and_wss_with_a_certificate_renewed_without_restart() {
     let before = rejections().await;
     let (mismatched, _) = pki.pair(3);
     pki.replace("tls.crt", &mismatched);
-    let rejected = telemetry_harness::eventually(Duration::from_secs(10), || async {
-        rejections().await > before
-    })
-    .await;
+    let rejected =
+        telemetry_harness::eventually(Duration::from_secs(10), || async { rejections().await > before })
+            .await;
     assert!(rejected, "the mismatched pair was not reported");
     let (status, _, _, serial) = fetch(&pki.https(), &format!("{}/livez", gw.https), None).await;
     assert_eq!(

@@ -307,9 +307,16 @@ mod tests {
     fn the_key_covers_target_time_and_series_only() {
         let t = "2026-12-01T00:00:15.000000Z";
         let k = scrape_key("http://a/metrics", t, &dcgm("0", 1.0));
-        assert_eq!(k, scrape_key("http://a/metrics", t, &dcgm("0", 2.0)), "not the value");
+        assert_eq!(
+            k,
+            scrape_key("http://a/metrics", t, &dcgm("0", 2.0)),
+            "not the value"
+        );
         assert_ne!(k, scrape_key("http://b/metrics", t, &dcgm("0", 1.0)));
-        assert_ne!(k, scrape_key("http://a/metrics", "2026-12-01T00:00:30.000000Z", &dcgm("0", 1.0)));
+        assert_ne!(
+            k,
+            scrape_key("http://a/metrics", "2026-12-01T00:00:30.000000Z", &dcgm("0", 1.0))
+        );
         assert_ne!(k, scrape_key("http://a/metrics", t, &dcgm("1", 1.0)));
     }
 

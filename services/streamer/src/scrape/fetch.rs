@@ -39,7 +39,11 @@ impl FetchError {
 }
 
 /// Fetches `url` and parses its samples, all within `timeout`.
-pub(crate) async fn fetch(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<Vec<Series>, FetchError> {
+pub(crate) async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<Vec<Series>, FetchError> {
     let (body, format) = tokio::time::timeout(timeout, get(http, url))
         .await
         .map_err(|_| FetchError::Timeout(timeout))??;
@@ -63,9 +67,15 @@ async fn get(http: &reqwest::Client, url: &str) -> Result<(Vec<u8>, Format), Fet
             .and_then(|v| v.to_str().ok()),
     );
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Down(error_chain(&e)))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Down(error_chain(&e)))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err(FetchError::Malformed(format!("body larger than {MAX_BODY} bytes")));
+            return Err(FetchError::Malformed(format!(
+                "body larger than {MAX_BODY} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }

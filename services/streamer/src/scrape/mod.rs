@@ -107,9 +107,8 @@ pub(crate) fn plan(stored: Option<&Checkpoint>, now: Timestamp) -> Plan {
             resumed: true,
         },
         (Some(cp), last) => {
-            let after_last = last.map(|t| {
-                Timestamp::from_datetime(t.as_datetime() + chrono::Duration::microseconds(1))
-            });
+            let after_last =
+                last.map(|t| Timestamp::from_datetime(t.as_datetime() + chrono::Duration::microseconds(1)));
             Plan {
                 seq: cp.pass + 1,
                 time: after_last.map_or(now, |t| t.max(now)),

@@ -170,7 +170,11 @@ fn bound(value: f64) -> String {
 
 fn histogram(h: &HistogramValue, sum: &'static str, count: &'static str, out: &mut Vec<Part>) {
     for bucket in &h.buckets {
-        out.push(("_bucket", Some(("le", bound(bucket.upper_bound))), number(&bucket.count)));
+        out.push((
+            "_bucket",
+            Some(("le", bound(bucket.upper_bound))),
+            number(&bucket.count),
+        ));
     }
     if let Some(s) = &h.sum {
         out.push((sum, None, number(s)));
@@ -233,9 +237,20 @@ DCGM_FI_DEV_GPU_UTIL{gpu=\"1\",UUID=\"GPU-aa\",device=\"nvidia1\",modelName=\"NV
         let names: Vec<&str> = first.labels.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["DCGM_FI_DRIVER_VERSION", "Hostname", "UUID", "device", "gpu", "modelName"]
+            [
+                "DCGM_FI_DRIVER_VERSION",
+                "Hostname",
+                "UUID",
+                "device",
+                "gpu",
+                "modelName"
+            ]
         );
-        assert!(first.labels.contains(&("modelName".into(), "NVIDIA H100 80GB HBM3".into())));
+        assert!(
+            first
+                .labels
+                .contains(&("modelName".into(), "NVIDIA H100 80GB HBM3".into()))
+        );
     }
 
     #[test]
@@ -274,7 +289,10 @@ h_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_sum 2.5\nh_count 3\n\
         assert_eq!(series.len(), 1);
         assert_eq!(series[0].name, "c_total");
         assert_eq!(series[0].timestamp_ms, Some(1_700_000_000_500));
-        assert!(parse("# TYPE c counter\nc_total 4\n", Format::OpenMetrics).is_err(), "no # EOF");
+        assert!(
+            parse("# TYPE c counter\nc_total 4\n", Format::OpenMetrics).is_err(),
+            "no # EOF"
+        );
     }
 
     #[test]
@@ -293,7 +311,10 @@ h_bucket{le=\"0.5\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_sum 2.5\nh_count 3\n\
             Format::of_content_type(Some("application/openmetrics-text; version=1.0.0")),
             Format::OpenMetrics
         );
-        assert_eq!(Format::of_content_type(Some("text/plain; version=0.0.4")), Format::Text);
+        assert_eq!(
+            Format::of_content_type(Some("text/plain; version=0.0.4")),
+            Format::Text
+        );
         assert_eq!(Format::of_content_type(None), Format::Text);
     }
 }

@@ -28,7 +28,11 @@ fn scrape_env(server: &telemetry_harness::EtcdServer, targets: &[String], interv
         .set("MAX_QUEUE_DEPTH", "0")
 }
 
-fn spawn_scraper(server: &telemetry_harness::EtcdServer, targets: &[String], extra: &[(&str, &str)]) -> ServiceProcess {
+fn spawn_scraper(
+    server: &telemetry_harness::EtcdServer,
+    targets: &[String],
+    extra: &[(&str, &str)],
+) -> ServiceProcess {
     binary()
         .rust_log("info")
         .env(scrape_env(server, targets, "1s").with(extra))
@@ -50,7 +54,11 @@ async fn wait_scrapes(probe: &Probe, url: &str, scrapes: u64) {
             .is_some_and(|cp| cp.pass + 1 > scrapes || (cp.pass + 1 == scrapes && cp.pass_complete))
     })
     .await;
-    assert!(done, "{url}: {scrapes} scrapes not done: {:?}", checkpoint(probe, url).await);
+    assert!(
+        done,
+        "{url}: {scrapes} scrapes not done: {:?}",
+        checkpoint(probe, url).await
+    );
 }
 
 /// The queued messages of `url`, by scrape time.
@@ -74,8 +82,14 @@ async fn assert_each_scrape_once(probe: &Probe, url: &str, series: usize) -> usi
     for (time, messages) in &scrapes {
         let mut seen = BTreeSet::new();
         for m in messages {
-            assert!(keys.insert(m.idempotency_key.clone()), "{url} {time}: a key twice");
-            let identity = (m.fields["metric_name"].clone().to_string(), m.fields["labels_raw"].to_string());
+            assert!(
+                keys.insert(m.idempotency_key.clone()),
+                "{url} {time}: a key twice"
+            );
+            let identity = (
+                m.fields["metric_name"].clone().to_string(),
+                m.fields["labels_raw"].to_string(),
+            );
             assert!(seen.insert(identity), "{url} {time}: a series twice");
             assert_eq!(m.timestamp.to_string(), *time, "stamped with the scrape time");
         }
@@ -93,8 +107,11 @@ async fn the_dcgm_sample_scraped_becomes_messages_named_like_csv_rows() {
     let (server, client, probe) = etcd().await;
     let target = ExpositionServer::start().await.expect("exposition server");
     let url = target.url();
-    let cfg = StreamerConfig::from_vars(scrape_env(&server, std::slice::from_ref(&url), "1s"), &Flags::default())
-        .expect("valid config");
+    let cfg = StreamerConfig::from_vars(
+        scrape_env(&server, std::slice::from_ref(&url), "1s"),
+        &Flags::default(),
+    )
+    .expect("valid config");
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
     wait_scrapes(&probe, &url, 2).await;
@@ -178,7 +195,11 @@ async fn sigkill_during_and_between_scrapes_enqueues_each_scrape_once() {
     assert!(complete as u64 > cut.pass + 1);
     let queue = probe.queue().await;
     let resumed = &by_scrape(&queue, &url)[cut.scrape_time.as_deref().expect("time")];
-    assert_eq!(resumed.len() as u64, sample::ROWS, "the cut scrape is whole, once");
+    assert_eq!(
+        resumed.len() as u64,
+        sample::ROWS,
+        "the cut scrape is whole, once"
+    );
 }
 
 #[tokio::test]
@@ -202,7 +223,11 @@ async fn two_streamers_share_a_target_list_without_doubling() {
     for url in &urls {
         assert_each_scrape_once(&probe, url, telemetry_harness::exposition::SIM_SERIES).await;
     }
-    assert_eq!(probe.count(&probe.keys().scrapes_prefix()).await, 0, "owners released");
+    assert_eq!(
+        probe.count(&probe.keys().scrapes_prefix()).await,
+        0,
+        "owners released"
+    );
 }
 
 async fn futures_pass(probe: &Probe, urls: &[String]) -> Vec<u64> {
@@ -223,7 +248,10 @@ async fn targets_that_stall_fail_or_serve_garbage_are_counted_and_stall_nothing(
     garbage.set(Behaviour::Garbage);
     let broken = ExpositionServer::start().await.expect("server");
     broken.set(Behaviour::Status(500));
-    let down = format!("http://127.0.0.1:{}/metrics", telemetry_harness::free_port().expect("port"));
+    let down = format!(
+        "http://127.0.0.1:{}/metrics",
+        telemetry_harness::free_port().expect("port")
+    );
     let urls = vec![
         good.target_url(0),
         stalled.target_url(0),
@@ -247,17 +275,27 @@ async fn targets_that_stall_fail_or_serve_garbage_are_counted_and_stall_nothing(
         })
     };
     let counted = eventually(WAIT, || async {
-        let text = telemetry_harness::scrape_metrics(metrics_port).await.unwrap_or_default();
+        let text = telemetry_harness::scrape_metrics(metrics_port)
+            .await
+            .unwrap_or_default();
         failed(&text, &urls[1], "timeout")
             && failed(&text, &urls[2], "malformed")
             && failed(&text, &urls[3], "http")
             && failed(&text, &down, "down")
     })
     .await;
-    let text = telemetry_harness::scrape_metrics(metrics_port).await.unwrap_or_default();
+    let text = telemetry_harness::scrape_metrics(metrics_port)
+        .await
+        .unwrap_or_default();
     assert!(counted, "{text}");
-    assert!(text.contains(&format!("streamer_scrape_up{{target=\"{}\"}} 1", urls[0])), "{text}");
-    assert!(text.contains(&format!("streamer_scrape_up{{target=\"{}\"}} 0", urls[2])), "{text}");
+    assert!(
+        text.contains(&format!("streamer_scrape_up{{target=\"{}\"}} 1", urls[0])),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("streamer_scrape_up{{target=\"{}\"}} 0", urls[2])),
+        "{text}"
+    );
     // The garbage target recovers; the good one went on all along.
     let before = checkpoint(&probe, &urls[0]).await.expect("cp").pass;
     garbage.set(Behaviour::Serve);
@@ -283,8 +321,14 @@ async fn targets_that_stall_fail_or_serve_garbage_are_counted_and_stall_nothing(
 #[tokio::test]
 async fn prometheus_metrics_federate_and_the_node_exporter_are_scraped() {
     let (server, client, probe) = etcd().await;
-    let node = NodeExporter::start().await.expect("prometheus-node-exporter starts");
-    let node_target = node.url().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let node = NodeExporter::start()
+        .await
+        .expect("prometheus-node-exporter starts");
+    let node_target = node
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
     let prometheus = PrometheusServer::start(PrometheusOptions {
         scrape: vec![("node".into(), vec![node_target], "/metrics".into())],
         ..PrometheusOptions::default()
@@ -296,13 +340,16 @@ async fn prometheus_metrics_federate_and_the_node_exporter_are_scraped() {
         format!("{}/federate?match[]=%7Bjob%3D%22node%22%7D", prometheus.url()),
         node.url(),
     ];
-    let cfg = StreamerConfig::from_vars(scrape_env(&server, &urls, "1s"), &Flags::default()).expect("valid config");
+    let cfg =
+        StreamerConfig::from_vars(scrape_env(&server, &urls, "1s"), &Flags::default()).expect("valid config");
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
     // Federation answers nothing until Prometheus has scraped the node exporter once.
     for url in &urls {
         let scraped = eventually(WAIT, || async {
-            checkpoint(&probe, url).await.is_some_and(|cp| cp.pass_complete && cp.row > 100)
+            checkpoint(&probe, url)
+                .await
+                .is_some_and(|cp| cp.pass_complete && cp.row > 100)
         })
         .await;
         assert!(scraped, "{url}: {:?}", checkpoint(&probe, url).await);
@@ -319,7 +366,11 @@ async fn prometheus_metrics_federate_and_the_node_exporter_are_scraped() {
                 .iter()
                 .map(|m| format!("{}{}", m.fields["metric_name"], m.fields["labels_raw"]))
                 .collect();
-            assert_eq!(series.len(), messages.len(), "{url}: a series twice in one scrape");
+            assert_eq!(
+                series.len(),
+                messages.len(),
+                "{url}: a series twice in one scrape"
+            );
         }
     }
     let has = |url: &str, metric: &str| {
@@ -328,14 +379,20 @@ async fn prometheus_metrics_federate_and_the_node_exporter_are_scraped() {
             .any(|m| m.fields["target"] == url && m.fields["metric_name"] == metric)
     };
     assert!(has(&urls[0], "prometheus_build_info"));
-    assert!(has(&urls[0], "prometheus_http_request_duration_seconds_bucket"), "histograms flatten");
+    assert!(
+        has(&urls[0], "prometheus_http_request_duration_seconds_bucket"),
+        "histograms flatten"
+    );
     assert!(has(&urls[2], "node_cpu_seconds_total"));
     // Federated samples carry Prometheus' own timestamps, kept as the timestamp field.
     let federated = queue
         .values()
         .find(|m| m.fields["target"] == urls[1].as_str())
         .expect("a federated sample");
-    assert!(!federated.fields.contains_key("label_job"), "job is not one of ours");
+    assert!(
+        !federated.fields.contains_key("label_job"),
+        "job is not one of ours"
+    );
     assert_eq!(federated.fields["job"], "node");
     assert_ne!(federated.fields["timestamp"], federated.fields["scrape_time"]);
 }
