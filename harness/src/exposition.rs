@@ -76,10 +76,15 @@ pub struct ExpositionServer {
 impl ExpositionServer {
     /// Starts a server on a free port, serving exposition text.
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_on(std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Starts a server on `addr` (port 0: a free one).
+    pub async fn start_on(addr: std::net::SocketAddr) -> Result<Self, HarnessError> {
         let dcgm = dcgm_text()?;
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        let listener = TcpListener::bind(addr)
             .await
-            .map_err(io("binding the exposition server"))?;
+            .map_err(io(format!("binding the exposition server to {addr}")))?;
         let port = listener
             .local_addr()
             .map_err(io("reading the exposition server's port"))?
