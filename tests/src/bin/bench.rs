@@ -26,8 +26,12 @@
 //!    (1,000) subscribers at once receiving 200 writes. Any failed request or subscription
 //!    fails the bench (after the table is printed).
 //!
+//! 8. scrape: the streamer (a real process) scraping `--scrape-targets` (1,000) simulated
+//!    dcgm-exporters of 80 series each on loopback every second: samples scraped and enqueued
+//!    per second, and the streamer's CPU per 1,000 samples.
+//!
 //! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 7,
-//! `--export-only` only phase 4.
+//! `--export-only` only phase 4, `--scrape-only` only phase 8.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
@@ -54,7 +58,7 @@ use telemetry_tests::bench::{
     Table, export, gateway as gw, ideal, limits,
     pipeline::{self, E2E_WORKERS, Target},
     raw::{self, reset},
-    rss,
+    rss, scrape as scraping,
 };
 
 #[derive(Parser, Debug)]
@@ -104,6 +108,13 @@ struct Args {
     /// Run only the export phase (quicker).
     #[arg(long, conflicts_with = "gateway_only")]
     export_only: bool,
+    /// Run only the scrape phase (quicker).
+    #[arg(long, conflicts_with_all = ["gateway_only", "export_only"])]
+    scrape_only: bool,
+    /// Simulated dcgm-exporters (80 series each) in the scrape phase [default: 1000, --quick
+    /// 200].
+    #[arg(long)]
+    scrape_targets: Option<usize>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -123,6 +134,7 @@ struct Plan {
     ws_load_subscribers: usize,
     ws_load_writes: usize,
     latency_seconds: f64,
+    scrape_targets: usize,
 }
 
 impl Plan {
@@ -141,6 +153,7 @@ impl Plan {
             ws_load_subscribers: pick(args.ws_load_subscribers, 1000, 200),
             ws_load_writes: 200,
             latency_seconds: args.latency_seconds.unwrap_or(if q { 5.0 } else { 10.0 }),
+            scrape_targets: pick(args.scrape_targets, 1000, 200),
         }
     }
 
@@ -522,6 +535,31 @@ async fn service_rss(b: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The streamer scraping simulated dcgm-exporters (see `telemetry_tests::bench::scrape`).
+async fn scrape(b: &mut Bench) -> anyhow::Result<()> {
+    let targets = b.plan.scrape_targets;
+    let (interval, window) = (Duration::from_secs(1), Duration::from_secs(if b.plan.seconds < 4.0 { 5 } else { 15 }));
+    eprintln!("scrape: {targets} simulated dcgm-exporters x 80 series every {interval:?}, measured over {window:?} ...");
+    let run = scraping::scrape_phase(&b.target(), &b.bin_dir, targets, interval, window).await?;
+    let t = &mut b.table;
+    t.push(
+        "scrape_samples_enqueued",
+        run.samples_per_s,
+        "samples/s",
+        format!(
+            "{targets} targets x 80 series every 1 s on loopback (offered {:.0}/s), {} samples in {:.1} s, {} failed scrapes",
+            run.offered_per_s, run.samples, run.seconds, run.failures
+        ),
+    );
+    t.push(
+        "scrape_streamer_cpu_per_1000_samples",
+        run.cpu_ms_per_1000,
+        "ms",
+        "streamer CPU (utime+stime) per 1,000 samples scraped, parsed and enqueued",
+    );
+    Ok(())
+}
+
 /// The pipeline phases (everything but the gateway's), each on a reset store.
 async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     let raw = raw_txns(b).await?;
@@ -535,7 +573,9 @@ async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     b.reset().await?;
     enqueue_to_commit(b).await?;
     b.reset().await?;
-    service_rss(b).await
+    service_rss(b).await?;
+    b.reset().await?;
+    scrape(b).await
 }
 
 /// Gateway phases on `--points` stored points: query latency, WebSocket delivery latency, then
@@ -745,6 +785,11 @@ async fn main() -> anyhow::Result<()> {
     // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
     telemetry_shared::observe::init_tracing(&log);
     let mut bench = Bench::start(plan, bin_dir).await?;
+    if args.scrape_only {
+        scrape(&mut bench).await?;
+        print!("{}", bench.table.render());
+        return write_json(&bench.table, &args.json);
+    }
     if args.export_only {
         export(&mut bench).await?;
         print!("{}", bench.table.render());
