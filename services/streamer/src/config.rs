@@ -153,11 +153,7 @@ impl StreamerConfig {
     fn validate(raw: &RawStreamerConfig) -> Result<Self, ConfigError> {
         let scrape = ScrapeConfig::validate(raw)?;
         let csv_path = match raw.csv_path().text()?.trim() {
-            "" if scrape.is_none() => {
-                return Err(raw
-                    .csv_path()
-                    .invalid("must name a CSV file when SCRAPE_TARGETS is not set"));
-            }
+            "" if scrape.is_none() => return Err(ConfigError::Missing("CSV_PATH or SCRAPE_TARGETS".into())),
             "" => None,
             path => Some(PathBuf::from(path)),
         };
@@ -386,7 +382,7 @@ mod tests {
         let err = load(&[]).expect_err("no CSV_PATH");
         assert_eq!(
             err.to_string(),
-            "CSV_PATH=\"\" is invalid: must name a CSV file when SCRAPE_TARGETS is not set"
+            "CSV_PATH or SCRAPE_TARGETS is required but not set"
         );
         let cases: &[(&str, &str)] = &[
             ("WORKERS", "two"),

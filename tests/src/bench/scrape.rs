@@ -57,7 +57,11 @@ pub async fn scrape_phase(
         "{} not found: build it with `cargo build --release --bins -p telemetry-streamer`",
         path.display()
     );
-    let mut streamer = ProcessSpec::new(path).env(env).rust_log("warn").inherit_log().start()?;
+    let mut streamer = ProcessSpec::new(path)
+        .env(env)
+        .rust_log("warn")
+        .inherit_log()
+        .start()?;
     let pid = streamer.pid();
     let queue = Keyspace::new("/scrape").queue_prefix();
     let mut client = target.client.clone();
@@ -75,10 +79,20 @@ pub async fn scrape_phase(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (count0, cpu0, t0) = (count_prefix(&mut client, &queue, true).await?, cpu_seconds(pid)?, Instant::now());
+    let (count0, cpu0, t0) = (
+        count_prefix(&mut client, &queue, true).await?,
+        cpu_seconds(pid)?,
+        Instant::now(),
+    );
     tokio::time::sleep(window).await;
-    let (count1, cpu1, t1) = (count_prefix(&mut client, &queue, true).await?, cpu_seconds(pid)?, Instant::now());
-    let metrics = telemetry_harness::scrape_metrics(metrics_port).await.unwrap_or_default();
+    let (count1, cpu1, t1) = (
+        count_prefix(&mut client, &queue, true).await?,
+        cpu_seconds(pid)?,
+        Instant::now(),
+    );
+    let metrics = telemetry_harness::scrape_metrics(metrics_port)
+        .await
+        .unwrap_or_default();
     streamer.stop(Duration::from_secs(30)).await?;
     let samples = (count1 - count0).max(0) as u64;
     let seconds = (t1 - t0).as_secs_f64();

@@ -538,8 +538,13 @@ async fn service_rss(b: &mut Bench) -> anyhow::Result<()> {
 /// The streamer scraping simulated dcgm-exporters (see `telemetry_tests::bench::scrape`).
 async fn scrape(b: &mut Bench) -> anyhow::Result<()> {
     let targets = b.plan.scrape_targets;
-    let (interval, window) = (Duration::from_secs(1), Duration::from_secs(if b.plan.seconds < 4.0 { 5 } else { 15 }));
-    eprintln!("scrape: {targets} simulated dcgm-exporters x 80 series every {interval:?}, measured over {window:?} ...");
+    let (interval, window) = (
+        Duration::from_secs(1),
+        Duration::from_secs(if b.plan.seconds < 4.0 { 5 } else { 15 }),
+    );
+    eprintln!(
+        "scrape: {targets} simulated dcgm-exporters x 80 series every {interval:?}, measured over {window:?} ..."
+    );
     let run = scraping::scrape_phase(&b.target(), &b.bin_dir, targets, interval, window).await?;
     let t = &mut b.table;
     t.push(

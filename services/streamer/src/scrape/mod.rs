@@ -68,6 +68,11 @@ use self::{convert::Converter, fetch::FetchError};
 /// How often a target file is checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(1);
 
+/// Most enqueue transactions in flight at once across all targets: etcd commits a few
+/// concurrent transactions together far better than a thousand (which it answers with
+/// "request timed out"), and a target waiting for a slot never holds up its fetch.
+const COMMIT_SLOTS: usize = 16;
+
 /// The stream id of a target: `scrape-` and the first 16 hex digits of the SHA-256 of its URL.
 pub fn target_stream_id(url: &str) -> String {
     format!("scrape-{}", &hex::encode(Sha256::digest(url.as_bytes()))[..16])
@@ -153,6 +158,8 @@ pub(crate) struct Ctx {
     lease: Mutex<Option<Arc<KeptLease>>>,
     /// This process's id, the value of its owner keys.
     owner_id: String,
+    /// Admission of enqueue transactions ([`COMMIT_SLOTS`]).
+    commit_slots: tokio::sync::Semaphore,
 }
 
 impl Ctx {
@@ -182,6 +189,7 @@ impl Ctx {
             http,
             lease: Mutex::new(None),
             owner_id: ulid::Ulid::from_datetime(std::time::SystemTime::now()).to_string(),
+            commit_slots: tokio::sync::Semaphore::new(COMMIT_SLOTS),
         }
     }
 
@@ -436,6 +444,9 @@ impl Target {
                     Err(err) => return Err(StreamerError::Sink(err.into())),
                 }
             }
+            let Ok(_slot) = ctx.commit_slots.acquire().await else {
+                return Ok(CycleEnd::Shutdown);
+            };
             let outcome = match ctx.sink.commit(&self.stream_id, rev, &target, &chunk).await {
                 Ok(outcome) => outcome,
                 Err(err) if err.is_cancelled() => return Ok(CycleEnd::Shutdown),

@@ -64,28 +64,22 @@ pub(crate) fn parse(body: &str, format: Format) -> Result<Vec<Series>, ParseErro
     let mut out = Vec::new();
     match format {
         Format::Text => {
-            // Each sample line is parsed on its own: the text format lets the samples of one
-            // family carry different label names (federation leaves empty labels out), which
-            // the crate's family model refuses, and the flat series are what is wanted anyway.
-            // `HELP` and `TYPE` lines only describe; a line that is neither a comment nor a
-            // sample refuses the whole body.
-            let mut line_text = String::with_capacity(256);
-            for (number, line) in body.lines().enumerate() {
-                let line = line.strip_suffix('\r').unwrap_or(line);
-                if line.trim().is_empty() || line.starts_with('#') {
-                    continue;
+            // The whole body first (what dcgm-exporter serves parses so, fastest); the text
+            // format also lets the samples of one family carry different label names
+            // (federation leaves empty labels out), which the crate's family model refuses: then
+            // each sample line is parsed on its own, which gives the same flat series.
+            let whole = if body.ends_with('\n') {
+                openmetrics_parser::prometheus::parse_prometheus(body).ok()
+            } else {
+                None
+            };
+            match whole {
+                Some(exposition) => {
+                    for family in exposition.families.values() {
+                        flatten(family, 1.0, &mut out, prometheus_value);
+                    }
                 }
-                line_text.clear();
-                line_text.push_str(line);
-                line_text.push('\n');
-                let exposition =
-                    openmetrics_parser::prometheus::parse_prometheus(&line_text).map_err(|e| ParseError {
-                        format: "Prometheus text",
-                        reason: format!("line {}: {}", number + 1, first_line(&e)),
-                    })?;
-                for family in exposition.families.values() {
-                    flatten(family, 1.0, &mut out, prometheus_value);
-                }
+                None => parse_lines(body, &mut out)?,
             }
         }
         Format::OpenMetrics => {
@@ -100,6 +94,30 @@ pub(crate) fn parse(body: &str, format: Format) -> Result<Vec<Series>, ParseErro
         }
     }
     Ok(out)
+}
+
+/// The text format a sample line at a time. `HELP` and `TYPE` lines only describe; a line that
+/// is neither a comment nor a sample refuses the whole body.
+fn parse_lines(body: &str, out: &mut Vec<Series>) -> Result<(), ParseError> {
+    let mut line_text = String::with_capacity(256);
+    for (number, line) in body.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        line_text.clear();
+        line_text.push_str(line);
+        line_text.push('\n');
+        let exposition =
+            openmetrics_parser::prometheus::parse_prometheus(&line_text).map_err(|e| ParseError {
+                format: "Prometheus text",
+                reason: format!("line {}: {}", number + 1, first_line(&e)),
+            })?;
+        for family in exposition.families.values() {
+            flatten(family, 1.0, out, prometheus_value);
+        }
+    }
+    Ok(())
 }
 
 fn first_line(err: &impl std::fmt::Debug) -> String {

@@ -396,3 +396,40 @@ async fn prometheus_metrics_federate_and_the_node_exporter_are_scraped() {
     assert_eq!(federated.fields["job"], "node");
     assert_ne!(federated.fields["timestamp"], federated.fields["scrape_time"]);
 }
+
+#[tokio::test]
+async fn a_target_file_is_re_read_when_it_changes_and_must_exist_at_start() {
+    let (server, client, probe) = etcd().await;
+    let target = ExpositionServer::start().await.expect("exposition server");
+    let (first, second) = (target.target_url(0), target.target_url(1));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("targets");
+    let env = |path: &std::path::Path| scrape_env(&server, &[], "1s").set("SCRAPE_TARGETS", path.display());
+
+    let missing =
+        StreamerConfig::from_vars(env(&dir.path().join("nope")), &Flags::default()).expect("valid config");
+    let err = telemetry_streamer::run(missing, client.clone(), CancellationToken::new())
+        .await
+        .expect_err("a missing target file");
+    assert!(err.to_string().contains("SCRAPE_TARGETS"), "{err}");
+
+    std::fs::write(&file, format!("# dcgm-exporters\n{first}\n")).expect("write");
+    let cfg = StreamerConfig::from_vars(env(&file), &Flags::default()).expect("valid config");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
+    wait_scrapes(&probe, &first, 2).await;
+    std::fs::write(&file, format!("{second}\n")).expect("rewrite");
+    wait_scrapes(&probe, &second, 1).await;
+    // The first target stopped: its owner key is released and it scrapes no more.
+    let owner = probe.keys().scrape_owner(&target_stream_id(&first));
+    let released = eventually(WAIT, || async { probe.count(&owner).await == 0 }).await;
+    assert!(released, "the removed target's owner key stays");
+    let stopped_at = checkpoint(&probe, &first).await.expect("cp").pass;
+    let now = checkpoint(&probe, &second).await.expect("cp").pass;
+    wait_scrapes(&probe, &second, now + 3).await;
+    assert_eq!(checkpoint(&probe, &first).await.expect("cp").pass, stopped_at);
+    shutdown.cancel();
+    run.await.expect("joins").expect("stops cleanly");
+    assert_each_scrape_once(&probe, &first, telemetry_harness::exposition::SIM_SERIES).await;
+    assert_each_scrape_once(&probe, &second, telemetry_harness::exposition::SIM_SERIES).await;
+}
