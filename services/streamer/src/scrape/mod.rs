@@ -522,6 +522,9 @@ fn valid_targets(path: &Path, text: &str) -> Vec<String> {
     good
 }
 
+/// The running target tasks, by URL: each one's stop token and task.
+type Tasks = HashMap<String, (CancellationToken, JoinHandle<Result<(), StreamerError>>)>;
+
 /// Errors of the scrape source that end the streamer.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read the scrape target file {path} (SCRAPE_TARGETS): {source}")]
@@ -535,8 +538,7 @@ pub struct TargetFileError {
 /// when that changes. A target file that cannot be read at start is an error; later, the last
 /// list read stays in force (logged once).
 pub(crate) async fn run(ctx: Arc<Ctx>) -> Result<(), StreamerError> {
-    let mut targets: HashMap<String, (CancellationToken, JoinHandle<Result<(), StreamerError>>)> =
-        HashMap::new();
+    let mut targets: Tasks = HashMap::new();
     let mut unreadable = false;
     let mut first = true;
     let result = loop {
@@ -584,11 +586,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>) -> Result<(), StreamerError> {
 }
 
 /// Starts tasks for new targets and stops those of removed ones.
-async fn update_targets(
-    ctx: &Arc<Ctx>,
-    targets: &mut HashMap<String, (CancellationToken, JoinHandle<Result<(), StreamerError>>)>,
-    urls: &[String],
-) {
+async fn update_targets(ctx: &Arc<Ctx>, targets: &mut Tasks, urls: &[String]) {
     let removed: Vec<String> = targets.keys().filter(|u| !urls.contains(u)).cloned().collect();
     for url in removed {
         if let Some((stop, task)) = targets.remove(&url) {
@@ -607,9 +605,7 @@ async fn update_targets(
 }
 
 /// The error of a target task that ended with one (it is removed from `targets`).
-async fn finished_with_error(
-    targets: &mut HashMap<String, (CancellationToken, JoinHandle<Result<(), StreamerError>>)>,
-) -> Option<StreamerError> {
+async fn finished_with_error(targets: &mut Tasks) -> Option<StreamerError> {
     let done: Vec<String> = targets
         .iter()
         .filter(|(_, (_, task))| task.is_finished())
