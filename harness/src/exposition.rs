@@ -48,8 +48,10 @@ const SIM_METRICS: [&str; 10] = [
 /// How the server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
-    /// Exposition text.
+    /// Exposition text (the Prometheus text format 0.0.4).
     Serve,
+    /// The same series as OpenMetrics 1.0 (`application/openmetrics-text`, `# EOF`).
+    OpenMetrics,
     /// A 200 answer whose body is not exposition text.
     Garbage,
     /// Reads the request and never answers.
@@ -154,6 +156,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut stopped: watch::R
         };
         let n = shared.requests.fetch_add(1, Ordering::Relaxed);
         let behaviour = shared.behaviour.lock().map(|b| *b).unwrap_or(Behaviour::Serve);
+        let mut content_type = "text/plain; version=0.0.4; charset=utf-8";
         let (status, body) = match behaviour {
             Behaviour::Stall => {
                 let _ = stopped.changed().await;
@@ -161,16 +164,23 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, mut stopped: watch::R
             }
             Behaviour::Status(code) => (code, String::new()),
             Behaviour::Garbage => (200, "<html><body>502 Bad Gateway</body></html>\n".to_string()),
-            Behaviour::Serve => match path.as_str() {
-                "/metrics" => (200, shared.dcgm.clone()),
-                other => match simulated_target(other) {
-                    Some(i) => (200, simulated_text(i, n)),
-                    None => (404, String::new()),
-                },
-            },
+            Behaviour::Serve | Behaviour::OpenMetrics => {
+                let (status, mut body) = match path.as_str() {
+                    "/metrics" => (200, shared.dcgm.clone()),
+                    other => match simulated_target(other) {
+                        Some(i) => (200, simulated_text(i, n)),
+                        None => (404, String::new()),
+                    },
+                };
+                if behaviour == Behaviour::OpenMetrics && status == 200 {
+                    content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                    body.push_str("# EOF\n");
+                }
+                (status, body)
+            }
         };
         let head = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         if stream.write_all(head.as_bytes()).await.is_err()

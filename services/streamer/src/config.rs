@@ -61,7 +61,7 @@ telemetry_shared::env_config! {
         /// How often each target is scraped.
         scrape_interval = Value("15s");
         /// How long one scrape may take (connect and body), at most SCRAPE_INTERVAL.
-        scrape_timeout = Value("10s");
+        scrape_timeout = Computed("10s, or SCRAPE_INTERVAL if that is shorter");
         /// Which samples of a scrape become messages: all, or gpu (only samples with the
         /// Hostname, gpu and UUID labels, which the collector can store).
         scrape_keep = Value("all");
@@ -235,7 +235,10 @@ impl ScrapeConfig {
             TargetList::File(PathBuf::from(text))
         };
         let interval = raw.scrape_interval().duration(Duration::from_millis(100))?;
-        let timeout = raw.scrape_timeout().duration(Duration::from_millis(10))?;
+        let timeout = match raw.scrape_timeout().value() {
+            None => interval.min(Duration::from_secs(10)),
+            Some(_) => raw.scrape_timeout().duration(Duration::from_millis(10))?,
+        };
         if timeout > interval {
             return Err(raw.scrape_timeout().invalid("must be at most SCRAPE_INTERVAL"));
         }
@@ -482,6 +485,8 @@ mod tests {
             (scrape.interval, scrape.timeout, scrape.keep),
             (Duration::from_secs(15), Duration::from_secs(10), Keep::All)
         );
+        let short = load(&[("SCRAPE_TARGETS", "http://a/metrics"), ("SCRAPE_INTERVAL", "2s")]).expect("valid");
+        assert_eq!(short.scrape.expect("scraping").timeout, Duration::from_secs(2));
         let cfg = load(&[("SCRAPE_TARGETS", "/etc/targets"), ("CSV_PATH", "x.csv")]).expect("both");
         assert_eq!(
             cfg.scrape.expect("scraping").targets,

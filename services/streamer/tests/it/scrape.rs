@@ -433,3 +433,23 @@ async fn a_target_file_is_re_read_when_it_changes_and_must_exist_at_start() {
     assert_each_scrape_once(&probe, &first, telemetry_harness::exposition::SIM_SERIES).await;
     assert_each_scrape_once(&probe, &second, telemetry_harness::exposition::SIM_SERIES).await;
 }
+
+#[tokio::test]
+async fn a_target_answering_openmetrics_is_read_as_openmetrics() {
+    let (server, client, probe) = etcd().await;
+    let target = ExpositionServer::start().await.expect("exposition server");
+    target.set(Behaviour::OpenMetrics);
+    let url = target.target_url(7);
+    let cfg = StreamerConfig::from_vars(scrape_env(&server, std::slice::from_ref(&url), "1s"), &Flags::default())
+        .expect("valid config");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
+    wait_scrapes(&probe, &url, 2).await;
+    shutdown.cancel();
+    run.await.expect("joins").expect("stops cleanly");
+    assert!(target.requests() >= 2);
+    assert_each_scrape_once(&probe, &url, telemetry_harness::exposition::SIM_SERIES).await;
+    let queue = probe.queue().await;
+    let m = queue.values().find(|m| m.fields["target"] == url.as_str()).expect("a sample");
+    assert_eq!(m.fields["Hostname"], "sim-0007");
+}
