@@ -485,7 +485,8 @@ mod tests {
             (scrape.interval, scrape.timeout, scrape.keep),
             (Duration::from_secs(15), Duration::from_secs(10), Keep::All)
         );
-        let short = load(&[("SCRAPE_TARGETS", "http://a/metrics"), ("SCRAPE_INTERVAL", "2s")]).expect("valid");
+        let short =
+            load(&[("SCRAPE_TARGETS", "http://a/metrics"), ("SCRAPE_INTERVAL", "2s")]).expect("valid");
         assert_eq!(short.scrape.expect("scraping").timeout, Duration::from_secs(2));
         let cfg = load(&[("SCRAPE_TARGETS", "/etc/targets"), ("CSV_PATH", "x.csv")]).expect("both");
         assert_eq!(

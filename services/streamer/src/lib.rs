@@ -1,4 +1,7 @@
-//! The streamer: CSV rows in, queued telemetry messages out, exactly once.
+//! The streamer: CSV rows in, queued telemetry messages out, exactly once. With
+//! `SCRAPE_TARGETS` it also (or only) scrapes dcgm-exporter endpoints: `scrape` fetches, parses
+//! and converts each scrape into DCGM-shaped messages and enqueues them through the same `sink`,
+//! exactly once per scrape, one streamer owning each target on a leased key.
 //!
 //! The pipeline inside is `source → transform → sink`:
 //! - [`source`] reads the CSV (RFC 4180), numbers its rows and fingerprints the file;
@@ -114,7 +117,7 @@ pub async fn run_with_health(
         config.max_queue_depth,
     ));
     let stats = Arc::new(progress::Stats::default());
-    let scraping = config.scrape.clone().map(|scrape| {
+    let mut scraping = config.scrape.clone().map(|scrape| {
         tracing::info!(
             targets = ?scrape.targets,
             interval = ?scrape.interval,
@@ -150,7 +153,16 @@ pub async fn run_with_health(
         }
         None => {
             stream.pass("scraping");
-            Ok(())
+            // The CSV workers' progress line, for the scraped samples alone.
+            let reporter = progress::spawn_reporter(stats.clone(), gauge, config.progress_interval, None);
+            let scraped = match scraping.take() {
+                Some(task) => task
+                    .await
+                    .unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string()))),
+                None => Ok(()),
+            };
+            reporter.stop().await;
+            scraped
         }
     };
     let scraped = match scraping {

@@ -440,8 +440,11 @@ async fn a_target_answering_openmetrics_is_read_as_openmetrics() {
     let target = ExpositionServer::start().await.expect("exposition server");
     target.set(Behaviour::OpenMetrics);
     let url = target.target_url(7);
-    let cfg = StreamerConfig::from_vars(scrape_env(&server, std::slice::from_ref(&url), "1s"), &Flags::default())
-        .expect("valid config");
+    let cfg = StreamerConfig::from_vars(
+        scrape_env(&server, std::slice::from_ref(&url), "1s"),
+        &Flags::default(),
+    )
+    .expect("valid config");
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
     wait_scrapes(&probe, &url, 2).await;
@@ -450,6 +453,9 @@ async fn a_target_answering_openmetrics_is_read_as_openmetrics() {
     assert!(target.requests() >= 2);
     assert_each_scrape_once(&probe, &url, telemetry_harness::exposition::SIM_SERIES).await;
     let queue = probe.queue().await;
-    let m = queue.values().find(|m| m.fields["target"] == url.as_str()).expect("a sample");
+    let m = queue
+        .values()
+        .find(|m| m.fields["target"] == url.as_str())
+        .expect("a sample");
     assert_eq!(m.fields["Hostname"], "sim-0007");
 }
