@@ -288,6 +288,9 @@ async fn targets_that_stall_fail_or_serve_garbage_are_counted_and_stall_nothing(
         .await
         .unwrap_or_default();
     assert!(counted, "{text}");
+    if let Err(complaints) = telemetry_harness::promtool_check_metrics(&text) {
+        panic!("promtool check metrics:\n{complaints}\n{text}");
+    }
     assert!(
         text.contains(&format!("streamer_scrape_up{{target=\"{}\"}} 1", urls[0])),
         "{text}"
