@@ -55,7 +55,7 @@ telemetry_shared::env_config! {
         /// The CSV file to stream (--csv overrides it); required unless SCRAPE_TARGETS is set.
         csv_path = Value("");
         /// dcgm-exporter (or any Prometheus exposition) endpoints to scrape: comma-separated
-        /// http(s) URLs, or the path of a file listing them (one a line or comma-separated, '#'
+        /// http:// URLs, or the path of a file listing them (one a line or comma-separated, '#'
         /// comments), re-read when it changes. Empty: no scraping.
         scrape_targets = Value("");
         /// How often each target is scraped.
@@ -223,11 +223,12 @@ impl ScrapeConfig {
         if text.is_empty() {
             return Ok(None);
         }
-        let targets = if text.starts_with("http://") || text.starts_with("https://") {
+        let targets = if text.contains("://") {
             let urls = parse_target_list(text);
             if let Some(bad) = urls.iter().find(|u| !is_target_url(u)) {
                 return Err(setting.invalid(format!(
-                    "must be comma-separated http:// or https:// URLs (or a file of them); {bad:?} is not one"
+                    "must be comma-separated http:// URLs (or a file of them; https is not supported: \
+                     put a TLS-terminating proxy in front); {bad:?} is not one"
                 )));
             }
             TargetList::Urls(urls)
@@ -276,11 +277,9 @@ pub fn parse_target_list(text: &str) -> Vec<String> {
     out
 }
 
-/// Is `url` an http(s) URL with a host?
+/// Is `url` an `http://` URL with a host? (The streamer's HTTP client is built without TLS.)
 pub fn is_target_url(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
+    let rest = url.strip_prefix("http://");
     rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.chars().any(char::is_whitespace))
 }
 
@@ -408,6 +407,7 @@ mod tests {
             ("LOG_FORMAT", "pretty"),
             ("RUST_LOG", "info,x=loud"),
             ("SCRAPE_TARGETS", "http://a:9400/metrics,ftp://b"),
+            ("SCRAPE_TARGETS", "https://a:9400/metrics"),
             ("SCRAPE_INTERVAL", "0s"),
             ("SCRAPE_TIMEOUT", "0s"),
             ("SCRAPE_KEEP", "some"),
@@ -469,7 +469,7 @@ mod tests {
     fn scrape_targets_are_urls_or_a_file() {
         let cfg = load(&[(
             "SCRAPE_TARGETS",
-            "http://a:9400/metrics, https://b/federate?match[]=up,http://a:9400/metrics",
+            "http://a:9400/metrics, http://b/federate?match[]=up,http://a:9400/metrics",
         )])
         .expect("scrape only");
         assert_eq!(cfg.csv_path, None);
@@ -478,7 +478,7 @@ mod tests {
             scrape.targets,
             TargetList::Urls(vec![
                 "http://a:9400/metrics".into(),
-                "https://b/federate?match[]=up".into()
+                "http://b/federate?match[]=up".into()
             ])
         );
         assert_eq!(

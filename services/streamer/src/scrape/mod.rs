@@ -511,13 +511,13 @@ fn read_targets(list: &TargetList) -> Result<Vec<String>, std::io::Error> {
     }
 }
 
-/// The URLs of a target file; lines that are not http(s) URLs are logged and left out.
+/// The URLs of a target file; entries that are not `http://` URLs are logged and left out.
 fn valid_targets(path: &Path, text: &str) -> Vec<String> {
     let (good, bad): (Vec<String>, Vec<String>) = parse_target_list(text)
         .into_iter()
         .partition(|u| crate::config::is_target_url(u));
     for url in bad {
-        tracing::warn!(file = %path.display(), entry = %url, "not an http(s) URL; ignored");
+        tracing::warn!(file = %path.display(), entry = %url, "not an http:// URL (https is not supported); ignored");
     }
     good
 }
