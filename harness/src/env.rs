@@ -97,6 +97,16 @@ impl Env {
             .set("STREAM_ID", stream_id)
     }
 
+    /// A streamer that only scrapes `targets` (`SCRAPE_TARGETS`, comma-separated) every
+    /// `interval`, with a 2 s ownership lease (`SCRAPE_LEASE_TTL`) so a standby takes over
+    /// quickly.
+    pub fn scraper(self, targets: &[String], interval: &str) -> Self {
+        self.set("SCRAPE_TARGETS", targets.join(","))
+            .set("SCRAPE_INTERVAL", interval)
+            .set("SCRAPE_TIMEOUT", interval)
+            .set("SCRAPE_LEASE_TTL", "2s")
+    }
+
     /// A collector: `COLLECTOR_ID` and a short `LEASE_TTL` of 3 s, so that a test notices a
     /// lost collector quickly.
     pub fn collector(self, id: &str) -> Self {

@@ -20,6 +20,9 @@
 //!   profiles, or the JSON of earlier releases); [`Probe`] reads through it.
 //! - [`metrics`]: scraping a `/metrics` endpoint and `promtool check metrics`.
 //! - [`prometheus`]: [`PrometheusServer`], a real Prometheus with a generated configuration.
+//! - [`exposition`]: [`ExpositionServer`] (the DCGM sample and simulated targets as
+//!   dcgm-exporter text, or garbage, a stall, an error status) and [`NodeExporter`], targets for
+//!   the streamer's scrape source.
 //! - [`tls`]: [`TestPki`], a CA and certificates made at test time for etcd over TLS
 //!   ([`EtcdOptions::with_tls`]).
 //! - [`tsdb`]: [`Tsdb`], a Prometheus (with its remote-write receiver) or a VictoriaMetrics
@@ -38,6 +41,7 @@ use thiserror::Error;
 
 pub mod env;
 pub mod etcd;
+pub mod exposition;
 pub mod metrics;
 pub mod probe;
 pub mod process;
@@ -52,6 +56,7 @@ pub use env::Env;
 pub use etcd::{
     EtcdCluster, EtcdOptions, EtcdServer, EtcdTls, Member, count, etcd_binary, range_all, strict_etcd,
 };
+pub use exposition::{Behaviour, ExpositionServer, NodeExporter};
 pub use metrics::{http_get, promtool_check_metrics, scrape_metrics};
 pub use probe::{Probe, assert_rows_exactly_once};
 pub use process::{Finished, ProcessSpec, ServiceProcess, workspace_bin_dir};

@@ -126,6 +126,17 @@ impl Keyspace {
         self.key(format_args!("/streams/{stream_id}/checkpoint"))
     }
 
+    /// The owner of a scraped target's stream: the id of the streamer that scrapes it, on that
+    /// streamer's lease (created with `create_revision == 0`).
+    pub fn scrape_owner(&self, stream_id: &str) -> String {
+        self.key(format_args!("/scrapes/{stream_id}/owner"))
+    }
+
+    /// Prefix of all scrape owner keys.
+    pub fn scrapes_prefix(&self) -> String {
+        self.key(format_args!("/scrapes/"))
+    }
+
     /// Prefix of all stream checkpoints.
     pub fn streams_prefix(&self) -> String {
         self.key(format_args!("/streams/"))

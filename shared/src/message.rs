@@ -125,6 +125,12 @@ pub struct Checkpoint {
     /// written before it existed; the next commit records the current file's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_fingerprint: Option<String>,
+    /// For a scraped target's stream: the time of the scrape `pass` numbers (fixed-width RFC
+    /// 3339). Every message of that scrape is stamped with it and its idempotency key covers
+    /// it, so a scrape resumed after a crash reuses it and its committed samples are absorbed.
+    /// `row` then counts the samples of that scrape settled so far. Absent for CSV streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape_time: Option<String>,
 }
 
 /// A field value as text, the one way every component compares and prints field values:

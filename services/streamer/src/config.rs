@@ -16,8 +16,11 @@ use telemetry_shared::{
 pub struct StreamerConfig {
     /// etcd endpoints and namespace.
     pub common: CommonConfig,
-    /// `CSV_PATH`: the file to stream (required).
-    pub csv_path: PathBuf,
+    /// `CSV_PATH`: the file to stream (required unless `SCRAPE_TARGETS` is set; `None`: scrape
+    /// only).
+    pub csv_path: Option<PathBuf>,
+    /// `SCRAPE_TARGETS` and the other `SCRAPE_*` variables: `None` when no target is set.
+    pub scrape: Option<ScrapeConfig>,
     /// `WORKERS` (default 1): independent workers, each streaming the whole file.
     pub workers: u32,
     /// `RATE` (default 1.0): messages per second per worker; `None` = unlimited (`RATE=0`).
@@ -49,8 +52,22 @@ telemetry_shared::env_config! {
     struct RawStreamerConfig {
         flatten common: RawCommonConfig;
         flatten log: RawLogConfig;
-        /// The CSV file to stream (--csv overrides it).
-        csv_path = Required;
+        /// The CSV file to stream (--csv overrides it); required unless SCRAPE_TARGETS is set.
+        csv_path = Value("");
+        /// dcgm-exporter (or any Prometheus exposition) endpoints to scrape: comma-separated
+        /// http:// URLs, or the path of a file listing them (one a line or comma-separated, '#'
+        /// comments), re-read when it changes. Empty: no scraping.
+        scrape_targets = Value("");
+        /// How often each target is scraped.
+        scrape_interval = Value("15s");
+        /// How long one scrape may take (connect and body), at most SCRAPE_INTERVAL.
+        scrape_timeout = Computed("10s, or SCRAPE_INTERVAL if that is shorter");
+        /// Which samples of a scrape become messages: all, or gpu (only samples with the
+        /// Hostname, gpu and UUID labels, which the collector can store).
+        scrape_keep = Value("all");
+        /// TTL of the lease on which a streamer owns the targets it scrapes; another streamer
+        /// takes a target over this long after its owner died.
+        scrape_lease_ttl = Value("10s");
         /// Independent workers, 1 to 1024, each streaming the whole file as stream
         /// {STREAM_ID}-w{i} (--workers overrides it).
         workers = Value("1");
@@ -134,9 +151,15 @@ impl StreamerConfig {
     }
 
     fn validate(raw: &RawStreamerConfig) -> Result<Self, ConfigError> {
-        let csv_path = PathBuf::from(raw.csv_path().text()?);
+        let scrape = ScrapeConfig::validate(raw)?;
+        let csv_path = match raw.csv_path().text()?.trim() {
+            "" if scrape.is_none() => return Err(ConfigError::Missing("CSV_PATH or SCRAPE_TARGETS".into())),
+            "" => None,
+            path => Some(PathBuf::from(path)),
+        };
         Ok(StreamerConfig {
             common: CommonConfig::try_from(&raw.common)?,
+            scrape,
             workers: raw.workers().number(1..=1024)?,
             rate: rate(&raw.rate())?,
             loop_mode: raw.r#loop().boolean()?,
@@ -144,7 +167,7 @@ impl StreamerConfig {
             max_queue_depth: raw
                 .max_queue_depth()
                 .parse_with("a whole number of messages (0 = no limit)", |t| t.parse().ok())?,
-            stream_id: stream_id(&raw.stream_id(), &csv_path)?,
+            stream_id: stream_id(&raw.stream_id(), csv_path.as_deref())?,
             csv_path,
             metrics_port: raw.metrics_port().number(0..=u16::MAX)?,
             dedup_ttl: raw.dedup_ttl().duration(MIN_LEASE_TTL)?,
@@ -158,6 +181,106 @@ impl StreamerConfig {
     pub fn worker_stream_id(&self, index: u32) -> String {
         format!("{}-w{index}", self.stream_id)
     }
+}
+
+/// Where the scrape targets come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetList {
+    /// The URLs given in `SCRAPE_TARGETS`.
+    Urls(Vec<String>),
+    /// A file listing them, re-read when it changes.
+    File(PathBuf),
+}
+
+/// What to keep of a scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every sample.
+    All,
+    /// Samples with `Hostname`, `gpu` and `UUID` labels only.
+    Gpu,
+}
+
+/// The scrape source's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScrapeConfig {
+    /// `SCRAPE_TARGETS`.
+    pub targets: TargetList,
+    /// `SCRAPE_INTERVAL` (default 15s).
+    pub interval: Duration,
+    /// `SCRAPE_TIMEOUT` (default 10s, at most the interval).
+    pub timeout: Duration,
+    /// `SCRAPE_KEEP` (default all).
+    pub keep: Keep,
+    /// `SCRAPE_LEASE_TTL` (default 10s).
+    pub lease_ttl: Duration,
+}
+
+impl ScrapeConfig {
+    fn validate(raw: &RawStreamerConfig) -> Result<Option<Self>, ConfigError> {
+        let setting = raw.scrape_targets();
+        let text = setting.text()?.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let targets = if text.contains("://") {
+            let urls = parse_target_list(text);
+            if let Some(bad) = urls.iter().find(|u| !is_target_url(u)) {
+                return Err(setting.invalid(format!(
+                    "must be comma-separated http:// URLs (or a file of them; https is not supported: \
+                     put a TLS-terminating proxy in front); {bad:?} is not one"
+                )));
+            }
+            TargetList::Urls(urls)
+        } else {
+            TargetList::File(PathBuf::from(text))
+        };
+        let interval = raw.scrape_interval().duration(Duration::from_millis(100))?;
+        let timeout = match raw.scrape_timeout().value() {
+            None => interval.min(Duration::from_secs(10)),
+            Some(_) => raw.scrape_timeout().duration(Duration::from_millis(10))?,
+        };
+        if timeout > interval {
+            return Err(raw.scrape_timeout().invalid("must be at most SCRAPE_INTERVAL"));
+        }
+        let keep = match raw.scrape_keep().text()? {
+            "all" => Keep::All,
+            "gpu" => Keep::Gpu,
+            _ => return Err(raw.scrape_keep().invalid("must be all or gpu")),
+        };
+        Ok(Some(ScrapeConfig {
+            targets,
+            interval,
+            timeout,
+            keep,
+            lease_ttl: raw.scrape_lease_ttl().duration(MIN_LEASE_TTL)?,
+        }))
+    }
+}
+
+/// The URLs of a target list: separated by commas, white space or new lines; `#` starts a
+/// comment that runs to the end of its line; duplicates are listed once.
+pub fn parse_target_list(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        for url in line
+            .split([',', ' ', '\t'])
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            if !out.iter().any(|o| o == url) {
+                out.push(url.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Is `url` an `http://` URL with a host? (The streamer's HTTP client is built without TLS.)
+pub fn is_target_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://");
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.chars().any(char::is_whitespace))
 }
 
 impl Flags {
@@ -193,10 +316,11 @@ fn rate(setting: &Setting<'_>) -> Result<Option<f64>, ConfigError> {
     Ok((rate > 0.0).then_some(rate))
 }
 
-/// `STREAM_ID`, or the default derived from the CSV path.
-fn stream_id(setting: &Setting<'_>, csv_path: &std::path::Path) -> Result<String, ConfigError> {
+/// `STREAM_ID`, or the default derived from the CSV path (`scrape` without one: scraped
+/// targets have stream ids of their own).
+fn stream_id(setting: &Setting<'_>, csv_path: Option<&std::path::Path>) -> Result<String, ConfigError> {
     match setting.value() {
-        None => Ok(default_stream_id(csv_path)),
+        None => Ok(csv_path.map_or_else(|| "scrape".to_string(), default_stream_id)),
         Some(id) if is_key_segment(id) && id.len() <= 200 => Ok(id.to_string()),
         Some(_) => Err(setting.invalid("must be 1-200 characters without '/' or control characters")),
     }
@@ -259,7 +383,10 @@ mod tests {
     #[test]
     fn every_bad_variable_is_named_with_what_is_accepted() {
         let err = load(&[]).expect_err("no CSV_PATH");
-        assert_eq!(err.to_string(), "CSV_PATH is required but not set");
+        assert_eq!(
+            err.to_string(),
+            "CSV_PATH or SCRAPE_TARGETS is required but not set"
+        );
         let cases: &[(&str, &str)] = &[
             ("WORKERS", "two"),
             ("WORKERS", "0"),
@@ -280,9 +407,17 @@ mod tests {
             ("ETCD_NAMESPACE", "a b"),
             ("LOG_FORMAT", "pretty"),
             ("RUST_LOG", "info,x=loud"),
+            ("SCRAPE_TARGETS", "http://a:9400/metrics,ftp://b"),
+            ("SCRAPE_TARGETS", "https://a:9400/metrics"),
+            ("SCRAPE_INTERVAL", "0s"),
+            ("SCRAPE_TIMEOUT", "0s"),
+            ("SCRAPE_KEEP", "some"),
+            ("SCRAPE_LEASE_TTL", "1s"),
         ];
         for &(var, value) in cases.iter().chain(COMMON_REJECTIONS) {
-            let err = load(&[("CSV_PATH", "a"), (var, value)])
+            let scraping = var.starts_with("SCRAPE_") && var != "SCRAPE_TARGETS";
+            let targets = if scraping { "http://a:9400/metrics" } else { "" };
+            let err = load(&[("CSV_PATH", "a"), ("SCRAPE_TARGETS", targets), (var, value)])
                 .expect_err(var)
                 .to_string();
             assert!(
@@ -305,7 +440,7 @@ mod tests {
         documented.sort();
         assert_eq!(documented, StreamerConfig::env_vars());
         assert!(documented.contains(&"LOOP".to_string()));
-        assert!(StreamerConfig::env_help().contains("  CSV_PATH [required]\n"));
+        assert!(StreamerConfig::env_help().contains("  CSV_PATH [default: empty]\n"));
     }
 
     #[test]
@@ -326,10 +461,54 @@ mod tests {
         };
         let cfg = StreamerConfig::from_vars(vec![("CSV_PATH".to_string(), "a".to_string())], &flags)
             .expect("valid");
-        assert_eq!(cfg.csv_path, PathBuf::from("b.csv"));
+        assert_eq!(cfg.csv_path, Some(PathBuf::from("b.csv")));
         assert_eq!(cfg.workers, 3);
         assert_eq!(cfg.rate, Some(2.5));
         assert!(!cfg.loop_mode);
+    }
+
+    #[test]
+    fn scrape_targets_are_urls_or_a_file() {
+        let cfg = load(&[(
+            "SCRAPE_TARGETS",
+            "http://a:9400/metrics, http://b/federate?match[]=up,http://a:9400/metrics",
+        )])
+        .expect("scrape only");
+        assert_eq!(cfg.csv_path, None);
+        let scrape = cfg.scrape.expect("scraping");
+        assert_eq!(
+            scrape.targets,
+            TargetList::Urls(vec![
+                "http://a:9400/metrics".into(),
+                "http://b/federate?match[]=up".into()
+            ])
+        );
+        assert_eq!(
+            (scrape.interval, scrape.timeout, scrape.keep),
+            (Duration::from_secs(15), Duration::from_secs(10), Keep::All)
+        );
+        let short =
+            load(&[("SCRAPE_TARGETS", "http://a/metrics"), ("SCRAPE_INTERVAL", "2s")]).expect("valid");
+        assert_eq!(short.scrape.expect("scraping").timeout, Duration::from_secs(2));
+        let cfg = load(&[("SCRAPE_TARGETS", "/etc/targets"), ("CSV_PATH", "x.csv")]).expect("both");
+        assert_eq!(
+            cfg.scrape.expect("scraping").targets,
+            TargetList::File("/etc/targets".into())
+        );
+        assert_eq!(
+            parse_target_list("# dcgm\nhttp://a/metrics # first\n\nhttp://b/metrics,http://c/metrics\n"),
+            vec!["http://a/metrics", "http://b/metrics", "http://c/metrics"]
+        );
+        let err = load(&[
+            ("SCRAPE_TARGETS", "http://a/metrics"),
+            ("SCRAPE_INTERVAL", "5s"),
+            ("SCRAPE_TIMEOUT", "6s"),
+        ])
+        .expect_err("timeout over the interval");
+        assert!(
+            err.to_string().starts_with("SCRAPE_TIMEOUT=\"6s\" is invalid"),
+            "{err}"
+        );
     }
 
     #[test]

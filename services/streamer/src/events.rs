@@ -23,10 +23,19 @@ const BACKPRESSURE_WAITS: &str = "streamer_backpressure_waits_total";
 const ETCD_RETRIES: &str = "streamer_etcd_retries_total";
 const QUEUE_DEPTH: &str = "streamer_queue_depth";
 const TXN_SECONDS: &str = "streamer_txn_seconds";
+const SCRAPE_UP: &str = "streamer_scrape_up";
+const SCRAPES: &str = "streamer_scrapes_total";
+const SCRAPE_FAILURES: &str = "streamer_scrape_failures_total";
+const SCRAPE_SAMPLES: &str = "streamer_scrape_samples_total";
+const SCRAPE_SECONDS: &str = "streamer_scrape_duration_seconds";
+const TARGETS_OWNED: &str = "streamer_scrape_targets_owned";
 
 /// Every metric of the streamer (the shared ones are added by `observe`).
 pub const METRICS: &[MetricDef] = &[
-    MetricDef::counter(ROWS_ENQUEUED, "Rows enqueued as new messages."),
+    MetricDef::counter(
+        ROWS_ENQUEUED,
+        "Rows (and scraped samples) enqueued as new messages.",
+    ),
     MetricDef::counter(
         DUPLICATES,
         "Rows absorbed because their idempotency key was already enqueued.",
@@ -54,7 +63,153 @@ pub const METRICS: &[MetricDef] = &[
         TXN_SECONDS,
         "Duration of one enqueue transaction attempt (messages, dedup markers and checkpoint).",
     ),
+    MetricDef::gauge(
+        SCRAPE_UP,
+        "1 if the last scrape of the target succeeded, 0 if it failed (targets this streamer owns).",
+    )
+    .labeled(),
+    MetricDef::counter(SCRAPES, "Scrapes of the target completely enqueued.").labeled(),
+    MetricDef::counter(
+        SCRAPE_FAILURES,
+        "Scrapes of the target that failed, by reason: down, timeout, http, malformed.",
+    )
+    .labeled(),
+    MetricDef::counter(SCRAPE_SAMPLES, "Samples of the target enqueued as new messages.").labeled(),
+    MetricDef::histogram(
+        SCRAPE_SECONDS,
+        "Duration of one scrape: fetching and parsing the target's exposition.",
+    ),
+    MetricDef::gauge(TARGETS_OWNED, "Scrape targets this streamer owns and scrapes."),
 ];
+
+/// A chunk of a scrape landed: its samples are queued and the target's checkpoint moved.
+pub(crate) struct ScrapeChunkCommitted<'a> {
+    /// The process's counters.
+    pub stats: &'a Stats,
+    /// The target's URL.
+    pub target: &'a str,
+    /// Samples written.
+    pub enqueued: u64,
+    /// Samples absorbed (already enqueued by an earlier attempt of this scrape).
+    pub duplicates: u64,
+}
+
+impl InternalEvent for ScrapeChunkCommitted<'_> {
+    fn emit(self) {
+        self.stats.record_commit(self.enqueued, self.duplicates, 0);
+        metrics::counter!(ROWS_ENQUEUED).increment(self.enqueued);
+        metrics::counter!(DUPLICATES).increment(self.duplicates);
+        metrics::counter!(SCRAPE_SAMPLES, "target" => self.target.to_string()).increment(self.enqueued);
+    }
+}
+
+/// A scrape of a target is completely enqueued.
+pub(crate) struct ScrapeCompleted<'a> {
+    /// The target's URL.
+    pub target: &'a str,
+    /// The scrape's number in the target's stream.
+    pub seq: u64,
+    /// The scrape time.
+    pub time: &'a str,
+    /// Samples in the scrape.
+    pub samples: usize,
+}
+
+impl InternalEvent for ScrapeCompleted<'_> {
+    fn emit(self) {
+        tracing::debug!(target_url = %self.target, seq = self.seq, time = %self.time, samples = self.samples, "scrape enqueued");
+        metrics::counter!(SCRAPES, "target" => self.target.to_string()).increment(1);
+    }
+}
+
+/// A target answered with exposition text that parsed (whether or not it is then enqueued).
+pub(crate) struct ScrapeSucceeded<'a> {
+    /// The target's URL.
+    pub target: &'a str,
+    /// Seconds spent fetching and parsing.
+    pub seconds: f64,
+    /// How many failed scrapes this one ends (0: the target was up already).
+    pub after_failures: u64,
+}
+
+impl InternalEvent for ScrapeSucceeded<'_> {
+    fn emit(self) {
+        if self.after_failures > 0 {
+            tracing::info!(target_url = %self.target, failed_scrapes = self.after_failures, "scrape target is up again");
+        }
+        metrics::gauge!(SCRAPE_UP, "target" => self.target.to_string()).set(1.0);
+        metrics::histogram!(SCRAPE_SECONDS).record(self.seconds);
+    }
+}
+
+/// A scrape failed: the target is down, slow, or serves something that is not exposition text.
+/// Logged once per change of state (first failure, or another kind of failure); counted every
+/// time.
+pub(crate) struct ScrapeFailed<'a> {
+    /// The target's URL.
+    pub target: &'a str,
+    /// down, timeout, http or malformed.
+    pub reason: &'static str,
+    /// What went wrong.
+    pub error: &'a (dyn Display + Sync),
+    /// Whether this failure changes the target's state (then it is logged).
+    pub changed: bool,
+}
+
+impl InternalEvent for ScrapeFailed<'_> {
+    fn emit(self) {
+        if self.changed {
+            tracing::warn!(
+                target_url = %self.target, reason = self.reason, error = %self.error,
+                "scrape target failing; retrying every SCRAPE_INTERVAL (logged again when it changes)"
+            );
+        }
+        metrics::gauge!(SCRAPE_UP, "target" => self.target.to_string()).set(0.0);
+        metrics::counter!(SCRAPE_FAILURES, "target" => self.target.to_string(), "reason" => self.reason)
+            .increment(1);
+    }
+}
+
+/// This streamer took a target over or gave it up.
+pub(crate) struct TargetOwnership<'a> {
+    /// The target's URL.
+    pub target: &'a str,
+    /// True: it owns the target now; false: it no longer does.
+    pub owned: bool,
+}
+
+impl InternalEvent for TargetOwnership<'_> {
+    fn emit(self) {
+        if self.owned {
+            tracing::info!(target_url = %self.target, "scraping target (owner)");
+            metrics::gauge!(TARGETS_OWNED).increment(1.0);
+        } else {
+            tracing::info!(target_url = %self.target, "no longer scraping target (another streamer owns it, or it was removed)");
+            metrics::gauge!(TARGETS_OWNED).decrement(1.0);
+        }
+    }
+}
+
+/// A scrape that a crashed (or fenced-out) streamer left half enqueued is finished.
+pub(crate) struct ScrapeResumed<'a> {
+    /// The target's URL.
+    pub target: &'a str,
+    /// The scrape's number.
+    pub seq: u64,
+    /// Its scrape time (kept).
+    pub time: &'a str,
+    /// Samples already settled.
+    pub settled: u64,
+}
+
+impl InternalEvent for ScrapeResumed<'_> {
+    fn emit(self) {
+        tracing::info!(
+            target_url = %self.target, seq = self.seq, time = %self.time, settled = self.settled,
+            "resuming an unfinished scrape with its own scrape time; samples already enqueued are absorbed"
+        );
+    }
+}
 
 /// A transaction landed: its messages are queued and the checkpoint moved past its rows.
 /// Every row-fate counter is recorded here, once per committed row, so two same-id streamers
@@ -313,6 +468,39 @@ mod tests {
             pass: 0,
         });
         emit(QueueDepthRead { depth: 7 });
+        emit(ScrapeChunkCommitted {
+            stats: &stats,
+            target: "http://a/metrics",
+            enqueued: 3,
+            duplicates: 1,
+        });
+        emit(ScrapeCompleted {
+            target: "http://a/metrics",
+            seq: 1,
+            time: "t",
+            samples: 4,
+        });
+        emit(ScrapeSucceeded {
+            target: "http://a/metrics",
+            seconds: 0.1,
+            after_failures: 1,
+        });
+        emit(ScrapeFailed {
+            target: "http://b/metrics",
+            reason: "timeout",
+            error: &"slow",
+            changed: true,
+        });
+        emit(TargetOwnership {
+            target: "http://a/metrics",
+            owned: true,
+        });
+        emit(ScrapeResumed {
+            target: "http://a/metrics",
+            seq: 1,
+            time: "t",
+            settled: 63,
+        });
         emit(BackpressureWait {
             depth: 7,
             max: 7,
@@ -339,7 +527,8 @@ mod tests {
                 totals.conflicts,
                 totals.passes
             ),
-            (3, 1, 1, 1, 1)
+            (6, 2, 1, 1, 1),
+            "a scraped chunk counts like a CSV chunk"
         );
 
         let text = handle.render();

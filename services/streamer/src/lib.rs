@@ -1,4 +1,7 @@
-//! The streamer: CSV rows in, queued telemetry messages out, exactly once.
+//! The streamer: CSV rows in, queued telemetry messages out, exactly once. With
+//! `SCRAPE_TARGETS` it also (or only) scrapes dcgm-exporter endpoints: `scrape` fetches, parses
+//! and converts each scrape into DCGM-shaped messages and enqueues them through the same `sink`,
+//! exactly once per scrape, one streamer owning each target on a leased key.
 //!
 //! The pipeline inside is `source → transform → sink`:
 //! - [`source`] reads the CSV (RFC 4180), numbers its rows and fingerprints the file;
@@ -18,6 +21,7 @@ mod backpressure;
 mod config;
 pub mod events;
 mod progress;
+mod scrape;
 mod sink;
 pub mod source;
 pub mod transform;
@@ -30,8 +34,9 @@ use telemetry_shared::{Keyspace, etcd::BucketedLease, health::Health};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Flags, StreamerConfig};
+pub use config::{Flags, Keep, ScrapeConfig, StreamerConfig, TargetList};
 pub use progress::Totals;
+pub use scrape::{TargetFileError, target_stream_id};
 pub use sink::SinkError;
 pub use source::SourceError;
 
@@ -69,15 +74,19 @@ pub enum StreamerError {
     /// A message could not be encoded (should not happen for CSV input).
     #[error("cannot encode message: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The scrape target file cannot be read at start.
+    #[error(transparent)]
+    Targets(#[from] TargetFileError),
     /// A worker task panicked or was aborted.
     #[error("worker failed: {0}")]
     Worker(String),
 }
 
 /// Streams `config.csv_path` into the queue until done (one-shot) or until `shutdown` is
-/// cancelled, and returns the totals. In-flight transactions are finished, never cut, so the
-/// checkpoint is always consistent with the queue. A stream whose checkpoint was written for
-/// another file is refused before anything is enqueued ([`StreamerError::DifferentFile`]).
+/// cancelled, and scrapes the `SCRAPE_TARGETS` (if any) until shutdown; returns the totals.
+/// In-flight transactions are finished, never cut, so every checkpoint is always consistent with
+/// the queue. A stream whose checkpoint was written for another file is refused before anything
+/// is enqueued ([`StreamerError::DifferentFile`]).
 pub async fn run(
     config: StreamerConfig,
     client: Client,
@@ -87,8 +96,9 @@ pub async fn run(
     run_with_health(config, client, shutdown, health).await
 }
 
-/// [`run`], reporting to `health`: each worker is a watched loop, and the readiness check
-/// `stream` passes once the workers stream and fails while etcd requests are being retried.
+/// [`run`], reporting to `health`: each worker (and the scrape source) is a watched loop, and
+/// the readiness check `stream` passes once the workers stream and fails while etcd requests are
+/// being retried.
 pub async fn run_with_health(
     config: StreamerConfig,
     client: Client,
@@ -96,25 +106,117 @@ pub async fn run_with_health(
     health: Health,
 ) -> Result<Totals, StreamerError> {
     health.set_etcd(&client);
-    let stream = health.check("stream", "reading the source file and the stream checkpoints");
-    // One scan decides column types, fingerprints the file and counts rows for progress.
-    let scan = source::scan(&config.csv_path)?;
+    let stream = health.check("stream", "reading the source and the stream checkpoints");
     let keys = Keyspace::new(&config.common.etcd_namespace);
     let markers = Arc::new(BucketedLease::new(client.clone(), config.dedup_ttl));
     let sink =
         sink::Sink::new(client.clone(), keys.clone(), markers, shutdown.clone()).reporting_to(stream.clone());
-    if !same_file_for_every_worker(&config, &sink, &scan.fingerprint).await? {
-        return Ok(Totals::default());
-    }
-    stream.pass(format!("{} worker(s) streaming", config.workers));
     let gauge = Arc::new(backpressure::DepthGauge::new(
         client.clone(),
         keys.queue_prefix(),
         config.max_queue_depth,
     ));
     let stats = Arc::new(progress::Stats::default());
+    let mut scraping = config.scrape.clone().map(|scrape| {
+        tracing::info!(
+            targets = ?scrape.targets,
+            interval = ?scrape.interval,
+            timeout = ?scrape.timeout,
+            "scraping targets"
+        );
+        let ctx = Arc::new(scrape::Ctx::new(
+            scrape,
+            client.clone(),
+            keys.clone(),
+            sink.clone(),
+            gauge.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(health.watch("scrape", scrape::run(ctx)))
+    });
+    let result = match config.csv_path.clone() {
+        Some(csv_path) => {
+            let csv = Csv {
+                config,
+                csv_path,
+                sink,
+                gauge,
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let result = stream_csv(csv, &health, &stream).await;
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result
+        }
+        None => {
+            stream.pass("scraping");
+            // The CSV workers' progress line, for the scraped samples alone.
+            let reporter = progress::spawn_reporter(stats.clone(), gauge, config.progress_interval, None);
+            let scraped = match scraping.take() {
+                Some(task) => task
+                    .await
+                    .unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string()))),
+                None => Ok(()),
+            };
+            reporter.stop().await;
+            scraped
+        }
+    };
+    let scraped = match scraping {
+        Some(task) => {
+            // A one-shot CSV run that ended leaves the scraping running until shutdown.
+            task.await
+                .unwrap_or_else(|e| Err(StreamerError::Worker(e.to_string())))
+        }
+        None => Ok(()),
+    };
+    let totals = stats.totals();
     tracing::info!(
-        csv = %config.csv_path.display(),
+        enqueued = totals.enqueued,
+        duplicates = totals.duplicates,
+        skipped = totals.skipped,
+        conflicts = totals.conflicts,
+        passes = totals.passes,
+        "streamer stopped"
+    );
+    result.and(scraped).map(|()| totals)
+}
+
+/// What the CSV source needs.
+struct Csv {
+    config: StreamerConfig,
+    csv_path: std::path::PathBuf,
+    sink: sink::Sink,
+    gauge: Arc<backpressure::DepthGauge>,
+    stats: Arc<progress::Stats>,
+    shutdown: CancellationToken,
+}
+
+/// Streams the CSV file with `WORKERS` workers until done (one-shot) or shutdown.
+async fn stream_csv(
+    csv: Csv,
+    health: &Health,
+    stream: &telemetry_shared::health::Check,
+) -> Result<(), StreamerError> {
+    let Csv {
+        config,
+        csv_path,
+        sink,
+        gauge,
+        stats,
+        shutdown,
+    } = csv;
+    // One scan decides column types, fingerprints the file and counts rows for progress.
+    let scan = source::scan(&csv_path)?;
+    if !same_file_for_every_worker(&config, &csv_path, &sink, &scan.fingerprint).await? {
+        return Ok(());
+    }
+    stream.pass(format!("{} worker(s) streaming", config.workers));
+    tracing::info!(
+        csv = %csv_path.display(),
         rows = scan.types.data_rows(),
         fingerprint = %scan.fingerprint,
         workers = config.workers,
@@ -129,9 +231,10 @@ pub async fn run_with_health(
     let workers = config.workers;
     let shared = Arc::new(worker::Shared {
         config,
+        csv_path,
         sink,
         gauge,
-        stats: stats.clone(),
+        stats,
         types: scan.types,
         fingerprint: scan.fingerprint,
         shutdown,
@@ -142,22 +245,14 @@ pub async fn run_with_health(
     }
     let result = join_workers(tasks, &shared.shutdown).await;
     reporter.stop().await;
-    let totals = stats.totals();
-    tracing::info!(
-        enqueued = totals.enqueued,
-        duplicates = totals.duplicates,
-        skipped = totals.skipped,
-        conflicts = totals.conflicts,
-        passes = totals.passes,
-        "streamer stopped"
-    );
-    result.map(|()| totals)
+    result
 }
 
 /// Checks, before any worker starts, that no worker's stream was started with another file.
 /// `Ok(false)` if shutdown came while etcd was unreachable.
 async fn same_file_for_every_worker(
     config: &StreamerConfig,
+    csv_path: &std::path::Path,
     sink: &sink::Sink,
     fingerprint: &str,
 ) -> Result<bool, StreamerError> {
@@ -168,7 +263,7 @@ async fn same_file_for_every_worker(
             Err(err) if err.is_cancelled() => return Ok(false),
             Err(err) => return Err(err.into()),
         };
-        worker::check_source(&stream_id, &config.csv_path, fingerprint, checkpoint.as_ref())?;
+        worker::check_source(&stream_id, csv_path, fingerprint, checkpoint.as_ref())?;
     }
     Ok(true)
 }

@@ -196,6 +196,33 @@ pub(crate) fn plan_txn(
     }
 }
 
+/// How many of `entries` (at least one, if any) fit one transaction: two operations per
+/// message, one per profile not yet `written`, one for the checkpoint, within etcd's operation
+/// limit, [`MAX_ROWS_PER_TXN`] and [`MAX_TXN_BYTES`].
+pub(crate) fn chunk_len(entries: &[Pending], written: &dyn Fn(ProfileId) -> bool) -> usize {
+    let (mut taken, mut bytes) = (0, 0);
+    let mut profiles: Vec<ProfileId> = Vec::new();
+    for p in entries {
+        let (id, profile) = &p.prepared.profile;
+        let new_profile = !written(*id) && !profiles.contains(id);
+        let extra_bytes = if new_profile { profile.encode().len() } else { 0 };
+        let ops = 2 * (taken + 1) + profiles.len() + usize::from(new_profile) + 1;
+        if taken > 0
+            && (taken == MAX_ROWS_PER_TXN
+                || ops > MAX_TXN_OPS
+                || bytes + p.encoded.len() + extra_bytes > MAX_TXN_BYTES)
+        {
+            break;
+        }
+        taken += 1;
+        bytes += p.encoded.len() + extra_bytes;
+        if new_profile {
+            profiles.push(*id);
+        }
+    }
+    taken
+}
+
 /// The distinct profiles `entries` name that `written` does not hold, in first-use order.
 pub(crate) fn profiles_to_store(
     entries: &[&Pending],
@@ -671,6 +698,7 @@ pub(crate) mod tests {
             row,
             pass_complete,
             source_fingerprint: Some("sha256:ab".into()),
+            scrape_time: None,
         }
     }
 

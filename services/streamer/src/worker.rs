@@ -36,6 +36,8 @@ use crate::{
 /// What one worker shares with the others.
 pub(crate) struct Shared {
     pub config: StreamerConfig,
+    /// The CSV file.
+    pub csv_path: std::path::PathBuf,
     pub sink: Sink,
     pub gauge: Arc<DepthGauge>,
     pub stats: Arc<Stats>,
@@ -179,6 +181,7 @@ fn next_chunk(
             row,
             pass_complete,
             source_fingerprint: Some(fingerprint.to_string()),
+            scrape_time: None,
         },
     })
 }
@@ -279,7 +282,7 @@ async fn next_pass(
         Err(err) if err.is_cancelled() => return Ok(None),
         Err(err) => return Err(err.into()),
     };
-    let path = &shared.config.csv_path;
+    let path = &shared.csv_path;
     check_source(stream_id, path, &shared.fingerprint, checkpoint.as_ref())?;
     match plan_start(checkpoint.as_ref(), shared.config.loop_mode, first_pass) {
         Start::Pass { pass, after_row } => Ok(Some((pass, after_row, rev))),
@@ -325,7 +328,7 @@ impl Pass<'_> {
     /// [`flush_at`] rows, before waiting for the rate limiter, at shutdown and at end of file.
     async fn stream(&mut self, limiter: Option<&DefaultDirectRateLimiter>) -> Result<PassEnd, StreamerError> {
         let config = &self.shared.config;
-        let mut source = CsvSource::open(&config.csv_path)?;
+        let mut source = CsvSource::open(&self.shared.csv_path)?;
         let mut builder = MessageBuilder::new(
             source.headers().to_vec(),
             self.shared.types.clone(),
@@ -504,12 +507,7 @@ impl Pass<'_> {
             current,
         });
         let shared = self.shared;
-        check_source(
-            self.stream_id,
-            &shared.config.csv_path,
-            &shared.fingerprint,
-            current,
-        )?;
+        check_source(self.stream_id, &shared.csv_path, &shared.fingerprint, current)?;
         self.expected_rev = mod_revision;
         Ok(match adopt(current, self.pass, self.committed_row) {
             Adoption::Complete => Some(PassEnd::Complete),
@@ -535,6 +533,7 @@ mod tests {
             row,
             pass_complete,
             source_fingerprint: Some(FP.into()),
+            scrape_time: None,
         }
     }
 
@@ -591,6 +590,7 @@ mod tests {
         check_source("s-w0", path, FP, Some(&cp(0, 3, true))).expect("the same file");
         let legacy = Checkpoint {
             source_fingerprint: None,
+            scrape_time: None,
             ..cp(0, 3, false)
         };
         check_source("s-w0", path, FP, Some(&legacy)).expect("a checkpoint without a fingerprint");
@@ -621,6 +621,7 @@ mod tests {
                 row: 1 + MAX_ROWS_PER_TXN as u64,
                 pass_complete: false,
                 source_fingerprint: Some(FP.into()),
+                scrape_time: None,
             }
         );
         // A skip after the 63rd message still fits: it writes nothing but the checkpoint.

@@ -54,7 +54,9 @@ fn help_lists_every_flag_and_variable_with_its_default_and_starts_nothing() {
             );
         }
         for line in [
-            "CSV_PATH [required]",
+            "CSV_PATH [default: empty]",
+            "SCRAPE_TARGETS [default: empty]",
+            "SCRAPE_INTERVAL [default: 15s]",
             "WORKERS [default: 1]",
             "LOOP [default: true]",
         ] {
@@ -111,7 +113,7 @@ fn an_invalid_variable_or_flag_is_one_line_and_status_2() {
     }
     assert_eq!(
         config_error(&[], &[]),
-        "error: CSV_PATH is required but not set\n"
+        "error: CSV_PATH or SCRAPE_TARGETS is required but not set\n"
     );
     // A flag is checked like the variable it overrides.
     let stderr = config_error(&["--csv", "a.csv", "--workers", "0"], &[]);

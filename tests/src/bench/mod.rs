@@ -7,6 +7,8 @@
 //! - [`export`]: the exporter following the pipeline into a real Prometheus, its throughput
 //!   against the pipeline's and its etcd CPU per 1,000 records;
 //! - [`rss`]: peak memory of each service run as a real process;
+//! - [`scrape`]: the streamer scraping 1,000 simulated dcgm-exporters: samples/s and its CPU
+//!   per 1,000 samples;
 //! - [`gateway`]: "last 100 points", WebSocket delivery, and the REST and WebSocket load tests;
 //! - [`ideal`]: the reference exactly-once design, and etcd's CPU time;
 //! - [`limits`]: the open-file limit the load tests need, and where the service binaries are.
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod pipeline;
 pub mod raw;
 pub mod rss;
+pub mod scrape;
 
 /// One figure of the bench: a row of the printed table and of `bench.json`.
 #[derive(Debug, Clone, Serialize)]

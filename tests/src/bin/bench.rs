@@ -26,9 +26,13 @@
 //!    (1,000) subscribers at once receiving 200 writes. Any failed request or subscription
 //!    fails the bench (after the table is printed).
 //!
+//! 8. scrape: the streamer (a real process) scraping `--scrape-targets` (1,000) simulated
+//!    dcgm-exporters of 80 series each on loopback every second: samples scraped and enqueued
+//!    per second, and the streamer's CPU per 1,000 samples.
+//!
 //! `--quick` shrinks every phase (a few minutes in all); `--gateway-only` runs only phase 7,
 //! `--export-only` only phase 4, `--ideal-only` only the 2-collector end-to-end run, the ideal
-//! design and etcd bytes per record of phase 3.
+//! design and etcd bytes per record of phase 3, `--scrape-only` only phase 8.
 //!
 //! An enqueued message costs two key writes (queue entry + dedup marker), so the streamer's
 //! efficiency is `msgs_per_s * 2 / raw_keys_per_s`. An exactly-once message costs at least four
@@ -55,7 +59,7 @@ use telemetry_tests::bench::{
     Table, export, gateway as gw, ideal, limits,
     pipeline::{self, E2E_WORKERS, Target},
     raw::{self, reset},
-    rss,
+    rss, scrape as scraping,
 };
 
 #[derive(Parser, Debug)]
@@ -107,8 +111,15 @@ struct Args {
     export_only: bool,
     /// Run only the end-to-end run with 2 collectors, the ideal design beside it, and etcd
     /// bytes per stored record (issue 12's goals; quicker).
-    #[arg(long, conflicts_with_all = ["gateway_only", "export_only"])]
+    #[arg(long, conflicts_with_all = ["gateway_only", "export_only", "scrape_only"])]
     ideal_only: bool,
+    /// Run only the scrape phase (quicker).
+    #[arg(long, conflicts_with_all = ["gateway_only", "export_only"])]
+    scrape_only: bool,
+    /// Simulated dcgm-exporters (80 series each) in the scrape phase [default: 1000, --quick
+    /// 200].
+    #[arg(long)]
+    scrape_targets: Option<usize>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
@@ -128,6 +139,7 @@ struct Plan {
     ws_load_subscribers: usize,
     ws_load_writes: usize,
     latency_seconds: f64,
+    scrape_targets: usize,
 }
 
 impl Plan {
@@ -146,6 +158,7 @@ impl Plan {
             ws_load_subscribers: pick(args.ws_load_subscribers, 1000, 200),
             ws_load_writes: 200,
             latency_seconds: args.latency_seconds.unwrap_or(if q { 5.0 } else { 10.0 }),
+            scrape_targets: pick(args.scrape_targets, 1000, 200),
         }
     }
 
@@ -540,6 +553,36 @@ async fn service_rss(b: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The streamer scraping simulated dcgm-exporters (see `telemetry_tests::bench::scrape`).
+async fn scrape(b: &mut Bench) -> anyhow::Result<()> {
+    let targets = b.plan.scrape_targets;
+    let (interval, window) = (
+        Duration::from_secs(1),
+        Duration::from_secs(if b.plan.seconds < 4.0 { 5 } else { 15 }),
+    );
+    eprintln!(
+        "scrape: {targets} simulated dcgm-exporters x 80 series every {interval:?}, measured over {window:?} ..."
+    );
+    let run = scraping::scrape_phase(&b.target(), &b.bin_dir, targets, interval, window).await?;
+    let t = &mut b.table;
+    t.push(
+        "scrape_samples_enqueued",
+        run.samples_per_s,
+        "samples/s",
+        format!(
+            "{targets} targets x 80 series every 1 s on loopback (offered {:.0}/s), {} samples in {:.1} s, {} failed scrapes",
+            run.offered_per_s, run.samples, run.seconds, run.failures
+        ),
+    );
+    t.push(
+        "scrape_streamer_cpu_per_1000_samples",
+        run.cpu_ms_per_1000,
+        "ms",
+        "streamer CPU (utime+stime) per 1,000 samples scraped, parsed and enqueued",
+    );
+    Ok(())
+}
+
 /// The pipeline phases (everything but the gateway's), each on a reset store.
 async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     let raw = raw_txns(b).await?;
@@ -553,7 +596,9 @@ async fn pipeline_phases(b: &mut Bench) -> anyhow::Result<()> {
     b.reset().await?;
     enqueue_to_commit(b).await?;
     b.reset().await?;
-    service_rss(b).await
+    service_rss(b).await?;
+    b.reset().await?;
+    scrape(b).await
 }
 
 /// Gateway phases on `--points` stored points: query latency, WebSocket delivery latency, then
@@ -763,6 +808,11 @@ async fn main() -> anyhow::Result<()> {
     // Warnings from the services (e.g. a watch that keeps breaking) must be visible here.
     telemetry_shared::observe::init_tracing(&log);
     let mut bench = Bench::start(plan, bin_dir).await?;
+    if args.scrape_only {
+        scrape(&mut bench).await?;
+        print!("{}", bench.table.render());
+        return write_json(&bench.table, &args.json);
+    }
     if args.export_only {
         export(&mut bench).await?;
         print!("{}", bench.table.render());

@@ -5,4 +5,5 @@ mod helpers;
 mod metrics;
 mod operation;
 mod parsing;
+mod scrape;
 mod source_identity;
