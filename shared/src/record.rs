@@ -147,12 +147,13 @@ impl Profile {
 
     /// Bytes the overrides of `message` would take against this profile.
     fn override_cost(&self, message: &Message) -> usize {
+        let mut buf = Vec::new();
         self.fields
             .values()
             .zip(message.fields.values())
             .filter(|(a, b)| a != b)
             .map(|(base, v)| {
-                let mut buf = Vec::new();
+                buf.clear();
                 write_override(&mut buf, base, v);
                 buf.len()
             })
@@ -485,18 +486,23 @@ fn write_override(out: &mut Vec<u8>, base: &Value, value: &Value) {
             .take_while(|(x, y)| x == y)
             .count();
         let middle = &b[prefix..b.len() - suffix];
-        let mut edit = Vec::with_capacity(middle.len() + 8);
-        edit.push(TAG_STR_EDIT);
-        write_varint(&mut edit, prefix as u64);
-        write_varint(&mut edit, suffix as u64);
-        write_varint(&mut edit, middle.len() as u64);
-        edit.extend_from_slice(middle);
-        let mut whole = Vec::with_capacity(b.len() + 4);
-        write_value(&mut whole, value, true);
-        out.extend_from_slice(if edit.len() < whole.len() { &edit } else { &whole });
-        return;
+        let edit_len = 1 + varint_len(prefix) + varint_len(suffix) + varint_len(middle.len()) + middle.len();
+        let whole_len = 1 + varint_len(b.len()) + b.len();
+        if edit_len < whole_len {
+            out.push(TAG_STR_EDIT);
+            write_varint(out, prefix as u64);
+            write_varint(out, suffix as u64);
+            write_varint(out, middle.len() as u64);
+            out.extend_from_slice(middle);
+            return;
+        }
     }
     write_value(out, value, true);
+}
+
+/// Bytes [`write_varint`] takes for `n`.
+fn varint_len(n: usize) -> usize {
+    (usize::BITS - n.leading_zeros()).max(1).div_ceil(7) as usize
 }
 
 fn write_varint(out: &mut Vec<u8>, mut n: u64) {
@@ -765,6 +771,15 @@ mod tests {
             let mut bytes = good.clone();
             bytes[at..].copy_from_slice(&bad);
             assert!(decode(&bytes, &profile, other.id, Some(other.timestamp)).is_err());
+        }
+    }
+
+    #[test]
+    fn varint_len_is_what_write_varint_writes() {
+        for n in [0usize, 1, 127, 128, 16_383, 16_384, 2_097_152, u32::MAX as usize] {
+            let mut buf = Vec::new();
+            write_varint(&mut buf, n as u64);
+            assert_eq!(varint_len(n), buf.len(), "{n}");
         }
     }
 
