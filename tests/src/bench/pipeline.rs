@@ -175,41 +175,21 @@ pub async fn footprint(target: &Target, csv: &Path, collectors: usize) -> anyhow
 async fn print_key_breakdown(client: &Client, prefix: &str, records: i64) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
     let mut families: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-    let mut kv = client.kv_client();
-    let mut from = prefix.as_bytes().to_vec();
-    let mut end = prefix.as_bytes().to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    loop {
-        let options = etcd_client::GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(2000);
-        let page = kv.get(from.clone(), Some(options)).await?;
-        for item in page.kvs() {
-            let key = String::from_utf8_lossy(&item.key()[prefix.len()..]).into_owned();
-            let mut parts = key.split('/');
-            let family = match (parts.next(), parts.next()) {
-                (Some(first @ ("telemetry" | "index" | "queue")), Some(second)) => {
-                    format!("{first}/{second}")
-                }
-                (Some(first), _) => first.to_string(),
-                _ => String::new(),
-            };
-            if !families.contains_key(&family) {
-                eprintln!("    e.g. {key} = {:?}", String::from_utf8_lossy(item.value()));
-            }
-            let entry = families.entry(family).or_default();
-            entry.0 += 1;
-            entry.1 += item.key().len() as u64;
-            entry.2 += item.value().len() as u64;
+    for (full_key, value) in telemetry_harness::range_all(client, prefix).await? {
+        let key = &full_key[prefix.len()..];
+        let mut parts = key.split('/');
+        let family = match (parts.next(), parts.next()) {
+            (Some(first @ ("telemetry" | "index" | "queue")), Some(second)) => format!("{first}/{second}"),
+            (Some(first), _) => first.to_string(),
+            _ => String::new(),
+        };
+        if !families.contains_key(&family) {
+            eprintln!("    e.g. {key} = {:?}", String::from_utf8_lossy(&value));
         }
-        let Some(last) = page.kvs().last() else { break };
-        if !page.more() {
-            break;
-        }
-        from = last.key().to_vec();
-        from.push(0);
+        let entry = families.entry(family).or_default();
+        entry.0 += 1;
+        entry.1 += full_key.len() as u64;
+        entry.2 += value.len() as u64;
     }
     let per = |n: u64| n as f64 / records.max(1) as f64;
     eprintln!("  keys under {prefix} once the queue is empty, per stored record ({records} records):");
