@@ -42,6 +42,8 @@ pub struct E2eRun {
     pub messages: u64,
     /// etcd CPU seconds the run took.
     pub etcd_cpu: f64,
+    /// CPU seconds of the bench process (the in-process streamer and collectors) during it.
+    pub services_cpu: f64,
 }
 
 impl Target {
@@ -89,6 +91,7 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         .set("WORKERS", E2E_WORKERS)
         .set("PROGRESS_INTERVAL", "1h");
     let cpu_before = super::ideal::cpu_seconds(target.pid)?;
+    let own_before = super::ideal::cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let totals = pipeline.stream(env).await?;
     // Polls only the (small) queue while draining; a count over the growing data prefix would
@@ -98,6 +101,7 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         .await;
     let secs = started.elapsed().as_secs_f64();
     let etcd_cpu = super::ideal::cpu_seconds(target.pid)? - cpu_before;
+    let services_cpu = super::ideal::cpu_seconds(std::process::id())? - own_before;
     let stopped = pipeline.shutdown().await?;
     eprintln!(
         "  {collectors} collector(s): {} records in {} commits ({:.1} per commit)",
@@ -109,6 +113,7 @@ pub async fn e2e_rate(target: &Target, csv: &Path, collectors: usize) -> anyhow:
         rate: totals.enqueued as f64 / secs,
         messages: totals.enqueued,
         etcd_cpu,
+        services_cpu,
     })
 }
 

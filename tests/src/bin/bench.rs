@@ -92,6 +92,11 @@ struct Args {
     /// Concurrent REST clients in the gateway load phase [default: 1000, --quick 200].
     #[arg(long)]
     rest_clients: Option<usize>,
+    /// Requests each REST client sends in the gateway load phase, over its kept-alive
+    /// connection [default: 20, --quick 5]. Enough that the rate measures serving, not the
+    /// setting-up of 1,000 connections.
+    #[arg(long)]
+    rest_requests: Option<usize>,
     /// WebSocket subscribers connected at once in the gateway load phase [default: 1000,
     /// --quick 200].
     #[arg(long)]
@@ -154,7 +159,7 @@ impl Plan {
             subscribers: pick(args.subscribers, 100, 100),
             ws_writes: if q { 400 } else { 1000 },
             rest_clients: pick(args.rest_clients, 1000, 200),
-            rest_requests_per_client: 5,
+            rest_requests_per_client: pick(args.rest_requests, 20, 5),
             ws_load_subscribers: pick(args.ws_load_subscribers, 1000, 200),
             ws_load_writes: 200,
             latency_seconds: args.latency_seconds.unwrap_or(if q { 5.0 } else { 10.0 }),
@@ -390,8 +395,10 @@ async fn ideal_design(b: &mut Bench, e2e: pipeline::E2eRun) -> anyhow::Result<()
     );
     let pid = b.target().pid;
     let cpu_before = ideal::cpu_seconds(pid)?;
+    let own_before = ideal::cpu_seconds(std::process::id())?;
     let run = ideal::run(&b.client, "/ideal", messages, len).await?;
     let ideal_cpu = ideal::cpu_seconds(pid)? - cpu_before;
+    let clients_cpu = ideal::cpu_seconds(std::process::id())? - own_before;
     let t = &mut b.table;
     let note = format!(
         "{} messages of {len} bytes: {} producers x 64-message txns (queue put + dedup marker, create_revision == 0), {} consumers x 63-message txns (data put + queue delete) fenced by their owner key's lease",
@@ -417,6 +424,18 @@ async fn ideal_design(b: &mut Bench, e2e: pipeline::E2eRun) -> anyhow::Result<()
         per_1000(ideal_cpu, run.messages),
         "ms",
         "etcd user+system CPU per 1,000 messages, ideal design (/proc)",
+    );
+    t.push(
+        "client_cpu_per_1000_e2e_2c",
+        per_1000(e2e.services_cpu, e2e.messages),
+        "ms",
+        "bench process CPU per 1,000 messages: the in-process streamer (16 workers) and 2 collectors",
+    );
+    t.push(
+        "client_cpu_per_1000_ideal",
+        per_1000(clients_cpu, run.messages),
+        "ms",
+        "bench process CPU per 1,000 messages: the ideal design's 16 producers and 16 consumers",
     );
     Ok(())
 }
@@ -716,7 +735,7 @@ async fn ws_delivery(b: &mut Bench, addr: &str, keys: &telemetry_shared::Keyspac
     Ok(())
 }
 
-/// `--rest-clients` concurrent REST clients x 5 requests, from the window and then from etcd
+/// `--rest-clients` concurrent REST clients x `--rest-requests` requests, from the window and then from etcd
 /// (`Cache-Control: no-cache`), and the ratio of their rates. Returns failures, if any.
 async fn load_rest(b: &mut Bench, addr: &str) -> anyhow::Result<Vec<String>> {
     let (clients, per) = (b.plan.rest_clients, b.plan.rest_requests_per_client);
