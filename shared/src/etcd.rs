@@ -386,6 +386,57 @@ impl BoundedTxn {
             .and_then(self.success)
             .or_else(self.failure))
     }
+
+    /// Builds the transaction without its failure branch, whose reads become a read-only
+    /// transaction of their own, sent only when a compare fails ([`SplitTxn::send`]). etcd
+    /// decodes, logs and replicates a write request whole, failure branch included, so a commit
+    /// that carries one read per compare pays for them on every success.
+    pub fn build_split(self) -> Result<SplitTxn, EtcdError> {
+        let ops = self.ops();
+        if ops > MAX_TXN_OPS {
+            return Err(EtcdError::TxnTooLarge { ops });
+        }
+        let reads = (!self.failure.is_empty()).then(|| Txn::new().and_then(self.failure));
+        Ok(SplitTxn {
+            main: Txn::new().when(self.compares).and_then(self.success),
+            reads,
+        })
+    }
+}
+
+/// A transaction whose failure-branch reads are sent only when a compare fails (see
+/// [`BoundedTxn::build_split`]).
+pub struct SplitTxn {
+    main: Txn,
+    reads: Option<Txn>,
+}
+
+/// What a [`SplitTxn`] did.
+#[derive(Debug)]
+pub enum TxnAnswer {
+    /// Every compare held: the success branch was applied.
+    Applied(etcd_client::TxnResponse),
+    /// A compare failed and nothing was applied. The failure branch's reads, in order, made in
+    /// a second, read-only transaction: one snapshot taken after the refusal, so a caller that
+    /// acts on them compares again in its next attempt. `Err` when that read failed (the
+    /// refusal itself is certain).
+    Refused(Result<etcd_client::TxnResponse, etcd_client::Error>),
+}
+
+impl SplitTxn {
+    /// Sends the transaction, and its reads if a compare fails. An error is the transaction's
+    /// own (its outcome may be unknown: see [`is_indeterminate`]).
+    pub async fn send(self, client: &mut Client) -> Result<TxnAnswer, etcd_client::Error> {
+        let resp = client.txn(self.main).await?;
+        if resp.succeeded() {
+            return Ok(TxnAnswer::Applied(resp));
+        }
+        Ok(TxnAnswer::Refused(match self.reads {
+            Some(reads) => client.txn(reads).await,
+            // No reads: the (empty) failure branch's answer.
+            None => Ok(resp),
+        }))
+    }
 }
 
 /// Number of keys under `prefix`, counted by etcd without transferring them. `serializable`

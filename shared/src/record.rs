@@ -27,7 +27,7 @@
 //! position and typed fields, so a record written by the streamer need not store it: a reader
 //! recomputes it. A message whose key was made any other way keeps it explicitly.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
@@ -327,55 +327,151 @@ pub fn decode(
     id: Ulid,
     timestamp: Option<Timestamp>,
 ) -> Result<Message, RecordError> {
-    let head = header(bytes)?;
-    let mismatch = |reason| RecordError::Mismatch {
-        profile: head.profile,
-        reason,
-    };
-    let timestamp = head
-        .timestamp
-        .or(timestamp)
-        .ok_or(RecordError::Malformed("no processing time"))?;
-    let mut r = Reader { bytes, at: head.body };
-    let n = usize::try_from(r.varint()?).map_err(|_| RecordError::Malformed("field count"))?;
-    if n != profile.fields.len() {
-        return Err(mismatch("field count differs"));
-    }
-    let bitmap = r.take(n.div_ceil(8))?.to_vec();
-    let mut fields = Fields::with_capacity(n);
-    for (i, (name, base)) in profile.fields.iter().enumerate() {
-        let value = if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            r.override_of(base)?
-        } else {
-            base.clone()
+    View::read(bytes, header(bytes)?, profile)?.into_message(id, timestamp)
+}
+
+/// A lean record read against its profile without building its message: every field's value
+/// is borrowed from the profile unless the record overrides it. A collector needs a few
+/// fields, the idempotency key and the stored form of a queue entry, not a copy of the whole
+/// profile per message.
+#[derive(Debug)]
+pub struct View<'p> {
+    /// The record's header.
+    pub header: Header,
+    profile: &'p Profile,
+    values: Vec<Cow<'p, Value>>,
+}
+
+impl<'p> View<'p> {
+    /// Reads the body of `bytes` (whose header is `header`) against `profile`, checking every
+    /// override and that nothing trails.
+    pub fn read(bytes: &[u8], header: Header, profile: &'p Profile) -> Result<Self, RecordError> {
+        let mismatch = |reason| RecordError::Mismatch {
+            profile: header.profile,
+            reason,
         };
-        fields.insert(name.clone(), value);
+        let mut r = Reader {
+            bytes,
+            at: header.body,
+        };
+        let n = usize::try_from(r.varint()?).map_err(|_| RecordError::Malformed("field count"))?;
+        if n != profile.fields.len() {
+            return Err(mismatch("field count differs"));
+        }
+        let bitmap = r.take(n.div_ceil(8))?.to_vec();
+        let mut values = Vec::with_capacity(n);
+        for (i, base) in profile.fields.values().enumerate() {
+            values.push(if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                Cow::Owned(r.override_of(base)?)
+            } else {
+                Cow::Borrowed(base)
+            });
+        }
+        if r.at != bytes.len() {
+            return Err(RecordError::Malformed("trailing bytes"));
+        }
+        if header.source.is_some() && profile.stream_id.is_none() {
+            return Err(mismatch("source position without a stream"));
+        }
+        Ok(View {
+            header,
+            profile,
+            values,
+        })
     }
-    if r.at != bytes.len() {
-        return Err(RecordError::Malformed("trailing bytes"));
+
+    /// The value of field `name`, if the profile has it.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.profile
+            .fields
+            .keys()
+            .position(|k| k == name)
+            .and_then(|i| self.values.get(i))
+            .map(|v| &**v)
     }
-    let source = match (head.source, &profile.stream_id) {
-        (Some((pass, row)), Some(stream_id)) => Some(SourcePosition {
-            stream_id: stream_id.clone(),
-            pass,
-            row,
-        }),
-        (None, _) => None,
-        (Some(_), None) => return Err(mismatch("source position without a stream")),
-    };
-    let mut message = Message {
-        schema_version: SchemaVersion::V1,
-        id,
-        timestamp,
-        idempotency_key: String::new(),
-        source,
-        fields,
-    };
-    message.idempotency_key = match head.explicit_key {
-        Some(key) => key,
-        None => derived_key_of(&message).ok_or(RecordError::Malformed("no idempotency key"))?,
-    };
-    Ok(message)
+
+    /// The fields, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.profile.fields.keys().zip(self.values.iter().map(|v| &**v))
+    }
+
+    /// The key [`derive_key`] gives the record's message, if it has a source position.
+    pub fn derived_key(&self) -> Option<String> {
+        let (pass, row) = self.header.source?;
+        let stream_id = self.profile.stream_id.as_deref()?;
+        Some(derive_key(stream_id, pass, row, self.fields()))
+    }
+
+    /// The record's idempotency key: the stored one, else the derived one.
+    pub fn idempotency_key(&self) -> Option<String> {
+        self.header.explicit_key.clone().or_else(|| self.derived_key())
+    }
+
+    /// The message the record was made from.
+    pub fn into_message(self, id: Ulid, timestamp: Option<Timestamp>) -> Result<Message, RecordError> {
+        let timestamp = self
+            .header
+            .timestamp
+            .or(timestamp)
+            .ok_or(RecordError::Malformed("no processing time"))?;
+        let idempotency_key = self
+            .idempotency_key()
+            .ok_or(RecordError::Malformed("no idempotency key"))?;
+        let source = match (self.header.source, &self.profile.stream_id) {
+            (Some((pass, row)), Some(stream_id)) => Some(SourcePosition {
+                stream_id: stream_id.clone(),
+                pass,
+                row,
+            }),
+            _ => None,
+        };
+        let fields = self
+            .profile
+            .fields
+            .keys()
+            .cloned()
+            .zip(self.values.into_iter().map(Cow::into_owned))
+            .collect();
+        Ok(Message {
+            schema_version: SchemaVersion::V1,
+            id,
+            timestamp,
+            idempotency_key,
+            source,
+            fields,
+        })
+    }
+
+    /// The stored form of this record, read from `bytes` (a queue entry): what
+    /// [`encode`]`(.., Form::Stored)` makes of its message, without building the message. The
+    /// processing time goes (a stored record's key carries it), and so does the idempotency key
+    /// when `key_is_derived` (the caller checked it against [`View::derived_key`]); the body is
+    /// kept byte for byte.
+    pub fn stored(&self, bytes: &[u8], key_is_derived: bool) -> Vec<u8> {
+        let body = bytes.get(self.header.body..).unwrap_or_default();
+        let mut out = Vec::with_capacity(2 + 8 + 10 + 32 + body.len());
+        out.push(MAGIC);
+        let mut flags = 0;
+        if self.header.source.is_some() {
+            flags |= FLAG_SOURCE;
+        }
+        let explicit = self.header.explicit_key.as_deref().filter(|_| !key_is_derived);
+        let explicit = explicit.and_then(|k| hex::decode(k).ok());
+        if explicit.is_some() {
+            flags |= FLAG_EXPLICIT_KEY;
+        }
+        out.push(flags);
+        out.extend_from_slice(&self.header.profile.0);
+        if let Some((pass, row)) = self.header.source {
+            write_varint(&mut out, pass);
+            write_varint(&mut out, row);
+        }
+        if let Some(key) = explicit {
+            out.extend_from_slice(&key);
+        }
+        out.extend_from_slice(body);
+        out
+    }
 }
 
 /// Chooses a profile for each message of one stream, and says when a new one is needed.
@@ -711,6 +807,41 @@ mod tests {
             for v in SchemaVersion::ALL {
                 assert_eq!(back.to_version(v).to_string(), msg.to_version(v).to_string());
             }
+        }
+    }
+
+    #[test]
+    fn a_queue_entry_becomes_the_stored_record_encode_makes_without_building_its_message() {
+        let first = dcgm("DCGM_FI_DEV_DEC_UTIL", 0.0, 1);
+        let profile = Profile::of(&first);
+        let mut foreign = dcgm("DCGM_FI_DEV_POWER_USAGE", 284.5, 2);
+        foreign.idempotency_key = "ab".repeat(32);
+        let mut unsourced = dcgm("M", 1.5, 3);
+        unsourced.source = None;
+        let unsourced_profile = Profile::of(&unsourced);
+        for (msg, profile) in [
+            (first.clone(), &profile),
+            (dcgm("DCGM_FI_DEV_POWER_USAGE", 284.5, 2), &profile),
+            (foreign, &profile),
+            (unsourced, &unsourced_profile),
+        ] {
+            let pid = profile.id();
+            let queued = encode(&msg, profile, pid, Form::Queue).expect("fits");
+            let view = View::read(&queued, header(&queued).expect("header"), profile).expect("reads");
+            assert_eq!(
+                view.idempotency_key().as_deref(),
+                Some(msg.idempotency_key.as_str())
+            );
+            assert_eq!(view.get("Hostname"), msg.fields.get("Hostname"));
+            assert_eq!(view.get("value"), msg.fields.get("value"));
+            assert_eq!(view.get("no such column"), None);
+            let derived = view.derived_key().as_deref() == Some(msg.idempotency_key.as_str());
+            assert_eq!(
+                view.stored(&queued, derived),
+                encode(&msg, profile, pid, Form::Stored).expect("fits"),
+                "{}",
+                msg.idempotency_key
+            );
         }
     }
 

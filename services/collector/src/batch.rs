@@ -210,7 +210,7 @@ fn index_needs(
         gpu_id: record.gpu_id.clone(),
         device: record.device.clone(),
         model: record.model.clone(),
-        last_seen: record.message.timestamp,
+        last_seen: record.timestamp,
     };
     let in_batch = index.gpus.iter().any(|g| g.uuid == info.uuid);
     let gpu = (!in_batch && known.is_stale(&info, now)).then_some(info);
@@ -224,9 +224,9 @@ fn refresh_last_seen(batch: &mut Batch) {
     for item in &batch.items {
         if let Item::Record { record, .. } = item
             && let Some(gpu) = batch.index.gpus.iter_mut().find(|g| g.uuid == record.uuid)
-            && gpu.last_seen < record.message.timestamp
+            && gpu.last_seen < record.timestamp
         {
-            gpu.last_seen = record.message.timestamp;
+            gpu.last_seen = record.timestamp;
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use telemetry_shared::{
-    Keyspace, Message,
+    Keyspace, Message, Timestamp,
     keys::is_key_segment,
     message::{field_text, is_idempotency_key},
     profiles::ProfileCache,
@@ -28,8 +28,12 @@ use crate::config::Columns;
 /// A message that passed validation.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
-    /// The message, migrated to `v1`.
-    pub message: Message,
+    /// The message's processing time.
+    pub timestamp: Timestamp,
+    /// The message's idempotency key.
+    pub idempotency_key: String,
+    /// Its dedup marker's key.
+    pub marker_key: String,
     /// Host name (a key segment).
     pub hostname: String,
     /// GPU id within the host (a key segment).
@@ -74,8 +78,8 @@ pub(crate) struct Context<'a> {
 
 /// A field value as a key segment (see [`field_text`]): a missing, null or non-scalar value, or
 /// one that cannot be a key segment, is a validation error.
-fn segment(fields: &telemetry_shared::Fields, column: &str) -> Result<String, String> {
-    let text = match fields.get(column) {
+fn segment(value: Option<&Value>, column: &str) -> Result<String, String> {
+    let text = match value {
         None | Some(Value::Null) => return Err(format!("missing field {column:?}")),
         Some(value) => {
             field_text(value).ok_or_else(|| format!("field {column:?} is not a scalar: {value}"))?
@@ -90,32 +94,92 @@ fn segment(fields: &telemetry_shared::Fields, column: &str) -> Result<String, St
 }
 
 /// An optional descriptive field as text; empty counts as absent.
-fn optional(fields: &telemetry_shared::Fields, column: &str) -> Option<String> {
-    fields
-        .get(column)
+fn optional(value: Option<&Value>) -> Option<String> {
+    value
         .and_then(field_text)
         .filter(|t| !t.is_empty())
         .map(|t| t.into_owned())
+}
+
+/// The identifying fields of a message, by the configured columns.
+struct Identity {
+    hostname: String,
+    gpu_id: String,
+    uuid: String,
+    device: Option<String>,
+    model: Option<String>,
+}
+
+impl Identity {
+    fn of<'v>(columns: &Columns, get: impl Fn(&str) -> Option<&'v Value>) -> Result<Self, String> {
+        Ok(Identity {
+            hostname: segment(get(&columns.hostname), &columns.hostname)?,
+            gpu_id: segment(get(&columns.gpu_id), &columns.gpu_id)?,
+            uuid: segment(get(&columns.uuid), &columns.uuid)?,
+            device: optional(get(&columns.device)),
+            model: optional(get(&columns.model)),
+        })
+    }
 }
 
 /// Validates and migrates one queued payload. `queue_id` is the id part of its queue key, which
 /// must match the message id (a mismatch means the entry was not written by a producer that
 /// follows the layout).
 pub(crate) fn validate(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
-    let (message, lean_profile) = if record::is_lean(payload) {
-        let id = queue_id
-            .parse()
-            .map_err(|_| format!("queue key id {queue_id:?} is not a ULID"))?;
-        let head = record::header(payload).map_err(|e| e.to_string())?;
-        let profile = ctx
-            .profiles
-            .get(head.profile)
-            .ok_or_else(|| record::RecordError::UnknownProfile(head.profile).to_string())?;
-        let message = record::decode(payload, &profile, id, None).map_err(|e| e.to_string())?;
-        (message, Some((head.profile, profile)))
+    if record::is_lean(payload) {
+        lean(payload, queue_id, ctx)
     } else {
-        (schema::decode(payload).map_err(|e| e.to_string())?.0, None)
-    };
+        json(payload, queue_id, ctx)
+    }
+}
+
+/// A lean entry (the streamer's), read against its profile without building its message: the
+/// stored record is the entry without its processing time (and without its idempotency key
+/// when that is the derived one), which is what encoding the decoded message would give.
+fn lean(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
+    let id: ulid::Ulid = queue_id
+        .parse()
+        .map_err(|_| format!("queue key id {queue_id:?} is not a ULID"))?;
+    let head = record::header(payload).map_err(|e| e.to_string())?;
+    let profile_id = head.profile;
+    let profile = ctx
+        .profiles
+        .get(profile_id)
+        .ok_or_else(|| record::RecordError::UnknownProfile(profile_id).to_string())?;
+    let view = record::View::read(payload, head, &profile).map_err(|e| e.to_string())?;
+    let timestamp = view
+        .header
+        .timestamp
+        .ok_or_else(|| record::RecordError::Malformed("no processing time").to_string())?;
+    let derived = view.derived_key();
+    let idempotency_key = view
+        .header
+        .explicit_key
+        .clone()
+        .or_else(|| derived.clone())
+        .ok_or_else(|| record::RecordError::Malformed("no idempotency key").to_string())?;
+    if !is_idempotency_key(&idempotency_key) {
+        return Err("idempotency_key must be 64 lower-case hex digits".into());
+    }
+    let who = Identity::of(ctx.columns, |c| view.get(c))?;
+    let encoded = view.stored(payload, derived.as_deref() == Some(idempotency_key.as_str()));
+    drop(view);
+    Ok(finish(
+        ctx.keys,
+        id,
+        timestamp,
+        idempotency_key,
+        who,
+        encoded,
+        (profile_id, profile),
+        MarkerMode::Held,
+    ))
+}
+
+/// A JSON entry (another producer, or an older release) of any schema version, migrated to
+/// `v1` and given a profile of its GPU's messages.
+fn json(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
+    let message: Message = schema::decode(payload).map_err(|e| e.to_string())?.0;
     if message.id.to_string() != queue_id {
         return Err(format!(
             "message id {} does not match its queue key ({queue_id})",
@@ -125,38 +189,55 @@ pub(crate) fn validate(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) ->
     if !is_idempotency_key(&message.idempotency_key) {
         return Err("idempotency_key must be 64 lower-case hex digits".into());
     }
-    let hostname = segment(&message.fields, &ctx.columns.hostname)?;
-    let gpu_id = segment(&message.fields, &ctx.columns.gpu_id)?;
-    let uuid = segment(&message.fields, &ctx.columns.uuid)?;
-    let (profile, marker) = match lean_profile {
-        Some(profile) => (profile, MarkerMode::Held),
-        // A JSON message gets a profile of its GPU's messages.
-        None => {
-            let choice = ctx
-                .book
-                .choose(format!("{hostname}/{gpu_id}").as_bytes(), &message);
-            ((choice.id, choice.profile), MarkerMode::Claim)
-        }
-    };
-    let encoded = record::encode(&message, &profile.1, profile.0, Form::Stored).map_err(|e| e.to_string())?;
-    let data_key = ctx.keys.data_record(
-        &hostname,
-        &gpu_id,
-        &message.timestamp.to_string(),
-        &message.id.to_string(),
+    let who = Identity::of(ctx.columns, |c| message.fields.get(c))?;
+    let choice = ctx
+        .book
+        .choose(format!("{}/{}", who.hostname, who.gpu_id).as_bytes(), &message);
+    let encoded =
+        record::encode(&message, &choice.profile, choice.id, Form::Stored).map_err(|e| e.to_string())?;
+    Ok(finish(
+        ctx.keys,
+        message.id,
+        message.timestamp,
+        message.idempotency_key,
+        who,
+        encoded,
+        (choice.id, choice.profile),
+        MarkerMode::Claim,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    keys: &Keyspace,
+    id: ulid::Ulid,
+    timestamp: Timestamp,
+    idempotency_key: String,
+    who: Identity,
+    encoded: Vec<u8>,
+    profile: (ProfileId, Arc<Profile>),
+    marker: MarkerMode,
+) -> Record {
+    let data_key = keys.data_record(
+        &who.hostname,
+        &who.gpu_id,
+        &timestamp.to_string(),
+        &id.to_string(),
     );
-    Ok(Record {
-        device: optional(&message.fields, &ctx.columns.device),
-        model: optional(&message.fields, &ctx.columns.model),
-        message,
-        hostname,
-        gpu_id,
-        uuid,
+    Record {
+        marker_key: keys.dedup_marker(&idempotency_key),
+        timestamp,
+        idempotency_key,
+        hostname: who.hostname,
+        gpu_id: who.gpu_id,
+        uuid: who.uuid,
+        device: who.device,
+        model: who.model,
         data_key,
         encoded,
         profile,
         marker,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -221,7 +302,11 @@ mod tests {
             assert_eq!(rec.model.as_deref(), Some("H100"));
             let stored =
                 record::decode(&rec.encoded, &rec.profile.1, msg.id, Some(msg.timestamp)).expect("lean");
-            assert_eq!(stored, rec.message);
+            assert_eq!(stored, msg);
+            assert_eq!(
+                (rec.timestamp, &rec.idempotency_key),
+                (msg.timestamp, &msg.idempotency_key)
+            );
         }
     }
 
@@ -264,7 +349,7 @@ mod tests {
         assert!(err.contains("does not exist"), "{err}");
         let keys = Keyspace::new("");
         let profiles = ProfileCache::new();
-        profiles.insert(id, profile);
+        profiles.insert(id, profile.clone());
         let mut book = ProfileBook::new();
         let rec = validate(
             &payload,
@@ -277,9 +362,19 @@ mod tests {
             },
         )
         .expect("valid");
+        assert_eq!((rec.marker, rec.profile.0), (MarkerMode::Held, id));
         assert_eq!(
-            (rec.marker, rec.profile.0, rec.message),
-            (MarkerMode::Held, id, msg)
+            (rec.timestamp, &rec.idempotency_key),
+            (msg.timestamp, &msg.idempotency_key)
+        );
+        // The entry is not decoded and re-encoded, but the stored record is the same bytes.
+        assert_eq!(
+            rec.encoded,
+            record::encode(&msg, &profile, id, Form::Stored).expect("fits")
+        );
+        assert_eq!(
+            record::decode(&rec.encoded, &profile, msg.id, Some(msg.timestamp)),
+            Ok(msg)
         );
     }
 }

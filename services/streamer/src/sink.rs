@@ -26,13 +26,13 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, GetOptions, GetResponse, PutOptions, TxnOp, TxnOpResponse, TxnResponse,
 };
 use telemetry_shared::{
     Checkpoint, Keyspace,
     etcd::{
-        BoundedTxn, BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, is_indeterminate,
-        is_lease_not_found, is_retryable,
+        BoundedTxn, BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, SplitTxn, TxnAnswer,
+        is_indeterminate, is_lease_not_found, is_retryable,
     },
     health::Check,
     observe::emit,
@@ -241,8 +241,8 @@ pub(crate) fn profiles_to_store(
 impl TxnPlan {
     /// The etcd transaction. Compares: the fence, then one marker compare per write. Success:
     /// the queue entry and the marker of each write, then the checkpoint. Failure: the
-    /// checkpoint, then each marker (keys only), in the order [`Reply::from_response`] reads.
-    pub(crate) fn build(&self) -> Result<Txn, EtcdError> {
+    /// checkpoint, then each marker (keys only), in the order [`Reply::refused`] reads (sent only when a compare fails).
+    pub(crate) fn build(&self) -> Result<SplitTxn, EtcdError> {
         let mut txn = BoundedTxn::new();
         txn.compare(Compare::mod_revision(
             self.checkpoint_key.as_str(),
@@ -275,7 +275,7 @@ impl TxnPlan {
             self.checkpoint_value.clone(),
             None,
         ));
-        txn.build()
+        txn.build_split()
     }
 }
 
@@ -297,14 +297,17 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    /// Reads a reply of a transaction built by [`TxnPlan::build`].
-    pub(crate) fn from_response(resp: &TxnResponse) -> Reply {
-        if resp.succeeded() {
-            return Reply::Succeeded {
-                revision: resp.header().map_or(0, |h| h.revision()),
-            };
+    /// The reply of a transaction built by [`TxnPlan::build`] that was applied.
+    pub(crate) fn applied(resp: &TxnResponse) -> Reply {
+        Reply::Succeeded {
+            revision: resp.header().map_or(0, |h| h.revision()),
         }
-        let mut reads = resp.op_responses().into_iter();
+    }
+
+    /// The reply of a transaction built by [`TxnPlan::build`] that was refused, from its
+    /// failure branch's reads.
+    pub(crate) fn refused(reads: &TxnResponse) -> Reply {
+        let mut reads = reads.op_responses().into_iter();
         let checkpoint = match reads.next() {
             Some(TxnOpResponse::Get(get)) => get
                 .kvs()
@@ -586,10 +589,20 @@ impl Sink {
         )
         .build()?;
         match self.send(request.stream_id, live.len(), txn).await {
-            Ok(reply) => {
+            Ok(TxnAnswer::Applied(resp)) => {
                 backoff.succeeded();
-                Ok(Some(reply))
+                Ok(Some(Reply::applied(&resp)))
             }
+            Ok(TxnAnswer::Refused(Ok(reads))) => {
+                backoff.succeeded();
+                Ok(Some(Reply::refused(&reads)))
+            }
+            // Refused for certain (nothing applied), but what failed is unread: try again.
+            Ok(TxnAnswer::Refused(Err(err))) if is_retryable(&err) => {
+                self.retry(backoff, &err).await?;
+                Ok(None)
+            }
+            Ok(TxnAnswer::Refused(Err(err))) => Err(err.into()),
             Err(err) if is_lease_not_found(&err) => {
                 self.markers.invalidate(lease);
                 self.retry(backoff, &err).await?;
@@ -605,12 +618,17 @@ impl Sink {
     }
 
     /// Sends one transaction attempt and times it.
-    async fn send(&self, stream_id: &str, messages: usize, txn: Txn) -> Result<Reply, etcd_client::Error> {
+    async fn send(
+        &self,
+        stream_id: &str,
+        messages: usize,
+        txn: SplitTxn,
+    ) -> Result<TxnAnswer, etcd_client::Error> {
         let started = Instant::now();
-        let result = self.client.clone().txn(txn).await;
+        let result = txn.send(&mut self.client.clone()).await;
         let outcome = match &result {
-            Ok(resp) if resp.succeeded() => "committed",
-            Ok(_) => "refused",
+            Ok(TxnAnswer::Applied(_)) => "committed",
+            Ok(TxnAnswer::Refused(_)) => "refused",
             Err(_) => "error",
         };
         emit(EnqueueTxn {
@@ -619,7 +637,7 @@ impl Sink {
             seconds: started.elapsed().as_secs_f64(),
             outcome,
         });
-        result.map(|resp| Reply::from_response(&resp))
+        result
     }
 
     /// Did our earlier attempt land? The checkpoint holds our target at `checkpoint_rev`; it did

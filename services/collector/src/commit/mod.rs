@@ -18,8 +18,8 @@ use etcd_client::Client;
 use telemetry_shared::{
     Keyspace, Timestamp,
     etcd::{
-        BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, is_indeterminate, is_lease_not_found,
-        is_retryable,
+        BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, TxnAnswer, is_indeterminate,
+        is_lease_not_found, is_retryable,
     },
     model::{DeadLetter, GpuInfo, PartitionStats},
     observe::emit,
@@ -183,7 +183,7 @@ impl SubBatch {
             match item {
                 Item::Record { record, .. } => {
                     stats.records += 1;
-                    let ts: Timestamp = record.message.timestamp;
+                    let ts: Timestamp = record.timestamp;
                     stats.earliest = Some(stats.earliest.map_or(ts, |e| e.min(ts)));
                     stats.latest = Some(stats.latest.map_or(ts, |l| l.max(ts)));
                 }
@@ -203,7 +203,7 @@ impl SubBatch {
                 revision,
                 record,
             } = item
-                && !seen.insert(record.message.idempotency_key.clone())
+                && !seen.insert(record.idempotency_key.clone())
             {
                 *item = Item::Duplicate {
                     queue_key: queue_key.clone(),
@@ -338,8 +338,8 @@ impl Committer {
                 Err(err) => return Err(err.into()),
             };
             let plan::Plan { txn, reads } = plan::build(&self.keys, subs, &live, leases);
-            let resp = match self.client.clone().txn(txn.build()?).await {
-                Ok(resp) => resp,
+            let answer = match txn.build_split()?.send(&mut self.client.clone()).await {
+                Ok(answer) => answer,
                 Err(err) if is_lease_not_found(&err) => {
                     // A bucket lease expired or was revoked: grant new ones and retry.
                     self.dedup.invalidate(leases.dedup);
@@ -361,13 +361,25 @@ impl Committer {
                 Err(err) => return Err(EtcdError::from(err).into()),
             };
             backoff.succeeded();
-            if resp.succeeded() {
-                let revision = resp.header().map_or(0, |h| h.revision());
-                for &i in &live {
-                    outcomes[i] = Some(committed(&subs[i], effects[i], revision));
+            let resp = match answer {
+                TxnAnswer::Applied(resp) => {
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    for &i in &live {
+                        outcomes[i] = Some(committed(&subs[i], effects[i], revision));
+                    }
+                    continue;
                 }
-                continue;
-            }
+                TxnAnswer::Refused(Ok(reads)) => reads,
+                // Refused for certain (nothing applied), but what failed is unread: try again.
+                TxnAnswer::Refused(Err(err)) if is_retryable(&err) => {
+                    backoff
+                        .retry_after(&err, &self.shutdown)
+                        .await
+                        .map_err(|_| CommitError::Cancelled)?;
+                    continue;
+                }
+                TxnAnswer::Refused(Err(err)) => return Err(EtcdError::from(err).into()),
+            };
             let found = plan::found(resp);
             for (i, verdict) in reads.classify(&self.keys, subs, &found)? {
                 match verdict {

@@ -14,8 +14,9 @@
 //! - **then** writes each record (data key, queue delete, and the marker when claiming), each dead
 //!   letter (dead letter, queue delete), each duplicate (queue delete), new profiles, the index
 //!   entries and the counter;
-//! - **else** reads one key per compare, in the same order, so a failed attempt tells in the same
-//!   round trip which compare failed.
+//! - **else** reads one key per compare, in the same order, so a failed attempt tells which
+//!   compare failed. These reads are sent only when a compare fails, as a read-only transaction
+//!   of their own ([`BoundedTxn::build_split`]): a commit that succeeds does not carry them.
 
 use std::collections::HashSet;
 
@@ -144,12 +145,12 @@ impl Builder<'_> {
         self.guard(entry, queue_key, false, Read::Entry { sub: i, item: n });
         match item {
             Item::Record { record, revision, .. } => {
-                let marker = self.keys.dedup_marker(&record.message.idempotency_key);
+                let marker = record.marker_key.as_str();
                 let held = match record.marker {
-                    MarkerMode::Held => Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision),
-                    MarkerMode::Claim => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+                    MarkerMode::Held => Compare::mod_revision(marker, CompareOp::Equal, *revision),
+                    MarkerMode::Claim => Compare::create_revision(marker, CompareOp::Equal, 0),
                 };
-                self.guard(held, &marker, false, Read::Marker { sub: i, item: n });
+                self.guard(held, marker, false, Read::Marker { sub: i, item: n });
                 let retention = PutOptions::new().with_lease(self.leases.retention);
                 self.txn.then(TxnOp::put(
                     record.data_key.as_str(),

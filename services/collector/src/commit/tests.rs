@@ -278,10 +278,8 @@ async fn a_commit_retried_after_a_lost_reply_counts_nothing_twice() {
     own(&client, 5, lease).await;
     let record = queued_record(&client, 5, 1, "h").await;
     // The same content queued again under another id: a duplicate within the batch.
-    let Item::Record { record: r, .. } = &record else {
-        unreachable!()
-    };
-    let mut twin = r.message.clone();
+    let (_, payload) = message_payload(1, "h", 1);
+    let mut twin: Message = serde_json::from_slice(&payload).expect("json");
     twin.id = ulid::Ulid::from_parts(1_800_000_000_000, 9);
     let twin_payload = serde_json::to_vec(&twin).expect("json");
     let twin_record = validated(&twin_payload, &twin.id.to_string(), &keys());
