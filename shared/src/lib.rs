@@ -18,6 +18,15 @@
 //! - [`exposition`]: records as Prometheus samples, named and labelled like dcgm-exporter;
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals;
 //! - [`health`]: liveness and readiness (`/livez`, `/readyz`).
+//!
+//! It also sets the global allocator of every binary that links it (all of the workspace's):
+//! mimalloc. The services allocate many small, short-lived buffers per message (fields,
+//! keys, encoded values, gRPC frames); glibc's allocator spent a fifth of their CPU on them in
+//! the end-to-end bench, mimalloc markedly less.
+
+/// The allocator of every binary of the workspace (see the crate documentation).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod access;
 pub mod config;
