@@ -58,15 +58,15 @@ impl Known {
 
     /// Does `info` need writing: a new GPU, a changed description, or a `last_seen` older than
     /// [`INDEX_REFRESH`]?
-    fn is_stale(&self, info: &GpuInfo, now: Instant) -> bool {
-        match self.gpus.get(&info.uuid) {
+    fn is_stale(&self, record: &Record, now: Instant) -> bool {
+        match self.gpus.get(&record.uuid) {
             None => true,
             Some((known, at)) => {
-                known.hostname != info.hostname
-                    || known.gpu_id != info.gpu_id
-                    || known.device != info.device
-                    || known.model != info.model
-                    || (now.duration_since(*at) >= INDEX_REFRESH && known.last_seen < info.last_seen)
+                known.hostname != record.hostname
+                    || known.gpu_id != record.gpu_id
+                    || known.device != record.device
+                    || known.model != record.model
+                    || (now.duration_since(*at) >= INDEX_REFRESH && known.last_seen < record.timestamp)
             }
         }
     }
@@ -111,7 +111,10 @@ pub(crate) fn select(
     book: &mut ProfileBook,
     now: Instant,
 ) -> Batch {
-    let mut batch = Batch::default();
+    let mut batch = Batch {
+        items: Vec::with_capacity(transform.batch_size.min(pending.len())),
+        ..Batch::default()
+    };
     let (mut compares, mut ops, mut bytes) = (0, 0, 0);
     for (queue_key, entry) in pending {
         if batch.items.len() == transform.batch_size {
@@ -204,16 +207,15 @@ fn index_needs(
     index: &IndexUpdates,
     now: Instant,
 ) -> (Option<GpuInfo>, Option<String>) {
-    let info = GpuInfo {
+    let in_batch = index.gpus.iter().any(|g| g.uuid == record.uuid);
+    let gpu = (!in_batch && known.is_stale(record, now)).then(|| GpuInfo {
         uuid: record.uuid.clone(),
         hostname: record.hostname.clone(),
         gpu_id: record.gpu_id.clone(),
         device: record.device.clone(),
         model: record.model.clone(),
         last_seen: record.timestamp,
-    };
-    let in_batch = index.gpus.iter().any(|g| g.uuid == info.uuid);
-    let gpu = (!in_batch && known.is_stale(&info, now)).then_some(info);
+    });
     let host = (!known.hosts.contains(&record.hostname) && !index.hosts.contains(&record.hostname))
         .then(|| record.hostname.clone());
     (gpu, host)
