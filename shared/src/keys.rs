@@ -56,7 +56,7 @@ impl Keyspace {
     }
 
     fn key(&self, rest: std::fmt::Arguments<'_>) -> String {
-        let mut out = String::with_capacity(self.ns.len() + 64);
+        let mut out = String::with_capacity(self.ns.len() + 128);
         out.push_str(&self.ns);
         // Writing into a String cannot fail.
         let _ = out.write_fmt(rest);

@@ -68,7 +68,10 @@ impl ProfileCache {
         keys: &Keyspace,
         ids: impl IntoIterator<Item = ProfileId>,
     ) -> Result<(), EtcdError> {
-        let mut missing: Vec<ProfileId> = ids.into_iter().filter(|id| self.get(*id).is_none()).collect();
+        let mut missing: Vec<ProfileId> = match self.known.read() {
+            Ok(known) => ids.into_iter().filter(|id| !known.contains_key(id)).collect(),
+            Err(_) => ids.into_iter().collect(),
+        };
         missing.sort();
         missing.dedup();
         for chunk in missing.chunks(MAX_TXN_OPS) {
@@ -112,9 +115,7 @@ impl ProfileCache {
 
     /// The profile a lean payload names, if it is lean (`None` for JSON).
     pub fn needs(payload: &[u8]) -> Option<ProfileId> {
-        record::is_lean(payload)
-            .then(|| record::header(payload).ok().map(|h| h.profile))
-            .flatten()
+        record::profile_of(payload)
     }
 
     /// Decodes a stored record from its key and value, lean or JSON. Lean records need their

@@ -270,6 +270,16 @@ pub fn encode(
     Ok(out)
 }
 
+/// The profile a lean record names, read from its fixed place without parsing the rest of the
+/// header (`None`: not a lean record, or cut short).
+pub fn profile_of(bytes: &[u8]) -> Option<ProfileId> {
+    if !is_lean(bytes) {
+        return None;
+    }
+    let id: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
+    Some(ProfileId(id))
+}
+
 /// The part of a lean record that needs no profile to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -797,6 +807,7 @@ mod tests {
         ] {
             let queued = encode(&msg, &profile, id, Form::Queue).expect("fits");
             assert_eq!(decode(&queued, &profile, msg.id, None), Ok(msg.clone()));
+            assert_eq!(profile_of(&queued), Some(id));
             let stored = encode(&msg, &profile, id, Form::Stored).expect("fits");
             assert_eq!(
                 decode(&stored, &profile, msg.id, Some(msg.timestamp)),
@@ -924,6 +935,8 @@ mod tests {
             &[MAGIC, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
         ] {
             assert!(decode(bytes, &profile, Ulid::nil(), Some(Timestamp::now())).is_err());
+            // The profile id is read from its place, or not at all when cut short.
+            assert_eq!(profile_of(bytes).is_some(), bytes.len() >= 10);
         }
     }
 }
