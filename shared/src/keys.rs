@@ -97,10 +97,14 @@ impl Keyspace {
     /// `DEDUP_TTL`, so the name's length is paid by every record.
     pub fn dedup_marker(&self, idempotency_key: &str) -> String {
         use base64::Engine as _;
-        let digest = match hex::decode(idempotency_key) {
-            Ok(bytes) => sha2::Sha256::digest(bytes),
-            // Not hex (validation refuses such keys before they get here): its text.
-            Err(_) => sha2::Sha256::digest(idempotency_key.as_bytes()),
+        let mut bytes = [0u8; 32];
+        let digest = match hex::decode_to_slice(idempotency_key, &mut bytes) {
+            Ok(()) => sha2::Sha256::digest(bytes),
+            // Not 32 bytes of hex (validation refuses such keys before they get here): its text.
+            Err(_) => match hex::decode(idempotency_key) {
+                Ok(other) => sha2::Sha256::digest(other),
+                Err(_) => sha2::Sha256::digest(idempotency_key.as_bytes()),
+            },
         };
         let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..MARKER_BYTES]);
         self.key(format_args!("/dedup/{encoded}"))

@@ -173,21 +173,48 @@ pub fn derive_key<'a>(
 ) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"telemetry-row/v2\0");
-    let mut field = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    field(stream_id.as_bytes());
-    field(&pass.to_be_bytes());
-    field(&row.to_be_bytes());
+    hash_field(&mut hasher, &[stream_id.as_bytes()]);
+    hash_field(&mut hasher, &[&pass.to_be_bytes()]);
+    hash_field(&mut hasher, &[&row.to_be_bytes()]);
     let mut value = Vec::with_capacity(32);
     for (name, v) in fields {
-        field(name.as_bytes());
+        hash_field(&mut hasher, &[name.as_bytes()]);
         value.clear();
-        write_value(&mut value, v, false);
-        field(&value);
+        match v {
+            // What `write_value` writes for a string (its tag, its length, its bytes), hashed
+            // without copying the string.
+            Value::String(text) => {
+                value.push(TAG_STR);
+                write_varint(&mut value, text.len() as u64);
+                hash_field(&mut hasher, &[&value, text.as_bytes()]);
+            }
+            other => {
+                write_value(&mut value, other, false);
+                hash_field(&mut hasher, &[&value]);
+            }
+        }
     }
-    hex::encode(hasher.finalize())
+    hex32(&hasher.finalize().into())
+}
+
+/// Hashes one length-prefixed field made of `parts`.
+fn hash_field(hasher: &mut Sha256, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    hasher.update((len as u64).to_be_bytes());
+    for part in parts {
+        hasher.update(part);
+    }
+}
+
+/// 32 bytes as 64 lower-case hex digits.
+pub(crate) fn hex32(bytes: &[u8; 32]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The key [`derive_key`] gives `message`, if it has a source position.
@@ -316,7 +343,7 @@ pub fn header(bytes: &[u8]) -> Result<Header, RecordError> {
         None
     };
     let explicit_key = if flags & FLAG_EXPLICIT_KEY != 0 {
-        Some(hex::encode(r.array::<32>()?))
+        Some(hex32(&r.array::<32>()?))
     } else {
         None
     };
@@ -854,6 +881,27 @@ mod tests {
                 msg.idempotency_key
             );
         }
+    }
+
+    #[test]
+    fn the_derived_key_is_pinned() {
+        // Every stored record's key is recomputed from this function: its bytes must never
+        // change. The value below was computed by the first release of it.
+        let mut fields = Fields::new();
+        fields.insert("s".into(), json!("GPU-5fd4f087 \"quoted\", ünïcode"));
+        fields.insert("empty".into(), json!(""));
+        fields.insert("int".into(), json!(3.0));
+        fields.insert("frac".into(), json!(-284.5));
+        fields.insert("t".into(), json!(true));
+        fields.insert("f".into(), json!(false));
+        fields.insert("n".into(), Value::Null);
+        fields.insert("u".into(), json!(18_446_744_073_709_551_615u64));
+        fields.insert("i".into(), json!(-9_007_199_254_740_993i64));
+        fields.insert("long".into(), json!("x".repeat(300)));
+        assert_eq!(
+            derive_key("dcgm-w0", 2, 1234, fields.iter()),
+            "370a273104786988b8edd17f8562eeeb50d2f351ac321a7753ab46a11aac3de6"
+        );
     }
 
     #[test]
