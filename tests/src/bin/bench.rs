@@ -387,6 +387,15 @@ async fn end_to_end(b: &mut Bench, raw_best: f64) -> anyhow::Result<pipeline::E2
 /// minutes apart; a pair run back to back, three times, gives a ratio that does not.
 const IDEAL_ROUNDS: usize = 3;
 
+/// One round of [`ideal_design`]: a 2-collector run, the ideal design right after it, and the
+/// ideal design's etcd and client CPU seconds.
+struct Round {
+    e2e: pipeline::E2eRun,
+    ideal: ideal::IdealRun,
+    etcd_cpu: f64,
+    clients_cpu: f64,
+}
+
 /// The ideal exactly-once design (issue 12's reference: no parsing, no services) on the same
 /// etcd, with as many messages as the 2-collector end-to-end run, in [`IDEAL_ROUNDS`] rounds
 /// each paired with a 2-collector run (`first` is the first round's); the pipeline against it,
@@ -396,7 +405,7 @@ async fn ideal_design(b: &mut Bench, first: pipeline::E2eRun) -> anyhow::Result<
     let csv = b.csv("e2e.csv", e2e_rows)?;
     let len = b.value_len;
     let pid = b.target().pid;
-    let mut pairs: Vec<(pipeline::E2eRun, ideal::IdealRun, f64, f64)> = Vec::new();
+    let mut pairs: Vec<Round> = Vec::new();
     for round in 0..IDEAL_ROUNDS {
         let e2e = if round == 0 {
             first
@@ -428,20 +437,25 @@ async fn ideal_design(b: &mut Bench, first: pipeline::E2eRun) -> anyhow::Result<
             run.rate,
             e2e.rate / run.rate
         );
-        pairs.push((e2e, run, etcd_cpu, clients_cpu));
+        pairs.push(Round {
+            e2e,
+            ideal: run,
+            etcd_cpu,
+            clients_cpu,
+        });
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let ratios: Vec<f64> = pairs.iter().map(|(e, i, _, _)| e.rate / i.rate).collect();
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.e2e.rate / p.ideal.rate).collect();
     let listed = ratios
         .iter()
         .map(|r| format!("{r:.2}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let e2e_median = median(pairs.iter().map(|(e, ..)| e.rate).collect());
-    let ideal_median = median(pairs.iter().map(|(_, i, ..)| i.rate).collect());
+    let e2e_median = median(pairs.iter().map(|p| p.e2e.rate).collect());
+    let ideal_median = median(pairs.iter().map(|p| p.ideal.rate).collect());
     let t = &mut b.table;
     let note = format!(
         "median of {IDEAL_ROUNDS} rounds of {} messages of {len} bytes: {} producers x 64-message txns (queue put + dedup marker, create_revision == 0), {} consumers x 63-message txns (data put + queue delete) fenced by their owner key's lease",
@@ -461,33 +475,31 @@ async fn ideal_design(b: &mut Bench, first: pipeline::E2eRun) -> anyhow::Result<
     );
     t.push("ratio_e2e_2c_vs_ideal", median(ratios), "ratio", note);
     // CPU milliseconds per 1,000 messages, over all rounds.
-    let messages: u64 = pairs.iter().map(|(e, ..)| e.messages).sum();
-    let ideal_messages: u64 = pairs.iter().map(|(_, i, ..)| i.messages).sum();
+    let messages: u64 = pairs.iter().map(|p| p.e2e.messages).sum();
+    let ideal_messages: u64 = pairs.iter().map(|p| p.ideal.messages).sum();
     let per_1000 = |cpu: f64, n: u64| cpu * 1_000_000.0 / n.max(1) as f64;
-    let sum = |f: &dyn Fn(&(pipeline::E2eRun, ideal::IdealRun, f64, f64)) -> f64| -> f64 {
-        pairs.iter().map(f).sum()
-    };
+    let sum = |f: fn(&Round) -> f64| -> f64 { pairs.iter().map(f).sum() };
     t.push(
         "etcd_cpu_per_1000_e2e_2c",
-        per_1000(sum(&|p| p.0.etcd_cpu), messages),
+        per_1000(sum(|p| p.e2e.etcd_cpu), messages),
         "ms",
         "etcd user+system CPU per 1,000 messages, pipeline with 2 collectors (/proc), all rounds",
     );
     t.push(
         "etcd_cpu_per_1000_ideal",
-        per_1000(sum(&|p| p.2), ideal_messages),
+        per_1000(sum(|p| p.etcd_cpu), ideal_messages),
         "ms",
         "etcd user+system CPU per 1,000 messages, ideal design (/proc), all rounds",
     );
     t.push(
         "client_cpu_per_1000_e2e_2c",
-        per_1000(sum(&|p| p.0.services_cpu), messages),
+        per_1000(sum(|p| p.e2e.services_cpu), messages),
         "ms",
         "bench process CPU per 1,000 messages: the in-process streamer (16 workers) and 2 collectors, all rounds",
     );
     t.push(
         "client_cpu_per_1000_ideal",
-        per_1000(sum(&|p| p.3), ideal_messages),
+        per_1000(sum(|p| p.clients_cpu), ideal_messages),
         "ms",
         "bench process CPU per 1,000 messages: the ideal design's 16 producers and 16 consumers, all rounds",
     );
