@@ -410,6 +410,12 @@ impl<'p> View<'p> {
         if header.source.is_some() && profile.stream_id.is_none() {
             return Err(mismatch("source position without a stream"));
         }
+        // What `encode` refuses (the profile's stream is not the message's) is never read.
+        if header.source.is_none() && profile.stream_id.is_some() {
+            return Err(mismatch(
+                "a stream's profile for a message without a source position",
+            ));
+        }
         Ok(View {
             header,
             profile,
@@ -902,6 +908,23 @@ mod tests {
             derive_key("dcgm-w0", 2, 1234, fields.iter()),
             "370a273104786988b8edd17f8562eeeb50d2f351ac321a7753ab46a11aac3de6"
         );
+    }
+
+    #[test]
+    fn a_record_without_a_source_is_not_read_against_a_streams_profile() {
+        let sourced = dcgm("M", 1.0, 1);
+        let mut unsourced = sourced.clone();
+        unsourced.source = None;
+        let own = Profile::of(&unsourced);
+        let bytes = encode(&unsourced, &own, own.id(), Form::Queue).expect("fits its own");
+        let streams = Profile::of(&sourced);
+        // `encode` refuses this pairing, so `View::read` (and `decode`) refuse it too.
+        assert!(encode(&unsourced, &streams, streams.id(), Form::Queue).is_err());
+        assert!(matches!(
+            View::read(&bytes, header(&bytes).expect("header"), &streams),
+            Err(RecordError::Mismatch { .. })
+        ));
+        assert!(View::read(&bytes, header(&bytes).expect("header"), &own).is_ok());
     }
 
     #[test]

@@ -140,6 +140,13 @@ fn lean(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record,
     let id: ulid::Ulid = queue_id
         .parse()
         .map_err(|_| format!("queue key id {queue_id:?} is not a ULID"))?;
+    // The parser also takes lower case and wraps ids past the 128 bits; the data key is made
+    // from the canonical form, so only that is accepted.
+    if id.to_string() != queue_id {
+        return Err(format!(
+            "queue key id {queue_id:?} is not a canonical ULID ({id})"
+        ));
+    }
     let head = record::header(payload).map_err(|e| e.to_string())?;
     let profile_id = head.profile;
     let profile = ctx
@@ -363,6 +370,21 @@ mod tests {
         )
         .expect("valid");
         assert_eq!((rec.marker, rec.profile.0), (MarkerMode::Held, id));
+        // A queue key whose id is not the canonical ULID (lower case here) is refused: the
+        // data key would name another id.
+        let lower = msg.id.to_string().to_lowercase();
+        let err = validate(
+            &payload,
+            &lower,
+            &mut Context {
+                keys: &keys,
+                columns: &Columns::default(),
+                profiles: &profiles,
+                book: &mut book,
+            },
+        )
+        .expect_err("not canonical");
+        assert!(err.contains("canonical"), "{err}");
         assert_eq!(
             (rec.timestamp, &rec.idempotency_key),
             (msg.timestamp, &msg.idempotency_key)

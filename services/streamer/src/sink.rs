@@ -349,8 +349,9 @@ pub(crate) enum Verdict {
         /// The checkpoint's `mod_revision`.
         mod_revision: i64,
     },
-    /// Refused, yet neither the fence nor a marker explains it. etcd applies compares and
-    /// reads atomically, so this does not happen; the caller waits and retries.
+    /// Refused, yet neither the fence nor a marker explains it. The reads come after the
+    /// refusal, so a marker whose lease ended in between (its dedup window was over) is read as
+    /// absent; the caller waits and retries, and the retry's compares decide.
     Unexplained,
 }
 

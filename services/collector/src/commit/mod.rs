@@ -360,16 +360,19 @@ impl Committer {
                 }
                 Err(err) => return Err(EtcdError::from(err).into()),
             };
-            backoff.succeeded();
             let resp = match answer {
                 TxnAnswer::Applied(resp) => {
+                    backoff.succeeded();
                     let revision = resp.header().map_or(0, |h| h.revision());
                     for &i in &live {
                         outcomes[i] = Some(committed(&subs[i], effects[i], revision));
                     }
                     continue;
                 }
-                TxnAnswer::Refused(Ok(reads)) => reads,
+                TxnAnswer::Refused(Ok(reads)) => {
+                    backoff.succeeded();
+                    reads
+                }
                 // Refused for certain (nothing applied), but what failed is unread: try again.
                 TxnAnswer::Refused(Err(err)) if is_retryable(&err) => {
                     backoff
