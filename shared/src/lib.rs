@@ -19,12 +19,15 @@
 //! - [`observe`]: tracing, Prometheus metrics, shutdown signals;
 //! - [`health`]: liveness and readiness (`/livez`, `/readyz`).
 //!
-//! It also sets the global allocator of every binary that links it (all of the workspace's):
-//! mimalloc. The services allocate many small, short-lived buffers per message (fields,
-//! keys, encoded values, gRPC frames); glibc's allocator spent a fifth of their CPU on them in
-//! the end-to-end bench, mimalloc markedly less.
+//! With its default `mimalloc` feature it also sets the global allocator of every binary that
+//! links it (all of the workspace's): mimalloc. The services allocate many small, short-lived
+//! buffers per message (fields, keys, encoded values, gRPC frames); glibc's allocator spent a
+//! fifth of their CPU on them in the end-to-end bench, mimalloc markedly less.
 
-/// The allocator of every binary of the workspace (see the crate documentation).
+/// The allocator of every binary of the workspace (see the crate documentation). The
+/// `mimalloc` feature (on by default) sets it; without it, binaries keep the system allocator
+/// or set their own.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
