@@ -343,3 +343,41 @@ async fn a_commit_retried_after_a_lost_reply_counts_nothing_twice() {
     );
     assert_eq!(count(&client, &keys().data_prefix()).await.expect("count"), 1);
 }
+
+/// The commit's failure-branch reads are not part of its request: a refused transaction is
+/// answered by a second, read-only one with the reads in order, and an applied one by its own
+/// answer alone.
+#[tokio::test]
+async fn failure_reads_are_sent_only_when_a_compare_fails() {
+    use etcd_client::{Compare, CompareOp, TxnOp};
+    use telemetry_shared::etcd::{BoundedTxn, TxnAnswer};
+    let (_server, client) = etcd().await;
+    client.clone().put("/t/a", "1", None).await.expect("put");
+    let build = |expected: i64| {
+        let mut txn = BoundedTxn::new();
+        txn.compare(Compare::version("/t/a", CompareOp::Equal, expected));
+        txn.then(TxnOp::put("/t/b", "written", None));
+        txn.otherwise(TxnOp::get("/t/missing", None));
+        txn.otherwise(TxnOp::get("/t/a", None));
+        txn.build_split().expect("fits")
+    };
+    let answer = build(2).send(&mut client.clone()).await.expect("answer");
+    let TxnAnswer::Refused(Ok(reads)) = answer else {
+        panic!("refused with reads, got {answer:?}");
+    };
+    let found = plan::found(reads);
+    assert_eq!(found.len(), 2);
+    assert!(found[0].is_none());
+    assert_eq!(found[1].as_ref().map(|f| f.value.clone()), Some(b"1".to_vec()));
+    assert_eq!(count(&client, "/t/b").await.expect("count"), 0, "nothing applied");
+    let answer = build(1).send(&mut client.clone()).await.expect("answer");
+    let TxnAnswer::Applied(resp) = answer else {
+        panic!("applied, got {answer:?}");
+    };
+    assert!(
+        resp.op_responses()
+            .iter()
+            .all(|op| !matches!(op, etcd_client::TxnOpResponse::Get(_)))
+    );
+    assert_eq!(count(&client, "/t/b").await.expect("count"), 1);
+}
