@@ -4,7 +4,8 @@
 //! - `group` decides which partitions this collector owns (a consumer group over leased owner
 //!   keys) and runs a task per owned partition;
 //! - `feed` is the source of one owned partition (a range once, then its watch);
-//! - `validate` is the transform: any schema version → a `v1` record, or a dead letter;
+//! - [`validate`] is the transform: any schema version → a `v1` record, or a dead letter (public
+//!   for the benchmarks);
 //! - `batch` picks the next batch of a partition; `partition` is the loop around it;
 //! - `commit` is the sink: one fenced transaction per batch (group commit across partitions);
 //! - `session` keeps the lease alive on its own timer and notices when it is lost;
@@ -20,7 +21,7 @@ mod feed;
 mod group;
 mod partition;
 mod session;
-mod validate;
+pub mod validate;
 
 use std::{
     sync::{

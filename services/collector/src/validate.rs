@@ -27,7 +27,7 @@ use crate::config::Columns;
 
 /// A message that passed validation.
 #[derive(Debug, Clone)]
-pub(crate) struct Record {
+pub struct Record {
     /// The message's processing time.
     pub timestamp: Timestamp,
     /// The message's idempotency key.
@@ -56,7 +56,7 @@ pub(crate) struct Record {
 
 /// How a record's dedup marker is settled in its commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MarkerMode {
+pub enum MarkerMode {
     /// The producer wrote the marker with the queue entry (the streamer does): the commit
     /// compares that the marker still has the entry's revision, i.e. this message holds it.
     Held,
@@ -65,7 +65,7 @@ pub(crate) enum MarkerMode {
 }
 
 /// What validation needs besides the payload.
-pub(crate) struct Context<'a> {
+pub struct Context<'a> {
     /// Key layout.
     pub keys: &'a Keyspace,
     /// Which fields identify a GPU.
@@ -125,7 +125,7 @@ impl Identity {
 /// Validates and migrates one queued payload. `queue_id` is the id part of its queue key, which
 /// must match the message id (a mismatch means the entry was not written by a producer that
 /// follows the layout).
-pub(crate) fn validate(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
+pub fn validate(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record, String> {
     if record::is_lean(payload) {
         lean(payload, queue_id, ctx)
     } else {
