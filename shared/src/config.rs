@@ -86,20 +86,9 @@ fn one_line(text: &str) -> String {
         .join(" ")
 }
 
-/// An error and its causes on one line, joined by `: `, leaving out a cause whose text the line
-/// already holds (many errors repeat their source in their own message).
+/// [`crate::observe::error_chain`], with the lines of each message joined too.
 fn chain_line(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    one_line(&line)
+    one_line(&crate::observe::error_chain(err))
 }
 
 /// The environment variables a raw config struct reads: its field names (flattened parts

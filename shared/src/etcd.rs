@@ -161,22 +161,13 @@ pub async fn connect_with_retry(
 
 /// The error and its causes as one line (etcd-client's error does not expose its source).
 pub fn error_chain(err: &etcd_client::Error) -> String {
-    let mut line = err.to_string();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = match err {
+    let source: Option<&(dyn std::error::Error + 'static)> = match err {
         etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
         etcd_client::Error::TransportError(err) => std::error::Error::source(err),
         etcd_client::Error::IoError(err) => std::error::Error::source(err),
         _ => None,
     };
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
+    crate::observe::append_causes(err.to_string(), source)
 }
 
 /// The word(s) after `prefix` in `text`, up to a quote, comma or closing parenthesis.

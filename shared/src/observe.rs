@@ -26,6 +26,26 @@ use crate::{
 /// human-readable lines, or one JSON object per line with `LOG_FORMAT=json` (the event's fields
 /// at the top level beside `timestamp`, `level` and `target`). Both come from the binary's
 /// config ([`LogConfig`]), so they are validated and listed in `--help`. Safe to call more
+/// An error and its causes on one line, joined by `: `, leaving out a cause whose text the line
+/// already holds (many errors repeat their source in their own message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    append_causes(err.to_string(), err.source())
+}
+
+/// `line`, then `source` and each of its causes as [`error_chain`] joins them (for errors that
+/// keep their source elsewhere than [`std::error::Error::source`]).
+pub fn append_causes(mut line: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
 /// than once (later calls do nothing).
 pub fn init_tracing(log: &LogConfig) {
     // The config checked that the filter parses; "info" is only a fallback.

@@ -19,6 +19,8 @@
 
 use std::{ops::Range, time::Duration};
 
+use telemetry_shared::observe::error_chain;
+
 use crate::remote_write;
 
 /// What a request's answer means.
@@ -159,22 +161,6 @@ impl Sender {
             Err(err) => Outcome::Retry(format!("no answer: {}", error_chain(&err))),
         }
     }
-}
-
-/// An error and its causes on one line (reqwest's own message says little: "error sending
-/// request").
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 #[cfg(test)]

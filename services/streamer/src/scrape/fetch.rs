@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use telemetry_shared::observe::error_chain;
+
 use super::parse::{self, ACCEPT, Format, Series};
 
 /// Largest body read from a target (a dcgm-exporter answer is a few hundred KiB).
@@ -80,16 +82,4 @@ async fn get(http: &reqwest::Client, url: &str) -> Result<(Vec<u8>, Format), Fet
         body.extend_from_slice(&chunk);
     }
     Ok((body, format))
-}
-
-/// An error with its causes ("error sending request: connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
