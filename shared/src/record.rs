@@ -498,8 +498,15 @@ impl<'p> View<'p> {
         if self.header.source.is_some() {
             flags |= FLAG_SOURCE;
         }
-        let explicit = self.header.explicit_key.as_deref().filter(|_| !key_is_derived);
-        let explicit = explicit.and_then(|k| hex::decode(k).ok());
+        // The stored key's 32 bytes end where the body starts.
+        let explicit = match &self.header.explicit_key {
+            Some(_) if !key_is_derived => self
+                .header
+                .body
+                .checked_sub(32)
+                .and_then(|start| bytes.get(start..self.header.body)),
+            _ => None,
+        };
         if explicit.is_some() {
             flags |= FLAG_EXPLICIT_KEY;
         }
@@ -510,7 +517,7 @@ impl<'p> View<'p> {
             write_varint(&mut out, row);
         }
         if let Some(key) = explicit {
-            out.extend_from_slice(&key);
+            out.extend_from_slice(key);
         }
         out.extend_from_slice(body);
         out
