@@ -171,17 +171,6 @@ fn documents(files: &[PathBuf]) -> Vec<Value> {
 #[test]
 fn kubernetes_manifests_set_only_variables_the_binaries_read() {
     let docs = documents(&k8s_files());
-    let config_maps: BTreeMap<String, BTreeMap<String, String>> = docs
-        .iter()
-        .filter(|d| d["kind"] == "ConfigMap")
-        .map(|d| {
-            let data = d["data"]
-                .as_mapping()
-                .map(|m| m.iter().map(|(k, v)| (scalar(k), scalar(v))).collect())
-                .unwrap_or_default();
-            (scalar(&d["metadata"]["name"]), data)
-        })
-        .collect();
     let mut kinds = BTreeMap::new();
     let mut binaries = std::collections::BTreeSet::new();
     for doc in &docs {
@@ -194,23 +183,7 @@ fn kubernetes_manifests_set_only_variables_the_binaries_read() {
             let Some(binary) = container["command"][0].as_str() else {
                 continue;
             };
-            let mut vars = BTreeMap::new();
-            for source in container["envFrom"].as_sequence().into_iter().flatten() {
-                let map = scalar(&source["configMapRef"]["name"]);
-                let data = config_maps
-                    .get(&map)
-                    .unwrap_or_else(|| panic!("{name}: ConfigMap {map} is not defined"));
-                vars.extend(data.iter().map(|(k, v)| (k.clone(), v.clone())));
-            }
-            for var in container["env"].as_sequence().into_iter().flatten() {
-                // Values from the downward API are pod names.
-                let value = if var["valueFrom"].is_null() {
-                    scalar(&var["value"])
-                } else {
-                    "pod-0".into()
-                };
-                vars.insert(scalar(&var["name"]), value);
-            }
+            let vars = container_env(&docs, container);
             check(&format!("k8s {name}"), binary, &vars);
             check_files(&format!("k8s {name}"), doc, container, &vars);
             binaries.insert(binary.to_string());
@@ -636,13 +609,20 @@ fn config_maps(docs: &[Value]) -> BTreeMap<String, BTreeMap<String, String>> {
         .collect()
 }
 
-/// A container's environment: its ConfigMaps', then its own (downward-API values as `pod-0`).
+/// A container's environment: its ConfigMaps' (each must be defined), then its own
+/// (downward-API values as `pod-0`).
 fn container_env(docs: &[Value], container: &Value) -> BTreeMap<String, String> {
     let maps = config_maps(docs);
     let mut vars = BTreeMap::new();
     for source in container["envFrom"].as_sequence().into_iter().flatten() {
         let map = scalar(&source["configMapRef"]["name"]);
-        vars.extend(maps.get(&map).cloned().unwrap_or_default());
+        let data = maps.get(&map).unwrap_or_else(|| {
+            panic!(
+                "container {}: ConfigMap {map} is not defined",
+                scalar(&container["name"])
+            )
+        });
+        vars.extend(data.clone());
     }
     for var in container["env"].as_sequence().into_iter().flatten() {
         let value = if var["valueFrom"].is_null() {

@@ -61,6 +61,25 @@ async fn wait_scrapes(probe: &Probe, url: &str, scrapes: u64) {
     );
 }
 
+/// Runs a streamer in this process on the one target `url` until it has `scrapes` complete
+/// scrapes, then stops it (it must stop cleanly).
+async fn scrape_in_process(
+    server: &telemetry_harness::EtcdServer,
+    client: &etcd_client::Client,
+    probe: &Probe,
+    url: &str,
+    scrapes: u64,
+) {
+    let targets = [url.to_string()];
+    let cfg = StreamerConfig::from_vars(scrape_env(server, &targets, "1s"), &Flags::default())
+        .expect("valid config");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
+    wait_scrapes(probe, url, scrapes).await;
+    shutdown.cancel();
+    run.await.expect("joins").expect("stops cleanly");
+}
+
 /// The queued messages of `url`, by scrape time.
 fn by_scrape(queue: &BTreeMap<String, Message>, url: &str) -> BTreeMap<String, Vec<Message>> {
     let mut out: BTreeMap<String, Vec<Message>> = BTreeMap::new();
@@ -107,16 +126,7 @@ async fn the_dcgm_sample_scraped_becomes_messages_named_like_csv_rows() {
     let (server, client, probe) = etcd().await;
     let target = ExpositionServer::start().await.expect("exposition server");
     let url = target.url();
-    let cfg = StreamerConfig::from_vars(
-        scrape_env(&server, std::slice::from_ref(&url), "1s"),
-        &Flags::default(),
-    )
-    .expect("valid config");
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
-    wait_scrapes(&probe, &url, 2).await;
-    shutdown.cancel();
-    run.await.expect("joins").expect("stops cleanly");
+    scrape_in_process(&server, &client, &probe, &url, 2).await;
 
     let complete = assert_each_scrape_once(&probe, &url, sample::ROWS as usize).await;
     assert!(complete >= 2);
@@ -443,16 +453,7 @@ async fn a_target_answering_openmetrics_is_read_as_openmetrics() {
     let target = ExpositionServer::start().await.expect("exposition server");
     target.set(Behaviour::OpenMetrics);
     let url = target.target_url(7);
-    let cfg = StreamerConfig::from_vars(
-        scrape_env(&server, std::slice::from_ref(&url), "1s"),
-        &Flags::default(),
-    )
-    .expect("valid config");
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(telemetry_streamer::run(cfg, client.clone(), shutdown.clone()));
-    wait_scrapes(&probe, &url, 2).await;
-    shutdown.cancel();
-    run.await.expect("joins").expect("stops cleanly");
+    scrape_in_process(&server, &client, &probe, &url, 2).await;
     assert!(target.requests() >= 2);
     assert_each_scrape_once(&probe, &url, telemetry_harness::exposition::SIM_SERIES).await;
     let queue = probe.queue().await;
