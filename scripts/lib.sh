@@ -18,13 +18,18 @@ as_root() {
     fi
 }
 
+# Prints, one per line, the package of each "command:package" pair whose command is missing.
+missing_packages() {
+    local pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || echo "${pair#*:}"
+    done
+}
+
 # Install Debian packages that are missing; $1.. are "command:package" pairs.
 ensure_packages() {
     local missing=()
-    local pair
-    for pair in "$@"; do
-        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-    done
+    mapfile -t missing < <(missing_packages "$@")
     [ "${#missing[@]}" -eq 0 ] && return 0
     echo "installing missing packages: ${missing[*]}" >&2
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -40,10 +45,7 @@ ensure_packages() {
 # python3 with pip (Debian's python3-pip is installed when missing).
 ensure_pip_packages() {
     local missing=()
-    local pair
-    for pair in "$@"; do
-        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
-    done
+    mapfile -t missing < <(missing_packages "$@")
     [ "${#missing[@]}" -eq 0 ] && return 0
     ensure_packages python3:python3
     python3 -m pip --version >/dev/null 2>&1 || ensure_packages pip3:python3-pip
