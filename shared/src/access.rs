@@ -128,7 +128,7 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
             grant(
                 keys.dedup_prefix(),
                 ReadWrite,
-                "writes each entry's dedup marker, compared to refuse a repeat",
+                "writes each scraped sample's dedup marker, compared to refuse a repeat",
             ),
             grant(
                 keys.profiles_prefix(),
@@ -138,7 +138,7 @@ pub fn grants(service: Service, keys: &Keyspace) -> Vec<Grant> {
             grant(
                 keys.streams_prefix(),
                 ReadWrite,
-                "its checkpoint, read at start and fenced in every batch",
+                "its checkpoint (read at start and fenced in every batch) and origin",
             ),
         ],
         Service::Collector => vec![
@@ -261,6 +261,7 @@ mod tests {
             (k.dedup_marker(ID), &[Streamer, Collector, Admin]),
             (format!("{}x", k.profiles_prefix()), &[Streamer, Collector]),
             (k.stream_checkpoint("dcgm-w0"), &[Streamer]),
+            (k.stream_origin("dcgm-w0"), &[Streamer]),
             (
                 k.data_record("h", "0", "2026-01-01T00:00:00.000000Z", "01J"),
                 &[Collector],

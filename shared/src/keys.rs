@@ -130,6 +130,12 @@ impl Keyspace {
         self.key(format_args!("/streams/{stream_id}/checkpoint"))
     }
 
+    /// A stream's origin: its first checkpoint, written with it and never changed, so that a
+    /// checkpoint deleted later is noticed instead of read as a new stream.
+    pub fn stream_origin(&self, stream_id: &str) -> String {
+        self.key(format_args!("/streams/{stream_id}/origin"))
+    }
+
     /// The owner of a scraped target's stream: the id of the streamer that scrapes it, on that
     /// streamer's lease (created with `create_revision == 0`).
     pub fn scrape_owner(&self, stream_id: &str) -> String {
@@ -402,6 +408,7 @@ mod tests {
         let ks = Keyspace::new("/test-1/");
         assert_eq!(ks.queue_prefix(), "/test-1/queue/telemetry/");
         assert_eq!(ks.stream_checkpoint("s"), "/test-1/streams/s/checkpoint");
+        assert_eq!(ks.stream_origin("s"), "/test-1/streams/s/origin");
         assert_eq!(
             ks.dedup_marker(&"00".repeat(32)),
             // base64url of the first 16 bytes of SHA-256 of 32 zero bytes.

@@ -131,6 +131,12 @@ pub struct Checkpoint {
     /// `row` then counts the samples of that scrape settled so far. Absent for CSV streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrape_time: Option<String>,
+    /// A ULID naming the commit that wrote this checkpoint, fresh for every commit. A writer
+    /// whose reply was lost (a timeout, a leader change) finds its own id here if its
+    /// transaction landed, and another writer's (or none) if it did not. Absent in checkpoints
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// A field value as text, the one way every component compares and prints field values:

@@ -198,8 +198,9 @@ pub async fn show_dead_letter(
 ///
 /// The message's dedup marker decides whether it may be stored: a marker that still has the
 /// dead-lettered entry's revision is the message's own and is moved to the replayed entry (in
-/// the same transaction); no marker lets the collector claim one; a marker of another message
-/// means the key was stored since, and the replay is refused instead of storing it twice.
+/// the same transaction); no marker lets the collector claim one (or, for a CSV row, which has
+/// none, store it: its entry is the only one of its key); a marker of another message means the
+/// key was stored since, and the replay is refused instead of storing it twice.
 pub async fn replay(client: &Client, keys: &Keyspace, id: &str) -> Result<String, AdminError> {
     let (stored, revision) = read_dead_letter(client, keys, id).await?;
     let letter = &stored.letter;

@@ -271,10 +271,10 @@ async fn a_large_dead_letter_is_replayed_whole_after_a_configuration_fix() {
     assert_eq!(probe.dead_letter_count().await, 0);
 }
 
-/// Rows the streamer enqueued (each holding its dedup marker) are dead-lettered because the host
-/// column has another name; after the collector is told the right column, replay moves each
-/// message's marker to the replayed entry and every row is stored once. A dead letter whose
-/// idempotency key another message took meanwhile is refused, not stored twice.
+/// Rows the streamer enqueued are dead-lettered because the host column has another name; after
+/// the collector is told the right column, replay puts each one back and every row is stored
+/// once. A dead letter whose idempotency key another message took meanwhile (a marker of
+/// another revision) is refused, not stored twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_carries_the_dedup_marker_and_refuses_a_key_taken_since() {
     let (server, client, probe) = etcd().await;

@@ -57,8 +57,13 @@ pub struct Record {
 /// How a record's dedup marker is settled in its commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkerMode {
-    /// The producer wrote the marker with the queue entry (the streamer does): the commit
-    /// compares that the marker still has the entry's revision, i.e. this message holds it.
+    /// No marker: the key derives from the entry's stream position and values (a lean entry of
+    /// a CSV row), and the stream's checkpoint let that position be enqueued once. This entry is the only one of its key, so the compare that it is still queued at
+    /// the revision read (with its delete in the same transaction) stores it once.
+    Fenced,
+    /// The producer wrote the marker with the queue entry (the streamer does for scraped
+    /// samples): the commit compares that the marker still has the entry's revision, i.e. this
+    /// message holds it.
     Held,
     /// No marker was written (another producer): the commit writes it, if it does not exist.
     Claim,
@@ -169,7 +174,16 @@ fn lean(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record,
         return Err("idempotency_key must be 64 lower-case hex digits".into());
     }
     let who = Identity::of(ctx.columns, |c| view.get(c))?;
-    let encoded = view.stored(payload, derived.as_deref() == Some(idempotency_key.as_str()));
+    // A key that derives from the entry's stream position and values was deduplicated by the
+    // stream's checkpoint (a CSV row's); one the producer chose (a scraped sample's) by its
+    // marker.
+    let derives = derived.as_deref() == Some(idempotency_key.as_str());
+    let marker = if derives {
+        MarkerMode::Fenced
+    } else {
+        MarkerMode::Held
+    };
+    let encoded = view.stored(payload, derives);
     drop(view);
     Ok(finish(
         ctx.keys,
@@ -179,7 +193,7 @@ fn lean(payload: &[u8], queue_id: &str, ctx: &mut Context<'_>) -> Result<Record,
         who,
         encoded,
         (profile_id, profile),
-        MarkerMode::Held,
+        marker,
     ))
 }
 

@@ -3,17 +3,19 @@
 //! One transaction per chunk of at most [`MAX_ROWS_PER_TXN`] messages:
 //!
 //! - **compare** the stream checkpoint's `mod_revision` equals the one this worker last saw
-//!   (the fence: two streamers with the same stream id cannot both advance it), and each
-//!   message's dedup marker does not exist (`create_revision == 0`);
-//! - **then** put each queue entry, put each dedup marker (attached to the current time-bucket
-//!   lease), and put the advanced checkpoint;
-//! - **else** read back the checkpoint and the markers, so the caller learns in the same round
-//!   trip whether it lost the fence or which messages were duplicates.
+//!   (the fence: two streamers with the same stream id cannot both advance it, so each position
+//!   of a stream is enqueued once), and, for each message deduplicated by a marker
+//!   ([`Dedup::Marker`]: scraped samples), that its dedup marker does not exist
+//!   (`create_revision == 0`);
+//! - **then** put each queue entry, put each such dedup marker (attached to the current
+//!   time-bucket lease), and put the advanced checkpoint, which names this commit;
+//! - **else** (sent only when a compare failed) read back the checkpoint and the markers, so the
+//!   caller learns whether it lost the fence or which messages were duplicates.
 //!
 //! Duplicates are absorbed by dropping them and retrying the rest; the checkpoint still moves
 //! past them. A write whose outcome is unknown (timeout, leader change) is retried as is: the
 //! compares make a second application impossible, and a fence conflict after such an error is
-//! checked against the queue to tell "our earlier attempt landed" from "someone else moved".
+//! told apart by the checkpoint's commit id: ours means our earlier attempt landed.
 //!
 //! What is decided is pure and unit-tested without etcd: [`plan_txn`] builds the transaction,
 //! [`classify`] reads its reply. [`Sink::commit`] only sends, retries and applies the verdict.
@@ -32,7 +34,7 @@ use telemetry_shared::{
     Checkpoint, Keyspace,
     etcd::{
         BoundedTxn, BucketedLease, EtcdError, MAX_TXN_BYTES, MAX_TXN_OPS, SplitTxn, TxnAnswer,
-        is_indeterminate, is_lease_not_found, is_retryable,
+        is_lease_not_found, is_retryable,
     },
     health::Check,
     observe::emit,
@@ -46,15 +48,32 @@ use crate::{
     transform::Prepared,
 };
 
-/// Most messages per transaction: two puts each plus the checkpoint put must fit etcd's
-/// 128-operation limit (fewer when the transaction also stores new profiles).
-pub(crate) const MAX_ROWS_PER_TXN: usize = (MAX_TXN_OPS - 1) / 2;
+/// Most messages per transaction: their puts plus the checkpoint's and the origin's (a stream's
+/// first transaction writes it) must fit etcd's 128-operation limit (fewer when messages have
+/// markers or the transaction also stores new profiles).
+pub(crate) const MAX_ROWS_PER_TXN: usize = MAX_TXN_OPS - 2;
 
 /// Largest single encoded message; a bigger row is skipped as malformed.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
 // Any message fits a transaction alone, so a chunk of one always goes through.
 const _: () = assert!(MAX_MESSAGE_BYTES <= MAX_TXN_BYTES);
+
+/// How the enqueue of a message is made a single one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dedup {
+    /// By the stream's checkpoint alone. The message's key derives from its position (stream
+    /// id, pass, row) and its content, and that position is in one file only (the checkpoint
+    /// holds the file's fingerprint). The transaction that enqueues a position is the one that
+    /// moves the checkpoint past it, fenced by the checkpoint's `mod_revision`, so a position
+    /// is enqueued once for as long as the checkpoint exists (no time limit), and no marker is
+    /// written. CSV rows.
+    Checkpoint,
+    /// By a dedup marker too: the key covers content that a later attempt may bring at another
+    /// position (a scrape resumed after a crash fetches its target again, and a series'
+    /// sample is found at whatever row it now sorts to). Scraped samples.
+    Marker,
+}
 
 /// A message encoded and ready for the transaction.
 #[derive(Debug, Clone)]
@@ -65,6 +84,19 @@ pub(crate) struct Pending {
     pub prepared: Prepared,
     /// The lean queue entry.
     pub encoded: Vec<u8>,
+    /// How its enqueue is deduplicated.
+    pub dedup: Dedup,
+}
+
+impl Pending {
+    /// Operations this message adds to a transaction: its queue entry, and its marker if it
+    /// has one.
+    pub(crate) fn ops(&self) -> usize {
+        match self.dedup {
+            Dedup::Checkpoint => 1,
+            Dedup::Marker => 2,
+        }
+    }
 }
 
 /// The result of one commit.
@@ -139,33 +171,36 @@ pub(crate) struct TxnPlan {
     pub expected_rev: i64,
     /// The advanced checkpoint, as JSON.
     pub checkpoint_value: Vec<u8>,
+    /// The stream's origin key, written (with the checkpoint's value) by the transaction that
+    /// creates the checkpoint, i.e. when `expected_rev` is 0.
+    pub origin_key: Option<String>,
     /// One write per message, in order.
     pub writes: Vec<EntryWrite>,
-    /// The lease the dedup markers are attached to.
+    /// The lease the dedup markers are attached to (0 when no message has one).
     pub lease: i64,
     /// Profiles the entries name that are not known to be stored: (key, value).
     pub profiles: Vec<(String, Vec<u8>)>,
 }
 
-/// What one message writes: its queue entry and its dedup marker.
+/// What one message writes: its queue entry and, for [`Dedup::Marker`], its dedup marker.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct EntryWrite {
     /// The queue entry's key.
     pub queue_key: String,
     /// The lean queue entry.
     pub value: Vec<u8>,
-    /// The dedup marker's key (must not exist yet). Its value is empty: the marker written in
-    /// the same transaction as the entry has the entry's revision, which is what the collector
-    /// and a lost-reply check compare.
-    pub marker_key: String,
+    /// The dedup marker's key (must not exist yet), if the message has one. Its value is
+    /// empty: the marker written in the same transaction as the entry has the entry's revision,
+    /// which is what the collector compares.
+    pub marker_key: Option<String>,
 }
 
-/// Plans the transaction that enqueues `entries` and moves the checkpoint at `checkpoint_key`
-/// from `expected_rev` to `checkpoint_value`, with markers on `lease`, storing the `profiles`
-/// the entries name that are not known to be stored.
+/// Plans the transaction that enqueues `entries` and moves the checkpoint of `stream_id` from
+/// `expected_rev` to `checkpoint_value`, with markers on `lease`, storing the `profiles` the
+/// entries name that are not known to be stored.
 pub(crate) fn plan_txn(
     keys: &Keyspace,
-    checkpoint_key: &str,
+    stream_id: &str,
     expected_rev: i64,
     checkpoint_value: &[u8],
     entries: &[&Pending],
@@ -179,14 +214,16 @@ pub(crate) fn plan_txn(
             EntryWrite {
                 queue_key: keys.queue_entry(pending.prepared.partition, &message.id.to_string()),
                 value: pending.encoded.clone(),
-                marker_key: keys.dedup_marker(&message.idempotency_key),
+                marker_key: (pending.dedup == Dedup::Marker)
+                    .then(|| keys.dedup_marker(&message.idempotency_key)),
             }
         })
         .collect();
     TxnPlan {
-        checkpoint_key: checkpoint_key.to_string(),
+        checkpoint_key: keys.stream_checkpoint(stream_id),
         expected_rev,
         checkpoint_value: checkpoint_value.to_vec(),
+        origin_key: (expected_rev == 0).then(|| keys.stream_origin(stream_id)),
         writes,
         lease,
         profiles: profiles
@@ -196,17 +233,17 @@ pub(crate) fn plan_txn(
     }
 }
 
-/// How many of `entries` (at least one, if any) fit one transaction: two operations per
-/// message, one per profile not yet `written`, one for the checkpoint, within etcd's operation
+/// How many of `entries` (at least one, if any) fit one transaction: [`Pending::ops`] per
+/// message, one per profile not yet `written`, two for the checkpoint and origin, within etcd's operation
 /// limit, [`MAX_ROWS_PER_TXN`] and [`MAX_TXN_BYTES`].
 pub(crate) fn chunk_len(entries: &[Pending], written: &dyn Fn(ProfileId) -> bool) -> usize {
-    let (mut taken, mut bytes) = (0, 0);
+    let (mut taken, mut bytes, mut message_ops) = (0, 0, 0);
     let mut profiles: Vec<ProfileId> = Vec::new();
     for p in entries {
         let (id, profile) = &p.prepared.profile;
         let new_profile = !written(*id) && !profiles.contains(id);
         let extra_bytes = if new_profile { profile.encode().len() } else { 0 };
-        let ops = 2 * (taken + 1) + profiles.len() + usize::from(new_profile) + 1;
+        let ops = message_ops + p.ops() + profiles.len() + usize::from(new_profile) + 2;
         if taken > 0
             && (taken == MAX_ROWS_PER_TXN
                 || ops > MAX_TXN_OPS
@@ -215,6 +252,7 @@ pub(crate) fn chunk_len(entries: &[Pending], written: &dyn Fn(ProfileId) -> bool
             break;
         }
         taken += 1;
+        message_ops += p.ops();
         bytes += p.encoded.len() + extra_bytes;
         if new_profile {
             profiles.push(*id);
@@ -239,9 +277,10 @@ pub(crate) fn profiles_to_store(
 }
 
 impl TxnPlan {
-    /// The etcd transaction. Compares: the fence, then one marker compare per write. Success:
-    /// the queue entry and the marker of each write, then the checkpoint. Failure: the
-    /// checkpoint, then each marker (keys only), in the order [`Reply::refused`] reads (sent only when a compare fails).
+    /// The etcd transaction. Compares: the fence, then one marker compare per write that has
+    /// a marker. Success: the queue entry and the marker (if any) of each write, then the
+    /// checkpoint. Failure (sent only when a compare fails): the checkpoint, then each marker
+    /// (keys only), in the order [`Reply::refused`] reads.
     pub(crate) fn build(&self) -> Result<SplitTxn, EtcdError> {
         let mut txn = BoundedTxn::new();
         txn.compare(Compare::mod_revision(
@@ -251,19 +290,18 @@ impl TxnPlan {
         ));
         txn.otherwise(TxnOp::get(self.checkpoint_key.as_str(), None));
         for write in &self.writes {
-            txn.compare(Compare::create_revision(
-                write.marker_key.as_str(),
-                CompareOp::Equal,
-                0,
-            ));
             txn.then(TxnOp::put(write.queue_key.as_str(), write.value.clone(), None));
+            let Some(marker) = &write.marker_key else {
+                continue;
+            };
+            txn.compare(Compare::create_revision(marker.as_str(), CompareOp::Equal, 0));
             txn.then(TxnOp::put(
-                write.marker_key.as_str(),
+                marker.as_str(),
                 Vec::new(),
                 Some(PutOptions::new().with_lease(self.lease)),
             ));
             txn.otherwise(TxnOp::get(
-                write.marker_key.as_str(),
+                marker.as_str(),
                 Some(GetOptions::new().with_keys_only()),
             ));
         }
@@ -275,6 +313,9 @@ impl TxnPlan {
             self.checkpoint_value.clone(),
             None,
         ));
+        if let Some(origin) = &self.origin_key {
+            txn.then(TxnOp::put(origin.as_str(), self.checkpoint_value.clone(), None));
+        }
         txn.build_split()
     }
 }
@@ -291,7 +332,8 @@ pub(crate) enum Reply {
     Refused {
         /// The checkpoint's value and `mod_revision`, if it exists.
         checkpoint: Option<(Vec<u8>, i64)>,
-        /// For each write, in order: does its dedup marker exist?
+        /// For each write, in order: does its dedup marker exist? (`false` for a write
+        /// without one.)
         markers_found: Vec<bool>,
     },
 }
@@ -305,8 +347,9 @@ impl Reply {
     }
 
     /// The reply of a transaction built by [`TxnPlan::build`] that was refused, from its
-    /// failure branch's reads.
-    pub(crate) fn refused(reads: &TxnResponse) -> Reply {
+    /// failure branch's reads; `marked` says, for each write in order, whether it has a marker
+    /// (and so a read).
+    pub(crate) fn refused(reads: &TxnResponse, marked: impl IntoIterator<Item = bool>) -> Reply {
         let mut reads = reads.op_responses().into_iter();
         let checkpoint = match reads.next() {
             Some(TxnOpResponse::Get(get)) => get
@@ -315,8 +358,14 @@ impl Reply {
                 .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
             _ => None,
         };
-        let markers_found = reads
-            .map(|read| matches!(&read, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
+        let markers_found = marked
+            .into_iter()
+            .map(|marked| {
+                marked
+                    && reads
+                        .next()
+                        .is_some_and(|read| matches!(&read, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
+            })
             .collect();
         Reply::Refused {
             checkpoint,
@@ -343,26 +392,20 @@ pub(crate) enum Verdict {
         /// Its `mod_revision`.
         mod_revision: i64,
     },
-    /// The checkpoint moved to exactly our target after an attempt whose outcome was unknown:
-    /// our earlier attempt may be what landed (check the queue before calling it a conflict).
-    PossiblyOurs {
-        /// The checkpoint's `mod_revision`.
-        mod_revision: i64,
-    },
     /// Refused, yet neither the fence nor a marker explains it. The reads come after the
     /// refusal, so a marker whose lease ended in between (its dedup window was over) is read as
     /// absent; the caller waits and retries, and the retry's compares decide.
     Unexplained,
 }
 
-/// Classifies `reply` for a commit of `stream_id` fenced at `expected_rev` towards `target`;
-/// `uncertain` says whether an earlier attempt of this commit may have been applied.
+/// Classifies `reply` for a commit of `stream_id` fenced at `expected_rev` towards `target`,
+/// which names this commit ([`Checkpoint::commit`]): a moved checkpoint that holds `target`
+/// was moved by an earlier attempt of this commit whose reply was lost, so it landed.
 pub(crate) fn classify(
     reply: Reply,
     stream_id: &str,
     expected_rev: i64,
     target: &Checkpoint,
-    uncertain: bool,
 ) -> Result<Verdict, SinkError> {
     let (checkpoint, markers_found) = match reply {
         Reply::Succeeded { revision } => return Ok(Verdict::Committed { revision }),
@@ -376,8 +419,10 @@ pub(crate) fn classify(
         checkpoint.as_ref().map(|(value, rev)| (value.as_slice(), *rev)),
     )?;
     if mod_revision != expected_rev {
-        if uncertain && current.as_ref() == Some(target) {
-            return Ok(Verdict::PossiblyOurs { mod_revision });
+        if current.as_ref() == Some(target) {
+            return Ok(Verdict::Committed {
+                revision: mod_revision,
+            });
         }
         return Ok(Verdict::Conflict {
             current,
@@ -419,7 +464,6 @@ fn decode_checkpoint(stream_id: &str, stored: Option<(&[u8], i64)>) -> Result<St
 /// What stays the same across the attempts of one commit.
 struct Request<'a> {
     stream_id: &'a str,
-    checkpoint_key: String,
     expected_rev: i64,
     checkpoint_value: Vec<u8>,
 }
@@ -484,6 +528,14 @@ impl Sink {
         )
     }
 
+    /// Does the stream have an origin, i.e. was its checkpoint ever created?
+    pub(crate) async fn has_origin(&self, stream_id: &str) -> Result<bool, SinkError> {
+        let resp = self
+            .get(&self.keys.stream_origin(stream_id), "origin read")
+            .await?;
+        Ok(!resp.kvs().is_empty())
+    }
+
     /// Commits `entries` and advances the checkpoint to `target`, fenced by `expected_rev`.
     /// `entries` must be at most [`MAX_ROWS_PER_TXN`] long and under
     /// [`telemetry_shared::etcd::MAX_TXN_BYTES`].
@@ -494,41 +546,29 @@ impl Sink {
         target: &Checkpoint,
         entries: &[&Pending],
     ) -> Result<CommitOutcome, SinkError> {
+        // Named by a fresh id, the target tells our own landed attempt apart from another
+        // writer's, whatever position that one reached.
+        let target = Checkpoint {
+            commit: Some(ulid::Ulid::from_datetime(std::time::SystemTime::now()).to_string()),
+            ..target.clone()
+        };
         let request = Request {
             stream_id,
-            checkpoint_key: self.keys.stream_checkpoint(stream_id),
             expected_rev,
-            checkpoint_value: encode_checkpoint(stream_id, target)?,
+            checkpoint_value: encode_checkpoint(stream_id, &target)?,
         };
         let mut live: Vec<&Pending> = entries.to_vec();
         // Every profile the chunk names is stored with it, even one a duplicate named: later
         // entries may name it too.
         let profiles = profiles_to_store(&live, |id| self.is_written(id));
         let mut duplicates = Vec::new();
-        // Whether an earlier attempt may have been applied although its reply was lost.
-        let mut uncertain = false;
         let mut backoff = Backoff::new(Policy::FAST, "enqueue transaction");
         loop {
-            let Some(reply) = self
-                .attempt(&request, &live, &profiles, &mut backoff, &mut uncertain)
-                .await?
-            else {
+            let Some(reply) = self.attempt(&request, &live, &profiles, &mut backoff).await? else {
                 continue;
             };
-            let revision = match classify(reply, stream_id, expected_rev, target, uncertain)? {
+            let revision = match classify(reply, stream_id, expected_rev, &target)? {
                 Verdict::Committed { revision } => revision,
-                Verdict::PossiblyOurs { mod_revision }
-                    if self.landed(live.first().copied(), mod_revision).await? =>
-                {
-                    mod_revision
-                }
-                Verdict::PossiblyOurs { mod_revision } => {
-                    let current = Some(target.clone());
-                    return Ok(CommitOutcome::Conflict {
-                        current,
-                        mod_revision,
-                    });
-                }
                 Verdict::Conflict {
                     current,
                     mod_revision,
@@ -560,28 +600,34 @@ impl Sink {
         }
     }
 
-    /// One attempt of `request` with the `live` entries: takes the marker lease, builds and
-    /// sends the transaction. `Ok(None)` after a failure worth retrying (the backoff has been
-    /// waited; `uncertain` is set if the attempt may have been applied).
+    /// One attempt of `request` with the `live` entries: takes the marker lease (if a message
+    /// has a marker), builds and sends the transaction. `Ok(None)` after a failure worth
+    /// retrying (the backoff has been waited). An attempt whose outcome is unknown (a timeout,
+    /// a leader change) is retried like any other: its compares make a second application
+    /// impossible, and [`classify`] recognises its landing by the checkpoint's commit id.
     async fn attempt(
         &self,
         request: &Request<'_>,
         live: &[&Pending],
         profiles: &[(ProfileId, Arc<Profile>)],
         backoff: &mut Backoff,
-        uncertain: &mut bool,
     ) -> Result<Option<Reply>, SinkError> {
-        let lease = match self.markers.current().await {
-            Ok(lease) => lease,
-            Err(EtcdError::Client(err)) if is_retryable(&err) => {
-                self.retry(backoff, &err).await?;
-                return Ok(None);
+        let marked = || live.iter().map(|p| p.dedup == Dedup::Marker);
+        let lease = if marked().any(|m| m) {
+            match self.markers.current().await {
+                Ok(lease) => lease,
+                Err(EtcdError::Client(err)) if is_retryable(&err) => {
+                    self.retry(backoff, &err).await?;
+                    return Ok(None);
+                }
+                Err(err) => return Err(err.into()),
             }
-            Err(err) => return Err(err.into()),
+        } else {
+            0
         };
         let txn = plan_txn(
             &self.keys,
-            &request.checkpoint_key,
+            request.stream_id,
             request.expected_rev,
             &request.checkpoint_value,
             live,
@@ -596,7 +642,7 @@ impl Sink {
             }
             Ok(TxnAnswer::Refused(Ok(reads))) => {
                 backoff.succeeded();
-                Ok(Some(Reply::refused(&reads)))
+                Ok(Some(Reply::refused(&reads, marked())))
             }
             // Refused for certain (nothing applied), but what failed is unread: try again.
             Ok(TxnAnswer::Refused(Err(err))) if is_retryable(&err) => {
@@ -610,7 +656,6 @@ impl Sink {
                 Ok(None)
             }
             Err(err) if is_retryable(&err) => {
-                *uncertain |= is_indeterminate(&err);
                 self.retry(backoff, &err).await?;
                 Ok(None)
             }
@@ -639,21 +684,6 @@ impl Sink {
             outcome,
         });
         result
-    }
-
-    /// Did our earlier attempt land? The checkpoint holds our target at `checkpoint_rev`; it did
-    /// if `pending`'s dedup marker was written by that same transaction (same revision). With no
-    /// message (a checkpoint-only commit) the checkpoint alone says it landed.
-    async fn landed(&self, pending: Option<&Pending>, checkpoint_rev: i64) -> Result<bool, SinkError> {
-        let Some(pending) = pending else {
-            return Ok(true);
-        };
-        let marker = self.keys.dedup_marker(&pending.prepared.message.idempotency_key);
-        let resp = self.get(&marker, "dedup marker read").await?;
-        Ok(resp
-            .kvs()
-            .first()
-            .is_some_and(|kv| kv.mod_revision() == checkpoint_rev))
     }
 
     /// Reads `key`, retrying while etcd is unavailable.
@@ -701,13 +731,22 @@ pub(crate) mod tests {
     use super::*;
     use crate::{source::ColumnTypes, transform::MessageBuilder};
 
-    /// A message for `row` whose encoded form is `bytes` long.
+    /// A CSV message for `row` whose encoded form is `bytes` long.
     pub(crate) fn pending(row: u64, bytes: usize) -> Pending {
         let mut builder = MessageBuilder::new(vec!["a".into()], ColumnTypes::all_auto(1), &[]);
         Pending {
             row,
             prepared: builder.build("s-w0", 0, row, &[row.to_string()]),
             encoded: vec![b'x'; bytes],
+            dedup: Dedup::Checkpoint,
+        }
+    }
+
+    /// The same with a dedup marker (as a scraped sample has).
+    fn marked(row: u64, bytes: usize) -> Pending {
+        Pending {
+            dedup: Dedup::Marker,
+            ..pending(row, bytes)
         }
     }
 
@@ -718,6 +757,7 @@ pub(crate) mod tests {
             pass_complete,
             source_fingerprint: Some("sha256:ab".into()),
             scrape_time: None,
+            commit: Some("01JD0000000000000000000000".into()),
         }
     }
 
@@ -731,28 +771,26 @@ pub(crate) mod tests {
     #[test]
     fn the_plan_fences_the_checkpoint_and_guards_each_marker() {
         let keys = Keyspace::new("/t");
-        let entries = [pending(1, 10), pending(2, 20)];
+        let entries = [pending(1, 10), marked(2, 20)];
         let refs: Vec<&Pending> = entries.iter().collect();
         let profiles = profiles_to_store(&refs, |_| false);
         // These test messages have no partition columns, so each is its own group and profile.
         assert_eq!(profiles.len(), 2);
         let twice: Vec<&Pending> = vec![&entries[0], &entries[0]];
         assert_eq!(profiles_to_store(&twice, |_| false).len(), 1, "each profile once");
-        let plan = plan_txn(
-            &keys,
-            "/t/streams/s-w0/checkpoint",
-            42,
-            b"{}",
-            &refs,
-            7,
-            &profiles,
-        );
+        let plan = plan_txn(&keys, "s-w0", 42, b"{}", &refs, 7, &profiles);
         assert_eq!(plan.profiles.len(), 2);
         assert!(profiles_to_store(&refs, |_| true).is_empty());
         assert_eq!(
             (plan.checkpoint_key.as_str(), plan.expected_rev, plan.lease),
             ("/t/streams/s-w0/checkpoint", 42, 7)
         );
+        assert_eq!(
+            plan.origin_key, None,
+            "only a stream's first commit writes its origin"
+        );
+        let first = plan_txn(&keys, "s-w0", 0, b"{}", &refs, 7, &profiles);
+        assert_eq!(first.origin_key.as_deref(), Some("/t/streams/s-w0/origin"));
         assert_eq!(plan.writes.len(), 2);
         for (write, entry) in plan.writes.iter().zip(&entries) {
             let message = &entry.prepared.message;
@@ -761,8 +799,10 @@ pub(crate) mod tests {
                 write.queue_key,
                 keys.queue_entry(entry.prepared.partition, &message.id.to_string())
             );
-            assert_eq!(write.marker_key, keys.dedup_marker(&message.idempotency_key));
+            let marker = (entry.dedup == Dedup::Marker).then(|| keys.dedup_marker(&message.idempotency_key));
+            assert_eq!(write.marker_key, marker);
         }
+        assert_eq!(plan.writes[0].marker_key, None, "a CSV row has no marker");
         plan.build().expect("two messages fit");
     }
 
@@ -771,17 +811,26 @@ pub(crate) mod tests {
         let keys = Keyspace::new("/t");
         let entries: Vec<Pending> = (1..=MAX_ROWS_PER_TXN as u64 + 1).map(|r| pending(r, 1)).collect();
         let refs: Vec<&Pending> = entries.iter().collect();
-        let full = plan_txn(&keys, "/cp", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1, &[]);
-        full.build().expect("63 messages: 127 operations");
-        let over = plan_txn(&keys, "/cp", 0, b"{}", &refs, 1, &[]);
+        assert_eq!(chunk_len(&entries, &|_| true), MAX_ROWS_PER_TXN);
+        let full = plan_txn(&keys, "s", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1, &[]);
+        full.build()
+            .expect("126 rows, the checkpoint and the origin: 128 operations");
+        let over = plan_txn(&keys, "s", 0, b"{}", &refs, 1, &[]);
         assert!(matches!(over.build(), Err(EtcdError::TxnTooLarge { ops: 129 })));
+        // With markers, two operations per message.
+        let marked: Vec<Pending> = (1..=64).map(|r| marked(r, 1)).collect();
+        assert_eq!(chunk_len(&marked, &|_| true), 63);
+        let refs: Vec<&Pending> = marked.iter().collect();
+        plan_txn(&keys, "s", 0, b"{}", &refs[..63], 1, &[])
+            .build()
+            .expect("63 marked messages, the checkpoint and the origin: 128 operations");
     }
 
     #[test]
     fn a_successful_reply_is_committed() {
         let target = checkpoint(5, false);
         assert_eq!(
-            classify(Reply::Succeeded { revision: 9 }, "s", 3, &target, false).expect("valid"),
+            classify(Reply::Succeeded { revision: 9 }, "s", 3, &target).expect("valid"),
             Verdict::Committed { revision: 9 }
         );
     }
@@ -791,54 +840,51 @@ pub(crate) mod tests {
         let stored = checkpoint(2, false);
         let reply = refused(Some(&stored), 3, vec![false, true, false, true]);
         assert_eq!(
-            classify(reply, "s", 3, &checkpoint(6, false), false).expect("valid"),
+            classify(reply, "s", 3, &checkpoint(6, false)).expect("valid"),
             Verdict::Duplicates(vec![1, 3])
         );
         // A first commit: no checkpoint yet, fence at 0.
         let reply = refused(None, 0, vec![true]);
         assert_eq!(
-            classify(reply, "s", 0, &checkpoint(1, false), false).expect("valid"),
+            classify(reply, "s", 0, &checkpoint(1, false)).expect("valid"),
             Verdict::Duplicates(vec![0])
         );
     }
 
     #[test]
-    fn a_moved_checkpoint_is_a_conflict_unless_it_may_be_our_own_earlier_attempt() {
+    fn a_moved_checkpoint_is_a_conflict_unless_it_holds_our_own_commit() {
         let target = checkpoint(6, false);
         let other = checkpoint(9, false);
-        let conflict = |stored: Option<&Checkpoint>, uncertain| {
-            classify(refused(stored, 8, vec![true, true]), "s", 3, &target, uncertain).expect("valid")
+        let conflict = |stored: Option<&Checkpoint>| {
+            classify(refused(stored, 8, vec![true, true]), "s", 3, &target).expect("valid")
         };
         assert_eq!(
-            conflict(Some(&other), false),
+            conflict(Some(&other)),
             Verdict::Conflict {
                 current: Some(other.clone()),
                 mod_revision: 8
             }
         );
+        let same_position = Checkpoint {
+            commit: Some("01JD0000000000000000000001".into()),
+            ..target.clone()
+        };
         assert_eq!(
-            conflict(Some(&other), true),
+            conflict(Some(&same_position)),
             Verdict::Conflict {
-                current: Some(other),
+                current: Some(same_position.clone()),
                 mod_revision: 8
             },
-            "a different position is someone else's, even after a lost reply"
+            "our position written by another commit is theirs"
         );
         assert_eq!(
-            conflict(Some(&target), false),
-            Verdict::Conflict {
-                current: Some(target.clone()),
-                mod_revision: 8
-            },
-            "without a lost reply, our target written by another is theirs"
-        );
-        assert_eq!(
-            conflict(Some(&target), true),
-            Verdict::PossiblyOurs { mod_revision: 8 }
+            conflict(Some(&target)),
+            Verdict::Committed { revision: 8 },
+            "our own commit landed: an earlier attempt whose reply was lost"
         );
         // Deleted under us.
         assert_eq!(
-            classify(refused(None, 0, vec![false]), "s", 3, &target, true).expect("valid"),
+            classify(refused(None, 0, vec![false]), "s", 3, &target).expect("valid"),
             Verdict::Conflict {
                 current: None,
                 mod_revision: 0
@@ -850,14 +896,14 @@ pub(crate) mod tests {
     fn a_refusal_nothing_explains_and_a_corrupt_checkpoint_are_reported() {
         let stored = checkpoint(2, false);
         assert_eq!(
-            classify(refused(Some(&stored), 3, vec![false]), "s", 3, &stored, false).expect("valid"),
+            classify(refused(Some(&stored), 3, vec![false]), "s", 3, &stored).expect("valid"),
             Verdict::Unexplained
         );
         let corrupt = Reply::Refused {
             checkpoint: Some((b"not json".to_vec(), 3)),
             markers_found: vec![],
         };
-        let err = classify(corrupt, "s-w0", 3, &stored, false).expect_err("corrupt");
+        let err = classify(corrupt, "s-w0", 3, &stored).expect_err("corrupt");
         assert!(err.to_string().contains("s-w0"), "{err}");
     }
 

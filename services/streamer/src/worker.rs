@@ -28,7 +28,7 @@ use crate::{
     config::StreamerConfig,
     events::{CheckpointConflict, ChunkCommitted, PassCompleted, RowSkipped, SkipReason},
     progress::Stats,
-    sink::{CommitOutcome, MAX_MESSAGE_BYTES, MAX_ROWS_PER_TXN, Pending, Sink},
+    sink::{CommitOutcome, Dedup, MAX_MESSAGE_BYTES, MAX_ROWS_PER_TXN, Pending, Sink},
     source::{ColumnTypes, CsvSource, SourceItem},
     transform::MessageBuilder,
 };
@@ -129,8 +129,9 @@ struct Chunk {
 }
 
 /// The next transaction for `entries` (the held rows after `committed_row`, in order) of
-/// `pass`: as many entries as fit etcd's operation limit (two per message, one per profile not
-/// yet `written`, one for the checkpoint) and [`MAX_TXN_BYTES`], but at least one message.
+/// `pass`: as many entries as fit etcd's operation limit ([`Pending::ops`] per message, one per
+/// profile not yet `written`, two for the checkpoint and origin) and [`MAX_TXN_BYTES`], but at
+/// least one message.
 /// With `complete_at = Some(last_row)` the transaction that takes the last entry also marks the
 /// pass complete, even with no entries. `None`: nothing to commit.
 fn next_chunk(
@@ -144,14 +145,14 @@ fn next_chunk(
     if entries.is_empty() && complete_at.is_none() {
         return None;
     }
-    let (mut messages, mut bytes, mut take) = (0, 0, 0);
+    let (mut messages, mut message_ops, mut bytes, mut take) = (0, 0, 0, 0);
     let mut profiles: Vec<ProfileId> = Vec::new();
     for entry in entries {
         if let Some(p) = entry.message() {
             let (id, profile) = &p.prepared.profile;
             let new_profile = !written(*id) && !profiles.contains(id);
             let extra_bytes = if new_profile { profile.encode().len() } else { 0 };
-            let ops = 2 * (messages + 1) + profiles.len() + usize::from(new_profile) + 1;
+            let ops = message_ops + p.ops() + profiles.len() + usize::from(new_profile) + 2;
             // At least one message per chunk, whatever its size (it is under
             // MAX_MESSAGE_BYTES), so that a flush always makes progress.
             if messages > 0
@@ -162,6 +163,7 @@ fn next_chunk(
                 break;
             }
             messages += 1;
+            message_ops += p.ops();
             bytes += p.encoded.len() + extra_bytes;
             if new_profile {
                 profiles.push(*id);
@@ -182,6 +184,7 @@ fn next_chunk(
             pass_complete,
             source_fingerprint: Some(fingerprint.to_string()),
             scrape_time: None,
+            commit: None,
         },
     })
 }
@@ -193,7 +196,7 @@ enum Adoption {
     Complete,
     /// It is in our pass: rows up to `committed_row` are settled; retry the rest.
     Resume { committed_row: u64 },
-    /// It is on another pass, or deleted the checkpoint: start over from what is stored.
+    /// It is on another pass (or gone): start over from what is stored.
     Restart,
 }
 
@@ -208,7 +211,7 @@ fn adopt(current: Option<&Checkpoint>, pass: u64, committed_row: u64) -> Adoptio
 }
 
 /// Rows to hold before flushing: `BATCH_SIZE`, rounded down to whole transactions when it is
-/// larger than one, so that the default of 100 does not become transactions of 63 and 37.
+/// larger than one, so that 200 does not become transactions of 126 and 74.
 fn flush_at(batch_size: usize) -> usize {
     if batch_size > MAX_ROWS_PER_TXN {
         batch_size / MAX_ROWS_PER_TXN * MAX_ROWS_PER_TXN
@@ -282,6 +285,18 @@ async fn next_pass(
         Err(err) if err.is_cancelled() => return Ok(None),
         Err(err) => return Err(err.into()),
     };
+    if checkpoint.is_none() {
+        match shared.sink.has_origin(stream_id).await {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(StreamerError::CheckpointDeleted {
+                    stream: stream_id.to_string(),
+                });
+            }
+            Err(err) if err.is_cancelled() => return Ok(None),
+            Err(err) => return Err(err.into()),
+        }
+    }
     let path = &shared.csv_path;
     check_source(stream_id, path, &shared.fingerprint, checkpoint.as_ref())?;
     match plan_start(checkpoint.as_ref(), shared.config.loop_mode, first_pass) {
@@ -405,6 +420,7 @@ impl Pass<'_> {
             row: row.row,
             prepared,
             encoded,
+            dedup: Dedup::Checkpoint,
         })))
     }
 
@@ -506,6 +522,11 @@ impl Pass<'_> {
             stream: self.stream_id,
             current,
         });
+        if current.is_none() && self.expected_rev != 0 {
+            return Err(StreamerError::CheckpointDeleted {
+                stream: self.stream_id.to_string(),
+            });
+        }
         let shared = self.shared;
         check_source(self.stream_id, &shared.csv_path, &shared.fingerprint, current)?;
         self.expected_rev = mod_revision;
@@ -534,6 +555,7 @@ mod tests {
             pass_complete,
             source_fingerprint: Some(FP.into()),
             scrape_time: None,
+            commit: None,
         }
     }
 
@@ -590,7 +612,6 @@ mod tests {
         check_source("s-w0", path, FP, Some(&cp(0, 3, true))).expect("the same file");
         let legacy = Checkpoint {
             source_fingerprint: None,
-            scrape_time: None,
             ..cp(0, 3, false)
         };
         check_source("s-w0", path, FP, Some(&legacy)).expect("a checkpoint without a fingerprint");
@@ -609,8 +630,8 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_takes_at_most_63_messages_and_skips_ride_along() {
-        let mut entries: Vec<Entry> = (2..=71).map(|r| message(r, 100)).collect();
+    fn a_chunk_takes_at_most_126_messages_and_skips_ride_along() {
+        let mut entries: Vec<Entry> = (2..=140).map(|r| message(r, 100)).collect();
         entries.insert(0, Entry::Skip(1));
         let chunk = next_chunk(&entries, 1, 0, None, FP, &|_| true).expect("a chunk");
         assert_eq!(chunk.take, 1 + MAX_ROWS_PER_TXN);
@@ -622,15 +643,19 @@ mod tests {
                 pass_complete: false,
                 source_fingerprint: Some(FP.into()),
                 scrape_time: None,
+                commit: None,
             }
         );
-        // A skip after the 63rd message still fits: it writes nothing but the checkpoint.
-        let entries: Vec<Entry> = (1..=63).map(|r| message(r, 1)).chain([Entry::Skip(64)]).collect();
+        // A skip after the 126th message still fits: it writes nothing but the checkpoint.
+        let entries: Vec<Entry> = (1..=126)
+            .map(|r| message(r, 1))
+            .chain([Entry::Skip(127)])
+            .collect();
         assert_eq!(
             next_chunk(&entries, 0, 0, None, FP, &|_| true)
                 .expect("chunk")
                 .take,
-            64
+            127
         );
     }
 
@@ -659,9 +684,9 @@ mod tests {
             (2, 7, true)
         );
         // Not the last chunk: the pass is not complete yet.
-        let entries: Vec<Entry> = (6..=80).map(|r| message(r, 1)).collect();
-        let first = next_chunk(&entries, 0, 5, Some(80), FP, &|_| true).expect("chunk");
-        assert_eq!((first.target.row, first.target.pass_complete), (68, false));
+        let entries: Vec<Entry> = (6..=200).map(|r| message(r, 1)).collect();
+        let first = next_chunk(&entries, 0, 5, Some(200), FP, &|_| true).expect("chunk");
+        assert_eq!((first.target.row, first.target.pass_complete), (131, false));
         assert_eq!(first.target.source_fingerprint.as_deref(), Some(FP));
     }
 
@@ -683,8 +708,9 @@ mod tests {
 
     #[test]
     fn batches_flush_in_whole_transactions() {
-        assert_eq!(flush_at(100), 63);
-        assert_eq!(flush_at(1000), 945);
+        assert_eq!(flush_at(100), 100);
+        assert_eq!(flush_at(200), 126);
+        assert_eq!(flush_at(1000), 882);
         assert_eq!(flush_at(10), 10);
     }
 }

@@ -85,11 +85,16 @@ impl Item {
         }
     }
 
-    /// Success-branch operations this item needs.
+    /// Success-branch operations this item may need. A held marker counts as a claimed one:
+    /// a refused attempt may find it gone (expired after `DEDUP_TTL`) and switch the record to
+    /// claiming it, one put more, and the retry must still fit etcd's limit.
     pub(crate) fn ops(&self) -> usize {
         match self {
-            Item::Record { record, .. } if record.marker == MarkerMode::Claim => 3,
-            Item::Record { .. } | Item::Dead { .. } => 2,
+            Item::Record { record, .. } => match record.marker {
+                MarkerMode::Fenced => 2,
+                MarkerMode::Held | MarkerMode::Claim => 3,
+            },
+            Item::Dead { .. } => 2,
             Item::Duplicate { .. } => 1,
         }
     }
@@ -97,6 +102,7 @@ impl Item {
     /// Compares (and failure-branch reads) this item needs.
     pub(crate) fn compares(&self) -> usize {
         match self {
+            Item::Record { record, .. } if record.marker == MarkerMode::Fenced => 1,
             Item::Record { .. } => 2,
             Item::Dead { .. } | Item::Duplicate { .. } => 1,
         }

@@ -147,10 +147,15 @@ impl Builder<'_> {
             Item::Record { record, revision, .. } => {
                 let marker = record.marker_key.as_str();
                 let held = match record.marker {
-                    MarkerMode::Held => Compare::mod_revision(marker, CompareOp::Equal, *revision),
-                    MarkerMode::Claim => Compare::create_revision(marker, CompareOp::Equal, 0),
+                    MarkerMode::Held => Some(Compare::mod_revision(marker, CompareOp::Equal, *revision)),
+                    MarkerMode::Claim => Some(Compare::create_revision(marker, CompareOp::Equal, 0)),
+                    // The stream's checkpoint made this entry the only one of its key; the entry
+                    // compare above settles it once.
+                    MarkerMode::Fenced => None,
                 };
-                self.guard(held, marker, false, Read::Marker { sub: i, item: n });
+                if let Some(held) = held {
+                    self.guard(held, marker, false, Read::Marker { sub: i, item: n });
+                }
                 let retention = PutOptions::new().with_lease(self.leases.retention);
                 self.txn.then(TxnOp::put(
                     record.data_key.as_str(),
@@ -363,6 +368,7 @@ impl Repair {
 mod tests {
     use super::*;
     use crate::commit::tests::{dead_item, record_item, sub_batch};
+    use telemetry_shared::etcd::MAX_TXN_OPS;
 
     fn keys() -> Keyspace {
         Keyspace::new("/t")
@@ -385,6 +391,47 @@ mod tests {
         // Claimed records (the test data is JSON): data + marker + delete; the dead letter:
         // letter + delete; the counter.
         assert_eq!(plan.txn.ops(), 9);
+        assert!(plan.txn.build().is_ok());
+    }
+
+    #[test]
+    fn held_markers_that_turn_out_absent_are_claimed_within_the_limit() {
+        // As many held records as the budget admits (a scraped sample holds its marker).
+        let held = |name: &str, revision| match record_item(name, revision) {
+            Item::Record {
+                queue_key,
+                revision,
+                mut record,
+            } => {
+                record.marker = MarkerMode::Held;
+                Item::Record {
+                    queue_key,
+                    revision,
+                    record,
+                }
+            }
+            other => other,
+        };
+        let mut items = Vec::new();
+        let mut sub = sub_batch(1, vec![]);
+        while sub.success_ops() + 3 <= MAX_TXN_OPS {
+            items.push(held(&format!("m{}", items.len()), 10 + items.len() as i64));
+            sub.items = items.clone();
+        }
+        assert!(
+            build(&keys(), std::slice::from_ref(&sub), &[0], LEASES)
+                .txn
+                .build()
+                .is_ok()
+        );
+        // Every marker expired meanwhile: the retry claims them all, and still fits.
+        let repair = Repair {
+            markers: (0..sub.items.len()).map(|i| (i, MarkerMode::Claim)).collect(),
+            ..Repair::default()
+        };
+        repair.apply(&mut sub);
+        let plan = build(&keys(), &[sub], &[0], LEASES);
+        assert!(plan.txn.ops() <= MAX_TXN_OPS, "{}", plan.txn.ops());
         assert!(plan.txn.build().is_ok());
     }
 

@@ -35,7 +35,10 @@ use telemetry_shared::{
 use ulid::Ulid;
 
 use super::parse::Series;
-use crate::{sink::Pending, transform::Prepared};
+use crate::{
+    sink::{Dedup, Pending},
+    transform::Prepared,
+};
 
 /// Labels that become fields under another name, like the CSV names them.
 const RENAMED: [(&str, &str); 2] = [("gpu", "gpu_id"), ("UUID", "uuid")];
@@ -197,6 +200,7 @@ impl Converter {
                     message,
                 },
                 encoded,
+                dedup: Dedup::Marker,
             });
         }
         out

@@ -132,6 +132,7 @@ fn advanced(plan: &Plan, settled: u64, taken: usize, complete: bool) -> Checkpoi
         pass_complete: complete,
         source_fingerprint: None,
         scrape_time: Some(plan.time.to_string()),
+        commit: None,
     }
 }
 
@@ -638,6 +639,7 @@ mod tests {
             pass_complete: complete,
             source_fingerprint: None,
             scrape_time: Some(time.into()),
+            commit: None,
         }
     }
 

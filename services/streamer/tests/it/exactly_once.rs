@@ -25,21 +25,10 @@ async fn one_shot_sample_enqueues_every_row_once_in_bounded_transactions() {
     let cp = probe.checkpoint("test-w0").await.expect("checkpoint");
     assert_eq!((cp.pass, cp.row, cp.pass_complete), (0, sample::ROWS, true));
 
-    // One dedup marker per message, all attached to one shared (bucket) lease.
-    let markers = client
-        .clone()
-        .get(
-            probe.keys().dedup_prefix(),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("markers");
-    assert_eq!(markers.kvs().len() as u64, sample::ROWS);
-    let leases: std::collections::BTreeSet<i64> = markers.kvs().iter().map(|kv| kv.lease()).collect();
-    assert!(
-        leases.len() <= 2 && !leases.contains(&0),
-        "markers share a bucket lease: {leases:?}"
-    );
+    // The checkpoint alone deduplicates a CSV stream: no marker per message. Its origin (the
+    // first checkpoint) stays, so a deleted checkpoint is noticed.
+    assert_eq!(probe.count(&probe.keys().dedup_prefix()).await, 0);
+    assert_eq!(probe.count(&probe.keys().stream_origin("test-w0")).await, 1);
 
     // Every message validates against the shipped JSON Schema and is typed per the rules.
     let schema: serde_json::Value = serde_json::from_str(SchemaVersion::V1.json_schema()).expect("schema");
@@ -136,24 +125,32 @@ async fn two_concurrent_processes_with_the_same_id_enqueue_each_row_once() {
 }
 
 #[tokio::test]
-async fn re_sent_rows_are_absorbed_by_the_dedup_marker() {
+async fn a_deleted_checkpoint_is_refused_instead_of_sending_the_file_again() {
     let (server, client, probe) = etcd().await;
     let cfg = config(&server, &sample::path(), &[]);
     let first = telemetry_streamer::run(cfg.clone(), client.clone(), CancellationToken::new())
         .await
         .expect("first run");
     assert_eq!(first.enqueued, sample::ROWS);
-    // Forget the checkpoint: the streamer re-sends every row of pass 0 with new message ids.
+    // Forget the checkpoint: without it every row of pass 0 would go again with new message ids.
     client
         .clone()
         .delete(probe.keys().stream_checkpoint("test-w0"), None)
         .await
         .expect("delete checkpoint");
-    let second = telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
+    let err = telemetry_streamer::run(cfg, client.clone(), CancellationToken::new())
         .await
-        .expect("second run");
-    assert_eq!((second.enqueued, second.duplicates), (0, sample::ROWS));
-    assert_eq!(probe.queue_depth().await as u64, sample::ROWS);
+        .expect_err("the stream's origin says its checkpoint was deleted");
+    let text = err.to_string();
+    assert!(
+        text.contains("test-w0") && text.contains("deleted") && text.contains("STREAM_ID"),
+        "{text}"
+    );
+    assert_eq!(
+        probe.queue_depth().await as u64,
+        sample::ROWS,
+        "nothing sent twice"
+    );
 }
 
 #[tokio::test]
