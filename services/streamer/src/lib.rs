@@ -7,9 +7,9 @@
 //! - [`source`] reads the CSV (RFC 4180), numbers its rows and fingerprints the file;
 //! - [`transform`] turns a row into a `v1` message with a ULID, the processing time and an
 //!   idempotency key;
-//! - `sink` enqueues chunks of messages in etcd transactions that also write each message's
-//!   dedup marker (guarded by a compare) and advance the stream's fenced checkpoint, which
-//!   records the file's fingerprint.
+//! - `sink` enqueues chunks of messages in etcd transactions that advance the stream's fenced
+//!   checkpoint, which records the file's fingerprint: the checkpoint compare is what lets each
+//!   row be enqueued once (a scraped sample also has a dedup marker, guarded by a compare).
 //!
 //! Around it: `worker`s (each streams the whole file under its own stream id, at its own
 //! rate), `backpressure` (waits while the queue is full), `progress` (log lines, bar,
