@@ -1,7 +1,7 @@
 //! Criterion benchmark of the collector's CPU path per queue entry: the DCGM sample's rows as
 //! the streamer enqueues them (lean entries against their GPUs' profiles) are validated into
-//! records (identity, idempotency key checked against its derivation, data key, marker key,
-//! stored bytes). No etcd involved; the end-to-end rate is measured by `scripts/bench`.
+//! records (identity, idempotency key checked against its derivation, data key, stored
+//! bytes). No etcd involved; the end-to-end rate is measured by `scripts/bench`.
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented public fn.
 

@@ -32,8 +32,6 @@ pub struct Record {
     pub timestamp: Timestamp,
     /// The message's idempotency key.
     pub idempotency_key: String,
-    /// Its dedup marker's key.
-    pub marker_key: String,
     /// Host name (a key segment).
     pub hostname: String,
     /// GPU id within the host (a key segment).
@@ -246,7 +244,6 @@ fn finish(
         &id.to_string(),
     );
     Record {
-        marker_key: keys.dedup_marker(&idempotency_key),
         timestamp,
         idempotency_key,
         hostname: who.hostname,

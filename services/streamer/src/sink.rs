@@ -528,12 +528,26 @@ impl Sink {
         )
     }
 
-    /// Does the stream have an origin, i.e. was its checkpoint ever created?
-    pub(crate) async fn has_origin(&self, stream_id: &str) -> Result<bool, SinkError> {
-        let resp = self
+    /// Reads a stream's checkpoint as [`Sink::read_checkpoint`] does; `None` if it was deleted
+    /// after it was created (its origin is there, it is not).
+    pub(crate) async fn read_checkpoint_unless_deleted(
+        &self,
+        stream_id: &str,
+    ) -> Result<Option<Stored>, SinkError> {
+        let stored = self.read_checkpoint(stream_id).await?;
+        if stored.0.is_some() {
+            return Ok(Some(stored));
+        }
+        let origin = self
             .get(&self.keys.stream_origin(stream_id), "origin read")
             .await?;
-        Ok(!resp.kvs().is_empty())
+        if origin.kvs().is_empty() {
+            return Ok(Some(stored));
+        }
+        // The origin is written with the stream's first checkpoint, so one that appeared between
+        // the two reads is a same-id streamer's first commit; none now means it was deleted.
+        let again = self.read_checkpoint(stream_id).await?;
+        Ok(again.0.is_some().then_some(again))
     }
 
     /// Commits `entries` and advances the checkpoint to `target`, fenced by `expected_rev`.

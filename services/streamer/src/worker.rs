@@ -280,23 +280,16 @@ async fn next_pass(
     stream_id: &str,
     first_pass: Option<u64>,
 ) -> Result<Option<(u64, u64, i64)>, StreamerError> {
-    let (checkpoint, rev) = match shared.sink.read_checkpoint(stream_id).await {
-        Ok(found) => found,
+    let (checkpoint, rev) = match shared.sink.read_checkpoint_unless_deleted(stream_id).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            return Err(StreamerError::CheckpointDeleted {
+                stream: stream_id.to_string(),
+            });
+        }
         Err(err) if err.is_cancelled() => return Ok(None),
         Err(err) => return Err(err.into()),
     };
-    if checkpoint.is_none() {
-        match shared.sink.has_origin(stream_id).await {
-            Ok(false) => {}
-            Ok(true) => {
-                return Err(StreamerError::CheckpointDeleted {
-                    stream: stream_id.to_string(),
-                });
-            }
-            Err(err) if err.is_cancelled() => return Ok(None),
-            Err(err) => return Err(err.into()),
-        }
-    }
     let path = &shared.csv_path;
     check_source(stream_id, path, &shared.fingerprint, checkpoint.as_ref())?;
     match plan_start(checkpoint.as_ref(), shared.config.loop_mode, first_pass) {

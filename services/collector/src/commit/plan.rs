@@ -145,15 +145,17 @@ impl Builder<'_> {
         self.guard(entry, queue_key, false, Read::Entry { sub: i, item: n });
         match item {
             Item::Record { record, revision, .. } => {
-                let marker = record.marker_key.as_str();
-                let held = match record.marker {
-                    MarkerMode::Held => Some(Compare::mod_revision(marker, CompareOp::Equal, *revision)),
-                    MarkerMode::Claim => Some(Compare::create_revision(marker, CompareOp::Equal, 0)),
-                    // The stream's checkpoint made this entry the only one of its key; the entry
-                    // compare above settles it once.
-                    MarkerMode::Fenced => None,
-                };
-                if let Some(held) = held {
+                // A CSV row's entry is the only one of its key (its stream's checkpoint saw to
+                // that): the entry compare above settles it once, and it has no marker.
+                let marker = (record.marker != MarkerMode::Fenced)
+                    .then(|| self.keys.dedup_marker(&record.idempotency_key));
+                if let Some(marker) = &marker {
+                    let held = match record.marker {
+                        MarkerMode::Held => {
+                            Compare::mod_revision(marker.as_str(), CompareOp::Equal, *revision)
+                        }
+                        _ => Compare::create_revision(marker.as_str(), CompareOp::Equal, 0),
+                    };
                     self.guard(held, marker, false, Read::Marker { sub: i, item: n });
                 }
                 let retention = PutOptions::new().with_lease(self.leases.retention);
@@ -162,7 +164,9 @@ impl Builder<'_> {
                     record.encoded.clone(),
                     Some(retention),
                 ));
-                if record.marker == MarkerMode::Claim {
+                if let Some(marker) = marker
+                    && record.marker == MarkerMode::Claim
+                {
                     let dedup = PutOptions::new().with_lease(self.leases.dedup);
                     self.txn.then(TxnOp::put(marker, Vec::new(), Some(dedup)));
                 }
