@@ -28,7 +28,7 @@ pub struct StreamerConfig {
     /// `LOOP` (default true): restart at end of file; `false` = one pass, then exit.
     pub loop_mode: bool,
     /// `BATCH_SIZE` (default 100): rows read before a flush. Each etcd transaction carries at
-    /// most 63 of them (etcd's 128-operation limit), so a batch may take several.
+    /// most 126 of them (etcd's 128-operation limit), so a batch may take several.
     pub batch_size: usize,
     /// `MAX_QUEUE_DEPTH` (default 10000): wait while the queue holds this many; 0 = no limit.
     pub max_queue_depth: u64,
@@ -76,7 +76,7 @@ telemetry_shared::env_config! {
         /// true: restart at end of file (each pass makes new messages); false: one pass, then
         /// exit 0 (--once sets false).
         r#loop = Value("true");
-        /// Rows held before a flush, 1 to 100000; one etcd transaction carries at most 63 of
+        /// Rows held before a flush, 1 to 100000; one etcd transaction carries at most 126 of
         /// them.
         batch_size = Value("100");
         /// Wait while the queue holds this many messages; 0 = no limit.

@@ -71,19 +71,6 @@ pub enum StreamerError {
         /// The checkpoint's row.
         row: u64,
     },
-    /// The stream's checkpoint was deleted after rows were enqueued under it (its origin key is
-    /// still there, or it vanished while streaming). It is what keeps each row from being
-    /// enqueued twice, so the streamer refuses instead of starting the file over.
-    #[error(
-        "the checkpoint of stream {stream} was deleted after rows were enqueued under it; it is \
-         what keeps each row from being enqueued twice, so this streamer refuses to send the file \
-         again. Restore the checkpoint, or, to send the file again on purpose, start a new stream: \
-         set another STREAM_ID"
-    )]
-    CheckpointDeleted {
-        /// The stream id (`STREAM_ID` and the worker suffix).
-        stream: String,
-    },
     /// A message could not be encoded (should not happen for CSV input).
     #[error("cannot encode message: {0}")]
     Encode(#[source] serde_json::Error),

@@ -127,6 +127,19 @@ pub enum SinkError {
     /// An etcd error that retrying will not fix.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// The stream's checkpoint was deleted after rows were enqueued under it (its origin is
+    /// still there). It is what keeps each row from being enqueued twice, so the streamer
+    /// refuses instead of starting the file over.
+    #[error(
+        "the checkpoint of stream {stream} was deleted after rows were enqueued under it; it is \
+         what keeps each row from being enqueued twice, so this streamer refuses to send the file \
+         again. Restore the checkpoint, or, to send the file again on purpose, start a new stream: \
+         set another STREAM_ID"
+    )]
+    CheckpointDeleted {
+        /// The stream id (`STREAM_ID` and the worker suffix).
+        stream: String,
+    },
     /// The stored checkpoint is not valid JSON.
     #[error("checkpoint of stream {stream} is corrupt: {reason}")]
     CorruptCheckpoint {
@@ -172,8 +185,12 @@ pub(crate) struct TxnPlan {
     /// The advanced checkpoint, as JSON.
     pub checkpoint_value: Vec<u8>,
     /// The stream's origin key, written (with the checkpoint's value) by the transaction that
-    /// creates the checkpoint, i.e. when `expected_rev` is 0.
+    /// creates the checkpoint, and by a streamer's first commit to a stream whose origin it has
+    /// not seen (a stream an earlier release created has none).
     pub origin_key: Option<String>,
+    /// Whether the origin must not exist yet: the checkpoint is being created
+    /// (`expected_rev == 0`), and an origin without a checkpoint means it was deleted.
+    pub origin_guard: bool,
     /// One write per message, in order.
     pub writes: Vec<EntryWrite>,
     /// The lease the dedup markers are attached to (0 when no message has one).
@@ -195,18 +212,16 @@ pub(crate) struct EntryWrite {
     pub marker_key: Option<String>,
 }
 
-/// Plans the transaction that enqueues `entries` and moves the checkpoint of `stream_id` from
-/// `expected_rev` to `checkpoint_value`, with markers on `lease`, storing the `profiles` the
-/// entries name that are not known to be stored.
+/// Plans the transaction of `request` that enqueues `entries`, with markers on `lease`, storing
+/// the `profiles` the entries name that are not known to be stored.
 pub(crate) fn plan_txn(
     keys: &Keyspace,
-    stream_id: &str,
-    expected_rev: i64,
-    checkpoint_value: &[u8],
+    request: &Request<'_>,
     entries: &[&Pending],
     lease: i64,
     profiles: &[(ProfileId, Arc<Profile>)],
 ) -> TxnPlan {
+    let (stream_id, expected_rev) = (request.stream_id, request.expected_rev);
     let writes = entries
         .iter()
         .map(|pending| {
@@ -222,8 +237,10 @@ pub(crate) fn plan_txn(
     TxnPlan {
         checkpoint_key: keys.stream_checkpoint(stream_id),
         expected_rev,
-        checkpoint_value: checkpoint_value.to_vec(),
-        origin_key: (expected_rev == 0).then(|| keys.stream_origin(stream_id)),
+        checkpoint_value: request.checkpoint_value.clone(),
+        origin_key: (expected_rev == 0 || request.origin == Origin::Unknown)
+            .then(|| keys.stream_origin(stream_id)),
+        origin_guard: expected_rev == 0,
         writes,
         lease,
         profiles: profiles
@@ -289,6 +306,10 @@ impl TxnPlan {
             self.expected_rev,
         ));
         txn.otherwise(TxnOp::get(self.checkpoint_key.as_str(), None));
+        if let Some(origin) = self.origin_key.as_deref().filter(|_| self.origin_guard) {
+            txn.compare(Compare::create_revision(origin, CompareOp::Equal, 0));
+            txn.otherwise(TxnOp::get(origin, Some(GetOptions::new().with_keys_only())));
+        }
         for write in &self.writes {
             txn.then(TxnOp::put(write.queue_key.as_str(), write.value.clone(), None));
             let Some(marker) = &write.marker_key else {
@@ -332,6 +353,9 @@ pub(crate) enum Reply {
     Refused {
         /// The checkpoint's value and `mod_revision`, if it exists.
         checkpoint: Option<(Vec<u8>, i64)>,
+        /// Does the stream's origin exist? (Read only by a transaction that creates the
+        /// checkpoint; `false` otherwise.)
+        origin_found: bool,
         /// For each write, in order: does its dedup marker exist? (`false` for a write
         /// without one.)
         markers_found: Vec<bool>,
@@ -347,9 +371,14 @@ impl Reply {
     }
 
     /// The reply of a transaction built by [`TxnPlan::build`] that was refused, from its
-    /// failure branch's reads; `marked` says, for each write in order, whether it has a marker
-    /// (and so a read).
-    pub(crate) fn refused(reads: &TxnResponse, marked: impl IntoIterator<Item = bool>) -> Reply {
+    /// failure branch's reads; `origin_read` says whether it read the origin (a guarded one),
+    /// `marked`, for each write in order, whether it has a marker (and so a read).
+    pub(crate) fn refused(
+        reads: &TxnResponse,
+        origin_read: bool,
+        marked: impl IntoIterator<Item = bool>,
+    ) -> Reply {
+        let found = |read: &TxnOpResponse| matches!(read, TxnOpResponse::Get(get) if !get.kvs().is_empty());
         let mut reads = reads.op_responses().into_iter();
         let checkpoint = match reads.next() {
             Some(TxnOpResponse::Get(get)) => get
@@ -358,17 +387,14 @@ impl Reply {
                 .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
             _ => None,
         };
+        let origin_found = origin_read && reads.next().is_some_and(|read| found(&read));
         let markers_found = marked
             .into_iter()
-            .map(|marked| {
-                marked
-                    && reads
-                        .next()
-                        .is_some_and(|read| matches!(&read, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
-            })
+            .map(|marked| marked && reads.next().is_some_and(|read| found(&read)))
             .collect();
         Reply::Refused {
             checkpoint,
+            origin_found,
             markers_found,
         }
     }
@@ -407,17 +433,23 @@ pub(crate) fn classify(
     expected_rev: i64,
     target: &Checkpoint,
 ) -> Result<Verdict, SinkError> {
-    let (checkpoint, markers_found) = match reply {
+    let (checkpoint, origin_found, markers_found) = match reply {
         Reply::Succeeded { revision } => return Ok(Verdict::Committed { revision }),
         Reply::Refused {
             checkpoint,
+            origin_found,
             markers_found,
-        } => (checkpoint, markers_found),
+        } => (checkpoint, origin_found, markers_found),
     };
     let (current, mod_revision) = decode_checkpoint(
         stream_id,
         checkpoint.as_ref().map(|(value, rev)| (value.as_slice(), *rev)),
     )?;
+    if current.is_none() && origin_found {
+        return Err(SinkError::CheckpointDeleted {
+            stream: stream_id.to_string(),
+        });
+    }
     if mod_revision != expected_rev {
         if current.as_ref() == Some(target) {
             return Ok(Verdict::Committed {
@@ -462,10 +494,24 @@ fn decode_checkpoint(stream_id: &str, stored: Option<(&[u8], i64)>) -> Result<St
 }
 
 /// What stays the same across the attempts of one commit.
-struct Request<'a> {
-    stream_id: &'a str,
-    expected_rev: i64,
-    checkpoint_value: Vec<u8>,
+pub(crate) struct Request<'a> {
+    /// The stream.
+    pub stream_id: &'a str,
+    /// The fence: the `mod_revision` the checkpoint must still have (0: must not exist).
+    pub expected_rev: i64,
+    /// The advanced checkpoint, as JSON.
+    pub checkpoint_value: Vec<u8>,
+    /// Whether the stream's origin is known to be stored.
+    pub origin: Origin,
+}
+
+/// What a streamer knows of a stream's origin key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Read or written by this process.
+    Stored,
+    /// Not seen yet: the next commit writes it.
+    Unknown,
 }
 
 /// Writes chunks of messages into the queue; cheap to clone (one per worker).
@@ -477,6 +523,8 @@ pub(crate) struct Sink {
     shutdown: CancellationToken,
     /// Profiles known to be stored (written by a transaction that landed, by any worker).
     written: Arc<Mutex<HashSet<ProfileId>>>,
+    /// Streams whose origin is known to be stored (read, or written by a commit that landed).
+    origins: Arc<Mutex<HashSet<String>>>,
     /// Readiness: fails while etcd requests are being retried, passes at each commit.
     commits: Check,
 }
@@ -495,6 +543,7 @@ impl Sink {
             markers,
             shutdown,
             written: Arc::default(),
+            origins: Arc::default(),
             commits: Check::detached(),
         }
     }
@@ -508,6 +557,16 @@ impl Sink {
     /// Is profile `id` known to be stored?
     pub(crate) fn is_written(&self, id: ProfileId) -> bool {
         self.written.lock().is_ok_and(|w| w.contains(&id))
+    }
+
+    fn origin_known(&self, stream_id: &str) -> bool {
+        self.origins.lock().is_ok_and(|o| o.contains(stream_id))
+    }
+
+    fn mark_origin(&self, stream_id: &str) {
+        if let Ok(mut origins) = self.origins.lock() {
+            origins.insert(stream_id.to_string());
+        }
     }
 
     fn mark_written(&self, profiles: &[(ProfileId, Arc<Profile>)]) {
@@ -541,6 +600,9 @@ impl Sink {
         let origin = self
             .get(&self.keys.stream_origin(stream_id), "origin read")
             .await?;
+        if !origin.kvs().is_empty() {
+            self.mark_origin(stream_id);
+        }
         if origin.kvs().is_empty() {
             return Ok(Some(stored));
         }
@@ -570,6 +632,11 @@ impl Sink {
             stream_id,
             expected_rev,
             checkpoint_value: encode_checkpoint(stream_id, &target)?,
+            origin: if self.origin_known(stream_id) {
+                Origin::Stored
+            } else {
+                Origin::Unknown
+            },
         };
         let mut live: Vec<&Pending> = entries.to_vec();
         // Every profile the chunk names is stored with it, even one a duplicate named: later
@@ -605,6 +672,7 @@ impl Sink {
                 }
             };
             self.mark_written(&profiles);
+            self.mark_origin(stream_id);
             self.commits.pass("committing");
             return Ok(CommitOutcome::Committed {
                 revision,
@@ -639,16 +707,9 @@ impl Sink {
         } else {
             0
         };
-        let txn = plan_txn(
-            &self.keys,
-            request.stream_id,
-            request.expected_rev,
-            &request.checkpoint_value,
-            live,
-            lease,
-            profiles,
-        )
-        .build()?;
+        let plan = plan_txn(&self.keys, request, live, lease, profiles);
+        let origin_read = plan.origin_guard;
+        let txn = plan.build()?;
         match self.send(request.stream_id, live.len(), txn).await {
             Ok(TxnAnswer::Applied(resp)) => {
                 backoff.succeeded();
@@ -656,7 +717,7 @@ impl Sink {
             }
             Ok(TxnAnswer::Refused(Ok(reads))) => {
                 backoff.succeeded();
-                Ok(Some(Reply::refused(&reads, marked())))
+                Ok(Some(Reply::refused(&reads, origin_read, marked())))
             }
             // Refused for certain (nothing applied), but what failed is unread: try again.
             Ok(TxnAnswer::Refused(Err(err))) if is_retryable(&err) => {
@@ -778,7 +839,17 @@ pub(crate) mod tests {
     fn refused(stored: Option<&Checkpoint>, rev: i64, markers_found: Vec<bool>) -> Reply {
         Reply::Refused {
             checkpoint: stored.map(|cp| (serde_json::to_vec(cp).expect("encodes"), rev)),
+            origin_found: false,
             markers_found,
+        }
+    }
+
+    fn request(stream_id: &str, expected_rev: i64, origin: Origin) -> Request<'_> {
+        Request {
+            stream_id,
+            expected_rev,
+            checkpoint_value: b"{}".to_vec(),
+            origin,
         }
     }
 
@@ -792,19 +863,26 @@ pub(crate) mod tests {
         assert_eq!(profiles.len(), 2);
         let twice: Vec<&Pending> = vec![&entries[0], &entries[0]];
         assert_eq!(profiles_to_store(&twice, |_| false).len(), 1, "each profile once");
-        let plan = plan_txn(&keys, "s-w0", 42, b"{}", &refs, 7, &profiles);
+        let plan = plan_txn(&keys, &request("s-w0", 42, Origin::Stored), &refs, 7, &profiles);
         assert_eq!(plan.profiles.len(), 2);
         assert!(profiles_to_store(&refs, |_| true).is_empty());
         assert_eq!(
             (plan.checkpoint_key.as_str(), plan.expected_rev, plan.lease),
             ("/t/streams/s-w0/checkpoint", 42, 7)
         );
+        assert_eq!(plan.origin_key, None, "a known origin is not written again");
+        // The commit that creates the checkpoint creates the origin, which must not exist.
+        let first = plan_txn(&keys, &request("s-w0", 0, Origin::Unknown), &refs, 7, &profiles);
         assert_eq!(
-            plan.origin_key, None,
-            "only a stream's first commit writes its origin"
+            (first.origin_key.as_deref(), first.origin_guard),
+            (Some("/t/streams/s-w0/origin"), true)
         );
-        let first = plan_txn(&keys, "s-w0", 0, b"{}", &refs, 7, &profiles);
-        assert_eq!(first.origin_key.as_deref(), Some("/t/streams/s-w0/origin"));
+        // A stream an earlier release created has no origin: the first commit puts one.
+        let legacy = plan_txn(&keys, &request("s-w0", 42, Origin::Unknown), &refs, 7, &profiles);
+        assert_eq!(
+            (legacy.origin_key.as_deref(), legacy.origin_guard),
+            (Some("/t/streams/s-w0/origin"), false)
+        );
         assert_eq!(plan.writes.len(), 2);
         for (write, entry) in plan.writes.iter().zip(&entries) {
             let message = &entry.prepared.message;
@@ -826,16 +904,22 @@ pub(crate) mod tests {
         let entries: Vec<Pending> = (1..=MAX_ROWS_PER_TXN as u64 + 1).map(|r| pending(r, 1)).collect();
         let refs: Vec<&Pending> = entries.iter().collect();
         assert_eq!(chunk_len(&entries, &|_| true), MAX_ROWS_PER_TXN);
-        let full = plan_txn(&keys, "s", 0, b"{}", &refs[..MAX_ROWS_PER_TXN], 1, &[]);
+        let full = plan_txn(
+            &keys,
+            &request("s", 0, Origin::Stored),
+            &refs[..MAX_ROWS_PER_TXN],
+            1,
+            &[],
+        );
         full.build()
             .expect("126 rows, the checkpoint and the origin: 128 operations");
-        let over = plan_txn(&keys, "s", 0, b"{}", &refs, 1, &[]);
+        let over = plan_txn(&keys, &request("s", 0, Origin::Stored), &refs, 1, &[]);
         assert!(matches!(over.build(), Err(EtcdError::TxnTooLarge { ops: 129 })));
         // With markers, two operations per message.
         let marked: Vec<Pending> = (1..=64).map(|r| marked(r, 1)).collect();
         assert_eq!(chunk_len(&marked, &|_| true), 63);
         let refs: Vec<&Pending> = marked.iter().collect();
-        plan_txn(&keys, "s", 0, b"{}", &refs[..63], 1, &[])
+        plan_txn(&keys, &request("s", 0, Origin::Stored), &refs[..63], 1, &[])
             .build()
             .expect("63 marked messages, the checkpoint and the origin: 128 operations");
     }
@@ -915,10 +999,37 @@ pub(crate) mod tests {
         );
         let corrupt = Reply::Refused {
             checkpoint: Some((b"not json".to_vec(), 3)),
+            origin_found: false,
             markers_found: vec![],
         };
         let err = classify(corrupt, "s-w0", 3, &stored).expect_err("corrupt");
         assert!(err.to_string().contains("s-w0"), "{err}");
+    }
+
+    #[test]
+    fn an_origin_without_a_checkpoint_is_a_deleted_checkpoint() {
+        let target = checkpoint(1, false);
+        let deleted = Reply::Refused {
+            checkpoint: None,
+            origin_found: true,
+            markers_found: vec![false],
+        };
+        let err = classify(deleted, "s-w0", 0, &target).expect_err("deleted");
+        assert!(matches!(err, SinkError::CheckpointDeleted { .. }), "{err}");
+        // A same-id streamer created both first: a conflict to adopt.
+        let other = checkpoint(9, false);
+        let created = Reply::Refused {
+            checkpoint: Some((serde_json::to_vec(&other).expect("encodes"), 5)),
+            origin_found: true,
+            markers_found: vec![false],
+        };
+        assert_eq!(
+            classify(created, "s-w0", 0, &target).expect("valid"),
+            Verdict::Conflict {
+                current: Some(other),
+                mod_revision: 5
+            }
+        );
     }
 
     #[test]

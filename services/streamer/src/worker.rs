@@ -28,7 +28,7 @@ use crate::{
     config::StreamerConfig,
     events::{CheckpointConflict, ChunkCommitted, PassCompleted, RowSkipped, SkipReason},
     progress::Stats,
-    sink::{CommitOutcome, Dedup, MAX_MESSAGE_BYTES, MAX_ROWS_PER_TXN, Pending, Sink},
+    sink::{CommitOutcome, Dedup, MAX_MESSAGE_BYTES, MAX_ROWS_PER_TXN, Pending, Sink, SinkError},
     source::{ColumnTypes, CsvSource, SourceItem},
     transform::MessageBuilder,
 };
@@ -283,9 +283,10 @@ async fn next_pass(
     let (checkpoint, rev) = match shared.sink.read_checkpoint_unless_deleted(stream_id).await {
         Ok(Some(found)) => found,
         Ok(None) => {
-            return Err(StreamerError::CheckpointDeleted {
+            return Err(SinkError::CheckpointDeleted {
                 stream: stream_id.to_string(),
-            });
+            }
+            .into());
         }
         Err(err) if err.is_cancelled() => return Ok(None),
         Err(err) => return Err(err.into()),
@@ -516,9 +517,10 @@ impl Pass<'_> {
             current,
         });
         if current.is_none() && self.expected_rev != 0 {
-            return Err(StreamerError::CheckpointDeleted {
+            return Err(SinkError::CheckpointDeleted {
                 stream: self.stream_id.to_string(),
-            });
+            }
+            .into());
         }
         let shared = self.shared;
         check_source(self.stream_id, &shared.csv_path, &shared.fingerprint, current)?;
