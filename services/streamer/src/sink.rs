@@ -1032,6 +1032,83 @@ pub(crate) mod tests {
         );
     }
 
+    /// Against a real etcd: a stream's first commit creates its origin; once the checkpoint is
+    /// deleted, a commit planned as a stream's first (revision 0) is refused as a deleted
+    /// checkpoint instead of recreating it, and nothing is enqueued twice. A stream with a
+    /// checkpoint but no origin (an earlier release's) gets one from its next commit.
+    #[tokio::test]
+    async fn a_first_commit_cannot_recreate_a_deleted_checkpoint() {
+        let (_server, client) = telemetry_harness::strict_etcd().await.expect("etcd starts");
+        let keys = Keyspace::new("/sink-origin");
+        let lease = Arc::new(BucketedLease::new(
+            client.clone(),
+            std::time::Duration::from_secs(60),
+        ));
+        let sink = Sink::new(client.clone(), keys.clone(), lease, CancellationToken::new());
+        let count = |prefix: String| {
+            let mut client = client.clone();
+            async move {
+                let options = GetOptions::new().with_prefix().with_count_only();
+                client.get(prefix, Some(options)).await.expect("count").count()
+            }
+        };
+        let first = [pending(1, 10)];
+        let refs: Vec<&Pending> = first.iter().collect();
+        let outcome = sink
+            .commit("s-w0", 0, &checkpoint(1, false), &refs)
+            .await
+            .expect("commits");
+        assert!(
+            matches!(outcome, CommitOutcome::Committed { enqueued: 1, .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(count(keys.stream_origin("s-w0")).await, 1);
+        client
+            .clone()
+            .delete(keys.stream_checkpoint("s-w0"), None)
+            .await
+            .expect("delete checkpoint");
+        let again = [pending(1, 10)];
+        let refs: Vec<&Pending> = again.iter().collect();
+        let err = sink
+            .commit("s-w0", 0, &checkpoint(1, false), &refs)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, SinkError::CheckpointDeleted { .. }), "{err}");
+        assert_eq!(count(keys.queue_prefix()).await, 1, "row 1 enqueued once");
+        assert_eq!(count(keys.stream_checkpoint("s-w0")).await, 0, "not recreated");
+
+        // An earlier release's stream: a checkpoint, no origin.
+        let legacy = serde_json::to_vec(&checkpoint(1, false)).expect("json");
+        let put = client
+            .clone()
+            .put(keys.stream_checkpoint("old-w0"), legacy, None)
+            .await
+            .expect("put");
+        let rev = put.header().map_or(0, |h| h.revision());
+        let next = [pending(2, 10)];
+        let refs: Vec<&Pending> = next.iter().collect();
+        let fresh = Sink::new(
+            client.clone(),
+            keys.clone(),
+            Arc::new(BucketedLease::new(
+                client.clone(),
+                std::time::Duration::from_secs(60),
+            )),
+            CancellationToken::new(),
+        );
+        let outcome = fresh
+            .commit("old-w0", rev, &checkpoint(2, false), &refs)
+            .await
+            .expect("commits");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }), "{outcome:?}");
+        assert_eq!(
+            count(keys.stream_origin("old-w0")).await,
+            1,
+            "the origin is written"
+        );
+    }
+
     #[test]
     fn absorbing_drops_the_duplicates_and_keeps_the_order() {
         let entries = [pending(1, 1), pending(2, 1), pending(3, 1)];
